@@ -1,0 +1,144 @@
+//! Command-line interface. Doc comments are the `--help` text; every flag is also an env var.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "netd", version, about = "One daemon for the whole Kubernetes node network: pod overlay, services, DNS")]
+pub struct Cli {
+    /// Log format: human-readable text or one JSON object per line (for log pipelines).
+    #[arg(long, env = "NETD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon: lease this node's pod subnet and keep the overlay programmed.
+    Run(Box<RunArgs>),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, env = "NETD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd_endpoints: Vec<String>,
+    /// etcd key prefix of the network (flannel's layout: <prefix>/config, <prefix>/subnets/).
+    #[arg(long, env = "NETD_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    pub etcd_prefix: String,
+    /// CA certificate (PEM) to verify etcd's TLS certificate.
+    #[arg(long, env = "NETD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd TLS.
+    #[arg(long, env = "NETD_ETCD_CERTFILE")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// Client key (PEM) for etcd TLS.
+    #[arg(long, env = "NETD_ETCD_KEYFILE")]
+    pub etcd_keyfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// IP address other nodes reach this node at (default: the first address of --iface).
+    #[arg(long, env = "NETD_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+    /// Underlay interface, by name or by IPv4 address (default: the interface of the default route).
+    #[arg(long, env = "NETD_IFACE")]
+    pub iface: Option<String>,
+    /// This node's name (default: the hostname).
+    #[arg(long, env = "NETD_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Runtime directory: subnet.env, the status socket.
+    #[arg(long, env = "NETD_RUN_DIR", default_value = "/run/netd")]
+    pub run_dir: PathBuf,
+    /// Persistent state directory: the last subnet (kept across reboots).
+    #[arg(long, env = "NETD_STATE_DIR", default_value = "/var/lib/netd")]
+    pub state_dir: PathBuf,
+    /// Renew the subnet lease this many minutes before it expires (1-1439).
+    #[arg(long, env = "NETD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
+          value_parser = clap::value_parser!(u32).range(1..=1439))]
+    pub subnet_lease_renew_margin: u32,
+    /// Masquerade pod traffic that leaves the cluster network.
+    #[arg(long, env = "NETD_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ip_masq: bool,
+    /// How often the whole dataplane is compared against the kernel and repaired (e.g. 30s, 500ms).
+    #[arg(long, env = "NETD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 30s, 5m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_run_flag_has_an_env_var() {
+        let cmd = Cli::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        for arg in run.get_arguments() {
+            if arg.get_long().is_some() && !["help", "version"].contains(&arg.get_id().as_str()) {
+                let env = arg.get_env().unwrap_or_else(|| panic!("--{} has no env var", arg.get_id()));
+                assert!(env.to_string_lossy().starts_with("NETD_"), "{env:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("5x").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn defaults_match_flannel() {
+        let cli = Cli::try_parse_from(["netd", "run"]).unwrap();
+        let Command::Run(r) = cli.command;
+        assert_eq!(r.etcd.etcd_endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(r.etcd.etcd_prefix, "/coreos.com/network");
+        assert_eq!(r.subnet_lease_renew_margin, 60);
+        assert!(Cli::try_parse_from(["netd", "run", "--subnet-lease-renew-margin", "1440"]).is_err());
+        let cli = Cli::try_parse_from(["netd", "run", "--etcd-endpoints", "http://a:1,http://b:2"]).unwrap();
+        let Command::Run(r) = cli.command;
+        assert_eq!(r.etcd.etcd_endpoints.len(), 2);
+    }
+}

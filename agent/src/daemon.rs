@@ -1,0 +1,659 @@
+//! `netd run`: the node daemon's control loop.
+//!
+//! sources (etcd list + watch) -> `Snapshot` (swapped whole through a watch channel) ->
+//! pure planners (`alloc`, `overlay`, `masq`) -> thin appliers (`netlink`, nft).
+//! Every reconcile recomputes the desired state from the whole snapshot and applies only the
+//! difference from what the kernel has; a periodic resync repairs drift. When etcd is away the
+//! last snapshot stays in force and nothing is torn down.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::alloc::{self, Choice, Taken};
+use crate::cli::RunArgs;
+use crate::lease::{LeaseAttrs, Mac, VxlanData};
+use crate::masq::{MasqSpec, Masquerade};
+use crate::netconf::{BackendKind, NetworkConfig};
+use crate::netlink::{self, Netlink, NetlinkError, VxlanSpec};
+use crate::overlay::{self, LocalNode, Op, OverlayState, Via};
+use crate::registry::{EtcdOptions, EtcdRegistry, Entry, RegistryError, Snapshot};
+use crate::subnet_env::SubnetEnv;
+
+/// flannel's subnet lease TTL.
+pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("underlay interface: {0}")]
+    Underlay(String),
+    #[error(transparent)]
+    Alloc(#[from] alloc::AllocError),
+    #[error("could not acquire a subnet lease: {0}")]
+    Acquire(String),
+    #[error("writing {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error(transparent)]
+    SubnetEnv(#[from] crate::subnet_env::SubnetEnvError),
+    #[error(transparent)]
+    Masq(#[from] crate::masq::MasqError),
+}
+
+/// The underlay this node talks to peers over.
+#[derive(Debug, Clone)]
+struct Underlay {
+    index: u32,
+    name: String,
+    mtu: u32,
+    /// Address encapsulated packets are sent from.
+    iface_ip: Ipv4Addr,
+    /// Address peers send to (`--public-ip`, else `iface_ip`).
+    public_ip: Ipv4Addr,
+    prefixes: Vec<Ipv4Net>,
+}
+
+/// Our lease as we last wrote it.
+#[derive(Debug, Clone)]
+struct Held {
+    subnet: Ipv4Net,
+    attrs: LeaseAttrs,
+    reservation: bool,
+    mod_revision: i64,
+    renew_at: Option<Instant>,
+}
+
+pub struct Daemon {
+    args: RunArgs,
+    nl: Netlink,
+    reg: EtcdRegistry,
+    underlay: Underlay,
+    cfg: NetworkConfig,
+    held: Held,
+    vxlan_index: u32,
+    masq: Masquerade,
+    last_skipped: Vec<String>,
+}
+
+fn vxlan_name(vni: u32) -> String {
+    format!("netd.{vni}")
+}
+
+/// Backoff for retries against etcd: quick at first, capped, so a returning etcd is noticed fast.
+struct Backoff(Duration);
+impl Backoff {
+    fn new() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+    }
+}
+
+pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
+    let nl = Netlink::connect()?;
+    let underlay = resolve_underlay(&nl, &args).await?;
+    info!(iface = %underlay.name, iface_ip = %underlay.iface_ip, public_ip = %underlay.public_ip, mtu = underlay.mtu, "underlay");
+    enable_ip_forward();
+
+    let opts = EtcdOptions {
+        endpoints: args.etcd.etcd_endpoints.clone(),
+        prefix: args.etcd.etcd_prefix.clone(),
+        ca_file: args.etcd.etcd_cafile.clone(),
+        cert_file: args.etcd.etcd_certfile.clone(),
+        key_file: args.etcd.etcd_keyfile.clone(),
+    };
+    let reg = connect_etcd(&opts).await?;
+
+    let (cfg, snap) = wait_for_config(&reg).await;
+    let held = acquire(&reg, &cfg, &underlay, &args, &snap).await?;
+    let mut d = Daemon { args, nl, reg, underlay, cfg, held, vxlan_index: 0, masq: Masquerade::new(), last_skipped: Vec::new() };
+    d.setup_backend().await?;
+    d.sync_host_rules()?;
+    d.write_subnet_env()?;
+    info!(subnet = %d.held.subnet, device = %vxlan_name(d.cfg.backend.vni), "node network ready");
+
+    let (tx, mut rx) = watch::channel(Arc::new(snap));
+    tokio::spawn(watch_registry(d.reg.clone(), tx));
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| DaemonError::Io { path: "SIGTERM handler".into(), source })?;
+    let mut resync = tokio::time::interval(d.args.resync_interval);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let renew_at = d.held.renew_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365));
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            changed = rx.changed() => {
+                if changed.is_err() { break; }
+                let snap = rx.borrow_and_update().clone();
+                d.reconcile(&snap, false).await;
+            }
+            _ = resync.tick() => {
+                let snap = rx.borrow().clone();
+                d.reconcile(&snap, true).await;
+            }
+            _ = tokio::time::sleep_until(renew_at.into()) => d.renew().await,
+        }
+    }
+    // The dataplane stays as it is: routes, FDB, rules and the device keep carrying traffic
+    // while netd is down, and the next netd adopts them.
+    info!("shutting down; the dataplane is left in place");
+    Ok(())
+}
+
+async fn connect_etcd(opts: &EtcdOptions) -> Result<EtcdRegistry, DaemonError> {
+    let mut backoff = Backoff::new();
+    loop {
+        match EtcdRegistry::connect(opts).await {
+            Ok(r) => return Ok(r),
+            Err(e @ (RegistryError::TlsFile { .. } | RegistryError::Tls(_))) => return Err(e.into()),
+            Err(e) => {
+                warn!(error = %e, "etcd not reachable yet; retrying");
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+/// Waits until `<prefix>/config` exists and is valid, saying what is wrong while it is not.
+async fn wait_for_config(reg: &EtcdRegistry) -> (NetworkConfig, Snapshot) {
+    let mut backoff = Backoff::new();
+    let mut last_complaint = String::new();
+    loop {
+        let complaint = match reg.snapshot().await {
+            Err(e) => format!("cannot read the network config: {e}"),
+            Ok(snap) => match snap.config.as_deref().map(NetworkConfig::parse) {
+                None => format!("waiting for the network config: no key {} in etcd", reg.config_key()),
+                Some(Err(e)) => format!("invalid network config at {}: {e}", reg.config_key()),
+                Some(Ok(cfg)) if cfg.backend.kind != BackendKind::Vxlan => {
+                    format!("network config at {}: backend {:?} is not available in this netd (use \"vxlan\")", reg.config_key(), cfg.backend.kind.as_str())
+                }
+                Some(Ok(cfg)) => {
+                    info!(network = %cfg.network, subnet_len = cfg.subnet_len, backend = cfg.backend.kind.as_str(), "network config");
+                    return (cfg, snap);
+                }
+            },
+        };
+        if complaint != last_complaint {
+            error!("{complaint}");
+            last_complaint = complaint;
+        }
+        backoff.wait().await;
+    }
+}
+
+fn previous_subnet(args: &RunArgs) -> Option<Ipv4Net> {
+    [args.run_dir.join("subnet.env"), args.state_dir.join("subnet.env")]
+        .iter()
+        .find_map(|p| SubnetEnv::read(p).ok())
+        .map(|e| e.subnet)
+}
+
+fn our_attrs(cfg: &NetworkConfig, underlay: &Underlay) -> LeaseAttrs {
+    let mac = Mac::for_vtep(underlay.public_ip, cfg.backend.vni);
+    LeaseAttrs::vxlan(underlay.public_ip, &VxlanData { vni: cfg.backend.vni, vtep_mac: mac })
+}
+
+fn renew_deadline(ttl: Option<i64>, margin_min: u32) -> Option<Instant> {
+    let ttl = Duration::from_secs(ttl?.max(0) as u64);
+    let margin = Duration::from_secs(u64::from(margin_min) * 60);
+    // If the lease is shorter than the margin (a small TTL set by hand), renew at half-life.
+    Some(Instant::now() + if ttl > margin { ttl - margin } else { ttl / 2 })
+}
+
+/// Acquires our subnet: our existing lease or reservation, else the previous subnet, else a random
+/// free one; each new key is created in a create-if-absent transaction and retried on a race.
+async fn acquire(reg: &EtcdRegistry, cfg: &NetworkConfig, underlay: &Underlay, args: &RunArgs, first: &Snapshot) -> Result<Held, DaemonError> {
+    let attrs = our_attrs(cfg, underlay);
+    let previous = previous_subnet(args);
+    let mut snap = first.clone();
+    let mut backoff = Backoff::new();
+    for attempt in 0.. {
+        if attempt > 0 {
+            match reg.snapshot().await {
+                Ok(s) => snap = s,
+                Err(e) => {
+                    warn!(error = %e, "listing leases failed; retrying");
+                    backoff.wait().await;
+                    continue;
+                }
+            }
+        }
+        if attempt > 50 {
+            return Err(DaemonError::Acquire("lost the create race 50 times in a row".into()));
+        }
+        for (key, reason) in snap.malformed() {
+            warn!(%key, %reason, "skipping malformed subnet key (its subnet stays taken)");
+        }
+        let taken: Vec<Taken> = snap
+            .subnets
+            .values()
+            .filter_map(|e| match e {
+                Entry::Lease(l) => Some(Taken { subnet: l.subnet, public_ip: Some(l.attrs.public_ip), reservation: l.is_reservation() }),
+                Entry::Malformed { subnet: Some(s), .. } => Some(Taken { subnet: *s, public_ip: None, reservation: false }),
+                Entry::Malformed { subnet: None, .. } => None,
+            })
+            .collect();
+        let plan = alloc::choose(cfg, &taken, underlay.public_ip, previous, &mut rand::thread_rng())?;
+        for stale in &plan.stale_own {
+            warn!(subnet = %stale, "deleting our old lease: it does not fit the network config any more");
+            reg.delete(stale).await?;
+        }
+        let ttl = LEASE_TTL.as_secs() as i64;
+        let (subnet, res, reservation) = match plan.choice {
+            Choice::Existing { subnet, reservation: true } => {
+                let lease = snap.leases().into_iter().find(|l| l.subnet == subnet).expect("chosen from snapshot");
+                let ok = lease.attrs == attrs || reg.update_reservation(&subnet, &attrs, lease.mod_revision).await?;
+                (subnet, ok.then_some(crate::registry::Held { etcd_lease: None, ttl: None }), true)
+            }
+            Choice::Existing { subnet, reservation: false } => {
+                let lease = snap.leases().into_iter().find(|l| l.subnet == subnet).expect("chosen from snapshot");
+                info!(%subnet, "found our lease (same public IP); renewing it");
+                (subnet, reg.renew(&subnet, &attrs, ttl, lease.mod_revision).await?, false)
+            }
+            Choice::New(subnet) => (subnet, reg.create(&subnet, &attrs, ttl).await?, false),
+        };
+        let Some(h) = res else {
+            debug!(%subnet, "subnet was taken meanwhile; choosing again");
+            continue;
+        };
+        // Read back the key's revision so the renewal's compare-and-swap has the right base.
+        let now = reg.snapshot().await?;
+        let mod_revision = match now.subnets.get(&reg.subnet_key(&subnet)) {
+            Some(Entry::Lease(l)) if l.attrs == attrs => l.mod_revision,
+            _ => continue,
+        };
+        let kind = if reservation { "reservation" } else { "lease" };
+        info!(%subnet, ttl = ?h.ttl, "acquired subnet {kind}");
+        return Ok(Held { subnet, attrs, reservation, mod_revision, renew_at: renew_deadline(h.ttl, args.subnet_lease_renew_margin) });
+    }
+    unreachable!("the loop only ends by returning")
+}
+
+impl Daemon {
+    fn local_node(&self) -> LocalNode {
+        LocalNode {
+            subnet: self.held.subnet,
+            public_ip: self.underlay.public_ip,
+            vni: self.cfg.backend.vni,
+            direct_routing: self.cfg.backend.direct_routing,
+            underlay_prefixes: self.underlay.prefixes.clone(),
+        }
+    }
+
+    fn overlay_mtu(&self) -> u32 {
+        self.cfg.backend.mtu.unwrap_or(self.underlay.mtu) - self.cfg.backend.kind.encap_overhead()
+    }
+
+    /// Creates or adopts the VXLAN device and gives it the subnet's network address as a /32.
+    async fn setup_backend(&mut self) -> Result<(), DaemonError> {
+        let name = vxlan_name(self.cfg.backend.vni);
+        let spec = VxlanSpec {
+            vni: self.cfg.backend.vni,
+            local: Some(self.underlay.iface_ip),
+            port: self.cfg.backend.port,
+            underlay_index: Some(self.underlay.index),
+            learning: false,
+        };
+        let mac = Mac::for_vtep(self.underlay.public_ip, self.cfg.backend.vni);
+        let mtu = self.overlay_mtu();
+        let index = match self.nl.link_by_name(&name).await? {
+            Some(l) if netlink::vxlan_matches(&l, &spec) => {
+                if l.mtu != mtu || l.mac != Some(mac) || !l.up {
+                    self.nl.set_link(l.index, mtu, Some(mac)).await?;
+                }
+                debug!(device = %name, "adopted existing VXLAN device");
+                l.index
+            }
+            other => {
+                if let Some(l) = other {
+                    warn!(device = %name, have = ?l.vxlan, want = ?spec, "VXLAN device has other parameters; recreating it");
+                    self.nl.del_link(l.index, &name).await?;
+                }
+                self.nl.add_vxlan(&name, &spec, mac, mtu).await?;
+                let l = self.nl.link_by_name(&name).await?.ok_or_else(|| NetlinkError::Other(format!("{name} vanished after creation")))?;
+                info!(device = %name, vni = spec.vni, port = spec.port, %mac, mtu, "created VXLAN device");
+                l.index
+            }
+        };
+        let want = Ipv4Net::new(self.held.subnet.network(), 32).expect("/32");
+        let have = self.nl.addrs_v4(index).await?;
+        if !have.contains(&want) {
+            self.nl.add_addr(index, want).await?;
+        }
+        for stale in have.iter().filter(|a| **a != want && self.cfg.network.contains(&a.addr())) {
+            info!(device = %name, addr = %stale, "removing stale address");
+            self.nl.del_addr(index, *stale).await?;
+        }
+        self.vxlan_index = index;
+        Ok(())
+    }
+
+    fn sync_host_rules(&mut self) -> Result<(), DaemonError> {
+        let spec = MasqSpec { network: self.cfg.network, subnet: self.held.subnet, masquerade: self.args.ip_masq };
+        if self.masq.sync(&spec)? {
+            info!(masquerade = spec.masquerade, "programmed nftables table ip netd");
+        }
+        Ok(())
+    }
+
+    fn write_subnet_env(&self) -> Result<(), DaemonError> {
+        let env = SubnetEnv { network: self.cfg.network, subnet: self.held.subnet, mtu: self.overlay_mtu(), ipmasq: self.args.ip_masq };
+        let path = self.args.run_dir.join("subnet.env");
+        if env.write(&path)? {
+            info!(path = %path.display(), "wrote subnet.env");
+        }
+        // A copy in the state dir survives reboots (run dirs are tmpfs): the node asks for the
+        // same subnet again so its pods' addresses stay valid.
+        env.write(&self.args.state_dir.join("subnet.env"))?;
+        Ok(())
+    }
+
+    /// One level-triggered pass: config, our lease, the overlay, host rules.
+    async fn reconcile(&mut self, snap: &Snapshot, full: bool) {
+        let started = Instant::now();
+        if let Err(e) = self.reconcile_inner(snap, full).await {
+            error!(error = %e, "reconcile failed; keeping the current dataplane and retrying at the next resync");
+        }
+        debug!(elapsed = ?started.elapsed(), full, revision = snap.revision, "reconciled");
+    }
+
+    async fn reconcile_inner(&mut self, snap: &Snapshot, full: bool) -> Result<(), DaemonError> {
+        // Config: a valid change is taken; an invalid one is reported and the old one kept.
+        if let Some(text) = &snap.config {
+            match NetworkConfig::parse(text) {
+                Ok(cfg) if cfg != self.cfg => self.config_changed(cfg, snap).await?,
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "ignoring invalid network config update; keeping the previous one"),
+            }
+        }
+        // Our lease: still there and still ours? If not, take it back, loudly.
+        let key = self.reg.subnet_key(&self.held.subnet);
+        match snap.subnets.get(&key) {
+            Some(Entry::Lease(l)) if l.attrs == self.held.attrs => {
+                if l.mod_revision > self.held.mod_revision {
+                    self.held.mod_revision = l.mod_revision;
+                }
+            }
+            _ if snap.revision <= self.held.mod_revision => {} // snapshot older than our last write
+            other => {
+                let what = match other {
+                    None => "was revoked or expired".to_string(),
+                    Some(Entry::Lease(l)) => format!("now names {} as its holder", l.attrs.public_ip),
+                    Some(Entry::Malformed { reason, .. }) => format!("was overwritten with a malformed value ({reason})"),
+                };
+                error!(subnet = %self.held.subnet, "our subnet lease {what}; re-acquiring");
+                self.reacquire(snap).await?;
+            }
+        }
+        self.sync_overlay(snap).await?;
+        if full {
+            self.sync_host_rules()?;
+            self.write_subnet_env()?;
+        }
+        Ok(())
+    }
+
+    async fn reacquire(&mut self, snap: &Snapshot) -> Result<(), DaemonError> {
+        let old = self.held.subnet;
+        self.held = acquire(&self.reg, &self.cfg, &self.underlay, &self.args, snap).await?;
+        if self.held.subnet != old {
+            warn!(old = %old, new = %self.held.subnet, "this node's subnet changed: pods on it need new addresses");
+        } else {
+            warn!(subnet = %old, "re-acquired the same subnet");
+        }
+        self.setup_backend().await?;
+        self.sync_host_rules()?;
+        self.write_subnet_env()?;
+        Ok(())
+    }
+
+    async fn config_changed(&mut self, cfg: NetworkConfig, snap: &Snapshot) -> Result<(), DaemonError> {
+        if cfg.backend.kind != BackendKind::Vxlan {
+            warn!(backend = cfg.backend.kind.as_str(), "ignoring network config update: backend not available in this netd");
+            return Ok(());
+        }
+        info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config changed");
+        let lease_fits = cfg.allows(&self.held.subnet);
+        self.cfg = cfg;
+        self.held.attrs = our_attrs(&self.cfg, &self.underlay);
+        if lease_fits {
+            // Publish the new attributes (VNI) and adjust the device.
+            if let Some(Entry::Lease(l)) = snap.subnets.get(&self.reg.subnet_key(&self.held.subnet)) {
+                let ttl = LEASE_TTL.as_secs() as i64;
+                if l.attrs != self.held.attrs && !self.held.reservation {
+                    if self.reg.renew(&self.held.subnet, &self.held.attrs, ttl, l.mod_revision).await?.is_some() {
+                        self.held.mod_revision = self.reg.snapshot().await?.revision;
+                    }
+                }
+            }
+            self.setup_backend().await?;
+            self.sync_host_rules()?;
+            self.write_subnet_env()?;
+            Ok(())
+        } else {
+            self.reacquire(snap).await
+        }
+    }
+
+    async fn renew(&mut self) {
+        let ttl = LEASE_TTL.as_secs() as i64;
+        let h = self.held.clone();
+        match self.reg.renew(&h.subnet, &h.attrs, ttl, h.mod_revision).await {
+            Ok(Some(held)) => {
+                info!(subnet = %h.subnet, "renewed subnet lease");
+                self.held.renew_at = renew_deadline(held.ttl, self.args.subnet_lease_renew_margin);
+                if let Ok(s) = self.reg.snapshot().await {
+                    if let Some(Entry::Lease(l)) = s.subnets.get(&self.reg.subnet_key(&h.subnet)) {
+                        self.held.mod_revision = l.mod_revision;
+                    }
+                }
+            }
+            Ok(None) => {
+                // The watch will show the key gone or changed, and reconcile re-acquires.
+                warn!(subnet = %h.subnet, "lease changed under us during renewal");
+                self.held.renew_at = Some(Instant::now() + Duration::from_secs(5));
+            }
+            Err(e) => {
+                error!(error = %e, "renewing the subnet lease failed; retrying in 1 minute");
+                self.held.renew_at = Some(Instant::now() + Duration::from_secs(60));
+            }
+        }
+    }
+
+    async fn observe(&self) -> Result<OverlayState, DaemonError> {
+        Ok(OverlayState {
+            neighs: self.nl.permanent_neighs(self.vxlan_index).await?,
+            fdb: self.nl.fdb_entries(self.vxlan_index).await?,
+            routes: self.nl.netd_routes(self.vxlan_index, self.underlay.index).await?,
+        })
+    }
+
+    async fn sync_overlay(&mut self, snap: &Snapshot) -> Result<(), DaemonError> {
+        let leases = snap.leases();
+        let (want, skipped) = overlay::desired(&self.local_node(), &leases);
+        let report: Vec<String> = skipped.iter().map(|s| format!("{}: {}", s.subnet, s.reason)).chain(
+            snap.malformed().into_iter().map(|(k, r)| format!("{k}: {r}")),
+        ).collect();
+        if report != self.last_skipped {
+            for r in &report {
+                warn!("skipping peer {r}");
+            }
+            self.last_skipped = report;
+        }
+        let have = match self.observe().await {
+            Ok(h) => h,
+            Err(DaemonError::Netlink(e)) if e.is_not_found() => {
+                warn!("VXLAN device is gone; recreating it");
+                self.setup_backend().await?;
+                self.observe().await?
+            }
+            Err(e) => return Err(e),
+        };
+        let ops = overlay::diff(&want, &have);
+        let mut failed = 0;
+        for op in &ops {
+            if let Err(e) = self.apply(op).await {
+                failed += 1;
+                error!(error = %e, ?op, "applying overlay change failed");
+            }
+        }
+        if !ops.is_empty() {
+            info!(changes = ops.len(), failed, peers = want.routes.len(), ?ops, "overlay updated");
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, op: &Op) -> Result<(), NetlinkError> {
+        let dev = self.vxlan_index;
+        let index = |via: Via| if via == Via::Overlay { dev } else { self.underlay.index };
+        match *op {
+            Op::DelRoute(net, spec) => self.nl.del_route(net, spec.gateway, index(spec.via)).await,
+            Op::DelNeigh(ip, _) => self.nl.del_neigh(dev, ip).await,
+            Op::DelFdb(mac, dst) => self.nl.del_fdb(dev, mac, dst).await,
+            Op::SetNeigh(ip, mac) => self.nl.set_neigh(dev, ip, mac).await,
+            Op::SetFdb(mac, dst) => self.nl.set_fdb(dev, mac, dst).await,
+            Op::SetRoute(net, spec) => self.nl.set_route(net, spec.gateway, index(spec.via), spec.via == Via::Overlay).await,
+        }
+    }
+}
+
+/// Keeps the latest registry snapshot in `tx`: list, then watch from that revision; on any error
+/// or compaction, back off and list again. The channel always holds the last good snapshot, so
+/// an etcd outage changes nothing downstream.
+async fn watch_registry(reg: EtcdRegistry, tx: watch::Sender<Arc<Snapshot>>) {
+    let mut backoff = Backoff::new();
+    let mut down_since: Option<Instant> = None;
+    loop {
+        let mut snap = match reg.snapshot().await {
+            Ok(s) => s,
+            Err(e) => {
+                if down_since.is_none() {
+                    error!(error = %e, "etcd unreachable; keeping the current dataplane");
+                    down_since = Some(Instant::now());
+                }
+                backoff.wait().await;
+                continue;
+            }
+        };
+        if let Some(since) = down_since.take() {
+            info!(after = ?since.elapsed(), "etcd reachable again");
+        }
+        backoff = Backoff::new();
+        let rev = snap.revision;
+        tx.send_replace(Arc::new(snap.clone()));
+        let mut stream = match reg.watch(rev).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "etcd watch failed; relisting");
+                backoff.wait().await;
+                continue;
+            }
+        };
+        loop {
+            match reg.next_event(&mut stream, &mut snap).await {
+                Ok(true) => {
+                    if **tx.borrow() != snap {
+                        tx.send_replace(Arc::new(snap.clone()));
+                    }
+                }
+                Ok(false) => {
+                    debug!("etcd watch ended (cancelled or compacted); relisting");
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "etcd watch broke; relisting");
+                    down_since.get_or_insert_with(Instant::now);
+                    break;
+                }
+            }
+        }
+        backoff.wait().await;
+    }
+}
+
+async fn resolve_underlay(nl: &Netlink, args: &RunArgs) -> Result<Underlay, DaemonError> {
+    // The underlay may come up after netd (DHCP, a CNI-less boot): wait for it, saying so.
+    let mut backoff = Backoff::new();
+    let mut said = false;
+    loop {
+        match try_underlay(nl, args).await {
+            Ok(u) => return Ok(u),
+            Err(DaemonError::Underlay(msg)) => {
+                if !said {
+                    warn!("{msg}; waiting");
+                    said = true;
+                }
+                backoff.wait().await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn try_underlay(nl: &Netlink, args: &RunArgs) -> Result<Underlay, DaemonError> {
+    let link = match &args.iface {
+        Some(spec) => {
+            if let Ok(ip) = spec.parse::<Ipv4Addr>() {
+                find_link_with_ip(nl, ip).await?.ok_or_else(|| DaemonError::Underlay(format!("no interface has address {ip}")))?
+            } else {
+                nl.link_by_name(spec).await?.ok_or_else(|| DaemonError::Underlay(format!("no interface named {spec:?}")))?
+            }
+        }
+        None => {
+            let idx = nl.default_route_link().await?.ok_or_else(|| DaemonError::Underlay("no IPv4 default route to pick the interface from (set --iface)".into()))?;
+            nl.link_by_index(idx).await?.ok_or_else(|| DaemonError::Underlay(format!("default route interface {idx} vanished")))?
+        }
+    };
+    let prefixes = nl.addrs_v4(link.index).await?;
+    let iface_ip = match &args.iface {
+        Some(spec) if spec.parse::<Ipv4Addr>().is_ok() => spec.parse().expect("checked"),
+        _ => netlink_first(&prefixes).ok_or_else(|| DaemonError::Underlay(format!("interface {} has no IPv4 address", link.name)))?,
+    };
+    Ok(Underlay {
+        index: link.index,
+        name: link.name.clone(),
+        mtu: link.mtu,
+        iface_ip,
+        public_ip: args.public_ip.unwrap_or(iface_ip),
+        prefixes: prefixes.iter().map(|p| p.trunc()).collect(),
+    })
+}
+
+fn netlink_first(prefixes: &[Ipv4Net]) -> Option<Ipv4Addr> {
+    prefixes.first().map(|n| n.addr())
+}
+
+async fn find_link_with_ip(nl: &Netlink, ip: Ipv4Addr) -> Result<Option<netlink::LinkInfo>, DaemonError> {
+    // Interfaces are few; walk indexes until the kernel says there are no more.
+    for idx in 1..4096u32 {
+        if let Some(l) = nl.link_by_index(idx).await? {
+            if nl.addrs_v4(idx).await?.iter().any(|a| a.addr() == ip) {
+                return Ok(Some(l));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn enable_ip_forward() {
+    let path = PathBuf::from("/proc/sys/net/ipv4/ip_forward");
+    match std::fs::read_to_string(&path) {
+        Ok(v) if v.trim() == "1" => {}
+        _ => match std::fs::write(&path, "1") {
+            Ok(()) => info!("enabled net.ipv4.ip_forward (pods' traffic is routed through this node)"),
+            Err(e) => warn!(error = %e, "could not enable net.ipv4.ip_forward; cross-node pod traffic will not flow"),
+        },
+    }
+}

@@ -1,0 +1,16 @@
+//! netd: one daemon per Kubernetes node for the whole node network.
+//!
+//! Pure planners (`netconf`, `lease`, `alloc`, `overlay`, `masq` rendering, `subnet_env`) decide
+//! what the node must look like; thin shells (`registry` for etcd, `netlink` for the kernel) read
+//! and write; `daemon` runs the loop between them.
+
+pub mod alloc;
+pub mod cli;
+pub mod daemon;
+pub mod lease;
+pub mod masq;
+pub mod netconf;
+pub mod netlink;
+pub mod overlay;
+pub mod registry;
+pub mod subnet_env;

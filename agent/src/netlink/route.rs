@@ -1,0 +1,99 @@
+//! Routes to peer subnets:
+//! `ip route replace SUBNET via GW dev DEV onlink proto 110` (overlay) or
+//! `ip route replace SUBNET via PUBLIC_IP dev UNDERLAY proto 110` (DirectRouting).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope};
+use rtnetlink::RouteMessageBuilder;
+
+use super::{Netlink, NetlinkError};
+use crate::overlay::{RouteSpec, Via};
+
+/// The routing protocol number netd tags its routes with (`ip route show proto 110`), so that it
+/// can tell its own routes from everyone else's after a restart and never touches the others.
+pub const RTPROT_NETD: u8 = 110;
+pub(super) const MAIN_TABLE: u8 = 254;
+
+impl Netlink {
+    /// `ip -4 route show table main proto 110`, keeping only routes through `overlay_index` or
+    /// `underlay_index` (the only ones netd creates).
+    pub async fn netd_routes(&self, overlay_index: u32, underlay_index: u32) -> Result<BTreeMap<Ipv4Net, RouteSpec>, NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(msg)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::op("ip -4 route show proto 110"))?;
+        let mut out = BTreeMap::new();
+        for r in routes {
+            if r.header.table != MAIN_TABLE || r.header.protocol != RouteProtocol::Other(RTPROT_NETD) {
+                continue;
+            }
+            let mut dst = None;
+            let mut gw = None;
+            let mut oif = None;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            let (Some(dst), Some(gw), Some(oif)) = (dst, gw, oif) else { continue };
+            let Ok(net) = Ipv4Net::new(dst, r.header.destination_prefix_length) else { continue };
+            let via = if oif == overlay_index {
+                Via::Overlay
+            } else if oif == underlay_index {
+                Via::Underlay
+            } else {
+                continue;
+            };
+            out.insert(net, RouteSpec { gateway: gw, via });
+        }
+        Ok(out)
+    }
+
+    /// `ip route replace NET via GW dev INDEX [onlink] proto 110`.
+    pub async fn set_route(&self, net: Ipv4Net, gw: Ipv4Addr, index: u32, onlink: bool) -> Result<(), NetlinkError> {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .gateway(gw)
+            .output_interface(index)
+            .protocol(RouteProtocol::Other(RTPROT_NETD))
+            .scope(RouteScope::Universe);
+        if onlink {
+            b = b.onlink();
+        }
+        let o = if onlink { " onlink" } else { "" };
+        self.handle
+            .route()
+            .add(b.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(NetlinkError::op(format!("ip route replace {net} via {gw} dev index {index}{o} proto {RTPROT_NETD}")))
+    }
+
+    /// `ip route del NET via GW dev INDEX proto 110` (absent is fine).
+    pub async fn del_route(&self, net: Ipv4Net, gw: Ipv4Addr, index: u32) -> Result<(), NetlinkError> {
+        let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .gateway(gw)
+            .output_interface(index)
+            .protocol(RouteProtocol::Other(RTPROT_NETD))
+            .build();
+        msg.header.flags = RouteFlags::empty();
+        match self.handle.route().del(msg).execute().await.map_err(NetlinkError::op(format!("ip route del {net} via {gw} dev index {index}"))) {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other,
+        }
+    }
+}

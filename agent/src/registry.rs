@@ -1,0 +1,255 @@
+//! The etcd registry, in flannel's layout: `<prefix>/config` and `<prefix>/subnets/<A.B.C.D-LEN>`.
+//! A thin shell around etcd calls; all choices are made by `alloc` and `daemon`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchStream};
+use ipnet::Ipv4Net;
+
+use crate::lease::{parse_subnet_key, subnet_key_name, Lease, LeaseAttrs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("etcd {op}: {source}")]
+    Etcd { op: String, source: etcd_client::Error },
+    #[error("reading etcd TLS file {path}: {source}")]
+    TlsFile { path: String, source: std::io::Error },
+    #[error("etcd TLS: {0}")]
+    Tls(String),
+}
+
+fn etcd(op: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> RegistryError {
+    let op = op.into();
+    move |source| RegistryError::Etcd { op, source }
+}
+
+/// How to reach etcd (`--etcd-*` flags).
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// One key under `<prefix>/subnets/` as last seen: a lease, or why it could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Lease(Lease),
+    /// The key or the value is malformed: skipped for routing, reported, and its subnet (if the
+    /// key parses) still counts as taken.
+    Malformed { subnet: Option<Ipv4Net>, reason: String },
+}
+
+/// The registry contents at one etcd revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub config: Option<String>,
+    pub subnets: BTreeMap<String, Entry>,
+    pub revision: i64,
+}
+
+impl Snapshot {
+    pub fn leases(&self) -> Vec<Lease> {
+        self.subnets.values().filter_map(|e| if let Entry::Lease(l) = e { Some(l.clone()) } else { None }).collect()
+    }
+
+    pub fn malformed(&self) -> Vec<(String, String)> {
+        self.subnets
+            .iter()
+            .filter_map(|(k, e)| if let Entry::Malformed { reason, .. } = e { Some((k.clone(), reason.clone())) } else { None })
+            .collect()
+    }
+}
+
+/// The result of writing our lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// etcd lease the key is bound to; `None` for a reservation.
+    pub etcd_lease: Option<i64>,
+    /// Seconds the lease lives from now (`None` for a reservation).
+    pub ttl: Option<i64>,
+}
+
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    client: Client,
+    prefix: String,
+}
+
+/// A bound on every etcd request, so that an unreachable etcd makes calls fail (and netd keep its
+/// last good state) instead of hanging.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl EtcdRegistry {
+    pub async fn connect(opts: &EtcdOptions) -> Result<Self, RegistryError> {
+        let mut co = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        if opts.ca_file.is_some() || opts.cert_file.is_some() {
+            co = co.with_tls(tls_options(opts)?);
+        }
+        let client = Client::connect(&opts.endpoints, Some(co)).await.map_err(etcd(format!("connect to {}", opts.endpoints.join(","))))?;
+        Ok(EtcdRegistry { client, prefix: opts.prefix.trim_end_matches('/').to_string() })
+    }
+
+    pub fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    pub fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    pub fn subnet_key(&self, subnet: &Ipv4Net) -> String {
+        format!("{}{}", self.subnets_prefix(), subnet_key_name(subnet))
+    }
+
+    /// Reads config and every subnet key at one revision (`etcdctl get --prefix <prefix>/`).
+    pub async fn snapshot(&self) -> Result<Snapshot, RegistryError> {
+        let mut kv = self.client.kv_client();
+        let resp = kv
+            .get(format!("{}/", self.prefix), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(etcd(format!("get --prefix {}/", self.prefix)))?;
+        let mut snap = Snapshot { revision: resp.header().map_or(0, |h| h.revision()), ..Default::default() };
+        for kv in resp.kvs() {
+            self.apply(&mut snap, kv.key(), Some((kv.value(), kv.lease(), kv.mod_revision())));
+        }
+        Ok(snap)
+    }
+
+    /// Applies one key's new state (`None` = deleted) to a snapshot.
+    fn apply(&self, snap: &mut Snapshot, key: &[u8], value: Option<(&[u8], i64, i64)>) {
+        let key = String::from_utf8_lossy(key).into_owned();
+        if key == self.config_key() {
+            snap.config = value.map(|(v, _, _)| String::from_utf8_lossy(v).into_owned());
+            return;
+        }
+        if !key.starts_with(&self.subnets_prefix()) {
+            return;
+        }
+        let Some((value, lease_id, mod_revision)) = value else {
+            snap.subnets.remove(&key);
+            return;
+        };
+        let entry = match parse_subnet_key(&key) {
+            Err(e) => Entry::Malformed { subnet: None, reason: e.to_string() },
+            Ok(subnet) => match LeaseAttrs::from_json(&subnet, value) {
+                Err(e) => Entry::Malformed { subnet: Some(subnet), reason: e.to_string() },
+                Ok(attrs) => Entry::Lease(Lease { subnet, attrs, etcd_lease: (lease_id != 0).then_some(lease_id), mod_revision }),
+            },
+        };
+        snap.subnets.insert(key, entry);
+    }
+
+    /// Creates our lease key if and only if it does not exist (one transaction, so two nodes that
+    /// pick the same subnet at once cannot both win). `Ok(None)`: somebody else holds it.
+    pub async fn create(&self, subnet: &Ipv4Net, attrs: &LeaseAttrs, ttl: i64) -> Result<Option<Held>, RegistryError> {
+        let key = self.subnet_key(subnet);
+        let mut lc = self.client.lease_client();
+        let grant = lc.grant(ttl, None).await.map_err(etcd(format!("lease grant {ttl}s")))?;
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), attrs.to_json(), Some(PutOptions::new().with_lease(grant.id())))]);
+        let res = self.client.kv_client().txn(txn).await.map_err(etcd(format!("txn create {key}")));
+        match res {
+            Ok(r) if r.succeeded() => Ok(Some(Held { etcd_lease: Some(grant.id()), ttl: Some(grant.ttl()) })),
+            other => {
+                // Not ours after all: do not leave an unused lease behind.
+                let _ = lc.revoke(grant.id()).await;
+                other.map(|_| None)
+            }
+        }
+    }
+
+    /// Renews our lease with a fresh etcd lease, as flannel does, but only while the key still
+    /// holds what we wrote (`mod_revision`): if it was deleted, expired or taken over meanwhile,
+    /// `Ok(None)` tells the caller to re-acquire instead of silently resurrecting it.
+    pub async fn renew(&self, subnet: &Ipv4Net, attrs: &LeaseAttrs, ttl: i64, mod_revision: i64) -> Result<Option<Held>, RegistryError> {
+        let key = self.subnet_key(subnet);
+        let mut lc = self.client.lease_client();
+        let grant = lc.grant(ttl, None).await.map_err(etcd(format!("lease grant {ttl}s")))?;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, mod_revision)])
+            .and_then([TxnOp::put(key.clone(), attrs.to_json(), Some(PutOptions::new().with_lease(grant.id())))]);
+        let res = self.client.kv_client().txn(txn).await.map_err(etcd(format!("txn renew {key}")));
+        match res {
+            Ok(r) if r.succeeded() => Ok(Some(Held { etcd_lease: Some(grant.id()), ttl: Some(grant.ttl()) })),
+            other => {
+                let _ = lc.revoke(grant.id()).await;
+                other.map(|_| None)
+            }
+        }
+    }
+
+    /// Updates the value of a reservation we hold (no etcd lease: it stays a reservation).
+    pub async fn update_reservation(&self, subnet: &Ipv4Net, attrs: &LeaseAttrs, mod_revision: i64) -> Result<bool, RegistryError> {
+        let key = self.subnet_key(subnet);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, mod_revision)])
+            .and_then([TxnOp::put(key.clone(), attrs.to_json(), None)]);
+        let r = self.client.kv_client().txn(txn).await.map_err(etcd(format!("txn update reservation {key}")))?;
+        Ok(r.succeeded())
+    }
+
+    /// Seconds left on an etcd lease (`etcdctl lease timetolive`); `None` if it is gone.
+    pub async fn time_to_live(&self, id: i64) -> Result<Option<i64>, RegistryError> {
+        let r = self.client.lease_client().time_to_live(id, None).await.map_err(etcd(format!("lease timetolive {id:x}")))?;
+        Ok((r.ttl() > 0).then_some(r.ttl()))
+    }
+
+    /// Deletes a subnet key (`etcdctl del`).
+    pub async fn delete(&self, subnet: &Ipv4Net) -> Result<(), RegistryError> {
+        let key = self.subnet_key(subnet);
+        self.client.kv_client().delete(key.clone(), None).await.map_err(etcd(format!("del {key}")))?;
+        Ok(())
+    }
+
+    /// Watches the whole prefix from `revision + 1` on.
+    pub async fn watch(&self, revision: i64) -> Result<WatchStream, RegistryError> {
+        let opts = WatchOptions::new().with_prefix().with_start_revision(revision + 1).with_progress_notify();
+        self.client.watch_client().watch(format!("{}/", self.prefix), Some(opts)).await.map_err(etcd(format!("watch {}/", self.prefix)))
+    }
+
+    /// Waits for the next watch response and folds it into `snap`. `Ok(false)` when the watch was
+    /// cancelled or compacted (the caller must take a fresh snapshot).
+    pub async fn next_event(&self, stream: &mut WatchStream, snap: &mut Snapshot) -> Result<bool, RegistryError> {
+        let resp = stream.message().await.map_err(etcd(format!("watch {}/", self.prefix)))?;
+        let Some(resp) = resp else { return Ok(false) };
+        if resp.canceled() || resp.compact_revision() > 0 {
+            return Ok(false);
+        }
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            match ev.event_type() {
+                EventType::Put => self.apply(snap, kv.key(), Some((kv.value(), kv.lease(), kv.mod_revision()))),
+                EventType::Delete => self.apply(snap, kv.key(), None),
+            }
+            snap.revision = snap.revision.max(kv.mod_revision());
+        }
+        if let Some(h) = resp.header() {
+            snap.revision = snap.revision.max(h.revision());
+        }
+        Ok(true)
+    }
+}
+
+fn tls_options(opts: &EtcdOptions) -> Result<etcd_client::TlsOptions, RegistryError> {
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|source| RegistryError::TlsFile { path: p.display().to_string(), source });
+    let mut tls = etcd_client::TlsOptions::new();
+    if let Some(ca) = &opts.ca_file {
+        tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+    }
+    match (&opts.cert_file, &opts.key_file) {
+        (Some(c), Some(k)) => tls = tls.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?)),
+        (None, None) => {}
+        _ => return Err(RegistryError::Tls("--etcd-certfile and --etcd-keyfile go together".into())),
+    }
+    Ok(tls)
+}

@@ -1,0 +1,432 @@
+//! [`Node`]: one Kubernetes node = one namespace on the underlay, running
+//! (optionally) netd, hosting pods.
+
+use crate::cmd::{self, kill_and_reap, read_log, terminate};
+use crate::netd_bin::netd_binary;
+use crate::netns::{tempdir, Netns};
+use crate::pod::Pod;
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Child, ExitStatus};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// Test bridge pods are attached to. Not `cni0`, so it can never be
+/// confused with what a CNI plugin (or netd) creates.
+const POD_BRIDGE: &str = "tbr0";
+
+/// How long `stop_netd` lets netd shut down before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The pod subnet as configured on `tbr0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PodSubnet {
+    gateway: Ipv4Addr,
+    prefix_len: u8,
+    mtu: u32,
+}
+
+/// A node of the cluster: namespace `ntb-...-node<i>` with `eth0` =
+/// 198.18.0.(10+i)/24 on the underlay bridge and a default route via
+/// 198.18.0.1, plus a temp dir holding netd's `run/`, `state/` and log.
+#[derive(Debug)]
+pub struct Node {
+    index: usize,
+    netd: Option<Child>,
+    etcd_endpoint: String,
+    ip: Ipv4Addr,
+    pod_subnet: Option<PodSubnet>,
+    next_host: u32,
+    next_veth: u32,
+    // Drop order: the namespace (and anything left in it) before the dir.
+    ns: Netns,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Builds node `index`: namespace, veth to the underlay bridge, address,
+    /// default route, IP forwarding.
+    pub(crate) fn new(index: usize, underlay: &Netns, etcd_endpoint: &str) -> Result<Node> {
+        let host = u8::try_from(10 + index)
+            .ok()
+            .filter(|h| *h < 255)
+            .with_context(|| format!("node index {index} does not fit in 198.18.0.0/24"))?;
+        let ip = Ipv4Addr::new(198, 18, 0, host);
+        let name = format!("node{index}");
+        let ns = Netns::new(&name)?;
+        let dir = tempdir(&name)?;
+        std::fs::create_dir(dir.path().join("run"))?;
+        std::fs::create_dir(dir.path().join("state"))?;
+
+        // Created from inside the underlay namespace with the peer placed
+        // straight into the node namespace: no link ever exists in the
+        // root namespace, not even briefly.
+        let host_if = format!("n{index}");
+        underlay.ip(&[
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        underlay.ip(&["link", "set", &host_if, "master", "br0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "mtu", "1500", "up"])?;
+        // netd finds its interface through the default route, like flanneld.
+        ns.ip(&["route", "add", "default", "via", "198.18.0.1"])?;
+        ns.run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+
+        Ok(Node {
+            index,
+            netd: None,
+            etcd_endpoint: etcd_endpoint.to_string(),
+            ip,
+            pod_subnet: None,
+            next_host: 2,
+            next_veth: 0,
+            ns,
+            dir,
+        })
+    }
+
+    /// Position in the cluster (0-based).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// `node<i>`, also netd's `--node-name`.
+    pub fn name(&self) -> String {
+        format!("node{}", self.index)
+    }
+
+    /// The node's namespace.
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// Underlay address of `eth0` (198.18.0.(10+i)).
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+
+    /// netd's `--run-dir` (subnet.env lands here).
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// netd's `--state-dir`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// netd's stdout+stderr, appended across restarts.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("netd.log")
+    }
+
+    /// Contents of the netd log (empty if netd never ran).
+    pub fn log(&self) -> String {
+        read_log(&self.log_path())
+    }
+
+    /// Spawns `netd run` inside the node namespace with the standard test
+    /// flags followed by `extra_args`, env `NETD_LOG=netd=debug,info` (our debug lines, not the etcd client's HTTP/2 chatter).
+    pub fn start_netd(&mut self, extra_args: &[&str]) -> Result<()> {
+        if self.netd_running() {
+            bail!("netd already running on {}", self.name());
+        }
+        let bin = netd_binary()?;
+        let bin = bin.to_str().context("non-UTF-8 netd path")?;
+        let run = self.run_dir();
+        let state = self.state_dir();
+        let name = self.name();
+        let mut args = vec![
+            bin,
+            "run",
+            "--etcd-endpoints",
+            &self.etcd_endpoint,
+            "--run-dir",
+            run.to_str().context("non-UTF-8 temp dir")?,
+            "--state-dir",
+            state.to_str().context("non-UTF-8 temp dir")?,
+            "--node-name",
+            &name,
+            "--resync-interval",
+            "1s",
+        ];
+        args.extend_from_slice(extra_args);
+
+        let log = self.log_path();
+        let mut command = self.ns.command(&args);
+        command.env("NETD_LOG", "netd=debug,info").env("RUST_BACKTRACE", "1");
+        // A marker line separates runs in the appended log.
+        writeln!(
+            cmd::append_file(&log)?,
+            "=== netd-tests: starting `{}` ===",
+            cmd::describe(&command)
+        )?;
+        cmd::log_stdio(&mut command, Some(&log))?;
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot spawn `{}`", cmd::describe(&command)))?;
+        self.netd = Some(child);
+        Ok(())
+    }
+
+    /// True while the netd started by [`Node::start_netd`] is running.
+    pub fn netd_running(&mut self) -> bool {
+        matches!(self.netd.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Pid of netd, if one was started and not yet stopped.
+    pub fn netd_pid(&self) -> Option<u32> {
+        self.netd.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM, then wait up to 10 s, then SIGKILL. Returns the exit status
+    /// (`None` if netd was not started), so a test can check for a clean
+    /// shutdown with `status.success()`.
+    pub fn stop_netd(&mut self) -> Result<Option<ExitStatus>> {
+        match self.netd.take() {
+            Some(mut child) => Ok(Some(terminate(&mut child, STOP_GRACE)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// SIGKILL (a crash, as far as netd can tell) and reap.
+    pub fn kill_netd(&mut self) -> Result<Option<ExitStatus>> {
+        match self.netd.take() {
+            Some(mut child) => Ok(Some(kill_and_reap(&mut child)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Parses `<run>/subnet.env` (`KEY=VALUE` lines; blanks and `#`
+    /// comments skipped).
+    pub fn subnet_env(&self) -> Result<HashMap<String, String>> {
+        let path = self.run_dir().join("subnet.env");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(parse_env(&text))
+    }
+
+    /// Polls until `subnet.env` exists and has `FLANNEL_SUBNET`. Fails
+    /// early, with the log tail, if netd was started and exited.
+    pub fn wait_subnet_env(&mut self, timeout: Duration) -> Result<HashMap<String, String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.subnet_env() {
+                Ok(env) if env.contains_key("FLANNEL_SUBNET") => return Ok(env),
+                Ok(_) => "subnet.env has no FLANNEL_SUBNET".to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            if let Some(child) = self.netd.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "netd on {} exited ({status}) before writing subnet.env; log tail:\n{}",
+                        self.name(),
+                        cmd::tail(&self.log(), 40)
+                    );
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("no subnet.env on {} after {timeout:?}: {last}", self.name());
+            }
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Attaches a new pod namespace to this node, without any CNI plugin:
+    /// bridge `tbr0` (created on first use) holds FLANNEL_SUBNET's gateway
+    /// address; the pod gets `eth0` with the next free host address, MTU
+    /// FLANNEL_MTU and a default route via the gateway. Needs `subnet.env`
+    /// (written by netd, or by the test).
+    pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
+        let env = self
+            .subnet_env()
+            .context("add_pod needs subnet.env (wait_subnet_env, or write one)")?;
+        let subnet = parse_pod_subnet(&env)?;
+        self.ensure_bridge(subnet)?;
+
+        let ip = self.allocate_ip(subnet)?;
+        let ns = Netns::new(&format!("n{}-{name}", self.index))?;
+        let host_if = format!("tv{}", self.next_veth);
+        self.next_veth += 1;
+        let mtu = subnet.mtu.to_string();
+        self.ns.ip(&[
+            "link",
+            "add",
+            &host_if,
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "mtu",
+            &mtu,
+            "netns",
+            ns.name(),
+        ])?;
+        self.ns
+            .ip(&["link", "set", &host_if, "master", POD_BRIDGE, "up"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{ip}/{}", subnet.prefix_len),
+            "dev",
+            "eth0",
+        ])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &subnet.gateway.to_string(),
+        ])?;
+        Ok(Pod {
+            ns,
+            ip,
+            gateway: subnet.gateway,
+            prefix_len: subnet.prefix_len,
+            node: self.index,
+        })
+    }
+
+    fn ensure_bridge(&mut self, subnet: PodSubnet) -> Result<()> {
+        match self.pod_subnet {
+            Some(existing) if existing == subnet => return Ok(()),
+            Some(existing) => bail!(
+                "{POD_BRIDGE} on {} is set up for {}/{} mtu {}, but subnet.env now says \
+                 {}/{} mtu {}",
+                self.name(),
+                existing.gateway,
+                existing.prefix_len,
+                existing.mtu,
+                subnet.gateway,
+                subnet.prefix_len,
+                subnet.mtu
+            ),
+            None => {}
+        }
+        self.ns.ip(&["link", "add", POD_BRIDGE, "type", "bridge"])?;
+        let addr = format!("{}/{}", subnet.gateway, subnet.prefix_len);
+        self.ns.ip(&["addr", "add", &addr, "dev", POD_BRIDGE])?;
+        let mtu = subnet.mtu.to_string();
+        self.ns
+            .ip(&["link", "set", POD_BRIDGE, "mtu", &mtu, "up"])?;
+        self.pod_subnet = Some(subnet);
+        Ok(())
+    }
+
+    /// Next host address of the subnet, skipping the gateway, the network
+    /// and broadcast addresses.
+    fn allocate_ip(&mut self, subnet: PodSubnet) -> Result<Ipv4Addr> {
+        let host_bits = 32 - u32::from(subnet.prefix_len);
+        let size = 1u64 << host_bits;
+        let mask = if host_bits == 32 {
+            0
+        } else {
+            u32::MAX << host_bits
+        };
+        let network = u32::from(subnet.gateway) & mask;
+        loop {
+            let host = self.next_host;
+            if u64::from(host) >= size - 1 {
+                bail!(
+                    "pod subnet {}/{} of {} is full",
+                    subnet.gateway,
+                    subnet.prefix_len,
+                    self.name()
+                );
+            }
+            self.next_host += 1;
+            let ip = Ipv4Addr::from(network | host);
+            if ip != subnet.gateway {
+                return Ok(ip);
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Err(e) = self.kill_netd() {
+            eprintln!("netd-tests: cannot kill netd on {}: {e:#}", self.name());
+        }
+    }
+}
+
+fn parse_env(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn parse_pod_subnet(env: &HashMap<String, String>) -> Result<PodSubnet> {
+    let subnet = env
+        .get("FLANNEL_SUBNET")
+        .context("subnet.env has no FLANNEL_SUBNET")?;
+    let (gw, len) = subnet
+        .split_once('/')
+        .with_context(|| format!("FLANNEL_SUBNET={subnet} is not ADDR/LEN"))?;
+    let gateway: Ipv4Addr = gw
+        .parse()
+        .with_context(|| format!("FLANNEL_SUBNET={subnet}"))?;
+    let prefix_len: u8 = len
+        .parse()
+        .with_context(|| format!("FLANNEL_SUBNET={subnet}"))?;
+    if !(8..=30).contains(&prefix_len) {
+        bail!("FLANNEL_SUBNET={subnet}: prefix length out of range");
+    }
+    let mtu = env
+        .get("FLANNEL_MTU")
+        .context("subnet.env has no FLANNEL_MTU")?;
+    let mtu: u32 = mtu.parse().with_context(|| format!("FLANNEL_MTU={mtu}"))?;
+    Ok(PodSubnet {
+        gateway,
+        prefix_len,
+        mtu,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_flannel_subnet_env() {
+        let env = parse_env(
+            "# comment\nFLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.5.1/24\n\
+             FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+        );
+        assert_eq!(env["FLANNEL_IPMASQ"], "true");
+        assert_eq!(
+            parse_pod_subnet(&env).unwrap(),
+            PodSubnet {
+                gateway: Ipv4Addr::new(10, 244, 5, 1),
+                prefix_len: 24,
+                mtu: 1450
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_incomplete_subnet_env() {
+        assert!(parse_pod_subnet(&parse_env("FLANNEL_SUBNET=10.244.5.1/24")).is_err());
+        assert!(parse_pod_subnet(&parse_env("FLANNEL_SUBNET=10.244.5.1\nFLANNEL_MTU=1")).is_err());
+    }
+}
