@@ -1,0 +1,50 @@
+# netd — the two commands a fresh machine needs: `make demo` and `make test`.
+# Both install what is missing first (Debian packages), so nothing has to be set up by hand.
+
+CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Everything the build, the tests, the demo and the benchmarks use.
+DEB_PACKAGES := build-essential pkg-config protobuf-compiler clang libbpf-dev \
+	iproute2 iputils-ping nftables iptables etcd-server etcd-client \
+	iperf3 socat curl jq dnsutils containernetworking-plugins
+
+.PHONY: all deps build release test lint demo bench clean-netns
+
+all: build
+
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+build: deps
+	$(CARGO) build --workspace --bins
+
+release: deps
+	$(CARGO) build --release --workspace --bins
+
+# Every test: unit tests beside the code, component tests, and the multi-node end-to-end tests
+# (real etcd, real kernel, network namespaces; needs root).
+test: build
+	$(CARGO) test --workspace --no-fail-fast
+
+lint: deps
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# A real 3-node cluster in network namespaces; KEEP=1 leaves it running for a look around.
+demo: release
+	NETD_BIN_DIR=$(CURDIR)/target/release bash deploy/demo/demo.sh
+
+# Benchmarks against their anchors (not part of `make test`: timings are noisy here).
+bench: release
+	$(CARGO) run --release -p netd-bench --bin overlay
+
+# Removes namespaces left by a test run that was killed (the harness also does this itself).
+clean-netns:
+	@for ns in $$(ip netns list | awk '{print $$1}' | grep -E '^(ntb-|netd-demo-)'); do \
+		for p in $$(ip netns pids $$ns); do kill -9 $$p; done; ip netns del $$ns && echo "removed $$ns"; done
