@@ -102,7 +102,8 @@ impl Backoff {
 pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
     let nl = Netlink::connect()?;
     let underlay = resolve_underlay(&nl, &args).await?;
-    info!(iface = %underlay.name, iface_ip = %underlay.iface_ip, public_ip = %underlay.public_ip, mtu = underlay.mtu, "underlay");
+    let node = args.node_name.clone().unwrap_or_else(hostname);
+    info!(%node, iface = %underlay.name, iface_ip = %underlay.iface_ip, public_ip = %underlay.public_ip, mtu = underlay.mtu, "underlay");
     enable_ip_forward();
 
     let opts = EtcdOptions {
@@ -426,6 +427,7 @@ impl Daemon {
         }
         info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config changed");
         let lease_fits = cfg.allows(&self.held.subnet);
+        let old_device = vxlan_name(self.cfg.backend.vni);
         self.cfg = cfg;
         self.held.attrs = our_attrs(&self.cfg, &self.underlay);
         if lease_fits {
@@ -441,10 +443,17 @@ impl Daemon {
             self.setup_backend().await?;
             self.sync_host_rules()?;
             self.write_subnet_env()?;
-            Ok(())
         } else {
-            self.reacquire(snap).await
+            self.reacquire(snap).await?;
         }
+        // A new VNI means a new device; the old one (and the routes through it) must go.
+        if old_device != vxlan_name(self.cfg.backend.vni) {
+            if let Some(l) = self.nl.link_by_name(&old_device).await? {
+                info!(device = %old_device, "removing the VXLAN device of the previous config");
+                self.nl.del_link(l.index, &old_device).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn renew(&mut self) {
@@ -647,6 +656,10 @@ async fn find_link_with_ip(nl: &Netlink, ip: Ipv4Addr) -> Result<Option<netlink:
     Ok(None)
 }
 
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
 fn enable_ip_forward() {
     let path = PathBuf::from("/proc/sys/net/ipv4/ip_forward");
     match std::fs::read_to_string(&path) {
@@ -655,5 +668,22 @@ fn enable_ip_forward() {
             Ok(()) => info!("enabled net.ipv4.ip_forward (pods' traffic is routed through this node)"),
             Err(e) => warn!(error = %e, "could not enable net.ipv4.ip_forward; cross-node pod traffic will not flow"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_scheduled_margin_before_expiry() {
+        let now = Instant::now();
+        let at = renew_deadline(Some(86400), 60).unwrap();
+        let d = at - now;
+        assert!(d > Duration::from_secs(82790) && d < Duration::from_secs(82801), "{d:?}");
+        // A lease shorter than the margin is renewed at half-life rather than at once, forever.
+        let d = renew_deadline(Some(600), 60).unwrap() - now;
+        assert!(d > Duration::from_secs(299) && d < Duration::from_secs(301), "{d:?}");
+        assert!(renew_deadline(None, 60).is_none(), "reservations are not renewed");
     }
 }

@@ -388,3 +388,56 @@ fn a_flannel_style_node_and_netd_nodes_reach_each_other() -> Result<()> {
     wait_ping(&fpod, a.ip)?;
     Ok(())
 }
+
+#[test]
+fn a_reservation_is_honoured_and_stays_a_reservation() -> Result<()> {
+    let mut c = Cluster::new(2)?;
+    c.write_network_config(VXLAN)?;
+    // An operator reserves 10.244.42.0/24 for node1: a key without an etcd lease.
+    let key = key_of("10.244.42.0/24");
+    c.etcd().put(&key, &format!(r#"{{"PublicIP":"{}","PublicIPv6":null}}"#, c.node(1).ip()))?;
+    c.start_netd_all(&[])?;
+    for i in 0..2 {
+        c.node_mut(i).wait_subnet_env(WAIT)?;
+    }
+    assert_eq!(subnet(c.node(1))?, "10.244.42.0/24");
+    assert_ne!(subnet(c.node(0))?, "10.244.42.0/24");
+    let kv: serde_json::Value = serde_json::from_str(&c.etcd().ctl(&["get", &key, "-w", "json"])?)?;
+    assert!(kv["kvs"][0]["lease"].as_i64().unwrap_or(0) == 0, "still a reservation: {kv}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&c.etcd().get(&key)?.unwrap())?["BackendType"], "vxlan");
+    let a = c.node_mut(0).add_pod("a")?;
+    let b = c.node_mut(1).add_pod("b")?;
+    wait_ping(&a, b.ip)?;
+    Ok(())
+}
+
+#[test]
+fn a_node_whose_lease_vanished_while_down_gets_its_subnet_back_from_subnet_env() -> Result<()> {
+    let mut c = start(2, VXLAN)?;
+    let s = subnet(c.node(0))?;
+    c.node_mut(0).stop_netd()?;
+    // The lease expired while the node was down.
+    c.etcd().del(&key_of(&s))?;
+    c.node_mut(0).start_netd(&[])?;
+    wait_until(WAIT, POLL, || Ok(c.etcd().get(&key_of(&s))?.is_some()))?;
+    assert_eq!(subnet(c.node(0))?, s);
+    Ok(())
+}
+
+#[test]
+fn a_vni_change_in_the_config_converges_without_a_restart() -> Result<()> {
+    let mut c = start(2, VXLAN)?;
+    let a = c.node_mut(0).add_pod("a")?;
+    let b = c.node_mut(1).add_pod("b")?;
+    wait_ping(&a, b.ip)?;
+    c.write_network_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":7}}"#)?;
+    for i in 0..2 {
+        let n = c.node(i);
+        wait_until(WAIT, POLL, || Ok(n.ns().exec(&["ip", "link", "show", "netd.7"])?.status.success()))?;
+        wait_until(WAIT, POLL, || Ok(!n.ns().exec(&["ip", "link", "show", "netd.1"])?.status.success()))?;
+    }
+    wait_ping(&a, b.ip)?;
+    let leases = c.etcd().get_prefix(SUBNETS)?;
+    assert!(leases.iter().all(|(_, v)| v.contains(r#""VNI":7"#)), "{leases:?}");
+    Ok(())
+}
