@@ -26,6 +26,37 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the node daemon: lease this node's pod subnet and keep the overlay programmed.
     Run(Box<RunArgs>),
+    /// Say whether this node's network is healthy and, if not, why (exit 0 healthy, 1 degraded,
+    /// 2 unhealthy, 3 netd not reachable).
+    Status(StatusArgs),
+    /// Remove everything netd created on this node (devices, routes, rules, CNI config), for uninstall.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// netd's runtime directory (where its status socket netd.sock lives).
+    #[arg(long, env = "NETD_RUN_DIR", default_value = "/run/netd")]
+    pub run_dir: PathBuf,
+    /// Print the full status as JSON, for scripts.
+    #[arg(long, env = "NETD_STATUS_JSON")]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CleanupArgs {
+    /// netd's runtime directory.
+    #[arg(long, env = "NETD_RUN_DIR", default_value = "/run/netd")]
+    pub run_dir: PathBuf,
+    /// netd's state directory.
+    #[arg(long, env = "NETD_STATE_DIR", default_value = "/var/lib/netd")]
+    pub state_dir: PathBuf,
+    /// Where netd wrote its CNI config ("" if it did not).
+    #[arg(long, env = "NETD_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// The pod bridge netd-cni created.
+    #[arg(long, env = "NETD_CNI_BRIDGE", default_value = "netd0")]
+    pub cni_bridge: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -73,6 +104,16 @@ pub struct RunArgs {
     /// Masquerade pod traffic that leaves the cluster network.
     #[arg(long, env = "NETD_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
     pub ip_masq: bool,
+    /// Directory for the CNI config 10-netd.conflist, written once the node can serve pods
+    /// ("" to not write one).
+    #[arg(long, env = "NETD_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// Name of the pod bridge netd-cni creates on this node.
+    #[arg(long, env = "NETD_CNI_BRIDGE", default_value = "netd0")]
+    pub cni_bridge: String,
+    /// Address for /metrics, /healthz and /readyz ("" to disable).
+    #[arg(long, env = "NETD_METRICS_LISTEN", default_value = "127.0.0.1:9402")]
+    pub metrics_listen: String,
     /// How often the whole dataplane is compared against the kernel and repaired (e.g. 30s, 500ms).
     #[arg(long, env = "NETD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub resync_interval: Duration,
@@ -110,8 +151,7 @@ mod tests {
     #[test]
     fn every_run_flag_has_an_env_var() {
         let cmd = Cli::command();
-        let run = cmd.find_subcommand("run").unwrap();
-        for arg in run.get_arguments() {
+        for arg in cmd.get_subcommands().flat_map(|s| s.get_arguments()) {
             if arg.get_long().is_some() && !["help", "version"].contains(&arg.get_id().as_str()) {
                 let env = arg.get_env().unwrap_or_else(|| panic!("--{} has no env var", arg.get_id()));
                 assert!(env.to_string_lossy().starts_with("NETD_"), "{env:?}");
@@ -132,13 +172,14 @@ mod tests {
     #[test]
     fn defaults_match_flannel() {
         let cli = Cli::try_parse_from(["netd", "run"]).unwrap();
-        let Command::Run(r) = cli.command;
+        let Command::Run(r) = cli.command else { panic!() };
         assert_eq!(r.etcd.etcd_endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(r.metrics_listen, "127.0.0.1:9402");
         assert_eq!(r.etcd.etcd_prefix, "/coreos.com/network");
         assert_eq!(r.subnet_lease_renew_margin, 60);
         assert!(Cli::try_parse_from(["netd", "run", "--subnet-lease-renew-margin", "1440"]).is_err());
         let cli = Cli::try_parse_from(["netd", "run", "--etcd-endpoints", "http://a:1,http://b:2"]).unwrap();
-        let Command::Run(r) = cli.command;
+        let Command::Run(r) = cli.command else { panic!() };
         assert_eq!(r.etcd.etcd_endpoints.len(), 2);
     }
 }

@@ -23,6 +23,8 @@ use crate::netconf::{BackendKind, NetworkConfig};
 use crate::netlink::{self, Netlink, NetlinkError, VxlanSpec};
 use crate::overlay::{self, LocalNode, Op, OverlayState, Via};
 use crate::registry::{EtcdOptions, EtcdRegistry, Entry, RegistryError, Snapshot};
+use crate::server::{self, unix_now, Shared};
+use crate::status::{self, NodeStatus, Phase};
 use crate::subnet_env::SubnetEnv;
 
 /// flannel's subnet lease TTL.
@@ -46,6 +48,8 @@ pub enum DaemonError {
     SubnetEnv(#[from] crate::subnet_env::SubnetEnvError),
     #[error(transparent)]
     Masq(#[from] crate::masq::MasqError),
+    #[error(transparent)]
+    Server(#[from] server::ServerError),
 }
 
 /// The underlay this node talks to peers over.
@@ -81,6 +85,7 @@ pub struct Daemon {
     vxlan_index: u32,
     masq: Masquerade,
     last_skipped: Vec<String>,
+    shared: Arc<Shared>,
 }
 
 fn vxlan_name(vni: u32) -> String {
@@ -100,9 +105,22 @@ impl Backoff {
 }
 
 pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
-    let nl = Netlink::connect()?;
-    let underlay = resolve_underlay(&nl, &args).await?;
     let node = args.node_name.clone().unwrap_or_else(hostname);
+    let shared = Shared::new(NodeStatus {
+        node: node.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at: unix_now(),
+        etcd: status::EtcdStatus { endpoints: args.etcd.etcd_endpoints.clone(), ..Default::default() },
+        ..Default::default()
+    });
+    shared.set_ready(|r| r.cni_config = (!args.cni_conf_dir.as_os_str().is_empty()).then_some(false));
+    // Up before anything else, so `netd status` can say what a starting node is waiting for.
+    server::serve_status(args.run_dir.join("netd.sock"), shared.clone()).await?;
+    if !args.metrics_listen.is_empty() {
+        server::serve_metrics(args.metrics_listen.clone(), shared.clone()).await?;
+    }
+    let nl = Netlink::connect()?;
+    let underlay = resolve_underlay(&nl, &args, &shared).await?;
     info!(%node, iface = %underlay.name, iface_ip = %underlay.iface_ip, public_ip = %underlay.public_ip, mtu = underlay.mtu, "underlay");
     enable_ip_forward();
 
@@ -115,16 +133,18 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
     };
     let reg = connect_etcd(&opts).await?;
 
-    let (cfg, snap) = wait_for_config(&reg).await;
-    let held = acquire(&reg, &cfg, &underlay, &args, &snap).await?;
-    let mut d = Daemon { args, nl, reg, underlay, cfg, held, vxlan_index: 0, masq: Masquerade::new(), last_skipped: Vec::new() };
+    let (cfg, snap) = wait_for_config(&reg, &shared).await;
+    let held = acquire(&reg, &cfg, &underlay, &args, &snap, &shared).await?;
+    let mut d = Daemon { args, nl, reg, underlay, cfg, held, vxlan_index: 0, masq: Masquerade::new(), last_skipped: Vec::new(), shared };
     d.setup_backend().await?;
     d.sync_host_rules()?;
     d.write_subnet_env()?;
+    d.write_cni_conf();
+    d.shared.update(|s| s.phase = Phase::Running);
     info!(subnet = %d.held.subnet, device = %vxlan_name(d.cfg.backend.vni), "node network ready");
 
     let (tx, mut rx) = watch::channel(Arc::new(snap));
-    tokio::spawn(watch_registry(d.reg.clone(), tx));
+    tokio::spawn(watch_registry(d.reg.clone(), tx, d.shared.clone()));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| DaemonError::Io { path: "SIGTERM handler".into(), source })?;
@@ -168,11 +188,13 @@ async fn connect_etcd(opts: &EtcdOptions) -> Result<EtcdRegistry, DaemonError> {
 }
 
 /// Waits until `<prefix>/config` exists and is valid, saying what is wrong while it is not.
-async fn wait_for_config(reg: &EtcdRegistry) -> (NetworkConfig, Snapshot) {
+async fn wait_for_config(reg: &EtcdRegistry, shared: &Shared) -> (NetworkConfig, Snapshot) {
     let mut backoff = Backoff::new();
     let mut last_complaint = String::new();
     loop {
-        let complaint = match reg.snapshot().await {
+        let res = reg.snapshot().await;
+        etcd_result(shared, res.as_ref().map(|s| s.revision).map_err(|e| e.to_string()));
+        let complaint = match res {
             Err(e) => format!("cannot read the network config: {e}"),
             Ok(snap) => match snap.config.as_deref().map(NetworkConfig::parse) {
                 None => format!("waiting for the network config: no key {} in etcd", reg.config_key()),
@@ -182,12 +204,14 @@ async fn wait_for_config(reg: &EtcdRegistry) -> (NetworkConfig, Snapshot) {
                 }
                 Some(Ok(cfg)) => {
                     info!(network = %cfg.network, subnet_len = cfg.subnet_len, backend = cfg.backend.kind.as_str(), "network config");
+                    shared.update(|s| s.problems.clear());
                     return (cfg, snap);
                 }
             },
         };
         if complaint != last_complaint {
             error!("{complaint}");
+            shared.update(|s| s.problems = vec![complaint.clone()]);
             last_complaint = complaint;
         }
         backoff.wait().await;
@@ -215,7 +239,7 @@ fn renew_deadline(ttl: Option<i64>, margin_min: u32) -> Option<Instant> {
 
 /// Acquires our subnet: our existing lease or reservation, else the previous subnet, else a random
 /// free one; each new key is created in a create-if-absent transaction and retried on a race.
-async fn acquire(reg: &EtcdRegistry, cfg: &NetworkConfig, underlay: &Underlay, args: &RunArgs, first: &Snapshot) -> Result<Held, DaemonError> {
+async fn acquire(reg: &EtcdRegistry, cfg: &NetworkConfig, underlay: &Underlay, args: &RunArgs, first: &Snapshot, shared: &Shared) -> Result<Held, DaemonError> {
     let attrs = our_attrs(cfg, underlay);
     let previous = previous_subnet(args);
     let mut snap = first.clone();
@@ -277,6 +301,22 @@ async fn acquire(reg: &EtcdRegistry, cfg: &NetworkConfig, underlay: &Underlay, a
         };
         let kind = if reservation { "reservation" } else { "lease" };
         info!(%subnet, ttl = ?h.ttl, "acquired subnet {kind}");
+        let expires_at = h.ttl.map(|t| unix_now() + t.max(0) as u64);
+        let renew_in = renew_deadline(h.ttl, args.subnet_lease_renew_margin).map(|at| at.saturating_duration_since(Instant::now()).as_secs());
+        shared.metrics.lease_acquisitions.inc();
+        shared.metrics.lease_expiry.set(expires_at.unwrap_or(0) as i64);
+        shared.update(|s| {
+            s.lease = Some(status::LeaseStatus {
+                subnet: subnet.to_string(),
+                public_ip: underlay.public_ip.to_string(),
+                reservation,
+                expires_at,
+                renew_at: renew_in.map(|r| unix_now() + r),
+                last_renewal: None,
+                acquired_at: unix_now(),
+            })
+        });
+        shared.set_ready(|r| r.lease = true);
         return Ok(Held { subnet, attrs, reservation, mod_revision, renew_at: renew_deadline(h.ttl, args.subnet_lease_renew_margin) });
     }
     unreachable!("the loop only ends by returning")
@@ -338,6 +378,18 @@ impl Daemon {
             self.nl.del_addr(index, *stale).await?;
         }
         self.vxlan_index = index;
+        let (cfg, underlay) = (&self.cfg, &self.underlay);
+        self.shared.update(|s| {
+            s.backend = Some(status::BackendStatus {
+                kind: cfg.backend.kind.as_str().into(),
+                device: name.clone(),
+                device_present: true,
+                vni: cfg.backend.vni,
+                port: cfg.backend.port,
+                mtu,
+                underlay: underlay.name.clone(),
+            })
+        });
         Ok(())
     }
 
@@ -358,7 +410,33 @@ impl Daemon {
         // A copy in the state dir survives reboots (run dirs are tmpfs): the node asks for the
         // same subnet again so its pods' addresses stay valid.
         env.write(&self.args.state_dir.join("subnet.env"))?;
+        self.shared.update(|s| s.files.subnet_env = Some(path.display().to_string()));
+        self.shared.set_ready(|r| r.subnet_env = true);
         Ok(())
+    }
+
+    /// The CNI config, only now that the lease and subnet.env exist. A failure is reported (and
+    /// retried at the next resync) but does not stop the overlay.
+    fn write_cni_conf(&self) {
+        if self.args.cni_conf_dir.as_os_str().is_empty() {
+            return;
+        }
+        let conf = crate::cniconf::CniConf {
+            subnet_file: self.args.run_dir.join("subnet.env"),
+            data_dir: self.args.state_dir.join("cni"),
+            bridge: self.args.cni_bridge.clone(),
+        };
+        let path = self.args.cni_conf_dir.join(crate::cniconf::CONFLIST_NAME);
+        match conf.write(&self.args.cni_conf_dir) {
+            Ok(wrote) => {
+                if wrote {
+                    info!(path = %path.display(), "wrote CNI config");
+                }
+                self.shared.update(|s| s.files.cni_conflist = Some(path.display().to_string()));
+                self.shared.set_ready(|r| r.cni_config = Some(true));
+            }
+            Err(e) => error!(path = %path.display(), error = %e, "writing the CNI config failed; pods cannot start on this node"),
+        }
     }
 
     /// One level-triggered pass: config, our lease, the overlay, host rules.
@@ -366,6 +444,16 @@ impl Daemon {
         let started = Instant::now();
         if let Err(e) = self.reconcile_inner(snap, full).await {
             error!(error = %e, "reconcile failed; keeping the current dataplane and retrying at the next resync");
+            self.shared.metrics.sync_errors.inc();
+            let msg = e.to_string();
+            self.shared.update(|s| {
+                s.last_sync = Some(status::SyncStatus {
+                    at: unix_now(),
+                    duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+                    changes: 0,
+                    errors: vec![msg],
+                })
+            });
         }
         debug!(elapsed = ?started.elapsed(), full, revision = snap.revision, "reconciled");
     }
@@ -374,9 +462,18 @@ impl Daemon {
         // Config: a valid change is taken; an invalid one is reported and the old one kept.
         if let Some(text) = &snap.config {
             match NetworkConfig::parse(text) {
-                Ok(cfg) if cfg != self.cfg => self.config_changed(cfg, snap).await?,
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "ignoring invalid network config update; keeping the previous one"),
+                Ok(cfg) if cfg != self.cfg => {
+                    self.shared.update(|s| s.problems.clear());
+                    self.config_changed(cfg, snap).await?
+                }
+                Ok(_) => self.shared.update(|s| s.problems.clear()),
+                Err(e) => {
+                    let msg = format!("ignoring invalid network config update (keeping the previous one): {e}");
+                    if self.shared.snapshot().problems.first() != Some(&msg) {
+                        warn!("{msg}");
+                    }
+                    self.shared.update(|s| s.problems = vec![msg]);
+                }
             }
         }
         // Our lease: still there and still ours? If not, take it back, loudly.
@@ -398,17 +495,22 @@ impl Daemon {
                 self.reacquire(snap).await?;
             }
         }
+        if full {
+            // Repairs the device itself: brought down, MTU or address changed by hand.
+            self.setup_backend().await?;
+        }
         self.sync_overlay(snap).await?;
         if full {
             self.sync_host_rules()?;
             self.write_subnet_env()?;
+            self.write_cni_conf();
         }
         Ok(())
     }
 
     async fn reacquire(&mut self, snap: &Snapshot) -> Result<(), DaemonError> {
         let old = self.held.subnet;
-        self.held = acquire(&self.reg, &self.cfg, &self.underlay, &self.args, snap).await?;
+        self.held = acquire(&self.reg, &self.cfg, &self.underlay, &self.args, snap, &self.shared).await?;
         if self.held.subnet != old {
             warn!(old = %old, new = %self.held.subnet, "this node's subnet changed: pods on it need new addresses");
         } else {
@@ -417,6 +519,7 @@ impl Daemon {
         self.setup_backend().await?;
         self.sync_host_rules()?;
         self.write_subnet_env()?;
+        self.write_cni_conf();
         Ok(())
     }
 
@@ -463,6 +566,17 @@ impl Daemon {
             Ok(Some(held)) => {
                 info!(subnet = %h.subnet, "renewed subnet lease");
                 self.held.renew_at = renew_deadline(held.ttl, self.args.subnet_lease_renew_margin);
+                let expires_at = held.ttl.map(|t| unix_now() + t.max(0) as u64);
+                let renew_at = self.held.renew_at.map(|at| unix_now() + at.saturating_duration_since(Instant::now()).as_secs());
+                self.shared.metrics.renewal("ok");
+                self.shared.metrics.lease_expiry.set(expires_at.unwrap_or(0) as i64);
+                self.shared.update(|s| {
+                    if let Some(l) = &mut s.lease {
+                        l.expires_at = expires_at;
+                        l.renew_at = renew_at;
+                        l.last_renewal = Some(unix_now());
+                    }
+                });
                 if let Ok(s) = self.reg.snapshot().await {
                     if let Some(Entry::Lease(l)) = s.subnets.get(&self.reg.subnet_key(&h.subnet)) {
                         self.held.mod_revision = l.mod_revision;
@@ -476,6 +590,7 @@ impl Daemon {
             }
             Err(e) => {
                 error!(error = %e, "renewing the subnet lease failed; retrying in 1 minute");
+                self.shared.metrics.renewal("error");
                 self.held.renew_at = Some(Instant::now() + Duration::from_secs(60));
             }
         }
@@ -490,11 +605,15 @@ impl Daemon {
     }
 
     async fn sync_overlay(&mut self, snap: &Snapshot) -> Result<(), DaemonError> {
+        let started = Instant::now();
         let leases = snap.leases();
         let (want, skipped) = overlay::desired(&self.local_node(), &leases);
-        let report: Vec<String> = skipped.iter().map(|s| format!("{}: {}", s.subnet, s.reason)).chain(
-            snap.malformed().into_iter().map(|(k, r)| format!("{k}: {r}")),
-        ).collect();
+        let malformed = snap.malformed();
+        let report: Vec<String> = skipped
+            .iter()
+            .map(|s| format!("{}: {}", s.subnet, s.reason))
+            .chain(malformed.iter().map(|(k, r)| format!("{k}: {r}")))
+            .collect();
         if report != self.last_skipped {
             for r in &report {
                 warn!("skipping peer {r}");
@@ -511,16 +630,55 @@ impl Daemon {
             Err(e) => return Err(e),
         };
         let ops = overlay::diff(&want, &have);
-        let mut failed = 0;
+        let mut failed: Vec<(&Op, String)> = Vec::new();
         for op in &ops {
-            if let Err(e) = self.apply(op).await {
-                failed += 1;
-                error!(error = %e, ?op, "applying overlay change failed");
+            match self.apply(op).await {
+                Ok(()) => self.shared.metrics.change(op_name(op)),
+                Err(e) => {
+                    error!(error = %e, ?op, "applying overlay change failed");
+                    self.shared.metrics.sync_errors.inc();
+                    failed.push((op, e.to_string()));
+                }
             }
         }
         if !ops.is_empty() {
-            info!(changes = ops.len(), failed, peers = want.routes.len(), ?ops, "overlay updated");
+            info!(changes = ops.len(), failed = failed.len(), peers = want.routes.len(), ?ops, "overlay updated");
         }
+        // A peer counts as programmed unless a change for its route, neighbor or FDB entry failed.
+        let failed_for = |net: &Ipv4Net, gw: Ipv4Addr| {
+            failed.iter().any(|(op, _)| match op {
+                Op::SetRoute(n, _) => n == net,
+                Op::SetNeigh(ip, _) => *ip == gw,
+                Op::SetFdb(mac, _) => want.neighs.get(&gw) == Some(mac),
+                _ => false,
+            })
+        };
+        let mut peers: Vec<status::PeerStatus> = leases
+            .iter()
+            .filter(|l| l.subnet != self.held.subnet)
+            .map(|l| {
+                let skip = skipped.iter().find(|s| s.subnet == l.subnet).map(|s| s.reason.clone());
+                let programmed = want.routes.get(&l.subnet).is_some_and(|r| !failed_for(&l.subnet, r.gateway));
+                status::PeerStatus { subnet: l.subnet.to_string(), public_ip: l.attrs.public_ip.to_string(), programmed, skipped: skip }
+            })
+            .collect();
+        peers.sort_by(|a, b| a.subnet.cmp(&b.subnet));
+        let elapsed = started.elapsed();
+        let m = &self.shared.metrics;
+        m.sync_duration.observe(elapsed.as_secs_f64());
+        m.peers.set(want.routes.len() as i64);
+        m.peers_skipped.set(skipped.len() as i64);
+        m.malformed_keys.set(malformed.len() as i64);
+        let errors: Vec<String> = failed.iter().map(|(op, e)| format!("{op:?}: {e}")).collect();
+        let changes = ops.len();
+        self.shared.update(|s| {
+            s.peers = peers;
+            s.malformed_keys = malformed;
+            if let Some(b) = &mut s.backend {
+                b.device_present = true;
+            }
+            s.last_sync = Some(status::SyncStatus { at: unix_now(), duration_ms: elapsed.as_secs_f64() * 1000.0, changes, errors });
+        });
         Ok(())
     }
 
@@ -538,14 +696,50 @@ impl Daemon {
     }
 }
 
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::DelRoute(..) => "del_route",
+        Op::DelNeigh(..) => "del_neigh",
+        Op::DelFdb(..) => "del_fdb",
+        Op::SetNeigh(..) => "set_neigh",
+        Op::SetFdb(..) => "set_fdb",
+        Op::SetRoute(..) => "set_route",
+    }
+}
+
+/// Records the outcome of an etcd exchange in status and metrics.
+fn etcd_result(shared: &Shared, res: Result<i64, String>) {
+    match res {
+        Ok(rev) => {
+            shared.metrics.etcd_up.set(1);
+            shared.update(|s| {
+                s.etcd.connected = true;
+                s.etcd.last_ok = Some(unix_now());
+                s.etcd.last_error = None;
+                s.etcd.revision = s.etcd.revision.max(rev);
+            });
+        }
+        Err(e) => {
+            shared.metrics.etcd_up.set(0);
+            shared.metrics.etcd_errors.inc();
+            shared.update(|s| {
+                s.etcd.connected = false;
+                s.etcd.last_error = Some(e);
+            });
+        }
+    }
+}
+
 /// Keeps the latest registry snapshot in `tx`: list, then watch from that revision; on any error
 /// or compaction, back off and list again. The channel always holds the last good snapshot, so
 /// an etcd outage changes nothing downstream.
-async fn watch_registry(reg: EtcdRegistry, tx: watch::Sender<Arc<Snapshot>>) {
+async fn watch_registry(reg: EtcdRegistry, tx: watch::Sender<Arc<Snapshot>>, shared: Arc<Shared>) {
     let mut backoff = Backoff::new();
     let mut down_since: Option<Instant> = None;
     loop {
-        let mut snap = match reg.snapshot().await {
+        let res = reg.snapshot().await;
+        etcd_result(&shared, res.as_ref().map(|s| s.revision).map_err(|e| e.to_string()));
+        let mut snap = match res {
             Ok(s) => s,
             Err(e) => {
                 if down_since.is_none() {
@@ -573,6 +767,7 @@ async fn watch_registry(reg: EtcdRegistry, tx: watch::Sender<Arc<Snapshot>>) {
         loop {
             match reg.next_event(&mut stream, &mut snap).await {
                 Ok(true) => {
+                    etcd_result(&shared, Ok(snap.revision));
                     if **tx.borrow() != snap {
                         tx.send_replace(Arc::new(snap.clone()));
                     }
@@ -583,6 +778,7 @@ async fn watch_registry(reg: EtcdRegistry, tx: watch::Sender<Arc<Snapshot>>) {
                 }
                 Err(e) => {
                     warn!(error = %e, "etcd watch broke; relisting");
+                    etcd_result(&shared, Err(e.to_string()));
                     down_since.get_or_insert_with(Instant::now);
                     break;
                 }
@@ -592,14 +788,18 @@ async fn watch_registry(reg: EtcdRegistry, tx: watch::Sender<Arc<Snapshot>>) {
     }
 }
 
-async fn resolve_underlay(nl: &Netlink, args: &RunArgs) -> Result<Underlay, DaemonError> {
+async fn resolve_underlay(nl: &Netlink, args: &RunArgs, shared: &Shared) -> Result<Underlay, DaemonError> {
     // The underlay may come up after netd (DHCP, a CNI-less boot): wait for it, saying so.
     let mut backoff = Backoff::new();
     let mut said = false;
     loop {
         match try_underlay(nl, args).await {
-            Ok(u) => return Ok(u),
+            Ok(u) => {
+                shared.update(|s| s.problems.clear());
+                return Ok(u);
+            }
             Err(DaemonError::Underlay(msg)) => {
+                shared.update(|s| s.problems = vec![format!("underlay: {msg}")]);
                 if !said {
                     warn!("{msg}; waiting");
                     said = true;

@@ -5,12 +5,17 @@
 //! and write; `daemon` runs the loop between them.
 
 pub mod alloc;
+pub mod cleanup;
 pub mod cli;
+pub mod cniconf;
 pub mod daemon;
 pub mod lease;
 pub mod masq;
+pub mod metrics;
 pub mod netconf;
 pub mod netlink;
 pub mod overlay;
 pub mod registry;
+pub mod server;
+pub mod status;
 pub mod subnet_env;

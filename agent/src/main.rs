@@ -11,12 +11,60 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// `netd status`: exit 0 healthy, 1 degraded, 2 unhealthy, 3 when netd cannot be reached.
+async fn status(args: netd::cli::StatusArgs) -> i32 {
+    use std::io::IsTerminal;
+    let sock = args.run_dir.join("netd.sock");
+    match netd::server::fetch_status(&sock).await {
+        Ok(s) => {
+            let (health, _) = netd::status::verdict(&s);
+            if args.json {
+                let (h, reasons) = netd::status::verdict(&s);
+                let v = serde_json::json!({ "health": h, "reasons": reasons, "status": s });
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", netd::status::render(&s, std::io::stdout().is_terminal()));
+            }
+            health.exit_code()
+        }
+        Err(e) => {
+            let why = if e.kind() == std::io::ErrorKind::NotFound || e.kind() == std::io::ErrorKind::ConnectionRefused {
+                format!("netd is not running on this node (nothing listens on {})", sock.display())
+            } else {
+                format!("cannot read netd's status from {}: {e}", sock.display())
+            };
+            if args.json {
+                println!("{}", serde_json::json!({ "health": "unreachable", "reasons": [why] }));
+            } else {
+                println!("UNREACHABLE  {why}");
+            }
+            3
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match cli.command {
         Command::Run(args) => rt.block_on(netd::daemon::run(*args))?,
+        Command::Status(args) => {
+            let code = rt.block_on(status(args));
+            std::process::exit(code);
+        }
+        Command::Cleanup(args) => {
+            let conf = (!args.cni_conf_dir.as_os_str().is_empty()).then_some(args.cni_conf_dir.as_path());
+            let r = rt.block_on(netd::cleanup::cleanup(&args.run_dir, &args.state_dir, conf, &args.cni_bridge))?;
+            println!(
+                "removed: links [{}], {} route(s), nftables table: {}, files [{}]",
+                r.links.join(", "),
+                r.routes,
+                if r.nft_table { "yes" } else { "absent" },
+                r.files.join(", ")
+            );
+            println!("the subnet lease in etcd is left to expire (24 h) or can be deleted by hand");
+        }
     }
     Ok(())
 }

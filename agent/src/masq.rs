@@ -113,9 +113,13 @@ fn list_table() -> Result<Option<String>, MasqError> {
     }
 }
 
-/// Deletes `table ip netd` (for `netd cleanup`). Absent is fine.
-pub fn remove() -> Result<(), MasqError> {
-    nft(&["-f", "-"], Some(&format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n"))).map(|_| ())
+/// Deletes `table ip netd` (for `netd cleanup`). Returns whether it existed.
+pub fn remove_if_present() -> Result<bool, MasqError> {
+    if list_table()?.is_none() {
+        return Ok(false);
+    }
+    nft(&["delete", "table", "ip", TABLE], None)?;
+    Ok(true)
 }
 
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, MasqError> {

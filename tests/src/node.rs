@@ -127,6 +127,11 @@ impl Node {
         self.dir.path().join("state")
     }
 
+    /// Where this node's netd writes its CNI config (10-netd.conflist).
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.dir.path().join("cni-conf")
+    }
+
     /// netd's stdout+stderr, appended across restarts.
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("netd.log")
@@ -147,6 +152,7 @@ impl Node {
         let bin = bin.to_str().context("non-UTF-8 netd path")?;
         let run = self.run_dir();
         let state = self.state_dir();
+        let cni_conf = self.cni_conf_dir();
         let name = self.name();
         let mut args = vec![
             bin,
@@ -161,6 +167,9 @@ impl Node {
             &name,
             "--resync-interval",
             "1s",
+            // Never the host's /etc/cni/net.d: namespaces share the file system.
+            "--cni-conf-dir",
+            cni_conf.to_str().context("non-UTF-8 temp dir")?,
         ];
         args.extend_from_slice(extra_args);
 

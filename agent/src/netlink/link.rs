@@ -91,6 +91,12 @@ impl Netlink {
         }
     }
 
+    /// `ip link show`: every link.
+    pub async fn links(&self) -> Result<Vec<LinkInfo>, NetlinkError> {
+        let msgs: Vec<LinkMessage> = self.handle.link().get().execute().try_collect().await.map_err(NetlinkError::op("ip link show"))?;
+        Ok(msgs.into_iter().map(parse_link).collect())
+    }
+
     /// `ip link show` for one index.
     pub async fn link_by_index(&self, index: u32) -> Result<Option<LinkInfo>, NetlinkError> {
         let res: Result<Vec<_>, _> = self.handle.link().get().match_index(index).execute().try_collect().await;

@@ -61,6 +61,28 @@ impl Netlink {
         Ok(out)
     }
 
+    /// `ip route flush proto 110`: removes every route netd created. Returns how many.
+    pub async fn del_routes_by_proto(&self) -> Result<usize, NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(msg)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::op("ip -4 route show proto 110"))?;
+        let mut n = 0;
+        for r in routes.into_iter().filter(|r| r.header.protocol == RouteProtocol::Other(RTPROT_NETD)) {
+            match self.handle.route().del(r).execute().await.map_err(NetlinkError::op("ip route flush proto 110")) {
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+                Ok(()) => n += 1,
+            }
+        }
+        Ok(n)
+    }
+
     /// `ip route replace NET via GW dev INDEX [onlink] proto 110`.
     pub async fn set_route(&self, net: Ipv4Net, gw: Ipv4Addr, index: u32, onlink: bool) -> Result<(), NetlinkError> {
         let mut b = RouteMessageBuilder::<Ipv4Addr>::new()

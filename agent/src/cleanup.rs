@@ -1,0 +1,53 @@
+//! `netd cleanup`: removes everything netd created on this node, for uninstall. The etcd lease is
+//! left to expire (or delete `<prefix>/subnets/<subnet>` by hand) so that cleanup needs no etcd.
+
+use std::path::Path;
+
+use tracing::info;
+
+use crate::netlink::Netlink;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::NetlinkError),
+    #[error(transparent)]
+    Masq(#[from] crate::masq::MasqError),
+    #[error("removing {path}: {source}")]
+    File { path: String, source: std::io::Error },
+}
+
+/// What was removed, for the summary line.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub links: Vec<String>,
+    pub routes: usize,
+    pub files: Vec<String>,
+    pub nft_table: bool,
+}
+
+pub async fn cleanup(run_dir: &Path, state_dir: &Path, cni_conf_dir: Option<&Path>, bridge: &str) -> Result<Removed, CleanupError> {
+    let nl = Netlink::connect()?;
+    let mut removed = Removed { routes: nl.del_routes_by_proto().await?, ..Default::default() };
+    for l in nl.links().await? {
+        let ours = (l.name.starts_with("netd.") && l.kind.as_deref() == Some("vxlan")) || l.name == bridge;
+        if ours {
+            nl.del_link(l.index, &l.name).await?;
+            info!(link = %l.name, "removed");
+            removed.links.push(l.name);
+        }
+    }
+    removed.nft_table = crate::masq::remove_if_present()?;
+    let mut files = vec![run_dir.join("subnet.env"), run_dir.join("netd.sock"), state_dir.join("subnet.env")];
+    if let Some(dir) = cni_conf_dir {
+        files.push(dir.join(crate::cniconf::CONFLIST_NAME));
+    }
+    for f in files {
+        match std::fs::remove_file(&f) {
+            Ok(()) => removed.files.push(f.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(CleanupError::File { path: f.display().to_string(), source }),
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,338 @@
+//! What `netd status` shows: the node's network health as one serializable model, the verdict
+//! derived from it, and its rendering for a terminal. Pure; the daemon fills the model in and the
+//! status socket serves it.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub version: String,
+    /// Unix seconds when this status was produced.
+    pub now: u64,
+    pub started_at: u64,
+    pub phase: Phase,
+    pub lease: Option<LeaseStatus>,
+    pub backend: Option<BackendStatus>,
+    pub peers: Vec<PeerStatus>,
+    /// Keys under `<prefix>/subnets/` that could not be read, with why.
+    pub malformed_keys: Vec<(String, String)>,
+    pub etcd: EtcdStatus,
+    pub last_sync: Option<SyncStatus>,
+    pub files: FilesStatus,
+    /// Problems that are not tied to one field above (invalid config update, ...).
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Waiting for the underlay, etcd or the network config.
+    #[default]
+    Starting,
+    /// Lease held, dataplane programmed.
+    Running,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseStatus {
+    pub subnet: String,
+    pub public_ip: String,
+    pub reservation: bool,
+    /// Unix seconds; `None` for a reservation.
+    pub expires_at: Option<u64>,
+    pub renew_at: Option<u64>,
+    pub last_renewal: Option<u64>,
+    pub acquired_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub kind: String,
+    pub device: String,
+    pub device_present: bool,
+    pub vni: u32,
+    pub port: u16,
+    pub mtu: u32,
+    pub underlay: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub subnet: String,
+    pub public_ip: String,
+    /// Whether the kernel has the route (and neighbor/FDB entries) for it after the last sync.
+    pub programmed: bool,
+    /// Why it is not programmed, when it was skipped on purpose.
+    pub skipped: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EtcdStatus {
+    pub endpoints: Vec<String>,
+    pub connected: bool,
+    /// Unix seconds of the last successful exchange.
+    pub last_ok: Option<u64>,
+    pub last_error: Option<String>,
+    pub revision: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    pub at: u64,
+    pub duration_ms: f64,
+    pub changes: usize,
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FilesStatus {
+    pub subnet_env: Option<String>,
+    pub cni_conflist: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Healthy,
+    /// Traffic flows, but something needs attention (etcd away, a peer skipped, sync errors).
+    Degraded,
+    /// This node cannot carry pod traffic as it should.
+    Unhealthy,
+}
+
+impl Health {
+    /// `netd status` exit code.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Health::Healthy => 0,
+            Health::Degraded => 1,
+            Health::Unhealthy => 2,
+        }
+    }
+}
+
+/// The verdict and the reasons for it, worst first.
+pub fn verdict(s: &NodeStatus) -> (Health, Vec<String>) {
+    let mut bad = Vec::new();
+    let mut warn = Vec::new();
+    match &s.lease {
+        None => bad.push(match s.phase {
+            Phase::Starting => "no subnet lease yet (starting: see the etcd and config lines)".to_string(),
+            Phase::Running => "no subnet lease".to_string(),
+        }),
+        Some(l) => {
+            if let Some(exp) = l.expires_at {
+                if exp <= s.now {
+                    bad.push(format!("subnet lease {} expired {} ago", l.subnet, ago(s.now - exp)));
+                } else if l.renew_at.is_some_and(|r| r + 300 < s.now) {
+                    warn.push(format!("subnet lease {} is overdue for renewal (expires in {})", l.subnet, ago(exp - s.now)));
+                }
+            }
+        }
+    }
+    if let Some(b) = &s.backend {
+        if !b.device_present {
+            bad.push(format!("{} device {} is missing", b.kind, b.device));
+        }
+    }
+    if s.files.subnet_env.is_none() && s.lease.is_some() {
+        bad.push("subnet.env has not been written".into());
+    }
+    if !s.etcd.connected {
+        let since = s.etcd.last_ok.map(|t| format!(" for {}", ago(s.now.saturating_sub(t)))).unwrap_or_default();
+        let why = s.etcd.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+        warn.push(format!("etcd unreachable{since}{why}; the dataplane keeps its last known state"));
+    }
+    let unprogrammed: Vec<&PeerStatus> = s.peers.iter().filter(|p| !p.programmed && p.skipped.is_none()).collect();
+    if !unprogrammed.is_empty() {
+        let list: Vec<&str> = unprogrammed.iter().map(|p| p.subnet.as_str()).collect();
+        bad.push(format!("{} peer route(s) not programmed: {}", unprogrammed.len(), list.join(", ")));
+    }
+    for p in s.peers.iter().filter(|p| p.skipped.is_some()) {
+        warn.push(format!("peer {} skipped: {}", p.subnet, p.skipped.as_deref().unwrap_or("")));
+    }
+    for (k, r) in &s.malformed_keys {
+        warn.push(format!("malformed key {k}: {r}"));
+    }
+    if let Some(sync) = &s.last_sync {
+        for e in &sync.errors {
+            warn.push(format!("last sync: {e}"));
+        }
+    }
+    warn.extend(s.problems.iter().cloned());
+    let health = if !bad.is_empty() {
+        Health::Unhealthy
+    } else if !warn.is_empty() {
+        Health::Degraded
+    } else {
+        Health::Healthy
+    };
+    bad.extend(warn);
+    (health, bad)
+}
+
+fn ago(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+/// Seconds from now, signed ("in 23h" / "5m ago").
+fn rel(now: u64, t: u64) -> String {
+    if t >= now {
+        format!("in {}", ago(t - now))
+    } else {
+        format!("{} ago", ago(now - t))
+    }
+}
+
+/// The one-screen text rendering. `color` adds ANSI colors (only on a terminal).
+pub fn render(s: &NodeStatus, color: bool) -> String {
+    let paint = |code: &str, text: &str| if color { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_string() };
+    let (health, reasons) = verdict(s);
+    let mut out = String::new();
+    let head = match health {
+        Health::Healthy => paint("1;32", "HEALTHY"),
+        Health::Degraded => paint("1;33", "DEGRADED"),
+        Health::Unhealthy => paint("1;31", "UNHEALTHY"),
+    };
+    let summary = if reasons.is_empty() { "pod network is up".to_string() } else { reasons[0].clone() };
+    let _ = writeln!(out, "{head}  {}: {summary}", s.node);
+    for r in reasons.iter().skip(1) {
+        let _ = writeln!(out, "          {r}");
+    }
+    let _ = writeln!(out);
+    let ok = |b: bool| if b { paint("32", "ok") } else { paint("31", "MISSING") };
+    match &s.lease {
+        Some(l) => {
+            let exp = match l.expires_at {
+                Some(e) => format!("expires {}", rel(s.now, e)),
+                None => "reservation (never expires)".into(),
+            };
+            let renewed = l.last_renewal.map(|t| format!(", renewed {}", rel(s.now, t))).unwrap_or_default();
+            let _ = writeln!(out, "lease     {} for {} — {exp}{renewed}", l.subnet, l.public_ip);
+        }
+        None => {
+            let _ = writeln!(out, "lease     none");
+        }
+    }
+    if let Some(b) = &s.backend {
+        let _ = writeln!(out, "backend   {} on {} (VNI {}, port {}, MTU {}) via {} — device {}", b.kind, b.device, b.vni, b.port, b.mtu, b.underlay, ok(b.device_present));
+    }
+    let programmed = s.peers.iter().filter(|p| p.programmed).count();
+    let _ = writeln!(out, "peers     {programmed}/{} programmed", s.peers.len());
+    for p in &s.peers {
+        let state = match (&p.skipped, p.programmed) {
+            (Some(why), _) => paint("33", &format!("skipped: {why}")),
+            (None, true) => paint("32", "route ok"),
+            (None, false) => paint("31", "route MISSING"),
+        };
+        let _ = writeln!(out, "          {:<18} via {:<15} {state}", p.subnet, p.public_ip);
+    }
+    if let Some(sync) = &s.last_sync {
+        let errs = if sync.errors.is_empty() { String::new() } else { paint("31", &format!(", {} error(s)", sync.errors.len())) };
+        let _ = writeln!(out, "sync      {} ({:.1} ms, {} change(s){errs})", rel(s.now, sync.at), sync.duration_ms, sync.changes);
+    }
+    let etcd = if s.etcd.connected { paint("32", "connected") } else { paint("31", "UNREACHABLE") };
+    let _ = writeln!(out, "etcd      {etcd} {} (revision {})", s.etcd.endpoints.join(","), s.etcd.revision);
+    let file = |f: &Option<String>| f.clone().unwrap_or_else(|| paint("31", "not written"));
+    let _ = writeln!(out, "files     subnet.env {}", file(&s.files.subnet_env));
+    let _ = writeln!(out, "          CNI config {}", file(&s.files.cni_conflist));
+    let _ = writeln!(out, "version   {} (up {})", s.version, ago(s.now.saturating_sub(s.started_at)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn healthy() -> NodeStatus {
+        NodeStatus {
+            node: "node0".into(),
+            version: "0.1.0".into(),
+            now: 1_000_000,
+            started_at: 999_000,
+            phase: Phase::Running,
+            lease: Some(LeaseStatus {
+                subnet: "10.244.3.0/24".into(),
+                public_ip: "198.18.0.10".into(),
+                reservation: false,
+                expires_at: Some(1_000_000 + 80_000),
+                renew_at: Some(1_000_000 + 76_400),
+                last_renewal: None,
+                acquired_at: 999_000,
+            }),
+            backend: Some(BackendStatus { kind: "vxlan".into(), device: "netd.1".into(), device_present: true, vni: 1, port: 8472, mtu: 1450, underlay: "eth0".into() }),
+            peers: vec![PeerStatus { subnet: "10.244.4.0/24".into(), public_ip: "198.18.0.11".into(), programmed: true, skipped: None }],
+            malformed_keys: vec![],
+            etcd: EtcdStatus { endpoints: vec!["http://198.18.0.1:2379".into()], connected: true, last_ok: Some(1_000_000), last_error: None, revision: 42 },
+            last_sync: Some(SyncStatus { at: 999_999, duration_ms: 1.5, changes: 0, errors: vec![] }),
+            files: FilesStatus { subnet_env: Some("/run/netd/subnet.env".into()), cni_conflist: Some("/etc/cni/net.d/10-netd.conflist".into()) },
+            problems: vec![],
+        }
+    }
+
+    #[test]
+    fn healthy_node() {
+        let s = healthy();
+        assert_eq!(verdict(&s), (Health::Healthy, vec![]));
+        let text = render(&s, false);
+        assert!(text.starts_with("HEALTHY  node0: pod network is up\n"), "{text}");
+        assert!(text.contains("lease     10.244.3.0/24 for 198.18.0.10 — expires in 22h"), "{text}");
+        assert!(text.contains("10.244.4.0/24      via 198.18.0.11     route ok"), "{text}");
+        assert!(!text.contains('\x1b'));
+        assert!(render(&s, true).contains("\x1b[1;32mHEALTHY"));
+    }
+
+    #[test]
+    fn etcd_down_is_degraded_not_unhealthy() {
+        let mut s = healthy();
+        s.etcd.connected = false;
+        s.etcd.last_ok = Some(s.now - 300);
+        s.etcd.last_error = Some("connection refused".into());
+        let (h, why) = verdict(&s);
+        assert_eq!(h, Health::Degraded);
+        assert_eq!(why, ["etcd unreachable for 5m: connection refused; the dataplane keeps its last known state"]);
+        assert_eq!(h.exit_code(), 1);
+    }
+
+    #[test]
+    fn lost_lease_missing_route_and_device_are_unhealthy() {
+        let mut s = healthy();
+        s.lease.as_mut().unwrap().expires_at = Some(s.now - 10);
+        s.peers[0].programmed = false;
+        s.backend.as_mut().unwrap().device_present = false;
+        let (h, why) = verdict(&s);
+        assert_eq!(h, Health::Unhealthy);
+        assert_eq!(h.exit_code(), 2);
+        assert_eq!(why.len(), 3, "{why:?}");
+        assert!(why[0].contains("expired 10s ago"));
+        let text = render(&s, false);
+        assert!(text.starts_with("UNHEALTHY"), "{text}");
+        assert!(text.contains("route MISSING"));
+    }
+
+    #[test]
+    fn skipped_peers_and_sync_errors_are_reported() {
+        let mut s = healthy();
+        s.peers.push(PeerStatus { subnet: "10.244.9.0/24".into(), public_ip: "198.18.0.19".into(), programmed: false, skipped: Some("VNI 2 differs from ours (1)".into()) });
+        s.last_sync.as_mut().unwrap().errors.push("ip route replace ...: permission denied".into());
+        s.malformed_keys.push(("/coreos.com/network/subnets/junk".into(), "bad key".into()));
+        let (h, why) = verdict(&s);
+        assert_eq!(h, Health::Degraded);
+        assert_eq!(why.len(), 3, "{why:?}");
+    }
+
+    #[test]
+    fn round_trips_as_json() {
+        let s = healthy();
+        let j = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<NodeStatus>(&j).unwrap(), s);
+    }
+}
