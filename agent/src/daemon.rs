@@ -537,10 +537,11 @@ impl Daemon {
             // Publish the new attributes (VNI) and adjust the device.
             if let Some(Entry::Lease(l)) = snap.subnets.get(&self.reg.subnet_key(&self.held.subnet)) {
                 let ttl = LEASE_TTL.as_secs() as i64;
-                if l.attrs != self.held.attrs && !self.held.reservation {
-                    if self.reg.renew(&self.held.subnet, &self.held.attrs, ttl, l.mod_revision).await?.is_some() {
-                        self.held.mod_revision = self.reg.snapshot().await?.revision;
-                    }
+                if l.attrs != self.held.attrs
+                    && !self.held.reservation
+                    && self.reg.renew(&self.held.subnet, &self.held.attrs, ttl, l.mod_revision).await?.is_some()
+                {
+                    self.held.mod_revision = self.reg.snapshot().await?.revision;
                 }
             }
             self.setup_backend().await?;

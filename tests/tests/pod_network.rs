@@ -190,10 +190,10 @@ fn restarting_netd_keeps_the_subnet_and_a_long_tcp_stream() -> Result<()> {
     assert!(intervals.len() >= 9, "{intervals:?}");
     assert!(intervals.iter().all(|bps| *bps > 1e6), "the stream stalled during the restart: {intervals:?}");
 
-    for i in 0..2 {
+    for (i, want) in before.iter().enumerate() {
         let node = c.node_mut(i);
         wait_until(WAIT, POLL, || Ok(last_run_log(node).contains("node network ready")))?;
-        assert_eq!(subnet(node)?, before[i], "same subnet after restart");
+        assert_eq!(&subnet(node)?, want, "same subnet after restart");
         // The restarted netd found everything right and changed nothing.
         std::thread::sleep(Duration::from_millis(1500)); // at least one resync
         let log = last_run_log(node);
