@@ -101,6 +101,9 @@ pub struct RunArgs {
     #[arg(long, env = "NETD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
           value_parser = clap::value_parser!(u32).range(1..=1439))]
     pub subnet_lease_renew_margin: u32,
+    /// Lifetime of the subnet lease in etcd (flannel's is 24h). Only for testing renewal.
+    #[arg(long, env = "NETD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration, hide = true)]
+    pub subnet_lease_ttl: Duration,
     /// Masquerade pod traffic that leaves the cluster network.
     #[arg(long, env = "NETD_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
     pub ip_masq: bool,

@@ -27,8 +27,6 @@ use crate::server::{self, unix_now, Shared};
 use crate::status::{self, NodeStatus, Phase};
 use crate::subnet_env::SubnetEnv;
 
-/// flannel's subnet lease TTL.
-pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -275,7 +273,7 @@ async fn acquire(reg: &EtcdRegistry, cfg: &NetworkConfig, underlay: &Underlay, a
             warn!(subnet = %stale, "deleting our old lease: it does not fit the network config any more");
             reg.delete(stale).await?;
         }
-        let ttl = LEASE_TTL.as_secs() as i64;
+        let ttl = args.subnet_lease_ttl.as_secs().max(1) as i64;
         let (subnet, res, reservation) = match plan.choice {
             Choice::Existing { subnet, reservation: true } => {
                 let lease = snap.leases().into_iter().find(|l| l.subnet == subnet).expect("chosen from snapshot");
@@ -536,7 +534,7 @@ impl Daemon {
         if lease_fits {
             // Publish the new attributes (VNI) and adjust the device.
             if let Some(Entry::Lease(l)) = snap.subnets.get(&self.reg.subnet_key(&self.held.subnet)) {
-                let ttl = LEASE_TTL.as_secs() as i64;
+                let ttl = self.args.subnet_lease_ttl.as_secs().max(1) as i64;
                 if l.attrs != self.held.attrs
                     && !self.held.reservation
                     && self.reg.renew(&self.held.subnet, &self.held.attrs, ttl, l.mod_revision).await?.is_some()
@@ -561,7 +559,7 @@ impl Daemon {
     }
 
     async fn renew(&mut self) {
-        let ttl = LEASE_TTL.as_secs() as i64;
+        let ttl = self.args.subnet_lease_ttl.as_secs().max(1) as i64;
         let h = self.held.clone();
         match self.reg.renew(&h.subnet, &h.attrs, ttl, h.mod_revision).await {
             Ok(Some(held)) => {

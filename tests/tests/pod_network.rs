@@ -441,3 +441,44 @@ fn a_vni_change_in_the_config_converges_without_a_restart() -> Result<()> {
     assert!(leases.iter().all(|(_, v)| v.contains(r#""VNI":7"#)), "{leases:?}");
     Ok(())
 }
+
+#[test]
+fn leases_are_renewed_before_they_expire() -> Result<()> {
+    // A 6 s lease (the renew margin, at least a minute, exceeds it: renewal happens at half-life).
+    let mut c = Cluster::new(2)?;
+    c.write_network_config(VXLAN)?;
+    c.start_netd_all(&["--subnet-lease-ttl", "6s"])?;
+    for i in 0..2 {
+        c.node_mut(i).wait_subnet_env(WAIT)?;
+    }
+    let s = subnet(c.node(0))?;
+    let lease_of = |c: &Cluster| -> Result<i64> {
+        let kv: serde_json::Value = serde_json::from_str(&c.etcd().ctl(&["get", &key_of(&s), "-w", "json"])?)?;
+        kv["kvs"][0]["lease"].as_i64().context("no lease")
+    };
+    let first = lease_of(&c)?;
+    // Three lifetimes later the key is still there, bound to newer etcd leases, never re-acquired.
+    std::thread::sleep(Duration::from_secs(18));
+    assert_ne!(lease_of(&c)?, first, "the lease was renewed");
+    assert_eq!(subnet(c.node(0))?, s);
+    let log = c.node(0).log();
+    assert!(log.contains("renewed subnet lease"), "{log}");
+    assert!(!log.contains("re-acquiring"), "the key never lapsed:\n{log}");
+    Ok(())
+}
+
+#[test]
+fn json_logs_for_log_pipelines() -> Result<()> {
+    let mut c = Cluster::new(1)?;
+    c.write_network_config(VXLAN)?;
+    c.node_mut(0).start_netd(&["--log-format", "json"])?;
+    c.node_mut(0).wait_subnet_env(WAIT)?;
+    let log = last_run_log(c.node(0));
+    let lines: Vec<&str> = log.lines().skip(1).filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+        assert!(v["timestamp"].is_string() && v["level"].is_string(), "{line}");
+    }
+    Ok(())
+}
