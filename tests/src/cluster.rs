@@ -39,6 +39,32 @@ impl Cluster {
     /// `n_nodes` nodes. Reaps namespaces left by dead test processes first.
     /// If any step fails, what was built so far is torn down.
     pub fn new(n_nodes: usize) -> Result<Cluster> {
+        Self::build(n_nodes, false)
+    }
+
+    /// Like [`Cluster::new`], but etcd serves TLS only and requires client certificates
+    /// (a fresh CA and certificates made with openssl; see [`Etcd::tls_files`]). netd must be
+    /// started with the `--etcd-*file` flags from [`Cluster::netd_tls_args`].
+    pub fn new_tls(n_nodes: usize) -> Result<Cluster> {
+        Self::build(n_nodes, true)
+    }
+
+    /// The `--etcd-cafile/--etcd-certfile/--etcd-keyfile` flags for a TLS cluster.
+    pub fn netd_tls_args(&self) -> Vec<String> {
+        match self.etcd.tls_files() {
+            Some(t) => vec![
+                "--etcd-cafile".into(),
+                t.ca.display().to_string(),
+                "--etcd-certfile".into(),
+                t.cert.display().to_string(),
+                "--etcd-keyfile".into(),
+                t.key.display().to_string(),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    fn build(n_nodes: usize, tls: bool) -> Result<Cluster> {
         reap_stale_namespaces();
         let underlay = Netns::new("underlay")?;
         underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
@@ -50,7 +76,8 @@ impl Cluster {
             "br0",
         ])?;
         underlay.ip(&["link", "set", "br0", "up"])?;
-        let etcd = Etcd::new(&underlay, UNDERLAY_GATEWAY).context("starting etcd")?;
+        let etcd = if tls { Etcd::new_tls(&underlay, UNDERLAY_GATEWAY) } else { Etcd::new(&underlay, UNDERLAY_GATEWAY) }
+            .context("starting etcd")?;
         let mut cluster = Cluster {
             nodes: Vec::new(),
             etcd,

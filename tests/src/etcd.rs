@@ -28,6 +28,49 @@ pub struct Etcd {
     addr: Ipv4Addr,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    tls: Option<TlsFiles>,
+}
+
+/// PEM files of a TLS etcd: the CA, and one client certificate and key (signed by the CA) that
+/// both netd and etcdctl use.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+/// Makes a CA, a server certificate for `addr` (as an IP SAN) and a client certificate.
+fn make_certs(dir: &Path, addr: Ipv4Addr) -> Result<TlsFiles> {
+    let p = |n: &str| dir.join(n).display().to_string();
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl").args(args).output().context("running openssl (is it installed?)")?;
+        if !out.status.success() {
+            bail!("openssl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=netd-test-ca", "-keyout", &p("ca.key"), "-out", &p("ca.crt")])?;
+    for (name, ext) in [
+        ("server", format!("subjectAltName=IP:{addr}\nextendedKeyUsage=serverAuth")),
+        ("client", "extendedKeyUsage=clientAuth".to_string()),
+    ] {
+        run(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", &format!("/CN=netd-test-{name}"), "-keyout", &p(&format!("{name}.key")), "-out", &p(&format!("{name}.csr"))])?;
+        std::fs::write(dir.join(format!("{name}.ext")), ext)?;
+        run(&[
+            "x509", "-req", "-in", &p(&format!("{name}.csr")), "-CA", &p("ca.crt"), "-CAkey", &p("ca.key"), "-CAcreateserial", "-days", "2",
+            "-extfile", &p(&format!("{name}.ext")), "-out", &p(&format!("{name}.crt")),
+        ])?;
+    }
+    Ok(TlsFiles {
+        ca: dir.join("ca.crt"),
+        cert: dir.join("client.crt"),
+        key: dir.join("client.key"),
+        server_cert: dir.join("server.crt"),
+        server_key: dir.join("server.key"),
+    })
 }
 
 impl Etcd {
@@ -47,14 +90,32 @@ impl Etcd {
             addr,
             dir,
             child: None,
+            tls: None,
         };
         etcd.start()?;
         Ok(etcd)
     }
 
-    /// `http://ADDR:2379`.
+    /// Like [`Etcd::new`], but serving TLS only, with client certificate authentication.
+    pub fn new_tls(ns: &Netns, addr: Ipv4Addr) -> Result<Etcd> {
+        let dir = tempdir("etcd")?;
+        std::fs::DirBuilder::new().mode(0o700).create(dir.path().join("data"))?;
+        std::fs::create_dir(dir.path().join("tls"))?;
+        let tls = make_certs(&dir.path().join("tls"), addr)?;
+        let mut etcd = Etcd { ns: ns.name().to_string(), addr, dir, child: None, tls: Some(tls) };
+        etcd.start()?;
+        Ok(etcd)
+    }
+
+    /// The TLS files, for a TLS etcd.
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// `http://ADDR:2379` (`https://` for a TLS etcd).
     pub fn endpoint(&self) -> String {
-        format!("http://{}:2379", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:2379", self.addr)
     }
 
     /// The etcd log (all runs, appended).
@@ -90,7 +151,7 @@ impl Etcd {
         let cluster = format!("default={peer}");
         let log = self.log_path();
         writeln!(cmd::append_file(&log)?, "=== netd-tests: starting etcd ===")?;
-        let args = [
+        let mut args = vec![
             "etcd",
             "--name",
             "default",
@@ -111,6 +172,14 @@ impl Etcd {
             "--log-outputs",
             "stderr",
         ];
+        let tls = self.tls.clone();
+        let tls_paths: Vec<String> = tls
+            .iter()
+            .flat_map(|t| [&t.server_cert, &t.server_key, &t.ca].map(|p| p.display().to_string()))
+            .collect();
+        if tls.is_some() {
+            args.extend_from_slice(&["--cert-file", &tls_paths[0], "--key-file", &tls_paths[1], "--trusted-ca-file", &tls_paths[2], "--client-cert-auth"]);
+        }
         let mut command = ns_command(&self.ns, &args);
         cmd::log_stdio(&mut command, Some(&log))?;
         let child = command
@@ -168,6 +237,10 @@ impl Etcd {
             "--command-timeout",
             "5s",
         ];
+        let tls: Vec<String> = self.tls.iter().flat_map(|t| [&t.ca, &t.cert, &t.key].map(|p| p.display().to_string())).collect();
+        if !tls.is_empty() {
+            full.extend_from_slice(&["--cacert", &tls[0], "--cert", &tls[1], "--key", &tls[2]]);
+        }
         full.extend_from_slice(args);
         let mut command = ns_command(&self.ns, &full);
         command.env("ETCDCTL_API", "3");

@@ -32,7 +32,7 @@ mod pod;
 mod wait;
 
 pub use cluster::{Cluster, DEFAULT_ETCD_PREFIX, UNDERLAY_GATEWAY};
-pub use etcd::Etcd;
+pub use etcd::{Etcd, TlsFiles};
 pub use netd_bin::netd_binary;
 pub use netns::{namespace_prefix, reap_stale_namespaces, Netns};
 pub use node::Node;

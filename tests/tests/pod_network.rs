@@ -482,3 +482,30 @@ fn json_logs_for_log_pipelines() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn etcd_with_tls_and_client_certificates() -> Result<()> {
+    let mut c = Cluster::new_tls(2)?;
+    c.write_network_config(VXLAN)?;
+    let tls = c.netd_tls_args();
+    let args: Vec<&str> = tls.iter().map(String::as_str).collect();
+    c.start_netd_all(&args)?;
+    for i in 0..2 {
+        c.node_mut(i).wait_subnet_env(WAIT)?;
+    }
+    assert!(c.etcd().endpoint().starts_with("https://"));
+    let a = c.node_mut(0).add_pod("a")?;
+    let b = c.node_mut(1).add_pod("b")?;
+    wait_ping(&a, b.ip)?;
+    Ok(())
+}
+
+#[test]
+fn missing_tls_files_are_a_clear_error() -> Result<()> {
+    let mut c = Cluster::new(1)?;
+    c.node_mut(0).start_netd(&["--etcd-cafile", "/nonexistent/ca.pem"])?;
+    let n = c.node_mut(0);
+    wait_until(WAIT, POLL, || Ok(!n.netd_running()))?;
+    assert!(n.log().contains("reading etcd TLS file /nonexistent/ca.pem"), "{}", n.log());
+    Ok(())
+}
