@@ -19,7 +19,7 @@ pub struct CniConf {
 impl CniConf {
     pub fn render(&self) -> String {
         let v = json!({
-            "cniVersion": "1.1.0",
+            "cniVersion": "1.0.0",
             "name": "netd",
             "plugins": [
                 {
@@ -60,7 +60,7 @@ mod tests {
     fn netd_cni_first_then_portmap() {
         let c = CniConf { subnet_file: "/run/netd/subnet.env".into(), data_dir: "/var/lib/netd/cni".into(), bridge: "netd0".into() };
         let v: serde_json::Value = serde_json::from_str(&c.render()).unwrap();
-        assert_eq!(v["cniVersion"], "1.1.0");
+        assert_eq!(v["cniVersion"], "1.0.0", "Debian's portmap speaks up to 1.0.0");
         assert_eq!(v["plugins"][0]["type"], "netd-cni");
         assert_eq!(v["plugins"][0]["subnetFile"], "/run/netd/subnet.env");
         assert_eq!(v["plugins"][1]["type"], "portmap");

@@ -17,6 +17,9 @@ use crate::status::NodeStatus;
 /// State shared by the daemon (writer) and the servers (readers).
 pub struct Shared {
     pub status: RwLock<NodeStatus>,
+    /// netd-cni's IPAM state file and the node subnet's prefix length, once the CNI config is
+    /// written: read on every status request, so pod counts are current.
+    pub cni_state: RwLock<Option<(PathBuf, u8)>>,
     pub metrics: Metrics,
     pub readiness: RwLock<Readiness>,
 }
@@ -53,7 +56,12 @@ impl Readiness {
 
 impl Shared {
     pub fn new(status: NodeStatus) -> Arc<Self> {
-        Arc::new(Shared { status: RwLock::new(status), metrics: Metrics::new(), readiness: RwLock::new(Readiness::default()) })
+        Arc::new(Shared {
+            status: RwLock::new(status),
+            cni_state: RwLock::new(None),
+            metrics: Metrics::new(),
+            readiness: RwLock::new(Readiness::default()),
+        })
     }
 
     pub fn update(&self, f: impl FnOnce(&mut NodeStatus)) {
@@ -69,6 +77,9 @@ impl Shared {
     pub fn snapshot(&self) -> NodeStatus {
         let mut s = self.status.read().unwrap_or_else(|p| p.into_inner()).clone();
         s.now = unix_now();
+        if let Some((path, len)) = self.cni_state.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            s.cni = Some(crate::status::CniStatus::read(path, *len));
+        }
         s
     }
 }

@@ -22,6 +22,8 @@ pub struct NodeStatus {
     pub etcd: EtcdStatus,
     pub last_sync: Option<SyncStatus>,
     pub files: FilesStatus,
+    /// Pods set up by netd-cni on this node (from its IPAM state).
+    pub cni: Option<CniStatus>,
     /// Problems that are not tied to one field above (invalid config update, ...).
     pub problems: Vec<String>,
 }
@@ -93,6 +95,34 @@ pub struct FilesStatus {
     pub cni_conflist: Option<String>,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CniStatus {
+    pub pods: usize,
+    pub addresses_free: usize,
+    /// Why the IPAM state could not be read, if it could not.
+    pub error: Option<String>,
+}
+
+impl CniStatus {
+    /// Reads netd-cni's IPAM state file (`{"allocations":[...]}`) for a node subnet of `prefix_len`.
+    /// A missing file means no pod was ever set up.
+    pub fn read(path: &std::path::Path, prefix_len: u8) -> CniStatus {
+        // Network, gateway and broadcast addresses are never handed out.
+        let capacity = (1usize << (32 - u32::from(prefix_len.min(30)))) - 3;
+        let used = match std::fs::read(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+            Ok(b) => serde_json::from_slice::<serde_json::Value>(&b)
+                .map_err(|e| format!("{}: {e}", path.display()))
+                .map(|v| v["allocations"].as_array().map_or(0, Vec::len)),
+        };
+        match used {
+            Ok(n) => CniStatus { pods: n, addresses_free: capacity.saturating_sub(n), error: None },
+            Err(e) => CniStatus { pods: 0, addresses_free: 0, error: Some(e) },
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
@@ -156,6 +186,13 @@ pub fn verdict(s: &NodeStatus) -> (Health, Vec<String>) {
     }
     for (k, r) in &s.malformed_keys {
         warn.push(format!("malformed key {k}: {r}"));
+    }
+    if let Some(cni) = &s.cni {
+        if let Some(e) = &cni.error {
+            warn.push(format!("CNI IPAM state unreadable: {e}"));
+        } else if cni.addresses_free == 0 {
+            bad.push(format!("no pod addresses left ({} pods use them all)", cni.pods));
+        }
     }
     if let Some(sync) = &s.last_sync {
         for e in &sync.errors {
@@ -244,6 +281,9 @@ pub fn render(s: &NodeStatus, color: bool) -> String {
     let file = |f: &Option<String>| f.clone().unwrap_or_else(|| paint("31", "not written"));
     let _ = writeln!(out, "files     subnet.env {}", file(&s.files.subnet_env));
     let _ = writeln!(out, "          CNI config {}", file(&s.files.cni_conflist));
+    if let Some(cni) = &s.cni {
+        let _ = writeln!(out, "pods      {} on this node, {} addresses free", cni.pods, cni.addresses_free);
+    }
     let _ = writeln!(out, "version   {} (up {})", s.version, ago(s.now.saturating_sub(s.started_at)));
     out
 }
@@ -274,6 +314,7 @@ mod tests {
             etcd: EtcdStatus { endpoints: vec!["http://198.18.0.1:2379".into()], connected: true, last_ok: Some(1_000_000), last_error: None, revision: 42 },
             last_sync: Some(SyncStatus { at: 999_999, duration_ms: 1.5, changes: 0, errors: vec![] }),
             files: FilesStatus { subnet_env: Some("/run/netd/subnet.env".into()), cni_conflist: Some("/etc/cni/net.d/10-netd.conflist".into()) },
+            cni: Some(CniStatus { pods: 2, addresses_free: 251, error: None }),
             problems: vec![],
         }
     }
@@ -327,6 +368,21 @@ mod tests {
         let (h, why) = verdict(&s);
         assert_eq!(h, Health::Degraded);
         assert_eq!(why.len(), 3, "{why:?}");
+    }
+
+    #[test]
+    fn cni_pods_and_free_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        assert_eq!(CniStatus::read(&path, 24), CniStatus { pods: 0, addresses_free: 253, error: None });
+        std::fs::write(&path, r#"{"lastReserved":"10.244.3.3","allocations":[{"ip":"10.244.3.2"},{"ip":"10.244.3.3"}]}"#).unwrap();
+        assert_eq!(CniStatus::read(&path, 24), CniStatus { pods: 2, addresses_free: 251, error: None });
+        std::fs::write(&path, "{").unwrap();
+        assert!(CniStatus::read(&path, 24).error.unwrap().contains("state.json"));
+        let mut s = healthy();
+        assert!(render(&s, false).contains("pods      2 on this node, 251 addresses free"));
+        s.cni = Some(CniStatus { pods: 253, addresses_free: 0, error: None });
+        assert_eq!(verdict(&s).0, Health::Unhealthy);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Locating (and if needed building) the netd binary under test.
+//! Locating (and if needed building) the binaries under test: `netd` and `netd-cni`.
 
 use crate::cmd::{self, command};
 use anyhow::{bail, Result};
@@ -22,16 +22,25 @@ pub(crate) fn workspace_root() -> PathBuf {
 /// the outcome (path or error) is remembered.
 pub fn netd_binary() -> Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| resolve().map_err(|e| format!("{e:#}")))
+    BIN.get_or_init(|| resolve("NETD_BIN", "netd", "agent").map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(anyhow::Error::msg)
 }
 
-fn resolve() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("NETD_BIN") {
+/// Path of the CNI plugin to test: `$NETD_CNI_BIN`, else `<target>/debug/netd-cni`, built like
+/// [`netd_binary`].
+pub fn netd_cni_binary() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| resolve("NETD_CNI_BIN", "netd-cni", "cni-plugin").map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn resolve(env: &str, package: &str, crate_dir: &str) -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(env) {
         let bin = PathBuf::from(bin);
         if !bin.is_file() {
-            bail!("NETD_BIN={} is not a file", bin.display());
+            bail!("{env}={} is not a file", bin.display());
         }
         return Ok(bin);
     }
@@ -40,13 +49,13 @@ fn resolve() -> Result<PathBuf> {
         Some(dir) => root.join(dir), // join keeps an absolute dir as is
         None => root.join("target"),
     };
-    let bin = target.join("debug").join("netd");
-    if needs_build(&bin, &root.join("agent")) {
-        build(&root)?;
+    let bin = target.join("debug").join(package);
+    if needs_build(&bin, &root.join(crate_dir)) {
+        build(&root, package)?;
     }
     if !bin.is_file() {
         bail!(
-            "`cargo build -p netd` succeeded but {} does not exist",
+            "`cargo build -p {package}` succeeded but {} does not exist",
             bin.display()
         );
     }
@@ -84,11 +93,11 @@ fn newest_mtime(dir: &Path) -> Option<SystemTime> {
     newest
 }
 
-fn build(root: &Path) -> Result<()> {
+fn build(root: &Path, package: &str) -> Result<()> {
     // Cargo sets $CARGO for the processes it runs (tests included).
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("netd-tests: building netd (`{cargo} build -p netd`) ...");
-    let mut c = command(&cargo, &["build", "-p", "netd"]);
+    eprintln!("netd-tests: building {package} (`{cargo} build -p {package}`) ...");
+    let mut c = command(&cargo, &["build", "-p", package]);
     c.current_dir(root);
     let out = cmd::output(&mut c)?;
     if !out.status.success() {

@@ -312,6 +312,45 @@ impl Node {
         })
     }
 
+    /// Creates a pod the way a container runtime does: a new network namespace, then `netd-cni ADD`
+    /// with the plugin configuration from the conflist netd wrote into [`Node::cni_conf_dir`].
+    /// The pod's address and gateway come from the plugin's result.
+    pub fn add_cni_pod(&mut self, name: &str) -> Result<Pod> {
+        let conflist_path = self.cni_conf_dir().join("10-netd.conflist");
+        let text = std::fs::read_to_string(&conflist_path)
+            .with_context(|| format!("reading {} (has netd written it yet?)", conflist_path.display()))?;
+        let list: serde_json::Value = serde_json::from_str(&text)?;
+        let mut conf = list["plugins"][0].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        let ns = Netns::new(&format!("n{}-{name}", self.index))?;
+        let bin = crate::netd_cni_binary()?;
+        let netns_path = format!("/var/run/netns/{}", ns.name());
+        let container_id = format!("{}-{name}", ns.name());
+        let mut cmd = self.ns.command(&[bin.to_str().context("non-UTF-8 path")?]);
+        cmd.env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", &container_id)
+            .env("CNI_NETNS", &netns_path)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_ARGS", format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"))
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().context("spawning netd-cni")?;
+        child.stdin.take().context("no stdin")?.write_all(conf.to_string().as_bytes())?;
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("netd-cni ADD for {name} failed ({}): {stdout} {}", out.status, String::from_utf8_lossy(&out.stderr));
+        }
+        let result: serde_json::Value = serde_json::from_str(&stdout).with_context(|| format!("netd-cni result: {stdout}"))?;
+        let addr = result["ips"][0]["address"].as_str().context("result without ips[0].address")?;
+        let (ip, len) = addr.split_once('/').context("address without prefix length")?;
+        let gateway = result["ips"][0]["gateway"].as_str().context("result without a gateway")?;
+        Ok(Pod { ns, ip: ip.parse()?, gateway: gateway.parse()?, prefix_len: len.parse()?, node: self.index })
+    }
+
     fn ensure_bridge(&mut self, subnet: PodSubnet) -> Result<()> {
         match self.pod_subnet {
             Some(existing) if existing == subnet => return Ok(()),

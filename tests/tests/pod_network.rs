@@ -509,3 +509,36 @@ fn missing_tls_files_are_a_clear_error() -> Result<()> {
     assert!(n.log().contains("reading etcd TLS file /nonexistent/ca.pem"), "{}", n.log());
     Ok(())
 }
+
+/// Pods set up by `netd-cni` (with the conflist netd wrote) on three nodes reach each other.
+#[test]
+fn netd_cni_pods_on_three_nodes_reach_each_other() -> Result<()> {
+    let mut c = start(3, VXLAN)?;
+    let mut pods = Vec::new();
+    for i in 0..3 {
+        let n = c.node(i);
+        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+        pods.push(c.node_mut(i).add_cni_pod(&format!("p{i}"))?);
+    }
+    for (i, p) in pods.iter().enumerate() {
+        let s = subnet(c.node(i))?;
+        let net: ipnet::Ipv4Net = s.parse()?;
+        assert!(net.contains(&p.ip), "pod {} is in its node's subnet {s}", p.ip);
+    }
+    for a in &pods {
+        for b in &pods {
+            if a.ip != b.ip {
+                wait_ping(a, b.ip)?;
+            }
+        }
+    }
+    // `netd status` counts the pods netd-cni set up.
+    let bin = netd_tests::netd_binary()?;
+    let out = c.node(1).ns().run(&[bin.to_str().unwrap(), "status", "--run-dir", c.node(1).run_dir().to_str().unwrap()])?;
+    assert!(out.contains("pods      1 on this node, 252 addresses free"), "{out}");
+    // TCP across nodes, between CNI pods.
+    let _srv = pods[2].spawn(&["socat", "TCP-LISTEN:8080,fork,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR"], None)?;
+    let seen = retry(|| pods[0].run(&["socat", "-T", "2", "-", &format!("TCP:{}:8080,connect-timeout=2", pods[2].ip)]))?;
+    assert_eq!(seen.trim(), pods[0].ip.to_string());
+    Ok(())
+}
