@@ -20,7 +20,22 @@ fn start(n: usize, config: &str) -> Result<Cluster> {
     for i in 0..n {
         c.node_mut(i).wait_subnet_env(WAIT)?;
     }
+    wait_converged(&c)?;
     Ok(c)
+}
+
+/// Waits until every node has a netd route to every other node's subnet (the nodes that
+/// started last are seen by the others a watch event later).
+fn wait_converged(c: &Cluster) -> Result<()> {
+    let subnets: Vec<String> = c.nodes().iter().map(subnet).collect::<Result<_>>()?;
+    for node in c.nodes() {
+        for (j, s) in subnets.iter().enumerate() {
+            if j != node.index() {
+                wait_until(WAIT, POLL, || Ok(!route(node, s)?.is_empty()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The node's subnet in network form ("10.244.7.0/24") from its subnet.env.
