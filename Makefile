@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Everything the build, the tests, the demo and the benchmarks use.
 DEB_PACKAGES := build-essential pkg-config protobuf-compiler clang libbpf-dev \
 	iproute2 iputils-ping nftables iptables etcd-server etcd-client \
-	iperf3 socat curl jq openssl dnsutils containernetworking-plugins
+	iperf3 socat curl jq openssl xxd dnsutils containernetworking-plugins
 
 .PHONY: all deps build release test lint demo bench clean-netns
 

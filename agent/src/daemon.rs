@@ -48,6 +48,8 @@ pub enum DaemonError {
     Masq(#[from] crate::masq::MasqError),
     #[error(transparent)]
     Server(#[from] server::ServerError),
+    #[error("overlay backend: {0}")]
+    Backend(String),
 }
 
 /// The underlay this node talks to peers over.
@@ -80,7 +82,11 @@ pub struct Daemon {
     underlay: Underlay,
     cfg: NetworkConfig,
     held: Held,
-    vxlan_index: u32,
+    /// The overlay device: the VXLAN device, or the udp backend's TUN device.
+    dev_index: u32,
+    /// The udp backend's userspace datapath, while that backend is in use.
+    udp: Option<netd_udp::UdpDatapath>,
+    udp_seen: netd_udp::UdpStats,
     masq: Masquerade,
     last_skipped: Vec<String>,
     shared: Arc<Shared>,
@@ -89,6 +95,9 @@ pub struct Daemon {
 fn vxlan_name(vni: u32) -> String {
     format!("netd.{vni}")
 }
+
+/// The udp backend's TUN device.
+const UDP_DEVICE: &str = "netd-udp0";
 
 /// Backoff for retries against etcd: quick at first, capped, so a returning etcd is noticed fast.
 struct Backoff(Duration);
@@ -133,13 +142,13 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
 
     let (cfg, snap) = wait_for_config(&reg, &shared).await;
     let held = acquire(&reg, &cfg, &underlay, &args, &snap, &shared).await?;
-    let mut d = Daemon { args, nl, reg, underlay, cfg, held, vxlan_index: 0, masq: Masquerade::new(), last_skipped: Vec::new(), shared };
+    let mut d = Daemon { args, nl, reg, underlay, cfg, held, dev_index: 0, udp: None, udp_seen: Default::default(), masq: Masquerade::new(), last_skipped: Vec::new(), shared };
     d.setup_backend().await?;
     d.sync_host_rules()?;
     d.write_subnet_env()?;
     d.write_cni_conf();
     d.shared.update(|s| s.phase = Phase::Running);
-    info!(subnet = %d.held.subnet, device = %vxlan_name(d.cfg.backend.vni), "node network ready");
+    info!(subnet = %d.held.subnet, backend = d.cfg.backend.kind.as_str(), "node network ready");
 
     let (tx, mut rx) = watch::channel(Arc::new(snap));
     tokio::spawn(watch_registry(d.reg.clone(), tx, d.shared.clone()));
@@ -197,9 +206,6 @@ async fn wait_for_config(reg: &EtcdRegistry, shared: &Shared) -> (NetworkConfig,
             Ok(snap) => match snap.config.as_deref().map(NetworkConfig::parse) {
                 None => format!("waiting for the network config: no key {} in etcd", reg.config_key()),
                 Some(Err(e)) => format!("invalid network config at {}: {e}", reg.config_key()),
-                Some(Ok(cfg)) if cfg.backend.kind != BackendKind::Vxlan => {
-                    format!("network config at {}: backend {:?} is not available in this netd (use \"vxlan\")", reg.config_key(), cfg.backend.kind.as_str())
-                }
                 Some(Ok(cfg)) => {
                     info!(network = %cfg.network, subnet_len = cfg.subnet_len, backend = cfg.backend.kind.as_str(), "network config");
                     shared.update(|s| s.problems.clear());
@@ -224,8 +230,13 @@ fn previous_subnet(args: &RunArgs) -> Option<Ipv4Net> {
 }
 
 fn our_attrs(cfg: &NetworkConfig, underlay: &Underlay) -> LeaseAttrs {
-    let mac = Mac::for_vtep(underlay.public_ip, cfg.backend.vni);
-    LeaseAttrs::vxlan(underlay.public_ip, &VxlanData { vni: cfg.backend.vni, vtep_mac: mac })
+    match cfg.backend.kind {
+        BackendKind::Vxlan => {
+            let mac = Mac::for_vtep(underlay.public_ip, cfg.backend.vni);
+            LeaseAttrs::vxlan(underlay.public_ip, &VxlanData { vni: cfg.backend.vni, vtep_mac: mac })
+        }
+        BackendKind::Udp => LeaseAttrs::udp(underlay.public_ip),
+    }
 }
 
 fn renew_deadline(ttl: Option<i64>, margin_min: u32) -> Option<Instant> {
@@ -335,8 +346,90 @@ impl Daemon {
         self.cfg.backend.mtu.unwrap_or(self.underlay.mtu) - self.cfg.backend.kind.encap_overhead()
     }
 
-    /// Creates or adopts the VXLAN device and gives it the subnet's network address as a /32.
+    /// Sets up the configured backend's device (removing the other backend's, after a switch)
+    /// and gives it the subnet's network address as a /32.
     async fn setup_backend(&mut self) -> Result<(), DaemonError> {
+        let (index, name, mtu) = match self.cfg.backend.kind {
+            BackendKind::Vxlan => {
+                if let Some(dp) = self.udp.take() {
+                    info!(device = dp.tun_name(), "stopping the udp datapath (backend switched to vxlan)");
+                    dp.stop();
+                }
+                self.setup_vxlan().await?
+            }
+            BackendKind::Udp => {
+                self.remove_vxlan_devices().await?;
+                self.setup_udp().await?
+            }
+        };
+        let want = Ipv4Net::new(self.held.subnet.network(), 32).expect("/32");
+        let have = self.nl.addrs_v4(index).await?;
+        if !have.contains(&want) {
+            self.nl.add_addr(index, want).await?;
+        }
+        for stale in have.iter().filter(|a| **a != want && self.cfg.network.contains(&a.addr())) {
+            info!(device = %name, addr = %stale, "removing stale address");
+            self.nl.del_addr(index, *stale).await?;
+        }
+        self.dev_index = index;
+        let (cfg, underlay) = (&self.cfg, &self.underlay);
+        self.shared.update(|s| {
+            s.backend = Some(status::BackendStatus {
+                kind: cfg.backend.kind.as_str().into(),
+                device: name.clone(),
+                device_present: true,
+                vni: cfg.backend.vni,
+                port: cfg.backend.port,
+                mtu,
+                underlay: underlay.name.clone(),
+            })
+        });
+        Ok(())
+    }
+
+    /// Starts the udp datapath (TUN device + sockets) unless it runs with the same parameters.
+    async fn setup_udp(&mut self) -> Result<(u32, String, u32), DaemonError> {
+        let mtu = self.overlay_mtu();
+        let want = netd_udp::UdpConfig {
+            tun_name: UDP_DEVICE.into(),
+            mtu,
+            local_ip: self.underlay.iface_ip,
+            port: self.cfg.backend.port,
+            ..Default::default()
+        };
+        let running = self.udp.as_ref().is_some_and(|dp| dp.local_addr().port() == want.port && dp.local_addr().ip() == &want.local_ip);
+        let link = self.nl.link_by_name(UDP_DEVICE).await?;
+        let up = link.as_ref().is_some_and(|l| l.up && l.mtu == mtu);
+        if !running || link.is_none() {
+            if let Some(dp) = self.udp.take() {
+                dp.stop();
+            }
+            let dp = netd_udp::UdpDatapath::start(want).map_err(|e| DaemonError::Backend(e.to_string()))?;
+            let f = dp.features();
+            info!(device = UDP_DEVICE, port = self.cfg.backend.port, mtu, workers = f.workers, udp_gso = f.udp_gso, udp_gro = f.udp_gro, "started the udp datapath");
+            self.udp = Some(dp);
+        } else if !up {
+            let l = link.as_ref().expect("checked");
+            self.nl.set_link(l.index, mtu, None).await?;
+        }
+        let l = self.nl.link_by_name(UDP_DEVICE).await?.ok_or_else(|| NetlinkError::Other(format!("{UDP_DEVICE} vanished after creation")))?;
+        Ok((l.index, UDP_DEVICE.to_string(), mtu))
+    }
+
+    /// Removes every `netd.*` VXLAN device (after a switch to the udp backend or a VNI change).
+    async fn remove_vxlan_devices(&self) -> Result<(), DaemonError> {
+        let keep = (self.cfg.backend.kind == BackendKind::Vxlan).then(|| vxlan_name(self.cfg.backend.vni));
+        for l in self.nl.links().await? {
+            if l.name.starts_with("netd.") && l.kind.as_deref() == Some("vxlan") && Some(&l.name) != keep.as_ref() {
+                info!(device = %l.name, "removing the VXLAN device of the previous config");
+                self.nl.del_link(l.index, &l.name).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates or adopts the VXLAN device.
+    async fn setup_vxlan(&mut self) -> Result<(u32, String, u32), DaemonError> {
         let name = vxlan_name(self.cfg.backend.vni);
         let spec = VxlanSpec {
             vni: self.cfg.backend.vni,
@@ -366,33 +459,16 @@ impl Daemon {
                 l.index
             }
         };
-        let want = Ipv4Net::new(self.held.subnet.network(), 32).expect("/32");
-        let have = self.nl.addrs_v4(index).await?;
-        if !have.contains(&want) {
-            self.nl.add_addr(index, want).await?;
-        }
-        for stale in have.iter().filter(|a| **a != want && self.cfg.network.contains(&a.addr())) {
-            info!(device = %name, addr = %stale, "removing stale address");
-            self.nl.del_addr(index, *stale).await?;
-        }
-        self.vxlan_index = index;
-        let (cfg, underlay) = (&self.cfg, &self.underlay);
-        self.shared.update(|s| {
-            s.backend = Some(status::BackendStatus {
-                kind: cfg.backend.kind.as_str().into(),
-                device: name.clone(),
-                device_present: true,
-                vni: cfg.backend.vni,
-                port: cfg.backend.port,
-                mtu,
-                underlay: underlay.name.clone(),
-            })
-        });
-        Ok(())
+        Ok((index, name, mtu))
     }
 
     fn sync_host_rules(&mut self) -> Result<(), DaemonError> {
-        let spec = MasqSpec { network: self.cfg.network, subnet: self.held.subnet, masquerade: self.args.ip_masq };
+        let spec = MasqSpec {
+            network: self.cfg.network,
+            subnet: self.held.subnet,
+            masquerade: self.args.ip_masq,
+            overlay_port: Some(self.cfg.backend.port),
+        };
         if self.masq.sync(&spec)? {
             info!(masquerade = spec.masquerade, "programmed nftables table ip netd");
         }
@@ -525,13 +601,8 @@ impl Daemon {
     }
 
     async fn config_changed(&mut self, cfg: NetworkConfig, snap: &Snapshot) -> Result<(), DaemonError> {
-        if cfg.backend.kind != BackendKind::Vxlan {
-            warn!(backend = cfg.backend.kind.as_str(), "ignoring network config update: backend not available in this netd");
-            return Ok(());
-        }
-        info!(network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config changed");
+        info!(backend = cfg.backend.kind.as_str(), network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config changed");
         let lease_fits = cfg.allows(&self.held.subnet);
-        let old_device = vxlan_name(self.cfg.backend.vni);
         self.cfg = cfg;
         self.held.attrs = our_attrs(&self.cfg, &self.underlay);
         if lease_fits {
@@ -551,13 +622,8 @@ impl Daemon {
         } else {
             self.reacquire(snap).await?;
         }
-        // A new VNI means a new device; the old one (and the routes through it) must go.
-        if old_device != vxlan_name(self.cfg.backend.vni) {
-            if let Some(l) = self.nl.link_by_name(&old_device).await? {
-                info!(device = %old_device, "removing the VXLAN device of the previous config");
-                self.nl.del_link(l.index, &old_device).await?;
-            }
-        }
+        // A new VNI or backend means a new device; the old one (and its routes) must go.
+        self.remove_vxlan_devices().await?;
         Ok(())
     }
 
@@ -600,16 +666,34 @@ impl Daemon {
 
     async fn observe(&self) -> Result<OverlayState, DaemonError> {
         Ok(OverlayState {
-            neighs: self.nl.permanent_neighs(self.vxlan_index).await?,
-            fdb: self.nl.fdb_entries(self.vxlan_index).await?,
-            routes: self.nl.netd_routes(self.vxlan_index, self.underlay.index).await?,
+            neighs: self.nl.permanent_neighs(self.dev_index).await?,
+            fdb: self.nl.fdb_entries(self.dev_index).await?,
+            routes: self.nl.netd_routes(self.dev_index, self.underlay.index).await?,
         })
     }
 
     async fn sync_overlay(&mut self, snap: &Snapshot) -> Result<(), DaemonError> {
         let started = Instant::now();
         let leases = snap.leases();
-        let (want, skipped) = overlay::desired(&self.local_node(), &leases);
+        let (want, skipped) = match self.cfg.backend.kind {
+            BackendKind::Vxlan => overlay::desired(&self.local_node(), &leases),
+            BackendKind::Udp => {
+                let (want, peers, skipped) = overlay::desired_udp(&self.local_node(), self.cfg.network, &leases);
+                if let Some(dp) = &self.udp {
+                    dp.set_peers(&peers);
+                }
+                self.record_udp_stats();
+                (want, skipped)
+            }
+        };
+        let udp_peers: Vec<Ipv4Net> = match self.cfg.backend.kind {
+            BackendKind::Udp => leases
+                .iter()
+                .filter(|l| l.subnet != self.held.subnet && !skipped.iter().any(|s| s.subnet == l.subnet))
+                .map(|l| l.subnet)
+                .collect(),
+            BackendKind::Vxlan => Vec::new(),
+        };
         let malformed = snap.malformed();
         let report: Vec<String> = skipped
             .iter()
@@ -644,7 +728,7 @@ impl Daemon {
             }
         }
         if !ops.is_empty() {
-            info!(changes = ops.len(), failed = failed.len(), peers = want.routes.len(), ?ops, "overlay updated");
+            info!(changes = ops.len(), failed = failed.len(), ?ops, "overlay updated");
         }
         // A peer counts as programmed unless a change for its route, neighbor or FDB entry failed.
         let failed_for = |net: &Ipv4Net, gw: Ipv4Addr| {
@@ -660,7 +744,11 @@ impl Daemon {
             .filter(|l| l.subnet != self.held.subnet)
             .map(|l| {
                 let skip = skipped.iter().find(|s| s.subnet == l.subnet).map(|s| s.reason.clone());
-                let programmed = want.routes.get(&l.subnet).is_some_and(|r| !failed_for(&l.subnet, r.gateway));
+                let programmed = match want.routes.get(&l.subnet) {
+                    Some(r) => !failed_for(&l.subnet, r.gateway),
+                    // udp: the peer is in the datapath's table, reached through the network route.
+                    None => udp_peers.contains(&l.subnet) && !failed_for(&self.cfg.network, Ipv4Addr::UNSPECIFIED),
+                };
                 status::PeerStatus { subnet: l.subnet.to_string(), public_ip: l.attrs.public_ip.to_string(), programmed, skipped: skip }
             })
             .collect();
@@ -668,7 +756,8 @@ impl Daemon {
         let elapsed = started.elapsed();
         let m = &self.shared.metrics;
         m.sync_duration.observe(elapsed.as_secs_f64());
-        m.peers.set(want.routes.len() as i64);
+        let peer_count = if self.cfg.backend.kind == BackendKind::Udp { udp_peers.len() } else { want.routes.len() };
+        m.peers.set(peer_count as i64);
         m.peers_skipped.set(skipped.len() as i64);
         m.malformed_keys.set(malformed.len() as i64);
         let errors: Vec<String> = failed.iter().map(|(op, e)| format!("{op:?}: {e}")).collect();
@@ -685,8 +774,8 @@ impl Daemon {
     }
 
     async fn apply(&self, op: &Op) -> Result<(), NetlinkError> {
-        let dev = self.vxlan_index;
-        let index = |via: Via| if via == Via::Overlay { dev } else { self.underlay.index };
+        let dev = self.dev_index;
+        let index = |via: Via| if via == Via::Underlay { self.underlay.index } else { dev };
         match *op {
             Op::DelRoute(net, spec) => self.nl.del_route(net, spec.gateway, index(spec.via)).await,
             Op::DelNeigh(ip, _) => self.nl.del_neigh(dev, ip).await,
@@ -695,6 +784,26 @@ impl Daemon {
             Op::SetFdb(mac, dst) => self.nl.set_fdb(dev, mac, dst).await,
             Op::SetRoute(net, spec) => self.nl.set_route(net, spec.gateway, index(spec.via), spec.via == Via::Overlay).await,
         }
+    }
+}
+
+impl Daemon {
+    /// Adds the udp datapath's counters since the last call to the Prometheus counters.
+    fn record_udp_stats(&mut self) {
+        let Some(dp) = &self.udp else { return };
+        let now = dp.stats();
+        let was = std::mem::replace(&mut self.udp_seen, now.clone());
+        let m = &self.shared.metrics;
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        m.udp("packets", "out", d(now.packets_out, was.packets_out));
+        m.udp("packets", "in", d(now.packets_in, was.packets_in));
+        m.udp("bytes", "out", d(now.bytes_out, was.bytes_out));
+        m.udp("bytes", "in", d(now.bytes_in, was.bytes_in));
+        m.udp_drop("unknown_source", d(now.dropped_unknown_source, was.dropped_unknown_source));
+        m.udp_drop("no_route", d(now.dropped_no_route, was.dropped_no_route));
+        m.udp_drop("malformed", d(now.dropped_malformed, was.dropped_malformed));
+        m.udp_drop("ttl", d(now.dropped_ttl, was.dropped_ttl));
+        m.udp_drop("error", d(now.errors, was.errors));
     }
 }
 

@@ -119,6 +119,11 @@ impl LeaseAttrs {
         serde_json::from_slice(text).map_err(|e| LeaseError::Value { subnet: subnet.to_string(), reason: e.to_string() })
     }
 
+    /// Whether this is a udp-backend lease: netd writes "udp", flanneld writes no BackendType.
+    pub fn is_udp(&self) -> bool {
+        self.backend_type == "udp" || self.backend_type.is_empty()
+    }
+
     /// The peer's VXLAN data, if it is a vxlan lease with well-formed data.
     pub fn vxlan_data(&self) -> Option<Result<VxlanData, String>> {
         if self.backend_type != "vxlan" {

@@ -19,6 +19,10 @@ pub struct MasqSpec {
     pub subnet: Ipv4Net,
     /// Masquerade pod traffic that leaves the cluster network (`--ip-masq`).
     pub masquerade: bool,
+    /// UDP port of the overlay's encapsulated packets: exempted from connection tracking, which
+    /// they do not need (no NAT applies to node-to-node tunnel packets) and which costs a lookup
+    /// per packet in each direction.
+    pub overlay_port: Option<u16>,
 }
 
 /// The whole table as an `nft -f` script. The table is declared, deleted and declared again in
@@ -44,6 +48,12 @@ fn render_body(spec: &MasqSpec) -> String {
         s.push_str(&format!("\t\tip saddr {net} ip daddr != 224.0.0.0/4 masquerade fully-random comment \"pods to outside the cluster\"\n"));
         s.push_str(&format!("\t\tip saddr != {net} ip daddr {net} masquerade fully-random comment \"host to remote pods\"\n"));
         s.push_str("\t}\n");
+    }
+    if let Some(port) = spec.overlay_port {
+        s.push_str("\tchain raw_prerouting {\n\t\ttype filter hook prerouting priority raw; policy accept;\n");
+        s.push_str(&format!("\t\tudp dport {port} notrack comment \"overlay packets need no connection tracking\"\n\t}}\n"));
+        s.push_str("\tchain raw_output {\n\t\ttype filter hook output priority raw; policy accept;\n");
+        s.push_str(&format!("\t\tudp dport {port} notrack comment \"overlay packets need no connection tracking\"\n\t}}\n"));
     }
     s.push_str("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n");
     s.push_str(&format!("\t\tip saddr {net} accept\n\t\tip daddr {net} accept\n\t}}\n"));
@@ -146,7 +156,7 @@ mod tests {
     use super::*;
 
     fn spec(masquerade: bool) -> MasqSpec {
-        MasqSpec { network: "10.244.0.0/16".parse().unwrap(), subnet: "10.244.3.0/24".parse().unwrap(), masquerade }
+        MasqSpec { network: "10.244.0.0/16".parse().unwrap(), subnet: "10.244.3.0/24".parse().unwrap(), masquerade, overlay_port: Some(8472) }
     }
 
     #[test]
@@ -164,6 +174,14 @@ table ip netd {
 \t\tip saddr != 10.244.0.0/16 ip daddr 10.244.3.0/24 return comment \"outside to a local pod: keep the client address\"
 \t\tip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random comment \"pods to outside the cluster\"
 \t\tip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade fully-random comment \"host to remote pods\"
+\t}
+\tchain raw_prerouting {
+\t\ttype filter hook prerouting priority raw; policy accept;
+\t\tudp dport 8472 notrack comment \"overlay packets need no connection tracking\"
+\t}
+\tchain raw_output {
+\t\ttype filter hook output priority raw; policy accept;
+\t\tudp dport 8472 notrack comment \"overlay packets need no connection tracking\"
 \t}
 \tchain forward {
 \t\ttype filter hook forward priority filter; policy accept;

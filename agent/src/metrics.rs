@@ -24,6 +24,8 @@ pub struct Metrics {
     pub etcd_up: Gauge,
     pub etcd_errors: Counter,
     pub ready: Gauge,
+    pub udp_traffic: Family<Labels, Counter>,
+    pub udp_dropped: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -48,6 +50,8 @@ impl Metrics {
             etcd_up: Gauge::default(),
             etcd_errors: Counter::default(),
             ready: Gauge::default(),
+            udp_traffic: Family::default(),
+            udp_dropped: Family::default(),
             registry: Registry::default(),
         };
         r.register("build", "netd build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
@@ -63,6 +67,8 @@ impl Metrics {
         r.register("etcd_up", "1 while etcd answers", m.etcd_up.clone());
         r.register("etcd_errors", "Failed etcd requests and broken watches", m.etcd_errors.clone());
         r.register("ready", "1 once the node can serve pods (/readyz)", m.ready.clone());
+        r.register("udp_traffic", "udp backend: packets and bytes through the datapath, by unit and direction", m.udp_traffic.clone());
+        r.register("udp_dropped", "udp backend: packets dropped, by reason (unknown_source: not from a peer's public IP)", m.udp_dropped.clone());
         Metrics { registry: r, ..m }
     }
 
@@ -74,6 +80,14 @@ impl Metrics {
 
     pub fn change(&self, op: &'static str) {
         self.overlay_changes.get_or_create(&vec![("op", op.to_string())]).inc();
+    }
+
+    pub fn udp(&self, unit: &'static str, dir: &'static str, n: u64) {
+        self.udp_traffic.get_or_create(&vec![("unit", unit.to_string()), ("dir", dir.to_string())]).inc_by(n);
+    }
+
+    pub fn udp_drop(&self, reason: &'static str, n: u64) {
+        self.udp_dropped.get_or_create(&vec![("reason", reason.to_string())]).inc_by(n);
     }
 
     pub fn renewal(&self, result: &'static str) {

@@ -22,6 +22,9 @@ pub enum Via {
     Overlay,
     /// The underlay interface, gateway is the peer's public IP (DirectRouting).
     Underlay,
+    /// The udp backend's TUN device, no gateway (`ip route NETWORK dev netd-udp0`): the userspace
+    /// datapath picks the peer from the inner destination.
+    Tun,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -113,6 +116,40 @@ pub fn desired(local: &LocalNode, leases: &[Lease]) -> (OverlayState, Vec<Skippe
         state.routes.insert(subnet, RouteSpec { gateway: gw, via: Via::Overlay });
     }
     (state, skipped)
+}
+
+/// The udp backend's state: one route for the whole cluster network through the TUN device
+/// (the node's own, more specific subnet stays on its pod bridge), and the peer table the
+/// datapath encapsulates by: peer subnet -> peer public IP.
+pub fn desired_udp(local: &LocalNode, network: Ipv4Net, leases: &[Lease]) -> (OverlayState, Vec<(Ipv4Net, Ipv4Addr)>, Vec<Skipped>) {
+    let mut state = OverlayState::default();
+    state.routes.insert(network, RouteSpec { gateway: Ipv4Addr::UNSPECIFIED, via: Via::Tun });
+    let mut peers: Vec<(Ipv4Net, Ipv4Addr)> = Vec::new();
+    let mut skipped = Vec::new();
+    let mut sorted: Vec<&Lease> = leases.iter().collect();
+    sorted.sort_by_key(|l| l.subnet);
+    for lease in sorted {
+        let subnet = lease.subnet;
+        if subnet == local.subnet {
+            continue;
+        }
+        let reason = if subnet.contains(&local.subnet.network()) || local.subnet.contains(&subnet.network()) {
+            Some(format!("overlaps this node's subnet {}", local.subnet))
+        } else if lease.attrs.public_ip == local.public_ip {
+            Some(format!("carries this node's public IP {} (a stale lease of ours?)", local.public_ip))
+        } else if !lease.attrs.is_udp() {
+            Some(format!("backend {:?} is not udp", lease.attrs.backend_type))
+        } else if peers.iter().any(|(n, _)| n.contains(&subnet.network()) || subnet.contains(&n.network())) {
+            Some("overlaps another peer's subnet".to_string())
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => skipped.push(Skipped { subnet, reason }),
+            None => peers.push((subnet, lease.attrs.public_ip)),
+        }
+    }
+    (state, peers, skipped)
 }
 
 /// One kernel change. The applier executes them in order.
@@ -243,6 +280,25 @@ mod tests {
         assert!(reasons.iter().any(|r| r.starts_with("10.244.6.0/24 VNI 2")));
         assert!(reasons.iter().any(|r| r.starts_with("10.244.7.0/24 BackendData")));
         assert!(reasons.iter().any(|r| r.starts_with("10.244.8.0/24 backend \"udp\"")));
+    }
+
+    #[test]
+    fn udp_backend_routes_the_network_to_the_tun_and_peers_by_public_ip() {
+        let mut flannel_udp = vx("10.244.4.0/24", "198.18.0.14", "0e:00:00:00:00:04");
+        flannel_udp.attrs = LeaseAttrs::from_json(&flannel_udp.subnet, br#"{"PublicIP":"198.18.0.14","PublicIPv6":null}"#).unwrap();
+        let mut netd_udp = vx("10.244.2.0/24", "198.18.0.11", "0e:00:00:00:00:02");
+        netd_udp.attrs = LeaseAttrs::udp("198.18.0.11".parse().unwrap());
+        let vxlan_peer = vx("10.244.3.0/24", "198.18.0.12", "0e:00:00:00:00:03");
+        let (s, peers, skipped) = desired_udp(&local(), "10.244.0.0/16".parse().unwrap(), &[netd_udp, flannel_udp, vxlan_peer]);
+        assert_eq!(s.routes.len(), 1);
+        assert_eq!(s.routes[&"10.244.0.0/16".parse().unwrap()], RouteSpec { gateway: Ipv4Addr::UNSPECIFIED, via: Via::Tun });
+        assert!(s.neighs.is_empty() && s.fdb.is_empty());
+        assert_eq!(
+            peers,
+            vec![("10.244.2.0/24".parse().unwrap(), "198.18.0.11".parse().unwrap()), ("10.244.4.0/24".parse().unwrap(), "198.18.0.14".parse().unwrap())]
+        );
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].reason.contains("not udp"));
     }
 
     #[test]

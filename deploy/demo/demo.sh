@@ -22,7 +22,6 @@ readonly UNDERLAY_GW=198.18.0.1
 readonly ETCD_ENDPOINT=http://${UNDERLAY_GW}:2379
 readonly ETCD_PREFIX=/coreos.com/network
 readonly NETWORK_CONFIG='{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}'
-readonly POD_BRIDGE=demo0
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BIN_DIR=${NETD_BIN_DIR:-$ROOT/target/release}
@@ -103,6 +102,7 @@ cleanup() {
         step "Tear it down with: $0 teardown"
     else
         teardown
+        ((rc == 0)) || echo "(everything was torn down; rerun with KEEP=1 to keep it for inspection)" >&2
         [[ -z $(our_namespaces) ]] || echo "warning: namespaces left behind: $(our_namespaces | xargs)" >&2
     fi
     exit "$rc"
@@ -127,6 +127,7 @@ preflight() {
         command -v "$tool" >/dev/null || die "missing tool: $tool"
     done
     [[ -x $BIN_DIR/netd ]] || die "no netd binary at $BIN_DIR/netd (cargo build --release -p netd, or set NETD_BIN_DIR)"
+    [[ -x $BIN_DIR/netd-cni ]] || die "no netd-cni binary at $BIN_DIR/netd-cni (cargo build --release -p netd-cni, or set NETD_BIN_DIR)"
     if [[ -n $(our_namespaces) ]]; then
         die "namespaces from an earlier demo exist ($(our_namespaces | xargs)); run: $0 teardown"
     fi
@@ -156,6 +157,7 @@ start_underlay_and_etcd() {
     info "$ETCD_PREFIX/config = $NETWORK_CONFIG"
 }
 
+NETD_PID=()
 add_node() {
     local i=$1 ns ip
     ns=$(node_ns "$i")
@@ -173,15 +175,21 @@ add_node() {
         --etcd-endpoints "$ETCD_ENDPOINT" --etcd-prefix "$ETCD_PREFIX" \
         --node-name "node$i" --run-dir "$WORKDIR/node$i/run" \
         --state-dir "$WORKDIR/node$i/state" --resync-interval 5s \
+        --cni-conf-dir "$WORKDIR/node$i/cni" --metrics-listen "" \
         </dev/null >"$WORKDIR/node$i.log" 2>&1 &
+    NETD_PID[i]=$!
 }
 
 wait_subnet_env() {
     local i=$1 env=$WORKDIR/node$1/run/subnet.env
-    wait_for 30 grep -q '^FLANNEL_SUBNET=' "$env" || {
-        tail -n 20 "$WORKDIR/node$i.log" >&2
-        die "node$i: no subnet.env after 30 s (log: $WORKDIR/node$i.log)"
-    }
+    local deadline=$((SECONDS + 30))
+    until grep -qs '^FLANNEL_SUBNET=' "$env"; do
+        if ! kill -0 "${NETD_PID[i]}" 2>/dev/null || ((SECONDS >= deadline)); then
+            tail -n 20 "$WORKDIR/node$i.log" >&2
+            die "node$i: netd wrote no subnet.env ($(kill -0 "${NETD_PID[i]}" 2>/dev/null && echo 'still waiting after 30 s' || echo 'it exited'))"
+        fi
+        sleep 0.1
+    done
     info "node$i $(node_ip "$i")  FLANNEL_SUBNET=$(env_value "$env" FLANNEL_SUBNET)  FLANNEL_MTU=$(env_value "$env" FLANNEL_MTU)"
 }
 
@@ -196,36 +204,25 @@ print_leases() {
 }
 
 # ---------------------------------------------------------------------------
-# add_pod NODE: one workload namespace on node NODE, plain veth for now.
-#
-# SWITCH TO netd-cni HERE: replace the body below with a call of the CNI
-# plugin (CNI_COMMAND=ADD, CNI_NETNS=/run/netns/$(pod_ns NODE), ...) run
-# inside the node namespace, and read the pod's address from its result.
-# The rest of the script only needs $(pod_ns NODE) and POD_IP[NODE].
+# add_pod NODE: one pod on node NODE, set up the way a container runtime does it: a new network
+# namespace, then `netd-cni ADD` with the plugin configuration from the conflist netd wrote.
 # ---------------------------------------------------------------------------
 POD_IP=()
 add_pod() {
-    local i=$1 node pod env subnet gw len mtu ip
+    local i=$1 node pod conflist conf result
     node=$(node_ns "$i")
     pod=$(pod_ns "$i")
-    env=$WORKDIR/node$i/run/subnet.env
-    subnet=$(env_value "$env" FLANNEL_SUBNET) # 10.244.X.1/24 = gateway/len
-    mtu=$(env_value "$env" FLANNEL_MTU)
-    gw=${subnet%/*}
-    len=${subnet#*/}
-    ip=${gw%.*}.$((${gw##*.} + 1))
-    ip -n "$node" link add "$POD_BRIDGE" type bridge
-    ip -n "$node" addr add "$subnet" dev "$POD_BRIDGE"
-    ip -n "$node" link set "$POD_BRIDGE" mtu "$mtu" up
+    conflist=$WORKDIR/node$i/cni/10-netd.conflist
+    wait_for 15 test -s "$conflist" || die "netd on node$i wrote no CNI config ($conflist)"
+    conf=$(jq -c '.plugins[0] + {cniVersion: .cniVersion, name: .name}' "$conflist")
     ip netns add "$pod"
-    ip -n "$pod" link set lo up
-    ip -n "$node" link add veth0 mtu "$mtu" type veth peer name eth0 mtu "$mtu" netns "$pod"
-    ip -n "$node" link set veth0 master "$POD_BRIDGE" up
-    ip -n "$pod" addr add "$ip/$len" dev eth0
-    ip -n "$pod" link set eth0 up
-    ip -n "$pod" route add default via "$gw"
-    POD_IP[i]=$ip
-    info "pod$i on node$i: $ip/$len via $gw (mtu $mtu)"
+    result=$(printf '%s' "$conf" | in_ns "$node" env CNI_COMMAND=ADD CNI_CONTAINERID="demo-pod$i" \
+        CNI_NETNS="/var/run/netns/$pod" CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni \
+        CNI_ARGS="K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod$i" "$BIN_DIR/netd-cni") \
+        || die "netd-cni ADD failed on node$i: $result"
+    POD_IP[i]=$(jq -r '.ips[0].address' <<<"$result")
+    info "pod$i on node$i: ${POD_IP[i]} via $(jq -r '.ips[0].gateway' <<<"$result") (netd-cni)"
+    POD_IP[i]=${POD_IP[i]%/*}
 }
 
 routes_converged() {

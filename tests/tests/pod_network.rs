@@ -557,3 +557,91 @@ fn netd_cni_pods_on_three_nodes_reach_each_other() -> Result<()> {
     assert_eq!(seen.trim(), pods[0].ip.to_string());
     Ok(())
 }
+
+const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
+
+/// The udp backend: the same end-to-end checks as for vxlan (leases, pods across nodes by ping and
+/// TCP, a removed node), and what is particular to it: the TUN device, one route for the network,
+/// packets from strangers dropped and counted.
+#[test]
+fn udp_backend_carries_pods_across_nodes() -> Result<()> {
+    let mut c = start_udp(3)?;
+    let leases = c.etcd().get_prefix(SUBNETS)?;
+    assert_eq!(leases.len(), 3);
+    for (_, v) in &leases {
+        let v: serde_json::Value = serde_json::from_str(v)?;
+        assert_eq!(v["BackendType"], "udp");
+    }
+    for n in c.nodes() {
+        let link = n.ns().run(&["ip", "-d", "link", "show", "netd-udp0"])?;
+        assert!(link.contains("mtu 1472") && link.contains("tun"), "{link}");
+        assert_eq!(route(n, "10.244.0.0/16")?, "10.244.0.0/16 dev netd-udp0 proto 110 scope link");
+        assert_eq!(n.subnet_env()?["FLANNEL_MTU"], "1472");
+    }
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(2).add_cni_pod("b")?;
+    wait_ping(&a, b.ip)?;
+    wait_ping(&b, a.ip)?;
+    let _srv = b.spawn(&["socat", "TCP-LISTEN:8080,fork,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR"], None)?;
+    let seen = retry(|| a.run(&["socat", "-T", "2", "-", &format!("TCP:{}:8080,connect-timeout=2", b.ip)]))?;
+    assert_eq!(seen.trim(), a.ip.to_string());
+    // A bulk transfer through the userspace datapath.
+    let _iperf = b.spawn(&["iperf3", "-s", "-1"], None)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = a.ns.command(&["iperf3", "-c", &b.ip.to_string(), "-t", "2", "-J"]).output()?;
+    let intervals = iperf_intervals(&String::from_utf8_lossy(&out.stdout))?;
+    assert!(intervals.iter().all(|bps| *bps > 0.0), "{intervals:?}");
+
+    // A datagram to port 8285 from an address that holds no lease is dropped and counted.
+    let stranger = c.add_node()?;
+    let pkt = "45000054000040004001000000000000000000000800f7ff00000000";
+    c.node(stranger).ns().sh(&format!("echo {pkt} | xxd -r -p | socat -u - UDP:{}:8285,sourceport=8285", c.node(0).ip()))?;
+    let n0 = c.node(0);
+    wait_until(WAIT, POLL, || {
+        let out = n0.ns().run(&["curl", "-s", "http://127.0.0.1:9402/metrics"])?;
+        Ok(out.lines().any(|l| l.starts_with("netd_udp_dropped_total{reason=\"unknown_source\"}") && !l.ends_with(" 0")))
+    })?;
+
+    // A removed node's subnet leaves the datapath: its pods become unreachable.
+    let gone = subnet(c.node(2))?;
+    c.node_mut(2).stop_netd()?;
+    c.etcd().del(&key_of(&gone))?;
+    wait_until(WAIT, POLL, || Ok(!a.ping(b.ip)))?;
+    Ok(())
+}
+
+fn start_udp(n: usize) -> Result<Cluster> {
+    let mut c = Cluster::new(n)?;
+    c.write_network_config(UDP)?;
+    c.start_netd_all(&[])?;
+    for i in 0..n {
+        c.node_mut(i).wait_subnet_env(WAIT)?;
+    }
+    Ok(c)
+}
+
+/// Switching a running network between vxlan and udp (a config change) converges without a restart.
+#[test]
+fn switching_between_vxlan_and_udp_converges_without_a_restart() -> Result<()> {
+    let mut c = start(2, VXLAN)?;
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    wait_ping(&a, b.ip)?;
+    c.write_network_config(UDP)?;
+    for i in 0..2 {
+        let n = c.node(i);
+        wait_until(WAIT, POLL, || Ok(n.ns().exec(&["ip", "link", "show", "netd-udp0"])?.status.success()))?;
+        wait_until(WAIT, POLL, || Ok(!n.ns().exec(&["ip", "link", "show", "netd.1"])?.status.success()))?;
+    }
+    wait_ping(&a, b.ip)?;
+    let leases = c.etcd().get_prefix(SUBNETS)?;
+    assert!(leases.iter().all(|(_, v)| v.contains(r#""BackendType":"udp""#)), "{leases:?}");
+    c.write_network_config(VXLAN)?;
+    for i in 0..2 {
+        let n = c.node(i);
+        wait_until(WAIT, POLL, || Ok(n.ns().exec(&["ip", "link", "show", "netd.1"])?.status.success()))?;
+        wait_until(WAIT, POLL, || Ok(!n.ns().exec(&["ip", "link", "show", "netd-udp0"])?.status.success()))?;
+    }
+    wait_ping(&a, b.ip)?;
+    Ok(())
+}

@@ -20,7 +20,8 @@ pub(super) const MAIN_TABLE: u8 = 254;
 
 impl Netlink {
     /// `ip -4 route show table main proto 110`, keeping only routes through `overlay_index` or
-    /// `underlay_index` (the only ones netd creates).
+    /// `underlay_index` (the only ones netd creates). A route without a gateway through the
+    /// overlay device is the udp backend's `Via::Tun` route.
     pub async fn netd_routes(&self, overlay_index: u32, underlay_index: u32) -> Result<BTreeMap<Ipv4Net, RouteSpec>, NetlinkError> {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
         let routes: Vec<RouteMessage> = self
@@ -47,15 +48,16 @@ impl Netlink {
                     _ => {}
                 }
             }
-            let (Some(dst), Some(gw), Some(oif)) = (dst, gw, oif) else { continue };
+            let (Some(dst), Some(oif)) = (dst, oif) else { continue };
             let Ok(net) = Ipv4Net::new(dst, r.header.destination_prefix_length) else { continue };
-            let via = if oif == overlay_index {
-                Via::Overlay
-            } else if oif == underlay_index {
-                Via::Underlay
-            } else {
-                continue;
+            let via = match gw {
+                None if oif == overlay_index => Via::Tun,
+                None => continue,
+                Some(_) if oif == overlay_index => Via::Overlay,
+                Some(_) if oif == underlay_index => Via::Underlay,
+                Some(_) => continue,
             };
+            let gw = gw.unwrap_or(Ipv4Addr::UNSPECIFIED);
             out.insert(net, RouteSpec { gateway: gw, via });
         }
         Ok(out)
@@ -83,14 +85,14 @@ impl Netlink {
         Ok(n)
     }
 
-    /// `ip route replace NET via GW dev INDEX [onlink] proto 110`.
+    /// `ip route replace NET via GW dev INDEX [onlink] proto 110`, or without a gateway
+    /// (`GW` unspecified) `ip route replace NET dev INDEX scope link proto 110`.
     pub async fn set_route(&self, net: Ipv4Net, gw: Ipv4Addr, index: u32, onlink: bool) -> Result<(), NetlinkError> {
         let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(net.network(), net.prefix_len())
-            .gateway(gw)
             .output_interface(index)
-            .protocol(RouteProtocol::Other(RTPROT_NETD))
-            .scope(RouteScope::Universe);
+            .protocol(RouteProtocol::Other(RTPROT_NETD));
+        b = if gw.is_unspecified() { b.scope(RouteScope::Link) } else { b.gateway(gw).scope(RouteScope::Universe) };
         if onlink {
             b = b.onlink();
         }
@@ -106,12 +108,14 @@ impl Netlink {
 
     /// `ip route del NET via GW dev INDEX proto 110` (absent is fine).
     pub async fn del_route(&self, net: Ipv4Net, gw: Ipv4Addr, index: u32) -> Result<(), NetlinkError> {
-        let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(net.network(), net.prefix_len())
-            .gateway(gw)
             .output_interface(index)
-            .protocol(RouteProtocol::Other(RTPROT_NETD))
-            .build();
+            .protocol(RouteProtocol::Other(RTPROT_NETD));
+        if !gw.is_unspecified() {
+            b = b.gateway(gw);
+        }
+        let mut msg = b.build();
         msg.header.flags = RouteFlags::empty();
         match self.handle.route().del(msg).execute().await.map_err(NetlinkError::op(format!("ip route del {net} via {gw} dev index {index}"))) {
             Err(e) if e.is_not_found() => Ok(()),
