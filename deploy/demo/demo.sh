@@ -295,6 +295,8 @@ main() {
     local failures=0
     ping_matrix || failures=$?
     echo
+    step "What an operator sees on node0 (netd status)"
+    in_ns "$(node_ns 0)" "$BIN_DIR/netd" status --run-dir "$WORKDIR/node0/run" | sed 's/^/    /' || true
     if ((failures == 0)); then
         step "${GREEN}All $((NODES * (NODES - 1))) cross-node pod pings succeeded.${RESET}"
     else
