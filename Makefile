@@ -4,12 +4,16 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Everything the build, the tests, the demo and the benchmarks use.
+# Everything the build, the tests and the demo use.
 DEB_PACKAGES := build-essential pkg-config protobuf-compiler clang libbpf-dev \
 	iproute2 iputils-ping nftables iptables etcd-server etcd-client \
-	iperf3 socat curl jq openssl xxd dnsutils containernetworking-plugins
+	iperf3 socat curl jq openssl xxd dnsutils containernetworking-plugins \
+	libnftnl-dev libmnl-dev conntrack knot
 
-.PHONY: all deps build release test lint demo bench clean-netns
+# What only the benchmarks use (the anchors they are measured against).
+BENCH_PACKAGES := dnsperf nsd
+
+.PHONY: all deps bench-deps build release test lint demo bench clean-netns
 
 all: build
 
@@ -19,6 +23,14 @@ deps:
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+bench-deps: deps
+	@missing=""; for p in $(BENCH_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
@@ -41,8 +53,13 @@ demo: release
 	NETD_BIN_DIR=$(CURDIR)/target/release bash deploy/demo/demo.sh
 
 # Benchmarks against their anchors (not part of `make test`: timings are noisy here).
-bench: release
+bench: release bench-deps
 	$(CARGO) run --release -p netd-bench --bin overlay
+	NETD_CNI=$(CURDIR)/target/release/netd-cni bash bench/cni/run.sh
+	$(CARGO) run --release -p netd-proxy --example bench -- --services 10000 --endpoints 10
+	$(CARGO) run --release -p netd-udp --example pair -- --seconds 5 --runs 5
+	$(CARGO) run --release -p netd-ebpf --example sync_bench
+	bash bench/dns/run.sh
 
 # Removes namespaces left by a test run that was killed (the harness also does this itself).
 clean-netns:

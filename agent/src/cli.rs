@@ -31,6 +31,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Remove everything netd created on this node (devices, routes, rules, CNI config), for uninstall.
     Cleanup(CleanupArgs),
+    #[command(flatten)]
+    Services(netd_proxy::registry::cli::ServiceCommand),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -101,6 +103,17 @@ pub struct RunArgs {
     #[arg(long, env = "NETD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
           value_parser = clap::value_parser!(u32).range(1..=1439))]
     pub subnet_lease_renew_margin: u32,
+    #[command(flatten)]
+    pub kube: netd_kube::KubeArgs,
+    #[command(flatten)]
+    pub dns: netd_dns::Args,
+    /// How this node load-balances Services: nftables (verdict maps, constant cost per packet),
+    /// iptables (kube-proxy-like chains) or none (another proxy does it).
+    #[arg(long, env = "NETD_PROXY_MODE", value_enum, default_value_t = netd_proxy::ProxyMode::Nftables)]
+    pub proxy_mode: netd_proxy::ProxyMode,
+    /// etcd key prefix of the service registry (<prefix>/services/<ns>/<name>, <prefix>/endpointslices/<ns>/<name>).
+    #[arg(long, env = "NETD_REGISTRY_PREFIX", default_value = netd_proxy::registry::DEFAULT_PREFIX)]
+    pub registry_prefix: String,
     /// Lifetime of the subnet lease in etcd (flannel's is 24h). Only for testing renewal.
     #[arg(long, env = "NETD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration, hide = true)]
     pub subnet_lease_ttl: Duration,

@@ -14,20 +14,28 @@ pub struct CniConf {
     pub subnet_file: PathBuf,
     pub data_dir: PathBuf,
     pub bridge: String,
+    /// The node-local DNS server pods are pointed at (result `dns` of netd-cni).
+    pub nameserver: Option<std::net::Ipv4Addr>,
+    pub cluster_domain: String,
 }
 
 impl CniConf {
     pub fn render(&self) -> String {
+        let mut plugin = json!({
+            "type": "netd-cni",
+            "subnetFile": self.subnet_file,
+            "dataDir": self.data_dir,
+            "bridge": self.bridge,
+            "clusterDomain": self.cluster_domain,
+        });
+        if let Some(ns) = self.nameserver {
+            plugin["dns"] = json!({ "nameservers": [ns.to_string()], "options": ["ndots:5"] });
+        }
         let v = json!({
             "cniVersion": "1.0.0",
             "name": "netd",
             "plugins": [
-                {
-                    "type": "netd-cni",
-                    "subnetFile": self.subnet_file,
-                    "dataDir": self.data_dir,
-                    "bridge": self.bridge,
-                },
+                plugin,
                 {
                     "type": "portmap",
                     "capabilities": { "portMappings": true },
@@ -58,11 +66,18 @@ mod tests {
 
     #[test]
     fn netd_cni_first_then_portmap() {
-        let c = CniConf { subnet_file: "/run/netd/subnet.env".into(), data_dir: "/var/lib/netd/cni".into(), bridge: "netd0".into() };
+        let c = CniConf {
+            subnet_file: "/run/netd/subnet.env".into(),
+            data_dir: "/var/lib/netd/cni".into(),
+            bridge: "netd0".into(),
+            nameserver: Some("10.96.0.10".parse().unwrap()),
+            cluster_domain: "cluster.local".into(),
+        };
         let v: serde_json::Value = serde_json::from_str(&c.render()).unwrap();
         assert_eq!(v["cniVersion"], "1.0.0", "Debian's portmap speaks up to 1.0.0");
         assert_eq!(v["plugins"][0]["type"], "netd-cni");
         assert_eq!(v["plugins"][0]["subnetFile"], "/run/netd/subnet.env");
+        assert_eq!(v["plugins"][0]["dns"]["nameservers"][0], "10.96.0.10");
         assert_eq!(v["plugins"][1]["type"], "portmap");
         assert_eq!(v["plugins"][1]["capabilities"]["portMappings"], true);
         let dir = tempfile::tempdir().unwrap();

@@ -50,6 +50,8 @@ pub enum DaemonError {
     Server(#[from] server::ServerError),
     #[error("overlay backend: {0}")]
     Backend(String),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// The underlay this node talks to peers over.
@@ -112,6 +114,11 @@ impl Backoff {
 }
 
 pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
+    if args.kube.subnet_manager == netd_kube::SubnetManagerKind::Kube {
+        return Err(DaemonError::Unsupported(
+            "--subnet-manager kube: this netd leases subnets from etcd only; Node-based subnets are not wired into the daemon yet".into(),
+        ));
+    }
     let node = args.node_name.clone().unwrap_or_else(hostname);
     let shared = Shared::new(NodeStatus {
         node: node.clone(),
@@ -152,6 +159,49 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
 
     let (tx, mut rx) = watch::channel(Arc::new(snap));
     tokio::spawn(watch_registry(d.reg.clone(), tx, d.shared.clone()));
+    if d.args.proxy_mode != netd_proxy::ProxyMode::None || d.args.dns.dns {
+        let opts = netd_proxy::registry::RegistryOptions {
+            endpoints: d.args.etcd.etcd_endpoints.clone(),
+            prefix: d.args.registry_prefix.clone(),
+            ca_file: d.args.etcd.etcd_cafile.clone(),
+            cert_file: d.args.etcd.etcd_certfile.clone(),
+            key_file: d.args.etcd.etcd_keyfile.clone(),
+        };
+        let node = netd_proxy::NodeInfo {
+            name: node.clone(),
+            ips: if d.underlay.iface_ip == d.underlay.public_ip { vec![d.underlay.iface_ip] } else { vec![d.underlay.iface_ip, d.underlay.public_ip] },
+            pod_cidr: Some(d.held.subnet),
+            cluster_cidr: Some(d.cfg.network),
+        };
+        // Not ready until services are programmed: a pod scheduled here may need them at once.
+        if d.args.proxy_mode != netd_proxy::ProxyMode::None {
+            d.shared.set_ready(|r| r.first_service_sync = Some(false));
+        }
+        let (dns_args, network) = (d.args.dns.clone(), d.cfg.network);
+        let (mode, resync, shared) = (d.args.proxy_mode, d.args.resync_interval, d.shared.clone());
+        let kube = d.args.kube.clone();
+        tokio::spawn(async move {
+            let snapshots = match kube.source {
+                netd_kube::SourceKind::Etcd => crate::services::start_source(opts).await,
+                netd_kube::SourceKind::Kubernetes => match netd_kube::client(kube.kubeconfig.as_deref()).await {
+                    Ok(client) => crate::services::start_kube_source(client, shared.clone()).await,
+                    Err(e) => {
+                        error!(error = %e, "cannot build a Kubernetes API client; services are not programmed");
+                        shared.update(|s| s.problems.push(format!("Kubernetes API client: {e}")));
+                        return;
+                    }
+                },
+            };
+            if dns_args.dns {
+                crate::services::spawn_dns(dns_args.clone(), network, snapshots.clone(), shared.clone());
+            }
+            if mode != netd_proxy::ProxyMode::None {
+                // The cluster DNS VIP is answered on this node (it is on lo), never load-balanced.
+                let snapshots = crate::services::without_dns_vip(snapshots, dns_args.dns.then_some(dns_args.cluster_dns_ip).flatten());
+                crate::services::spawn_proxy(mode, node, resync, snapshots, shared);
+            }
+        });
+    }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| DaemonError::Io { path: "SIGTERM handler".into(), source })?;
@@ -342,6 +392,22 @@ impl Daemon {
         }
     }
 
+    /// IPv4 addresses the node-local DNS server answers on (none when DNS is off).
+    fn dns_ips(&self) -> Vec<Ipv4Addr> {
+        if !self.args.dns.dns {
+            return Vec::new();
+        }
+        self.args
+            .dns
+            .listen_addrs()
+            .iter()
+            .filter_map(|a| match a.ip() {
+                std::net::IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn overlay_mtu(&self) -> u32 {
         self.cfg.backend.mtu.unwrap_or(self.underlay.mtu) - self.cfg.backend.kind.encap_overhead()
     }
@@ -468,6 +534,7 @@ impl Daemon {
             subnet: self.held.subnet,
             masquerade: self.args.ip_masq,
             overlay_port: Some(self.cfg.backend.port),
+            dns_ips: self.dns_ips(),
         };
         if self.masq.sync(&spec)? {
             info!(masquerade = spec.masquerade, "programmed nftables table ip netd");
@@ -495,10 +562,15 @@ impl Daemon {
         if self.args.cni_conf_dir.as_os_str().is_empty() {
             return;
         }
+        // Pods resolve through this node's DNS: the cluster DNS IP if set, else the listen address.
+        let dns_ips = self.dns_ips();
+        let nameserver = dns_ips.last().copied();
         let conf = crate::cniconf::CniConf {
             subnet_file: self.args.run_dir.join("subnet.env"),
             data_dir: self.args.state_dir.join("cni"),
             bridge: self.args.cni_bridge.clone(),
+            nameserver,
+            cluster_domain: self.args.dns.cluster_domain.clone(),
         };
         let path = self.args.cni_conf_dir.join(crate::cniconf::CONFLIST_NAME);
         match conf.write(&self.args.cni_conf_dir) {

@@ -17,5 +17,6 @@ pub mod netlink;
 pub mod overlay;
 pub mod registry;
 pub mod server;
+pub mod services;
 pub mod status;
 pub mod subnet_env;

@@ -53,6 +53,7 @@ fn main() -> anyhow::Result<()> {
             let code = rt.block_on(status(args));
             std::process::exit(code);
         }
+        Command::Services(cmd) => rt.block_on(netd_proxy::registry::cli::run_cli(cmd))?,
         Command::Cleanup(args) => {
             let conf = (!args.cni_conf_dir.as_os_str().is_empty()).then_some(args.cni_conf_dir.as_path());
             let r = rt.block_on(netd::cleanup::cleanup(&args.run_dir, &args.state_dir, conf, &args.cni_bridge))?;

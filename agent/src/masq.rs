@@ -23,6 +23,10 @@ pub struct MasqSpec {
     /// they do not need (no NAT applies to node-to-node tunnel packets) and which costs a lookup
     /// per packet in each direction.
     pub overlay_port: Option<u16>,
+    /// Addresses the node-local DNS server answers on (its listen address, the cluster DNS IP):
+    /// their port 53 is exempt from connection tracking, so DNS never races in conntrack (the
+    /// problem NodeLocal DNSCache exists for) and never fills its table.
+    pub dns_ips: Vec<std::net::Ipv4Addr>,
 }
 
 /// The whole table as an `nft -f` script. The table is declared, deleted and declared again in
@@ -49,11 +53,19 @@ fn render_body(spec: &MasqSpec) -> String {
         s.push_str(&format!("\t\tip saddr != {net} ip daddr {net} masquerade fully-random comment \"host to remote pods\"\n"));
         s.push_str("\t}\n");
     }
-    if let Some(port) = spec.overlay_port {
-        s.push_str("\tchain raw_prerouting {\n\t\ttype filter hook prerouting priority raw; policy accept;\n");
-        s.push_str(&format!("\t\tudp dport {port} notrack comment \"overlay packets need no connection tracking\"\n\t}}\n"));
-        s.push_str("\tchain raw_output {\n\t\ttype filter hook output priority raw; policy accept;\n");
-        s.push_str(&format!("\t\tudp dport {port} notrack comment \"overlay packets need no connection tracking\"\n\t}}\n"));
+    if spec.overlay_port.is_some() || !spec.dns_ips.is_empty() {
+        let dns = spec.dns_ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(", ");
+        for (chain, hook, dns_match) in [("raw_prerouting", "prerouting", "ip daddr"), ("raw_output", "output", "ip saddr")] {
+            s.push_str(&format!("\tchain {chain} {{\n\t\ttype filter hook {hook} priority raw; policy accept;\n"));
+            if let Some(port) = spec.overlay_port {
+                s.push_str(&format!("\t\tudp dport {port} notrack comment \"overlay packets need no connection tracking\"\n"));
+            }
+            if !dns.is_empty() {
+                let port = if hook == "prerouting" { "dport" } else { "sport" };
+                s.push_str(&format!("\t\t{dns_match} {{ {dns} }} meta l4proto {{ tcp, udp }} th {port} 53 notrack comment \"node-local DNS\"\n"));
+            }
+            s.push_str("\t}\n");
+        }
     }
     s.push_str("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n");
     s.push_str(&format!("\t\tip saddr {net} accept\n\t\tip daddr {net} accept\n\t}}\n"));
@@ -156,7 +168,7 @@ mod tests {
     use super::*;
 
     fn spec(masquerade: bool) -> MasqSpec {
-        MasqSpec { network: "10.244.0.0/16".parse().unwrap(), subnet: "10.244.3.0/24".parse().unwrap(), masquerade, overlay_port: Some(8472) }
+        MasqSpec { network: "10.244.0.0/16".parse().unwrap(), subnet: "10.244.3.0/24".parse().unwrap(), masquerade, overlay_port: Some(8472), dns_ips: vec![] }
     }
 
     #[test]
@@ -192,6 +204,15 @@ table ip netd {
 ";
         let gen = format!("{:016x}", fnv1a(render_body(&spec(true)).as_bytes()));
         assert_eq!(got, want.replace("GEN", &gen));
+    }
+
+    #[test]
+    fn node_local_dns_is_untracked() {
+        let mut sp = spec(true);
+        sp.dns_ips = vec!["169.254.20.10".parse().unwrap(), "10.96.0.10".parse().unwrap()];
+        let got = render(&sp);
+        assert!(got.contains("\t\tip daddr { 169.254.20.10, 10.96.0.10 } meta l4proto { tcp, udp } th dport 53 notrack comment \"node-local DNS\"\n"), "{got}");
+        assert!(got.contains("\t\tip saddr { 169.254.20.10, 10.96.0.10 } meta l4proto { tcp, udp } th sport 53 notrack comment \"node-local DNS\"\n"), "{got}");
     }
 
     #[test]

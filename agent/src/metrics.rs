@@ -26,6 +26,9 @@ pub struct Metrics {
     pub ready: Gauge,
     pub udp_traffic: Family<Labels, Counter>,
     pub udp_dropped: Family<Labels, Counter>,
+    pub dns_requests: Family<Labels, Counter>,
+    pub dns_cache: Family<Labels, Counter>,
+    pub dns_forwards: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -52,6 +55,9 @@ impl Metrics {
             ready: Gauge::default(),
             udp_traffic: Family::default(),
             udp_dropped: Family::default(),
+            dns_requests: Family::default(),
+            dns_cache: Family::default(),
+            dns_forwards: Family::default(),
             registry: Registry::default(),
         };
         r.register("build", "netd build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
@@ -68,6 +74,9 @@ impl Metrics {
         r.register("etcd_errors", "Failed etcd requests and broken watches", m.etcd_errors.clone());
         r.register("ready", "1 once the node can serve pods (/readyz)", m.ready.clone());
         r.register("udp_traffic", "udp backend: packets and bytes through the datapath, by unit and direction", m.udp_traffic.clone());
+        r.register("dns_requests", "Cluster DNS requests by query type and response code", m.dns_requests.clone());
+        r.register("dns_cache_lookups", "Cluster DNS forward-cache lookups by result (hit, miss)", m.dns_cache.clone());
+        r.register("dns_forwards", "Queries forwarded upstream by result (ok, failed)", m.dns_forwards.clone());
         r.register("udp_dropped", "udp backend: packets dropped, by reason (unknown_source: not from a peer's public IP)", m.udp_dropped.clone());
         Metrics { registry: r, ..m }
     }
@@ -88,6 +97,20 @@ impl Metrics {
 
     pub fn udp_drop(&self, reason: &'static str, n: u64) {
         self.udp_dropped.get_or_create(&vec![("reason", reason.to_string())]).inc_by(n);
+    }
+
+    pub fn dns_request(&self, qtype: &str, rcode: &str, n: u64) {
+        self.dns_requests.get_or_create(&vec![("qtype", qtype.to_string()), ("rcode", rcode.to_string())]).inc_by(n);
+    }
+
+    pub fn dns_cache(&self, hits: u64, misses: u64) {
+        self.dns_cache.get_or_create(&vec![("result", "hit".to_string())]).inc_by(hits);
+        self.dns_cache.get_or_create(&vec![("result", "miss".to_string())]).inc_by(misses);
+    }
+
+    pub fn dns_forwards(&self, all: u64, failed: u64) {
+        self.dns_forwards.get_or_create(&vec![("result", "ok".to_string())]).inc_by(all.saturating_sub(failed));
+        self.dns_forwards.get_or_create(&vec![("result", "failed".to_string())]).inc_by(failed);
     }
 
     pub fn renewal(&self, result: &'static str) {

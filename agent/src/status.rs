@@ -24,6 +24,15 @@ pub struct NodeStatus {
     pub files: FilesStatus,
     /// Pods set up by netd-cni on this node (from its IPAM state).
     pub cni: Option<CniStatus>,
+    /// The service proxy, when one runs.
+    #[serde(default)]
+    pub services: Option<ServicesStatus>,
+    /// Cluster DNS, when it runs.
+    #[serde(default)]
+    pub dns: Option<DnsStatus>,
+    /// The Kubernetes API server, with `--source kubernetes`.
+    #[serde(default)]
+    pub api_server: Option<ApiServerStatus>,
     /// Problems that are not tied to one field above (invalid config update, ...).
     pub problems: Vec<String>,
 }
@@ -93,6 +102,46 @@ pub struct SyncStatus {
 pub struct FilesStatus {
     pub subnet_env: Option<String>,
     pub cni_conflist: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DnsStatus {
+    pub listen: Vec<String>,
+    pub upstreams: Vec<String>,
+    /// Services in the zone, and records served.
+    pub services: usize,
+    pub records: usize,
+    pub zone_built_at: Option<u64>,
+    pub queries: u64,
+    pub queries_per_second: f64,
+    pub cache_hit_ratio: Option<f64>,
+    pub forwards: u64,
+    pub forward_failures: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ApiServerStatus {
+    pub connected: bool,
+    /// Services and EndpointSlices listed completely at least once.
+    pub synced: bool,
+    pub last_error: Option<String>,
+    pub objects: usize,
+    pub relists_after_410: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServicesStatus {
+    /// `nftables`, `iptables`.
+    pub mode: String,
+    /// Services programmed by the last successful sync.
+    pub services: usize,
+    /// Registry revision of the last successful sync (`None` before the first).
+    pub applied_revision: Option<i64>,
+    pub last_sync: Option<u64>,
+    pub last_error: Option<String>,
+    pub warnings: Vec<String>,
+    /// healthCheckNodePort servers running (externalTrafficPolicy Local).
+    pub health_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,6 +243,25 @@ pub fn verdict(s: &NodeStatus) -> (Health, Vec<String>) {
             bad.push(format!("no pod addresses left ({} pods use them all)", cni.pods));
         }
     }
+    if let Some(dns) = &s.dns {
+        if dns.upstreams.is_empty() {
+            warn.push("cluster DNS has no upstream resolvers: names outside the cluster domain fail".into());
+        }
+    }
+    if let Some(api) = &s.api_server {
+        if !api.connected {
+            let why = api.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+            warn.push(format!("Kubernetes API server unreachable{why}; services keep their last known state"));
+        }
+    }
+    if let Some(svc) = &s.services {
+        match (&svc.last_error, svc.applied_revision) {
+            (Some(e), _) => warn.push(format!("service sync failed: {e}")),
+            (None, None) => warn.push("services not programmed yet (waiting for the first sync)".into()),
+            _ => {}
+        }
+        warn.extend(svc.warnings.iter().map(|w| format!("services: {w}")));
+    }
     if let Some(sync) = &s.last_sync {
         for e in &sync.errors {
             warn.push(format!("last sync: {e}"));
@@ -275,6 +343,29 @@ pub fn render(s: &NodeStatus, color: bool) -> String {
     if let Some(sync) = &s.last_sync {
         let errs = if sync.errors.is_empty() { String::new() } else { paint("31", &format!(", {} error(s)", sync.errors.len())) };
         let _ = writeln!(out, "sync      {} ({:.1} ms, {} change(s){errs})", rel(s.now, sync.at), sync.duration_ms, sync.changes);
+    }
+    if let Some(svc) = &s.services {
+        let when = svc.last_sync.map(|t| format!(", synced {}", rel(s.now, t))).unwrap_or_default();
+        let rev = svc.applied_revision.map(|r| format!(" (revision {r})")).unwrap_or_else(|| " (not synced yet)".into());
+        let err = svc.last_error.as_ref().map(|e| paint("31", &format!(" — ERROR: {e}"))).unwrap_or_default();
+        let _ = writeln!(out, "services  {} programmed by {}{rev}{when}{err}", svc.services, svc.mode);
+    }
+    if let Some(dns) = &s.dns {
+        let hit = dns.cache_hit_ratio.map(|r| format!(", cache hits {:.0}%", r * 100.0)).unwrap_or_default();
+        let fails = if dns.forward_failures > 0 { paint("33", &format!(", {} failed forwards", dns.forward_failures)) } else { String::new() };
+        let _ = writeln!(
+            out,
+            "dns       {} records for {} services on {}; {:.0} queries/s{hit}; upstream {}{fails}",
+            dns.records,
+            dns.services,
+            dns.listen.join(","),
+            dns.queries_per_second,
+            if dns.upstreams.is_empty() { paint("31", "NONE") } else { dns.upstreams.join(",") }
+        );
+    }
+    if let Some(api) = &s.api_server {
+        let state = if api.connected { paint("32", "connected") } else { paint("31", "UNREACHABLE") };
+        let _ = writeln!(out, "apiserver {state} ({} objects, {} relist(s) after 410 Gone)", api.objects, api.relists_after_410);
     }
     let etcd = if s.etcd.connected { paint("32", "connected") } else { paint("31", "UNREACHABLE") };
     let _ = writeln!(out, "etcd      {etcd} {} (revision {})", s.etcd.endpoints.join(","), s.etcd.revision);

@@ -33,7 +33,7 @@ mod wait;
 
 pub use cluster::{Cluster, DEFAULT_ETCD_PREFIX, UNDERLAY_GATEWAY};
 pub use etcd::{Etcd, TlsFiles};
-pub use netd_bin::{netd_binary, netd_cni_binary};
+pub use netd_bin::{fake_apiserver_binary, netd_binary, netd_cni_binary};
 pub use netns::{namespace_prefix, reap_stale_namespaces, Netns};
 pub use node::Node;
 pub use pod::Pod;

@@ -36,6 +36,32 @@ pub fn netd_cni_binary() -> Result<PathBuf> {
         .map_err(anyhow::Error::msg)
 }
 
+/// The fake Kubernetes API server (`netd-kube`'s `fake-apiserver` example, feature
+/// `testserver`), built on first use.
+pub fn fake_apiserver_binary() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = workspace_root();
+        let target = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) => root.join(dir),
+            None => root.join("target"),
+        };
+        let bin = target.join("debug").join("examples").join("fake-apiserver");
+        if needs_build(&bin, &root.join("agent/kube")) {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut c = command(&cargo, &["build", "-p", "netd-kube", "--features", "testserver", "--example", "fake-apiserver"]);
+            c.current_dir(&root);
+            let out = cmd::output(&mut c).map_err(|e| format!("{e:#}"))?;
+            if !out.status.success() {
+                return Err(format!("building fake-apiserver failed:\n{}", cmd::tail(&String::from_utf8_lossy(&out.stderr), 40)));
+            }
+        }
+        Ok(bin)
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
 fn resolve(env: &str, package: &str, crate_dir: &str) -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os(env) {
         let bin = PathBuf::from(bin);

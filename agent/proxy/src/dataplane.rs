@@ -1,0 +1,106 @@
+//! One trait for the service dataplanes: render the Plan (pure, golden-tested), apply the
+//! difference (thin). nftables and iptables implement it; an eBPF backend would too.
+
+use crate::iptables::{self, IptRuleset, Iptables};
+use crate::model::Plan;
+use crate::nft::{self, Nftables, Ruleset};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("nftables: {0}")]
+    Nftables(#[from] nft::NftError),
+    #[error("iptables: {0}")]
+    Iptables(#[from] iptables::IptablesError),
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Whether anything was written to the kernel.
+    pub changed: bool,
+    /// Backend-specific size of the change (nft: operations; iptables: restore bytes).
+    pub size: usize,
+    /// Whether the kernel's state was read back and compared (start-up, resync, after errors).
+    pub observed: bool,
+}
+
+pub trait Dataplane: Send {
+    type Artifact: Send + Sync + 'static;
+    fn name(&self) -> &'static str;
+    /// Plan → artifact. Pure; `prev` only lets unchanged services' parts be reused.
+    fn render(&self, plan: &Plan, prev: Option<&Self::Artifact>) -> Self::Artifact;
+    /// Makes the kernel hold `artifact`, changing only what differs. `observe`: diff against
+    /// the kernel's actual state instead of the last applied artifact.
+    fn apply(&mut self, artifact: &Self::Artifact, observe: bool) -> Result<ApplyReport, DataplaneError>;
+    /// Removes everything this dataplane programmed.
+    fn remove(&mut self) -> Result<(), DataplaneError>;
+}
+
+impl Dataplane for Nftables {
+    type Artifact = Ruleset;
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+    fn render(&self, plan: &Plan, prev: Option<&Ruleset>) -> Ruleset {
+        nft::render(plan, prev)
+    }
+    fn apply(&mut self, artifact: &Ruleset, observe: bool) -> Result<ApplyReport, DataplaneError> {
+        let r = self.sync(artifact, observe)?;
+        Ok(ApplyReport { changed: r.ops > 0, size: r.ops, observed: r.observed })
+    }
+    fn remove(&mut self) -> Result<(), DataplaneError> {
+        Ok(Nftables::remove(self)?)
+    }
+}
+
+impl Dataplane for Iptables {
+    type Artifact = IptRuleset;
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+    fn render(&self, plan: &Plan, prev: Option<&IptRuleset>) -> IptRuleset {
+        iptables::render(plan, prev)
+    }
+    fn apply(&mut self, artifact: &IptRuleset, observe: bool) -> Result<ApplyReport, DataplaneError> {
+        let r = self.sync(artifact, observe)?;
+        Ok(ApplyReport { changed: r.bytes > 0, size: r.bytes, observed: r.observed })
+    }
+    fn remove(&mut self) -> Result<(), DataplaneError> {
+        Ok(Iptables::remove(self)?)
+    }
+}
+
+/// Object-safe face of a [`Dataplane`] that keeps its last artifact: what the control loop
+/// holds, whichever `--proxy-mode` was chosen.
+pub trait Backend: Send {
+    fn name(&self) -> &'static str;
+    fn sync(&mut self, plan: &Plan, observe: bool) -> Result<ApplyReport, DataplaneError>;
+    fn remove(&mut self) -> Result<(), DataplaneError>;
+}
+
+pub struct Rendered<D: Dataplane> {
+    pub dataplane: D,
+    last: Option<D::Artifact>,
+}
+
+impl<D: Dataplane> Rendered<D> {
+    pub fn new(dataplane: D) -> Self {
+        Rendered { dataplane, last: None }
+    }
+}
+
+impl<D: Dataplane> Backend for Rendered<D> {
+    fn name(&self) -> &'static str {
+        self.dataplane.name()
+    }
+    fn sync(&mut self, plan: &Plan, observe: bool) -> Result<ApplyReport, DataplaneError> {
+        let artifact = self.dataplane.render(plan, self.last.as_ref());
+        let r = self.dataplane.apply(&artifact, observe);
+        self.last = Some(artifact);
+        r
+    }
+    fn remove(&mut self) -> Result<(), DataplaneError> {
+        self.last = None;
+        self.dataplane.remove()
+    }
+}

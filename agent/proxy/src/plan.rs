@@ -1,0 +1,406 @@
+//! `desired(node, snapshot) -> Plan`: the pure planner.
+//!
+//! Kubernetes semantics as kube-proxy implements them: ready endpoints, else serving-terminating
+//! ones; traffic policies; session affinity; LoadBalancer ingress IPs; frontends claimed by two
+//! services go to the older one. [`desired_from`] gives the same answer as [`desired`] but reuses
+//! the previous plan's per-service results where the inputs are the very same objects, which is
+//! what keeps an endpoint change cheap with 10,000 services.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::model::{Endpoint, HealthCheck, NodeInfo, Plan, Proto, ServicePortKey, ServicePortPlan};
+use crate::snapshot::{NsName, ServiceSnapshot};
+
+/// kube-proxy's default ClientIP affinity timeout (3 h).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+
+/// The objects a service's port plans were computed from.
+#[derive(Debug, Clone)]
+pub(crate) struct Inputs {
+    /// creationTimestamp in seconds (older services win contested frontends).
+    created: i64,
+    service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    ports: Vec<Arc<ServicePortPlan>>,
+    warnings: Vec<String>,
+}
+
+impl Inputs {
+    fn same<'a>(&self, service: &Arc<Service>, slices: impl ExactSizeIterator<Item = &'a Arc<EndpointSlice>>) -> bool {
+        Arc::ptr_eq(&self.service, service) && self.slices.len() == slices.len() && self.slices.iter().zip(slices).all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+
+/// What this node must program for `snap`.
+pub fn desired(node: &NodeInfo, snap: &ServiceSnapshot) -> Plan {
+    desired_from(node, snap, None)
+}
+
+/// [`desired`], reusing `prev`'s results for services whose objects did not change.
+pub fn desired_from(node: &NodeInfo, snap: &ServiceSnapshot, prev: Option<&Plan>) -> Plan {
+    let prev = prev.filter(|p| p.node == *node);
+    // Services, slice groups and the previous inputs are all sorted by service: walk them in
+    // step instead of looking each service up (this runs on every change, for every service).
+    let mut prev_iter = prev.map(|p| p.inputs.iter().peekable());
+    let mut slice_iter = snap.slices.iter().peekable();
+    let empty = std::collections::BTreeMap::new();
+    let mut inputs = BTreeMap::new();
+    for (key, svc) in &snap.services {
+        while slice_iter.peek().is_some_and(|(k, _)| *k < key) {
+            slice_iter.next();
+        }
+        let group = match slice_iter.peek() {
+            Some((k, g)) if *k == key => *g,
+            _ => &empty,
+        };
+        let mut reused = None;
+        if let Some(it) = prev_iter.as_mut() {
+            while it.peek().is_some_and(|(k, i)| !Arc::ptr_eq(&i.service, svc) && *k < key) {
+                it.next();
+            }
+            if let Some((k, i)) = it.peek() {
+                if (Arc::ptr_eq(&i.service, svc) || *k == key) && i.same(svc, group.values()) {
+                    reused = Some(Arc::clone(i));
+                }
+            }
+        }
+        let entry = reused.unwrap_or_else(|| {
+            let slices: Vec<Arc<EndpointSlice>> = group.values().cloned().collect();
+            let mut warnings = Vec::new();
+            let ports = plan_service(node, key, svc, &slices, &mut warnings).into_iter().map(Arc::new).collect();
+            let created = svc.metadata.creation_timestamp.as_ref().map_or(i64::MAX, |t| t.0.as_second());
+            Arc::new(Inputs { created, service: svc.clone(), slices, ports, warnings })
+        });
+        inputs.insert(key.clone(), entry);
+    }
+    assemble(node, inputs)
+}
+
+/// Puts the per-service results together, settling frontends claimed twice.
+fn assemble(node: &NodeInfo, inputs: BTreeMap<NsName, Arc<Inputs>>) -> Plan {
+    let mut plan = Plan { node: node.clone(), ..Default::default() };
+    // Older services win a contested frontend, as the API server would have refused the newer.
+    let mut order: Vec<(&NsName, &Arc<Inputs>)> = inputs.iter().collect();
+    order.sort_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(b.0)));
+    let mut ip_claims: HashMap<(Ipv4Addr, Proto, u16), &ServicePortKey> = HashMap::with_capacity(inputs.len() * 2);
+    let mut np_claims: HashMap<(Proto, u16), &ServicePortKey> = HashMap::new();
+    for (_, inp) in order {
+        plan.warnings.extend(inp.warnings.iter().cloned());
+        for sp in &inp.ports {
+            let mut lost: Vec<String> = Vec::new();
+            let mut claim_ip = |ip: Ipv4Addr, what: &str| -> bool {
+                match ip_claims.entry((ip, sp.key.proto, sp.port)) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(&sp.key);
+                        true
+                    }
+                    std::collections::hash_map::Entry::Occupied(o) => {
+                        lost.push(format!("{} {what} {ip}:{} is already used by {}", sp.key, sp.port, o.get()));
+                        false
+                    }
+                }
+            };
+            let cluster_ok = sp.cluster_ip.is_none_or(|ip| claim_ip(ip, "cluster IP"));
+            let ext_ok: Vec<bool> = sp.external_ips.iter().map(|ip| claim_ip(*ip, "external IP")).collect();
+            let lb_ok: Vec<bool> = sp.lb_ips.iter().map(|ip| claim_ip(*ip, "load-balancer IP")).collect();
+            let np_ok = match sp.node_port {
+                None => true,
+                Some(np) => match np_claims.entry((sp.key.proto, np)) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(&sp.key);
+                        true
+                    }
+                    std::collections::hash_map::Entry::Occupied(o) => {
+                        lost.push(format!("{} nodePort {np} is already used by {}", sp.key, o.get()));
+                        false
+                    }
+                },
+            };
+            let sp = if lost.is_empty() {
+                sp.clone()
+            } else {
+                plan.warnings.append(&mut lost);
+                let mut s = (**sp).clone();
+                if !cluster_ok {
+                    s.cluster_ip = None;
+                }
+                s.external_ips = s.external_ips.iter().zip(&ext_ok).filter(|(_, ok)| **ok).map(|(ip, _)| *ip).collect();
+                s.lb_ips = s.lb_ips.iter().zip(&lb_ok).filter(|(_, ok)| **ok).map(|(ip, _)| *ip).collect();
+                if !np_ok {
+                    s.node_port = None;
+                }
+                Arc::new(s)
+            };
+            if let Some(hc) = sp.health_check_node_port {
+                let e = plan.health_checks.entry(hc).or_insert(HealthCheck { service: sp.key.service.clone(), local_endpoints: 0 });
+                if e.service == sp.key.service {
+                    e.local_endpoints = e.local_endpoints.max(sp.local_endpoints.len());
+                }
+            }
+            plan.services.insert(sp.key.clone(), sp);
+        }
+    }
+    plan.inputs = inputs;
+    plan
+}
+
+/// The port plans of one service.
+fn plan_service(node: &NodeInfo, key: &NsName, svc: &Service, slices: &[Arc<EndpointSlice>], warnings: &mut Vec<String>) -> Vec<ServicePortPlan> {
+    let Some(spec) = &svc.spec else { return Vec::new() };
+    let typ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if typ == "ExternalName" {
+        return Vec::new();
+    }
+    let parse_ip = |s: &str, what: &str, warnings: &mut Vec<String>| -> Option<Ipv4Addr> {
+        match s.parse::<Ipv4Addr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                warnings.push(format!("{key}: {what} {s:?} is not an IPv4 address; ignored"));
+                None
+            }
+        }
+    };
+    let cluster_ip = match spec.cluster_ip.as_deref() {
+        None | Some("") | Some("None") => None,
+        Some(s) => parse_ip(s, "clusterIP", warnings),
+    };
+    let external_ips: Vec<Ipv4Addr> =
+        spec.external_ips.iter().flatten().filter_map(|s| parse_ip(s, "externalIP", warnings)).collect();
+    let lb_ips: Vec<Ipv4Addr> = if typ == "LoadBalancer" {
+        svc.status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.as_deref())
+            .filter_map(|s| parse_ip(s, "load-balancer ingress IP", warnings))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+    });
+    let node_ports_allowed = typ == "NodePort" || typ == "LoadBalancer";
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let hcnp = if external_local && node_ports_allowed {
+        spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0)
+    } else {
+        None
+    };
+
+    let mut out = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let Some(proto) = Proto::from_k8s(port.protocol.as_deref()) else {
+            warnings.push(format!("{key}: protocol {:?} is not supported; port ignored", port.protocol));
+            continue;
+        };
+        let Ok(p) = u16::try_from(port.port) else { continue };
+        if p == 0 {
+            continue;
+        }
+        let port_name = port.name.clone().unwrap_or_default();
+        let node_port = if node_ports_allowed { port.node_port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0) } else { None };
+        let (all, warn) = endpoints_for(node, slices, &port_name, proto);
+        warnings.extend(warn.into_iter().map(|w| format!("{key}: {w}")));
+        let cluster_endpoints = choose(all.iter().filter(|_| true));
+        let local_endpoints = choose(all.iter().filter(|e| e.local));
+        if cluster_ip.is_none() && external_ips.is_empty() && lb_ips.is_empty() && node_port.is_none() {
+            continue; // headless: nothing for the proxy
+        }
+        let spk = ServicePortKey { service: key.clone(), port_name, proto };
+        out.push(ServicePortPlan {
+            slug: spk.slug(p).into(),
+            key: spk,
+            port: p,
+            cluster_ip,
+            external_ips: external_ips.clone(),
+            lb_ips: lb_ips.clone(),
+            node_port,
+            affinity_timeout,
+            external_local,
+            internal_local,
+            health_check_node_port: hcnp,
+            cluster_endpoints,
+            local_endpoints,
+        });
+    }
+    out
+}
+
+/// Ready endpoints; if there are none, the serving terminating ones (kube-proxy's fallback).
+fn choose<'a>(eps: impl Iterator<Item = &'a Endpoint> + Clone) -> Vec<Endpoint> {
+    let ready: Vec<Endpoint> = eps.clone().filter(|e| e.ready).cloned().collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    eps.filter(|e| e.serving && e.terminating).cloned().collect()
+}
+
+/// Every IPv4 endpoint of `slices` for the service port named `port_name`, distinct by
+/// address and port, sorted.
+fn endpoints_for(node: &NodeInfo, slices: &[Arc<EndpointSlice>], port_name: &str, proto: Proto) -> (Vec<Endpoint>, Vec<String>) {
+    let mut by_addr: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
+    let mut warnings = Vec::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let Some(target) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name && Proto::from_k8s(p.protocol.as_deref()) == Some(proto)
+        }) else {
+            continue;
+        };
+        let Some(tport) = target.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) else { continue };
+        for ep in &slice.endpoints {
+            let Some(addr) = ep.addresses.first() else { continue };
+            let Ok(ip) = addr.parse::<Ipv4Addr>() else {
+                warnings.push(format!("endpoint address {addr:?} is not IPv4; ignored"));
+                continue;
+            };
+            let c = ep.conditions.as_ref();
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            let local = !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
+            let e = Endpoint { ip, port: tport, local, ready, serving, terminating };
+            by_addr
+                .entry((ip, tport))
+                .and_modify(|old| {
+                    // The same address in two slices (during a move): the better state wins.
+                    old.ready |= e.ready;
+                    old.serving |= e.serving;
+                    old.terminating &= e.terminating;
+                    old.local |= e.local;
+                })
+                .or_insert(e);
+        }
+    }
+    (by_addr.into_values().collect(), warnings)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::json;
+    pub use crate::testdata::{node, slice, svc, web_snapshot};
+
+    #[test]
+    fn ports_frontends_and_endpoints() {
+        let plan = desired(&node(), &web_snapshot());
+        assert_eq!(plan.services.len(), 2);
+        let http = plan.services.values().find(|s| s.key.port_name == "http").unwrap();
+        assert_eq!(http.cluster_ip, Some("10.96.0.10".parse().unwrap()));
+        assert_eq!(http.node_port, Some(30080));
+        assert_eq!(http.external_ips, vec!["198.18.0.200".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(http.affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
+        let ips: Vec<String> = http.cluster_endpoints.iter().map(|e| e.addr()).collect();
+        assert_eq!(ips, ["10.244.1.5:8080", "10.244.2.7:8080"], "terminating endpoint unused while ready ones exist");
+        assert_eq!(http.local_endpoints.len(), 1);
+        let dns = plan.services.values().find(|s| s.key.port_name == "dns").unwrap();
+        assert_eq!(dns.key.proto, Proto::Udp);
+        assert_eq!(dns.cluster_endpoints[0].port, 5353);
+    }
+
+    #[test]
+    fn terminating_endpoints_only_when_no_ready_ones_remain() {
+        let snap = ServiceSnapshot::from_objects(
+            [svc(json!({"metadata": {"name": "a"}, "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 80}]}}))],
+            [slice(json!({
+                "metadata": {"name": "a-x", "labels": {"kubernetes.io/service-name": "a"}},
+                "addressType": "IPv4", "ports": [{"port": 80}],
+                "endpoints": [
+                    {"addresses": ["10.244.2.8"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                    {"addresses": ["10.244.2.9"], "conditions": {"ready": false, "serving": false, "terminating": true}}
+                ]
+            }))],
+        );
+        let plan = desired(&node(), &snap);
+        let sp = plan.services.values().next().unwrap();
+        assert_eq!(sp.cluster_endpoints.len(), 1);
+        assert_eq!(sp.cluster_endpoints[0].ip.to_string(), "10.244.2.8");
+    }
+
+    #[test]
+    fn traffic_policies_and_health_checks() {
+        let snap = ServiceSnapshot::from_objects(
+            [svc(json!({"metadata": {"name": "lb"}, "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.12",
+                "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local", "healthCheckNodePort": 31000,
+                "ports": [{"port": 80, "nodePort": 30081}]},
+                "status": {"loadBalancer": {"ingress": [{"ip": "198.18.0.201"}]}}}))],
+            [slice(json!({
+                "metadata": {"name": "lb-x", "labels": {"kubernetes.io/service-name": "lb"}},
+                "addressType": "IPv4", "ports": [{"port": 8080}],
+                "endpoints": [{"addresses": ["10.244.2.8"], "nodeName": "node1"}]
+            }))],
+        );
+        let plan = desired(&node(), &snap);
+        let sp = plan.services.values().next().unwrap();
+        assert_eq!(sp.lb_ips.len(), 1);
+        assert!(sp.internal_endpoints().is_empty() && sp.external_endpoints().is_empty());
+        assert_eq!(sp.internal_fallback(), crate::model::NoEndpoints::Drop);
+        assert_eq!(plan.health_checks[&31000].local_endpoints, 0);
+    }
+
+    #[test]
+    fn contested_frontends_go_to_the_older_service() {
+        let snap = ServiceSnapshot::from_objects(
+            [
+                svc(json!({"metadata": {"name": "old", "creationTimestamp": "2024-01-01T00:00:00Z"},
+                    "spec": {"clusterIP": "10.96.0.20", "externalIPs": ["198.18.0.250"], "ports": [{"port": 80}]}})),
+                svc(json!({"metadata": {"name": "new", "creationTimestamp": "2025-01-01T00:00:00Z"},
+                    "spec": {"clusterIP": "10.96.0.21", "externalIPs": ["198.18.0.250"], "ports": [{"port": 80}]}})),
+            ],
+            [],
+        );
+        let plan = desired(&node(), &snap);
+        let new = plan.services.values().find(|s| s.key.service.name == "new").unwrap();
+        assert!(new.external_ips.is_empty());
+        assert_eq!(plan.warnings.len(), 1, "{:?}", plan.warnings);
+    }
+
+    #[test]
+    fn incremental_planning_reuses_unchanged_services_and_equals_a_full_plan() {
+        let mut snap = web_snapshot();
+        snap.put_service(Arc::new(svc(json!({"metadata": {"name": "b"}, "spec": {"clusterIP": "10.96.0.30", "ports": [{"port": 80}]}}))));
+        let p1 = desired(&node(), &snap);
+        snap.put_slice(Arc::new(slice(json!({
+            "metadata": {"name": "b-1", "labels": {"kubernetes.io/service-name": "b"}},
+            "addressType": "IPv4", "ports": [{"port": 80}], "endpoints": [{"addresses": ["10.244.3.3"]}]}))));
+        let p2 = desired_from(&node(), &snap, Some(&p1));
+        let full = desired(&node(), &snap);
+        let web = |p: &Plan| p.services.values().find(|s| s.key.port_name == "http").unwrap().clone();
+        assert!(Arc::ptr_eq(&web(&p1), &web(&p2)), "unchanged service reused");
+        let b = |p: &Plan| p.services.values().find(|s| s.key.service.name == "b").unwrap().clone();
+        assert_eq!(b(&p2).cluster_endpoints.len(), 1);
+        assert_eq!(p2.services.len(), full.services.len());
+        for (k, v) in &full.services {
+            assert_eq!(**v, *p2.services[k]);
+        }
+    }
+
+    #[test]
+    fn headless_and_external_name_services_are_ignored() {
+        let snap = ServiceSnapshot::from_objects(
+            [
+                svc(json!({"metadata": {"name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}})),
+                svc(json!({"metadata": {"name": "e"}, "spec": {"type": "ExternalName", "externalName": "example.org"}})),
+            ],
+            [],
+        );
+        assert!(desired(&node(), &snap).services.is_empty());
+    }
+}

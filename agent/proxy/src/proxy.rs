@@ -1,0 +1,241 @@
+//! `run_proxy`: the service proxy's control loop.
+//!
+//! Level-triggered: every pass recomputes the Plan from the whole current snapshot (reusing
+//! unchanged services' results), renders it, and applies only the difference from what was
+//! applied last; every `resync_interval` the difference is taken from the kernel's actual state
+//! instead, which repairs drift. Errors keep the last good state in the kernel and are retried.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::conntrack;
+use crate::dataplane::{Backend, Rendered};
+use crate::health::HealthServers;
+use crate::iptables::Iptables;
+use crate::model::{NodeInfo, Plan};
+use crate::nft::Nftables;
+use crate::plan::desired_from;
+use crate::snapshot::ServiceSnapshot;
+
+/// `--proxy-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ProxyMode {
+    /// nf_tables through netlink: verdict maps, constant cost per packet.
+    #[default]
+    Nftables,
+    /// iptables-restore with kube-proxy-like chains, for nodes without nftables.
+    Iptables,
+    /// Do not program services (another proxy does).
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub node: NodeInfo,
+    pub mode: ProxyMode,
+    /// The iptables-restore binary for `ProxyMode::Iptables`.
+    pub iptables_restore: String,
+    /// How often the dataplane is compared with the kernel and repaired.
+    pub resync_interval: Duration,
+    /// Address the healthCheckNodePort servers listen on (`None`: no health servers).
+    pub health_bind: Option<Ipv4Addr>,
+    /// Delete stale UDP conntrack entries (needs the `conntrack` tool).
+    pub conntrack: bool,
+    /// Published after every pass (for a status API, and tests).
+    pub status: Option<watch::Sender<ProxyStatus>>,
+}
+
+impl ProxyConfig {
+    pub fn new(node: NodeInfo, mode: ProxyMode) -> Self {
+        ProxyConfig {
+            node,
+            mode,
+            iptables_restore: "iptables-restore".into(),
+            resync_interval: Duration::from_secs(30),
+            health_bind: Some(Ipv4Addr::UNSPECIFIED),
+            conntrack: true,
+            status: None,
+        }
+    }
+}
+
+/// `netd run` flags of the service proxy (flatten into the daemon's `RunArgs`). The registry's
+/// etcd connection is [`crate::registry::RegistryArgs`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProxyArgs {
+    /// How Services are programmed: nftables (netlink, constant cost per packet), iptables (iptables-restore, for nodes without nftables) or none.
+    #[arg(long, env = "NETD_PROXY_MODE", value_enum, default_value_t = ProxyMode::Nftables)]
+    pub proxy_mode: ProxyMode,
+    /// iptables-restore binary for --proxy-mode iptables (iptables-restore, iptables-legacy-restore, iptables-nft-restore).
+    #[arg(long, env = "NETD_IPTABLES_RESTORE", default_value = "iptables-restore")]
+    pub iptables_restore: String,
+    /// Addresses NodePorts are served on, comma-separated (default: the node's address; empty list = every local address).
+    #[arg(long, env = "NETD_NODEPORT_ADDRESSES", value_delimiter = ',')]
+    pub nodeport_addresses: Option<Vec<Ipv4Addr>>,
+    /// Address the healthCheckNodePort servers listen on.
+    #[arg(long, env = "NETD_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0")]
+    pub healthz_bind_address: Ipv4Addr,
+    /// Delete stale UDP conntrack entries when endpoints go away (needs the `conntrack` tool).
+    #[arg(long, env = "NETD_CONNTRACK_CLEANUP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub conntrack_cleanup: bool,
+}
+
+impl ProxyArgs {
+    /// The proxy configuration for this node. `node.ips` is replaced by --nodeport-addresses
+    /// when given.
+    pub fn config(&self, mut node: NodeInfo, resync_interval: Duration) -> ProxyConfig {
+        if let Some(ips) = &self.nodeport_addresses {
+            node.ips = ips.clone();
+        }
+        ProxyConfig {
+            node,
+            mode: self.proxy_mode,
+            iptables_restore: self.iptables_restore.clone(),
+            resync_interval,
+            health_bind: Some(self.healthz_bind_address),
+            conntrack: self.conntrack_cleanup,
+            status: None,
+        }
+    }
+}
+
+/// What the loop did last.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxyStatus {
+    /// Registry revision of the snapshot applied last (`None` before the first success).
+    pub applied_revision: Option<i64>,
+    pub services: usize,
+    pub syncs: u64,
+    pub last_error: Option<String>,
+    pub warnings: Vec<String>,
+    pub health_ports: Vec<u16>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Dataplane(#[from] crate::dataplane::DataplaneError),
+}
+
+/// The backend for a mode (`None` for `ProxyMode::None`).
+pub fn backend(cfg: &ProxyConfig) -> Option<Box<dyn Backend>> {
+    match cfg.mode {
+        ProxyMode::Nftables => Some(Box::new(Rendered::new(Nftables::new()))),
+        ProxyMode::Iptables => Some(Box::new(Rendered::new(Iptables::new(&cfg.iptables_restore)))),
+        ProxyMode::None => None,
+    }
+}
+
+/// Runs until the snapshot sender is dropped. Programs the network namespace of the thread(s)
+/// the runtime runs on. Returns an error only for what retrying cannot fix.
+pub async fn run_proxy(cfg: ProxyConfig, mut snapshots: watch::Receiver<Arc<ServiceSnapshot>>) -> Result<(), ProxyError> {
+    let mut backend = backend(&cfg);
+    info!(mode = ?cfg.mode, node = %cfg.node.name, "service proxy starting");
+    let mut health = cfg.health_bind.map(HealthServers::new);
+    let mut plan: Option<Plan> = None;
+    let mut status = ProxyStatus::default();
+    let mut next_resync = Instant::now() + cfg.resync_interval;
+    let mut observe = true; // the first pass adopts what the kernel has
+    let mut failures = 0u32;
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        let started = Instant::now();
+        let new_plan = desired_from(&cfg.node, &snap, plan.as_ref());
+        let result = match backend.as_mut() {
+            Some(b) => b.sync(&new_plan, observe).map(Some),
+            None => Ok(None),
+        };
+        status.syncs += 1;
+        match result {
+            Ok(report) => {
+                if let Some(r) = &report {
+                    if r.changed {
+                        info!(revision = snap.revision, services = new_plan.services.len(), size = r.size, observed = r.observed, took = ?started.elapsed(), "service dataplane updated");
+                    } else {
+                        debug!(revision = snap.revision, observed = r.observed, "service dataplane already up to date");
+                    }
+                }
+                if cfg.conntrack && cfg.mode != ProxyMode::None {
+                    let empty = Plan::default();
+                    let flushes = conntrack::stale_udp(plan.as_ref().unwrap_or(&empty), &new_plan);
+                    if !flushes.is_empty() {
+                        conntrack::flush(&flushes);
+                    }
+                }
+                for w in new_plan.warnings.iter().filter(|w| !status.warnings.contains(w)) {
+                    warn!("{w}");
+                }
+                status.warnings = new_plan.warnings.clone();
+                status.applied_revision = Some(snap.revision);
+                status.services = new_plan.services.len();
+                status.last_error = None;
+                failures = 0;
+                observe = false;
+                if let Some(h) = health.as_mut() {
+                    h.update(&new_plan.health_checks).await;
+                    status.health_ports = h.ports();
+                }
+                plan = Some(new_plan);
+            }
+            Err(e) => {
+                failures += 1;
+                error!("programming services failed (attempt {failures}); the previous rules stay in place: {e}");
+                status.last_error = Some(e.to_string());
+                observe = true;
+            }
+        }
+        if let Some(tx) = &cfg.status {
+            let _ = tx.send(status.clone());
+        }
+        let wait_until = if failures > 0 {
+            Instant::now() + Duration::from_millis(200 * u64::from(failures.min(25)))
+        } else {
+            next_resync
+        };
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    info!("snapshot source closed; service proxy stopping (rules stay in place)");
+                    return Ok(());
+                }
+            }
+            _ = tokio::time::sleep_until(wait_until.into()) => {
+                if failures == 0 {
+                    observe = true;
+                    next_resync = Instant::now() + cfg.resync_interval;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        proxy: ProxyArgs,
+    }
+
+    #[test]
+    fn proxy_flags_have_env_vars_and_defaults() {
+        Cli::command().debug_assert();
+        for arg in Cli::command().get_arguments() {
+            if arg.get_long().is_some() && arg.get_id() != "help" {
+                assert!(arg.get_env().is_some_and(|e| e.to_string_lossy().starts_with("NETD_")), "--{}", arg.get_id());
+            }
+        }
+        let c = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(c.proxy.proxy_mode, ProxyMode::Nftables);
+        let cfg = Cli::try_parse_from(["x", "--proxy-mode", "iptables", "--nodeport-addresses", "198.18.0.10,198.18.0.11"]).unwrap().proxy.config(NodeInfo::default(), Duration::from_secs(5));
+        assert_eq!(cfg.mode, ProxyMode::Iptables);
+        assert_eq!(cfg.node.ips.len(), 2);
+    }
+}

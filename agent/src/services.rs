@@ -1,0 +1,218 @@
+//! Services on this node: the service registry (etcd) feeds one snapshot channel, which the
+//! proxy (and the cluster DNS) consume. The channel is created only once the registry has been
+//! listed completely, so a starting or restarting netd never programs an empty service table
+//! over rules that are right (traffic is not interrupted).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use netd_proxy::registry::{RegistryOptions, ServiceRegistry};
+use netd_proxy::{NodeInfo, ProxyConfig, ProxyMode, ProxyStatus, ServiceSnapshot};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::server::{unix_now, Shared};
+use crate::status::ServicesStatus;
+
+/// Connects to the registry and lists it, retrying until it succeeds; then keeps the returned
+/// channel current (watch + relist, last good snapshot kept while etcd is away).
+pub async fn start_source(opts: RegistryOptions) -> watch::Receiver<Arc<ServiceSnapshot>> {
+    let mut backoff = Duration::from_millis(100);
+    let mut said = false;
+    let (registry, first) = loop {
+        let attempt = async {
+            let r = ServiceRegistry::connect(&opts).await?;
+            let s = r.snapshot().await?;
+            Ok::<_, netd_proxy::registry::RegistryError>((r, s))
+        };
+        match attempt.await {
+            Ok(ok) => break ok,
+            Err(e) => {
+                if !said {
+                    warn!(error = %e, "cannot list the service registry yet; services wait for it");
+                    said = true;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    info!(services = first.services.len(), revision = first.revision, "service registry listed");
+    let (tx, rx) = watch::channel(Arc::new(first));
+    tokio::spawn(async move { registry.run_watch(tx).await });
+    rx
+}
+
+/// The same channel fed from the Kubernetes API server (`--source kubernetes`): handed out only
+/// once Services and EndpointSlices have been listed completely. The source's connectivity is
+/// mirrored into `netd status`.
+pub async fn start_kube_source(client: kube::Client, shared: Arc<Shared>) -> watch::Receiver<Arc<ServiceSnapshot>> {
+    let (tx, mut rx) = watch::channel(Arc::new(ServiceSnapshot::default()));
+    let (status_tx, mut status_rx) = watch::channel(netd_kube::SourceStatus::default());
+    tokio::spawn(netd_kube::run_service_source(client, tx, status_tx));
+    tokio::spawn(async move {
+        while status_rx.changed().await.is_ok() {
+            let st = status_rx.borrow_and_update().clone();
+            shared.update(|s| {
+                s.api_server = Some(crate::status::ApiServerStatus {
+                    connected: st.connected,
+                    synced: st.synced,
+                    last_error: st.last_error.clone(),
+                    objects: st.objects,
+                    relists_after_410: st.expired,
+                })
+            });
+        }
+    });
+    // The source publishes only after its first complete list; wait for that.
+    let _ = rx.changed().await;
+    rx.mark_changed();
+    rx
+}
+
+/// The proxy's view: the snapshots without the Service whose ClusterIP is the cluster DNS IP,
+/// so that its port 53 reaches the node-local DNS server instead of being load-balanced away.
+pub fn without_dns_vip(mut rx: watch::Receiver<Arc<ServiceSnapshot>>, dns_ip: Option<std::net::IpAddr>) -> watch::Receiver<Arc<ServiceSnapshot>> {
+    let Some(dns_ip) = dns_ip else { return rx };
+    let filter = move |snap: &ServiceSnapshot| -> ServiceSnapshot {
+        let mut out = snap.clone();
+        let drop: Vec<_> = snap
+            .services
+            .iter()
+            .filter(|(_, s)| s.spec.as_ref().and_then(|sp| sp.cluster_ip.as_deref()).and_then(|ip| ip.parse::<std::net::IpAddr>().ok()) == Some(dns_ip))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in drop {
+            out.remove_service(&k);
+        }
+        out
+    };
+    let (tx, out) = watch::channel(Arc::new(filter(&rx.borrow_and_update())));
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let next = filter(&rx.borrow_and_update());
+            if tx.send(Arc::new(next)).is_err() {
+                return;
+            }
+        }
+    });
+    out
+}
+
+/// Runs the proxy on `snapshots` and mirrors its status into `netd status`, metrics and readiness.
+pub fn spawn_proxy(mode: ProxyMode, node: NodeInfo, resync: Duration, snapshots: watch::Receiver<Arc<ServiceSnapshot>>, shared: Arc<Shared>) {
+    let (status_tx, mut status_rx) = watch::channel(ProxyStatus::default());
+    let mut cfg = ProxyConfig::new(node, mode);
+    cfg.resync_interval = resync;
+    cfg.status = Some(status_tx);
+    shared.update(|s| s.services = Some(ServicesStatus { mode: format!("{mode:?}").to_lowercase(), ..Default::default() }));
+    tokio::spawn(async move {
+        if let Err(e) = netd_proxy::run_proxy(cfg, snapshots).await {
+            error!(error = %e, "the service proxy stopped");
+        }
+    });
+    tokio::spawn(async move {
+        let mut last_syncs = 0;
+        let mut last_change = Instant::now();
+        while status_rx.changed().await.is_ok() {
+            let st = status_rx.borrow_and_update().clone();
+            let took = last_change.elapsed();
+            last_change = Instant::now();
+            if st.applied_revision.is_some() {
+                shared.set_ready(|r| r.first_service_sync = Some(true));
+            }
+            if st.syncs > last_syncs && st.last_error.is_some() {
+                shared.metrics.sync_errors.inc();
+            }
+            last_syncs = st.syncs;
+            shared.update(|s| {
+                if let Some(svc) = &mut s.services {
+                    svc.services = st.services;
+                    svc.applied_revision = st.applied_revision;
+                    svc.last_sync = Some(unix_now());
+                    svc.last_error = st.last_error.clone();
+                    svc.warnings = st.warnings.clone();
+                    svc.health_ports = st.health_ports.clone();
+                    let _ = took;
+                }
+            });
+        }
+    });
+}
+
+/// Serves cluster DNS from the same snapshots: the zone is rebuilt and swapped in on every
+/// change. The server's counters go to `netd status` and Prometheus every few seconds.
+pub fn spawn_dns(args: netd_dns::Args, network: ipnet::Ipv4Net, mut snapshots: watch::Receiver<Arc<ServiceSnapshot>>, shared: Arc<Shared>) {
+    let cfg = match args.server_config(Some(ipnet::IpNet::V4(network))) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "cluster DNS not started");
+            shared.update(|s| s.problems.push(format!("cluster DNS: {e}")));
+            return;
+        }
+    };
+    let listen: Vec<String> = cfg.listen.iter().map(|a| a.to_string()).collect();
+    let upstreams: Vec<String> = cfg.upstreams.iter().map(|a| a.to_string()).collect();
+    let server = match netd_dns::DnsServer::start(cfg) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            error!(error = %e, "cluster DNS not started");
+            shared.update(|s| s.problems.push(format!("cluster DNS: {e}")));
+            return;
+        }
+    };
+    info!(listen = ?listen, upstreams = ?upstreams, "cluster DNS serving");
+    let zone_cfg = args.zone_config();
+    let dns = server.clone();
+    let shared2 = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            let snap = snapshots.borrow_and_update().clone();
+            let services: Vec<_> = snap.services.values().map(|s| (**s).clone()).collect();
+            let slices: Vec<_> = snap.all_slices().map(|(_, s)| (**s).clone()).collect();
+            let started = Instant::now();
+            let zone = netd_dns::build_zone(&zone_cfg, &services, &slices);
+            let stats = zone.stats().clone();
+            dns.set_zone(Arc::new(zone));
+            tracing::debug!(services = stats.services, records = stats.records, took = ?started.elapsed(), "cluster DNS zone rebuilt");
+            shared2.update(|s| {
+                let d = s.dns.get_or_insert_with(Default::default);
+                d.services = stats.services;
+                d.records = stats.records;
+                d.zone_built_at = Some(unix_now());
+            });
+            if snapshots.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut last: Option<(Instant, u64)> = None;
+        let mut seen = netd_dns::DnsMetrics::default();
+        loop {
+            let m = server.metrics();
+            let total: u64 = m.requests.iter().map(|r| r.count).sum();
+            let qps = last.map(|(t, n)| (total.saturating_sub(n)) as f64 / t.elapsed().as_secs_f64().max(0.001)).unwrap_or(0.0);
+            last = Some((Instant::now(), total));
+            for r in &m.requests {
+                let before = seen.requests.iter().find(|b| b.qtype == r.qtype && b.rcode == r.rcode).map_or(0, |b| b.count);
+                shared.metrics.dns_request(r.qtype, r.rcode, r.count.saturating_sub(before));
+            }
+            shared.metrics.dns_cache(m.cache_hits.saturating_sub(seen.cache_hits), m.cache_misses.saturating_sub(seen.cache_misses));
+            shared.metrics.dns_forwards(m.forwards.saturating_sub(seen.forwards), m.forward_failures.saturating_sub(seen.forward_failures));
+            let lookups = m.cache_hits + m.cache_misses;
+            shared.update(|s| {
+                let d = s.dns.get_or_insert_with(Default::default);
+                d.listen = listen.clone();
+                d.upstreams = upstreams.clone();
+                d.queries = total;
+                d.queries_per_second = qps;
+                d.cache_hit_ratio = if lookups == 0 { None } else { Some(m.cache_hits as f64 / lookups as f64) };
+                d.forwards = m.forwards;
+                d.forward_failures = m.forward_failures;
+            });
+            seen = m;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+}

@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Cluster DNS benchmark: netd-dns vs Knot DNS vs NSD serving the same cluster.local zone, in
+# the same run, each pinned to one core, queried by dnsperf from another namespace.
+#
+#   sudo bench/dns/run.sh                     # 10 s per measurement
+#   DURATION=5 SERVICES=5000 bench/dns/run.sh
+#
+# Data: `netd-dns-standalone bench-data` makes $SERVICES ClusterIP services (+ $HEADLESS
+# headless ones with 3 endpoints), the JSON netd-dns reads, the zone file Knot and NSD load
+# (rendered from the very same Zone), and three query files:
+#   A    svc-N.ns-M.svc.cluster.local A                  (positive answers)
+#   NX   www.exampleN.com.ns-M.svc.cluster.local A       (a pod's search-path miss: NXDOMAIN+SOA)
+#   SRV  _http._tcp.svc-N.ns-M.svc.cluster.local SRV     (answer + additional A)
+#
+# Per query mix and server (interleaved, so machine noise hits all alike):
+#   1. max rate: dnsperf unthrottled (-c 2 -q 200, one thread) for $DURATION s;
+#      the server's CPU time (utime+stime of every process in its namespace) gives its load,
+#      and qps / load = what one core of the server sustains ("qps/core");
+#   2. the same with netd-dns-standalone's batched load generator (blast: sendmmsg/recvmmsg,
+#      256 outstanding), which needs far less client CPU than dnsperf;
+#   3. latency at half the maximum (dnsperf -Q max/2 -v): p50, p99 from every response.
+# On a 2-core machine the client has one core: dnsperf, not the server, usually sets the
+# maximum, hence the CPU-normalized figure.
+#
+# Topology: namespaces ntb-<pid>-dnsb-srv (198.18.9.2, the server) and ntb-<pid>-dnsb-cli
+# (198.18.9.1) joined by a veth pair; nothing in the root namespace. Everything is named
+# ntb-<pid>-*, so the netd test bed reaps what a killed run leaves; a normal exit cleans up.
+#
+# Needs: root, iproute2, dnsperf, knot (knotd), nsd, bind9-dnsutils (dig), and the release
+# build of netd-dns-standalone (built here if missing).
+set -euo pipefail
+export LC_ALL=C
+
+DURATION=${DURATION:-10}
+SERVICES=${SERVICES:-1000}
+HEADLESS=${HEADLESS:-100}
+SERVER_CPU=${SERVER_CPU:-1}
+CLIENT_CPU=${CLIENT_CPU:-0}
+SERVERS=${SERVERS:-"netd knot nsd"}
+MIXES=${MIXES:-"A NX SRV"}
+FIXED_RATE=${FIXED_RATE:-30000}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+BIN=${NETD_DNS:-$ROOT/target/release/netd-dns-standalone}
+P="ntb-$$-"
+SRV=${P}dnsb-srv
+CLI=${P}dnsb-cli
+ADDR=198.18.9.2
+WORK=$(mktemp -d "/tmp/${P}dnsbench-XXXX")
+
+for tool in dnsperf knotd nsd dig taskset; do
+    command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install dnsperf knot nsd bind9-dnsutils util-linux)" >&2; exit 1; }
+done
+if [[ -z ${NETD_DNS:-} ]]; then
+    (cd "$ROOT" && cargo build --release -q -p netd-dns --bin netd-dns-standalone)
+fi
+
+stop_server() {
+    local p
+    for p in $(ip netns pids "$SRV" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
+    for _ in $(seq 50); do [[ -z $(ip netns pids "$SRV" 2>/dev/null) ]] && return; sleep 0.1; done
+    for p in $(ip netns pids "$SRV" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+    sleep 0.2
+}
+
+cleanup() {
+    stop_server
+    ip netns del "$SRV" 2>/dev/null || true
+    ip netns del "$CLI" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+ip netns add "$SRV"
+ip netns add "$CLI"
+ip -n "$SRV" link set lo up
+ip -n "$CLI" link set lo up
+ip -n "$SRV" link add v0 type veth peer name eth0 netns "$CLI"
+ip -n "$SRV" addr add $ADDR/24 dev v0
+ip -n "$SRV" link set v0 up
+ip -n "$CLI" addr add 198.18.9.1/24 dev eth0
+ip -n "$CLI" link set eth0 up
+
+"$BIN" bench-data --out "$WORK" --services "$SERVICES" --headless "$HEADLESS"
+
+mkdir -p "$WORK/knot/db" "$WORK/nsd"
+cp "$WORK/cluster.local.zone" "$WORK/knot/"
+cp "$WORK/cluster.local.zone" "$WORK/nsd/"
+cat >"$WORK/knot/knot.conf" <<EOF
+server:
+  rundir: "$WORK/knot"
+  listen: $ADDR@53
+  udp-workers: 1
+  tcp-workers: 1
+  background-workers: 1
+log:
+  - target: stderr
+    any: warning
+database:
+  storage: "$WORK/knot/db"
+template:
+  - id: default
+    storage: "$WORK/knot"
+    file: "%s.zone"
+    semantic-checks: off
+    journal-content: none
+    zonefile-sync: -1
+zone:
+  - domain: cluster.local
+EOF
+cat >"$WORK/nsd/nsd.conf" <<EOF
+server:
+  ip-address: $ADDR
+  port: 53
+  server-count: 1
+  username: ""
+  chroot: ""
+  zonesdir: "$WORK/nsd"
+  database: ""
+  zonelistfile: "$WORK/nsd/zone.list"
+  xfrdfile: "$WORK/nsd/xfrd.state"
+  pidfile: "$WORK/nsd/nsd.pid"
+  logfile: "$WORK/nsd/nsd.log"
+  minimal-responses: yes
+  # Debian's NSD rate-limits responses (RRL) by default; a benchmark from one address would
+  # measure the limiter.
+  rrl-ratelimit: 0
+  rrl-whitelist-ratelimit: 0
+  verbosity: 0
+remote-control:
+  control-enable: no
+zone:
+  name: cluster.local
+  zonefile: cluster.local.zone
+EOF
+
+start_server() { # NAME
+    local cmd
+    case $1 in
+        netd) cmd=("$BIN" serve --services "$WORK/services.json" --slices "$WORK/slices.json"
+            --dns-listen $ADDR:53 --dns-add-lo-address false --dns-workers 1 --dns-upstream 127.0.0.1:9
+            --cluster-dns-ip 10.96.0.10 --serial 1) ;;
+        knot) cmd=(knotd -c "$WORK/knot/knot.conf") ;;
+        nsd) cmd=(nsd -d -c "$WORK/nsd/nsd.conf") ;;
+    esac
+    RUST_LOG=warn ip netns exec "$SRV" taskset -c "$SERVER_CPU" "${cmd[@]}" >"$WORK/$1.log" 2>&1 &
+    for _ in $(seq 100); do
+        if [[ $(ip netns exec "$CLI" dig +short +time=1 +tries=1 @$ADDR svc-0.ns-0.svc.cluster.local 2>/dev/null) == 10.96.10.1 ]]; then
+            return
+        fi
+        sleep 0.1
+    done
+    echo "$1 did not come up:" >&2
+    cat "$WORK/$1.log" >&2
+    exit 1
+}
+
+cpu_ticks() { # utime+stime of every process in the server namespace
+    local p t=0
+    for p in $(ip netns pids "$SRV"); do
+        # Fields after the ")" that ends the command name (which may hold spaces: "nsd: main").
+        t=$((t + $(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}' || echo 0)))
+    done
+    echo $t
+}
+
+HZ=$(getconf CLK_TCK)
+# Runs "$@" and prints the server's CPU share (%) over it; the command's output goes to $OUT.
+with_cpu() {
+    local t0 t1 s0 s1
+    t0=$(cpu_ticks)
+    s0=$EPOCHREALTIME
+    "$@" >"$OUT" 2>&1
+    s1=$EPOCHREALTIME
+    t1=$(cpu_ticks)
+    awk -v t=$((t1 - t0)) -v hz="$HZ" -v s0="$s0" -v s1="$s1" 'BEGIN {printf "%.1f", 100 * t / hz / (s1 - s0)}'
+}
+
+qfile() { case $1 in A) echo "$WORK/queries-a.txt" ;; NX) echo "$WORK/queries-nx.txt" ;; SRV) echo "$WORK/queries-srv.txt" ;; esac; }
+client() { ip netns exec "$CLI" taskset -c "$CLIENT_CPU" "$@"; }
+
+RESULTS="$WORK/results"
+: >"$RESULTS"
+echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+for mix in $MIXES; do
+    for s in $SERVERS; do
+        start_server "$s"
+        OUT="$WORK/out"
+        # Warm-up (caches, page faults), not measured.
+        client dnsperf -s $ADDR -d "$(qfile "$mix")" -l 1 -c 2 -q 200 >/dev/null 2>&1 || true
+        cpu=$(with_cpu client dnsperf -s $ADDR -d "$(qfile "$mix")" -l "$DURATION" -c 2 -q 200 -T 1)
+        qps=$(awk '/Queries per second/ {printf "%.0f", $4}' "$OUT")
+        rc=$(awk '/Response codes/ {print $3 $4}' "$OUT" | tr -d '(),')
+        lost=$(awk '/Queries lost/ {print $4}' "$OUT" | tr -d '()')
+        bcpu=$(with_cpu client "$BIN" blast --server $ADDR:53 --queries "$(qfile "$mix")" --seconds "$DURATION" --window 256 --sockets 4)
+        bqps=$(awk '{printf "%.0f", $2}' "$OUT")
+        # Server CPU per query at a fixed offered rate: the least noise-sensitive efficiency figure.
+        fcpu=$(with_cpu client "$BIN" blast --server $ADDR:53 --queries "$(qfile "$mix")" --seconds "$DURATION" --rate "$FIXED_RATE" --window 4096 --sockets 4)
+        fus=$(awk -v c="$fcpu" -v r="$FIXED_RATE" 'BEGIN {printf "%.2f", c / 100 / r * 1e6}')
+        half=$((qps / 2))
+        client dnsperf -s $ADDR -d "$(qfile "$mix")" -l "$DURATION" -Q "$half" -c 2 -q 200 -v >"$OUT" 2>&1 || true
+        lat=$(awk '/^> / {print $NF * 1e6}' "$OUT" | sort -n | awk '{v[NR]=$1} END {
+            if (NR == 0) { print "- -"; exit }
+            r50 = int(0.5 * NR); if (r50 < 1) r50 = 1; r99 = int(0.99 * NR); if (r99 < 0.99 * NR) r99++;
+            printf "%.0f %.0f", v[r50], v[r99] }')
+        stop_server
+        printf '%s %s %s %s %s %s %s %s %s %s\n' "$mix" "$s" "$qps" "$cpu" "$bqps" "$bcpu" "$fus" "$lat" "$rc" "$lost" >>"$RESULTS"
+        echo "  $mix $s: dnsperf ${qps} q/s (server CPU ${cpu}%), blast ${bqps} q/s (${bcpu}%), ${fus} us CPU/query at ${FIXED_RATE} q/s, p50/p99 at ${half} q/s: $lat us, $rc, lost $lost" >&2
+    done
+done
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "cluster.local zone: $SERVICES ClusterIP + $HEADLESS headless services; servers on CPU $SERVER_CPU, client on CPU $CLIENT_CPU; ${DURATION}s per measurement"
+printf '%-4s %-5s %11s %6s %9s %10s %6s %9s %9s %8s %8s  %s\n' mix server "dnsperf q/s" "cpu%" "q/s/core" "blast q/s" "cpu%" "q/s/core" "us/query" "p50 us" "p99 us" "rcode"
+awk '{
+    pc = ($4 > 0) ? $3 / ($4 / 100) : 0; bc = ($6 > 0) ? $5 / ($6 / 100) : 0;
+    printf "%-4s %-5s %11d %6.1f %9d %10d %6.1f %9d %9s %8s %8s  %s\n", $1, $2, $3, $4, pc, $5, $6, bc, $7, $8, $9, $10
+}' "$RESULTS"
+echo "q/s/core: rate / server CPU share; us/query: server CPU time per query at $FIXED_RATE q/s (blast, paced)"

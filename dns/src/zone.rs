@@ -1,0 +1,1004 @@
+//! The cluster zone: Services and EndpointSlices turned into DNS records per the Kubernetes
+//! DNS-Based Service Discovery specification 1.1.0, and every answer encoded once, up front.
+//!
+//! [`build_zone`] is pure: it derives a record model from the objects, then encodes one complete
+//! response message per (name, type) that has data. The server only patches the ID and flags,
+//! copies the client's question (to keep its letter case) and appends OPT — see
+//! [`crate::answer`]. Names that do not exist, and names that exist without the asked type, are
+//! answered NXDOMAIN / NODATA with the zone's SOA, built on the fly (they need no lookup table).
+//!
+//! What is in the zone (`<zone>` is `--cluster-domain`), following CoreDNS where the
+//! specification leaves room:
+//!
+//! | name | records |
+//! | --- | --- |
+//! | `<zone>` | SOA, NS `ns.dns.<zone>` |
+//! | `ns.dns.<zone>` | A/AAAA of the cluster DNS service IP(s) |
+//! | `dns-version.<zone>` | TXT `"1.1.0"` |
+//! | `<svc>.<ns>.svc.<zone>` | ClusterIP: A/AAAA of the cluster IPs; headless: A/AAAA of the ready endpoints (no name at all when none is ready); ExternalName: CNAME; SRV for every port |
+//! | `_<port>._<proto>.<svc>.<ns>.svc.<zone>` | SRV per named port (per ready endpoint for headless), targets' A/AAAA in the additional section |
+//! | `<hostname>.<svc>.<ns>.svc.<zone>` | A/AAAA of a ready endpoint; the hostname is the endpoint's `hostname` or its dashed IP (`10-244-1-5`) |
+//! | `<a-b-c-d>.<ns>.pod.<zone>` | A (AAAA for dashed IPv6), answered for any well-formed IP ("pods insecure") |
+//! | reverse names of cluster IPs and endpoint IPs | PTR to the service / endpoint name |
+//!
+//! `svc.<zone>`, `pod.<zone>`, `dns.<zone>` and `<ns>.svc.<zone>` (for a namespace with at least
+//! one Service) exist without data: NODATA. Every other name under `<zone>` is NXDOMAIN.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query as HQuery, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use rustc_hash::FxBuildHasher;
+
+use crate::wire::{self, ty, RrIter, HEADER_LEN};
+
+/// Version of the Kubernetes DNS schema served at `dns-version.<zone>`.
+pub const DNS_SCHEMA_VERSION: &str = "1.1.0";
+/// TTL of the `dns-version` TXT record (CoreDNS uses the same).
+const DNS_VERSION_TTL: u32 = 28800;
+/// The label EndpointSlices name their Service with.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What the zone is built from besides the objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneConfig {
+    /// The cluster domain (`cluster.local`).
+    pub domain: String,
+    /// TTL of positive answers, seconds.
+    pub ttl: u32,
+    /// TTL (and SOA minimum) of negative answers, seconds.
+    pub negative_ttl: u32,
+    /// The cluster DNS service IP(s), served as `ns.dns.<zone>`.
+    pub dns_ips: Vec<IpAddr>,
+    /// SOA serial; `None` uses the current Unix time (what CoreDNS does).
+    pub serial: Option<u32>,
+}
+
+impl Default for ZoneConfig {
+    fn default() -> Self {
+        ZoneConfig {
+            domain: "cluster.local".into(),
+            ttl: 30,
+            negative_ttl: 5,
+            dns_ips: Vec::new(),
+            serial: None,
+        }
+    }
+}
+
+/// Counts describing a built zone (for logs and status).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ZoneStats {
+    pub services: usize,
+    pub headless: usize,
+    pub external_names: usize,
+    /// Distinct ready endpoint addresses published.
+    pub endpoints: usize,
+    /// Names with precomputed answers or known to exist.
+    pub names: usize,
+    pub records: usize,
+    /// Objects (or parts) left out, with the reason.
+    pub skipped: Vec<String>,
+}
+
+/// One precomputed response message: ID 0, question in lower case, flags QR|AA|rcode.
+#[derive(Debug, Clone)]
+pub(crate) struct Packed {
+    pub bytes: Box<[u8]>,
+    /// End of the question section.
+    pub qend: usize,
+    /// Length of the message without its additional section (ARCOUNT must then be 0).
+    pub no_additional_len: usize,
+    /// Answers that may be rotated (round robin): equal-size A/AAAA records.
+    pub rotate: Option<Rotate>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rotate {
+    pub start: usize,
+    pub rr_len: usize,
+    pub count: usize,
+}
+
+/// How a name behaves for types without a precomputed answer.
+#[derive(Debug)]
+pub(crate) enum Kind {
+    /// Inside the cluster zone: NODATA.
+    Zone,
+    /// A reverse name we know PTRs for: other types go upstream, like CoreDNS's fallthrough.
+    Reverse,
+    /// ExternalName whose CNAME chain leaves the zone: the target is resolved upstream.
+    External(Arc<External>),
+}
+
+/// An ExternalName service whose target is outside the cluster zone.
+#[derive(Debug)]
+pub(crate) struct External {
+    /// The CNAME records from the queried name to `target` (one, or more through other
+    /// ExternalName services in the zone).
+    pub chain: Vec<Record>,
+    /// The name resolved upstream, lower-case wire format.
+    pub target: Box<[u8]>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub answers: Box<[(u16, Packed)]>,
+    pub kind: Kind,
+    /// For ExternalName names, the response to types without an answer of their own: the
+    /// CNAME chain (with the SOA when the chain ends at an in-zone name without that type).
+    pub fallback: Option<Packed>,
+}
+
+impl Entry {
+    #[inline]
+    pub fn answer(&self, qtype: u16) -> Option<&Packed> {
+        self.answers.iter().find(|(t, _)| *t == qtype).map(|(_, p)| p)
+    }
+}
+
+/// Lower-case wire name → what is known about it.
+pub(crate) type Names = HashMap<Box<[u8]>, Entry, FxBuildHasher>;
+
+/// The precomputed cluster zone. Immutable; the server swaps whole zones atomically.
+pub struct Zone {
+    pub(crate) apex: Box<[u8]>,
+    pub(crate) names: Names,
+    pub(crate) ttl: u32,
+    pub(crate) negative_ttl: u32,
+    pub(crate) serial: u32,
+    pub(crate) synced: bool,
+    domain: Name,
+    records: Vec<Record>,
+    stats: ZoneStats,
+}
+
+impl std::fmt::Debug for Zone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Zone")
+            .field("domain", &self.domain.to_string())
+            .field("serial", &self.serial)
+            .field("synced", &self.synced)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Zone {
+    /// A zone with no data that answers SERVFAIL for every name in the cluster domain: what
+    /// the server serves until the first snapshot arrives (rather than NXDOMAINs that clients
+    /// would cache).
+    pub fn pending(cfg: &ZoneConfig) -> Zone {
+        let mut z = build_zone(cfg, &[], &[]);
+        z.synced = false;
+        z.names.clear();
+        z.records.clear();
+        z
+    }
+
+    /// The cluster domain, fully qualified (`cluster.local.`).
+    pub fn domain(&self) -> String {
+        self.domain.to_string()
+    }
+
+    pub fn serial(&self) -> u32 {
+        self.serial
+    }
+
+    /// False for [`Zone::pending`].
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    pub fn stats(&self) -> &ZoneStats {
+        &self.stats
+    }
+
+    /// The zone in master-file format (RFC 1035 §5): the cluster domain's records, SOA first.
+    /// Reverse records and pod names (which are computed per query) are not included. Used to
+    /// load the same data into other servers for comparison (bench/dns).
+    pub fn to_zone_file(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "$ORIGIN {}", self.domain);
+        for r in self.records.iter().filter(|r| r.record_type() == RecordType::SOA) {
+            let _ = writeln!(s, "{r}");
+        }
+        for r in &self.records {
+            if r.record_type() != RecordType::SOA && self.domain.zone_of(r.name()) {
+                let _ = writeln!(s, "{r}");
+            }
+        }
+        s
+    }
+}
+
+/// Builds the zone from Services and EndpointSlices (any order; slices are matched to their
+/// Service by the `kubernetes.io/service-name` label). Pure except for the SOA serial when
+/// `cfg.serial` is `None`.
+pub fn build_zone(cfg: &ZoneConfig, services: &[Service], slices: &[EndpointSlice]) -> Zone {
+    let mut stats = ZoneStats::default();
+    let domain = match Name::from_ascii(&cfg.domain).map(|n| n.to_lowercase()) {
+        Ok(mut n) if !n.is_root() && cfg.domain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') => {
+            n.set_fqdn(true);
+            n
+        }
+        _ => {
+            stats.skipped.push(format!("cluster domain {:?} is not a valid name; using cluster.local", cfg.domain));
+            Name::from_ascii("cluster.local.").expect("static name")
+        }
+    };
+    let serial = cfg.serial.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as u32)
+            .unwrap_or(1)
+    });
+    let mut m = Model::new(domain.clone());
+    let ttl = cfg.ttl;
+
+    // Apex, NS, dns-version and the fixed empty non-terminals.
+    let ns_name = m.child(&["ns", "dns"]);
+    let soa = soa_record(&domain, cfg.negative_ttl, serial);
+    m.add(soa);
+    m.add(Record::from_rdata(domain.clone(), ttl, RData::NS(NS(ns_name.clone()))));
+    m.touch(&ns_name, NameKind::Zone);
+    for ip in &cfg.dns_ips {
+        m.add(addr_record(&ns_name, ttl, *ip));
+    }
+    m.add(Record::from_rdata(
+        m.child(&["dns-version"]),
+        DNS_VERSION_TTL,
+        RData::TXT(TXT::new(vec![DNS_SCHEMA_VERSION.to_string()])),
+    ));
+    for ent in ["svc", "pod", "dns"] {
+        let n = m.child(&[ent]);
+        m.touch(&n, NameKind::Zone);
+    }
+
+    // EndpointSlices grouped by (namespace, service).
+    let mut eps_by_svc: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        let ns = s.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+            continue;
+        };
+        eps_by_svc.entry((ns, svc.clone())).or_default().push(s);
+    }
+
+    let mut sorted: Vec<&Service> = services.iter().collect();
+    sorted.sort_by(|a, b| {
+        (a.metadata.namespace.as_deref(), a.metadata.name.as_deref())
+            .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref()))
+    });
+    let mut externals: Vec<(Name, Name)> = Vec::new();
+    let mut all_endpoints: BTreeSet<IpAddr> = BTreeSet::new();
+
+    for svc in sorted {
+        let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let Some(name) = svc.metadata.name.clone() else {
+            stats.skipped.push("a Service without a name".into());
+            continue;
+        };
+        if !valid_label(&ns) || !valid_label(&name) {
+            stats.skipped.push(format!("service {ns}/{name}: not a valid DNS label"));
+            continue;
+        }
+        let Some(spec) = &svc.spec else {
+            stats.skipped.push(format!("service {ns}/{name}: no spec"));
+            continue;
+        };
+        let ns_lc = ns.to_ascii_lowercase();
+        let name_lc = name.to_ascii_lowercase();
+        let ns_node = m.child(&[&ns_lc, "svc"]);
+        m.touch(&ns_node, NameKind::Zone);
+        let svc_name = m.child(&[&name_lc, &ns_lc, "svc"]);
+        stats.services += 1;
+
+        if spec.type_.as_deref() == Some("ExternalName") {
+            let target = spec.external_name.as_deref().unwrap_or("").trim();
+            if target.is_empty() || target.parse::<IpAddr>().is_ok() {
+                stats.skipped.push(format!("service {ns}/{name}: ExternalName {target:?} is not a host name"));
+                continue;
+            }
+            match Name::from_ascii(target) {
+                Ok(mut t) if t.num_labels() > 0 => {
+                    t.set_fqdn(true);
+                    let t = t.to_lowercase();
+                    m.add(Record::from_rdata(svc_name.clone(), ttl, RData::CNAME(CNAME(t.clone()))));
+                    externals.push((svc_name, t));
+                    stats.external_names += 1;
+                }
+                _ => stats.skipped.push(format!("service {ns}/{name}: ExternalName {target:?} is not a valid name")),
+            }
+            continue;
+        }
+
+        let ips = cluster_ips(spec);
+        let headless = spec.cluster_ip.as_deref() == Some("None")
+            || spec.cluster_ips.as_ref().is_some_and(|v| v.iter().any(|s| s == "None"));
+        let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
+        let eps = endpoints_of(eps_by_svc.get(&(ns.clone(), name.clone())), publish_not_ready, &mut stats, &ns, &name);
+        for ep in &eps {
+            all_endpoints.insert(ep.ip);
+        }
+
+        // Endpoint names and PTRs, for every ready endpoint (CoreDNS serves them for ClusterIP
+        // services too).
+        let mut ep_names: Vec<Name> = Vec::with_capacity(eps.len());
+        for ep in &eps {
+            let epn = m.name_under(&ep.label, &svc_name);
+            m.add(addr_record(&epn, ttl, ep.ip));
+            m.add_reverse(ep.ip, ttl, &epn);
+            ep_names.push(epn);
+        }
+
+        if !headless {
+            if ips.is_empty() {
+                stats.skipped.push(format!("service {ns}/{name}: no cluster IP yet"));
+                continue;
+            }
+            for ip in &ips {
+                m.add(addr_record(&svc_name, ttl, *ip));
+                m.add_reverse(*ip, ttl, &svc_name);
+            }
+            let ports = spec.ports.as_deref().unwrap_or(&[]);
+            let mut bare: BTreeSet<u16> = BTreeSet::new();
+            for p in ports {
+                let Ok(port) = u16::try_from(p.port) else { continue };
+                bare.insert(port);
+                if let (Some(pname), Some(proto)) = (p.name.as_deref().filter(|n| !n.is_empty()), proto_label(p.protocol.as_deref())) {
+                    if !valid_label(pname) {
+                        stats.skipped.push(format!("service {ns}/{name}: port name {pname:?} is not a valid label"));
+                        continue;
+                    }
+                    let srv_name = m.name_under2(&format!("_{}", pname.to_ascii_lowercase()), &format!("_{proto}"), &svc_name);
+                    m.add(Record::from_rdata(srv_name, ttl, RData::SRV(SRV::new(0, 100, port, svc_name.clone()))));
+                }
+            }
+            let w = srv_weight(bare.len());
+            for port in bare {
+                m.add(Record::from_rdata(svc_name.clone(), ttl, RData::SRV(SRV::new(0, w, port, svc_name.clone()))));
+            }
+        } else {
+            stats.headless += 1;
+            if eps.is_empty() {
+                // CoreDNS: a headless service without ready endpoints does not exist.
+                continue;
+            }
+            for ep in &eps {
+                m.add(addr_record(&svc_name, ttl, ep.ip));
+            }
+            let mut bare: Vec<(u16, &Name)> = Vec::new();
+            let mut named: BTreeMap<(String, &'static str), Vec<(u16, &Name)>> = BTreeMap::new();
+            for (ep, epn) in eps.iter().zip(&ep_names) {
+                for (pname, proto, port) in &ep.ports {
+                    if !bare.contains(&(*port, epn)) {
+                        bare.push((*port, epn));
+                    }
+                    if !pname.is_empty() {
+                        let v = named.entry((pname.clone(), proto)).or_default();
+                        if !v.contains(&(*port, epn)) {
+                            v.push((*port, epn));
+                        }
+                    }
+                }
+            }
+            let w = srv_weight(bare.len());
+            for (port, target) in &bare {
+                m.add(Record::from_rdata(svc_name.clone(), ttl, RData::SRV(SRV::new(0, w, *port, (*target).clone()))));
+            }
+            for ((pname, proto), targets) in named {
+                if !valid_label(&pname) {
+                    continue;
+                }
+                let srv_name = m.name_under2(&format!("_{pname}"), &format!("_{proto}"), &svc_name);
+                let w = srv_weight(targets.len());
+                for (port, target) in targets {
+                    m.add(Record::from_rdata(srv_name.clone(), ttl, RData::SRV(SRV::new(0, w, port, target.clone()))));
+                }
+            }
+        }
+    }
+    stats.endpoints = all_endpoints.len();
+
+    // ExternalName services: chase CNAME chains inside the zone.
+    for (owner, target) in externals {
+        m.resolve_external(&owner, &target);
+    }
+
+    let (names, records) = m.encode(&mut stats);
+    stats.names = names.len();
+    stats.records = records.len();
+    Zone {
+        apex: wire_name(&domain).into_boxed_slice(),
+        names,
+        ttl,
+        negative_ttl: cfg.negative_ttl,
+        serial,
+        synced: true,
+        domain,
+        records,
+        stats,
+    }
+}
+
+/// A ready endpoint address of one service, ports merged across slices.
+struct Ep {
+    ip: IpAddr,
+    label: String,
+    /// (port name, protocol label, port)
+    ports: Vec<(String, &'static str, u16)>,
+}
+
+fn endpoints_of(
+    slices: Option<&Vec<&EndpointSlice>>,
+    publish_not_ready: bool,
+    stats: &mut ZoneStats,
+    ns: &str,
+    name: &str,
+) -> Vec<Ep> {
+    let mut out: BTreeMap<IpAddr, Ep> = BTreeMap::new();
+    for s in slices.map(|v| v.as_slice()).unwrap_or(&[]) {
+        let v6 = match s.address_type.as_str() {
+            "IPv4" => false,
+            "IPv6" => true,
+            _ => continue,
+        };
+        let ports: Vec<(String, &'static str, u16)> = s
+            .ports
+            .as_deref()
+            .unwrap_or(&[])
+            .iter()
+            .filter_map(|p| {
+                let port = u16::try_from(p.port?).ok()?;
+                let proto = proto_label(p.protocol.as_deref())?;
+                Some((p.name.clone().unwrap_or_default().to_ascii_lowercase(), proto, port))
+            })
+            .collect();
+        for e in &s.endpoints {
+            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if !ready && !publish_not_ready {
+                continue;
+            }
+            let hostname = e.hostname.as_deref().filter(|h| !h.is_empty());
+            if let Some(h) = hostname {
+                if !valid_label(h) {
+                    stats.skipped.push(format!("service {ns}/{name}: endpoint hostname {h:?} is not a valid label"));
+                }
+            }
+            for a in &e.addresses {
+                let Ok(ip) = a.parse::<IpAddr>() else {
+                    stats.skipped.push(format!("service {ns}/{name}: endpoint address {a:?} is not an IP"));
+                    continue;
+                };
+                if ip.is_ipv6() != v6 {
+                    continue;
+                }
+                let label = match hostname {
+                    Some(h) if valid_label(h) => h.to_ascii_lowercase(),
+                    _ => dashed(ip),
+                };
+                let ep = out.entry(ip).or_insert_with(|| Ep { ip, label, ports: Vec::new() });
+                for p in &ports {
+                    if !ep.ports.contains(p) {
+                        ep.ports.push(p.clone());
+                    }
+                }
+            }
+        }
+    }
+    out.into_values().collect()
+}
+
+fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().filter_map(|s| s.parse().ok()).collect(),
+        _ => spec.cluster_ip.iter().filter_map(|s| s.parse().ok()).collect(),
+    };
+    v.dedup();
+    v
+}
+
+/// CoreDNS's SRV weight: 100 shared evenly, at least 1.
+fn srv_weight(n: usize) -> u16 {
+    if n == 0 {
+        return 100;
+    }
+    ((100 / n) as u16).max(1)
+}
+
+fn proto_label(p: Option<&str>) -> Option<&'static str> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some("tcp"),
+        "UDP" => Some("udp"),
+        "SCTP" => Some("sctp"),
+        _ => None,
+    }
+}
+
+/// An RFC 1123 label (letters, digits, hyphens; not starting or ending with a hyphen).
+pub(crate) fn valid_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// `10.244.1.5` → `10-244-1-5`; `fd00::5` → `fd00--5` (CoreDNS's endpoint names).
+pub(crate) fn dashed(ip: IpAddr) -> String {
+    ip.to_string().replace(['.', ':'], "-")
+}
+
+fn addr_record(name: &Name, ttl: u32, ip: IpAddr) -> Record {
+    match ip {
+        IpAddr::V4(v4) => Record::from_rdata(name.clone(), ttl, RData::A(A(v4))),
+        IpAddr::V6(v6) => Record::from_rdata(name.clone(), ttl, RData::AAAA(AAAA(v6))),
+    }
+}
+
+pub(crate) fn soa_record(apex: &Name, negative_ttl: u32, serial: u32) -> Record {
+    let mname = Name::from_ascii("ns.dns").expect("static").append_domain(apex).expect("short");
+    let rname = Name::from_ascii("hostmaster").expect("static").append_domain(apex).expect("short");
+    Record::from_rdata(
+        apex.clone(),
+        negative_ttl,
+        RData::SOA(SOA::new(mname, rname, serial, 7200, 1800, 86400, negative_ttl)),
+    )
+}
+
+/// The reverse-lookup name of an address (`5.1.244.10.in-addr.arpa.`).
+pub(crate) fn reverse_name(ip: IpAddr) -> Name {
+    let s = match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.{}.in-addr.arpa.", o[3], o[2], o[1], o[0])
+        }
+        IpAddr::V6(v6) => {
+            let mut s = String::with_capacity(72);
+            for b in v6.octets().iter().rev() {
+                let _ = write!(s, "{:x}.{:x}.", b & 0xf, b >> 4);
+            }
+            s.push_str("ip6.arpa.");
+            s
+        }
+    };
+    Name::from_ascii(&s).expect("reverse names are valid")
+}
+
+/// Lower-case wire form of a name.
+pub(crate) fn wire_name(n: &Name) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n.len() + 2);
+    for l in n.iter() {
+        v.push(l.len() as u8);
+        v.extend(l.iter().map(|b| b.to_ascii_lowercase()));
+    }
+    v.push(0);
+    v
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NameKind {
+    Zone,
+    Reverse,
+}
+
+struct NameData {
+    name: Name,
+    kind: NameKind,
+    rrs: BTreeMap<u16, Vec<Record>>,
+    /// CNAME chain leaving the zone: (chain, final target).
+    external: Option<(Vec<Record>, Name)>,
+    /// In-zone CNAME chain: answers for every type, prefixed with the chain.
+    chased: Option<(Vec<Record>, Name)>,
+}
+
+/// The record model: every name with its record sets, keyed by lower-case wire name.
+struct Model {
+    apex: Name,
+    names: BTreeMap<Vec<u8>, NameData>,
+}
+
+impl Model {
+    fn new(apex: Name) -> Self {
+        let mut m = Model { apex: apex.clone(), names: BTreeMap::new() };
+        m.touch(&apex, NameKind::Zone);
+        m
+    }
+
+    /// `labels...` under the apex.
+    fn child(&self, labels: &[&str]) -> Name {
+        let mut n = Name::from_labels(labels.iter().map(|l| l.as_bytes())).expect("valid labels");
+        n = n.append_domain(&self.apex).expect("short names");
+        n
+    }
+
+    fn name_under(&self, label: &str, parent: &Name) -> Name {
+        Name::from_labels([label.as_bytes()]).expect("valid label").append_domain(parent).expect("short")
+    }
+
+    fn name_under2(&self, l1: &str, l2: &str, parent: &Name) -> Name {
+        Name::from_labels([l1.as_bytes(), l2.as_bytes()]).expect("valid labels").append_domain(parent).expect("short")
+    }
+
+    fn touch(&mut self, name: &Name, kind: NameKind) -> &mut NameData {
+        self.names.entry(wire_name(name)).or_insert_with(|| NameData {
+            name: name.to_lowercase(),
+            kind,
+            rrs: BTreeMap::new(),
+            external: None,
+            chased: None,
+        })
+    }
+
+    fn add(&mut self, r: Record) {
+        let t = u16::from(r.record_type());
+        let d = self.touch(&r.name().clone(), NameKind::Zone);
+        let set = d.rrs.entry(t).or_default();
+        if !set.iter().any(|x| x.data() == r.data()) {
+            set.push(r);
+        }
+    }
+
+    fn add_reverse(&mut self, ip: IpAddr, ttl: u32, target: &Name) {
+        let rn = reverse_name(ip);
+        let d = self.touch(&rn, NameKind::Reverse);
+        let r = Record::from_rdata(rn, ttl, RData::PTR(PTR(target.clone())));
+        let set = d.rrs.entry(ty::PTR).or_default();
+        if !set.iter().any(|x| x.data() == r.data()) {
+            set.push(r);
+        }
+    }
+
+    fn resolve_external(&mut self, owner: &Name, first: &Name) {
+        let key = wire_name(owner);
+        let Some(cname) = self.names.get(&key).and_then(|d| d.rrs.get(&ty::CNAME)).and_then(|v| v.first()).cloned()
+        else {
+            return;
+        };
+        let mut chain = vec![cname];
+        let mut target = first.clone();
+        for _ in 0..8 {
+            if !self.apex.zone_of(&target) {
+                if let Some(d) = self.names.get_mut(&key) {
+                    d.external = Some((chain, target));
+                }
+                return;
+            }
+            let next = self
+                .names
+                .get(&wire_name(&target))
+                .and_then(|d| d.rrs.get(&ty::CNAME))
+                .and_then(|v| v.first())
+                .cloned();
+            match next {
+                Some(r) => {
+                    let RData::CNAME(CNAME(t)) = r.data() else { return };
+                    target = t.clone();
+                    chain.push(r);
+                }
+                None => {
+                    if let Some(d) = self.names.get_mut(&key) {
+                        d.chased = Some((chain, target));
+                    }
+                    return;
+                }
+            }
+        }
+        // A loop or a chain too long: only the CNAME is served.
+    }
+
+    /// A/AAAA records of `name` (for SRV additional sections).
+    fn addresses(&self, name: &Name) -> Vec<Record> {
+        let Some(d) = self.names.get(&wire_name(name)) else { return Vec::new() };
+        let mut v = Vec::new();
+        for t in [ty::A, ty::AAAA] {
+            if let Some(s) = d.rrs.get(&t) {
+                v.extend(s.iter().cloned());
+            }
+        }
+        v
+    }
+
+    fn encode(self, stats: &mut ZoneStats) -> (Names, Vec<Record>) {
+        let soa = self
+            .names
+            .get(&wire_name(&self.apex))
+            .and_then(|d| d.rrs.get(&ty::SOA))
+            .and_then(|v| v.first())
+            .cloned();
+        let mut out: Names = HashMap::with_capacity_and_hasher(self.names.len(), FxBuildHasher);
+        for (key, d) in &self.names {
+            let mut answers: Vec<(u16, Packed)> = Vec::new();
+            for (t, set) in &d.rrs {
+                let mut additional = Vec::new();
+                if *t == ty::SRV {
+                    let mut seen = BTreeSet::new();
+                    for r in set {
+                        if let RData::SRV(srv) = r.data() {
+                            if seen.insert(srv.target().clone()) {
+                                additional.extend(self.addresses(srv.target()));
+                            }
+                        }
+                    }
+                } else if *t == ty::NS {
+                    additional.extend(self.addresses(&Name::from_ascii("ns.dns").expect("static").append_domain(&self.apex).expect("short")));
+                }
+                match pack_fast(&d.name, *t, set, &[], &additional, ResponseCode::NoError) {
+                    Some(p) => answers.push((*t, p)),
+                    None => stats.skipped.push(format!("{} {}: answer does not fit a message", d.name, t)),
+                }
+            }
+            let mut kind = match d.kind {
+                NameKind::Zone => Kind::Zone,
+                NameKind::Reverse => Kind::Reverse,
+            };
+            let mut fallback = None;
+            if let Some((chain, target)) = &d.chased {
+                // Every type the final target has: the chain plus its records of that type.
+                let final_data = self.names.get(&wire_name(target));
+                for (t, set) in final_data.map(|f| &f.rrs).into_iter().flatten() {
+                    if *t == ty::CNAME || answers.iter().any(|(have, _)| have == t) {
+                        continue;
+                    }
+                    let mut ans = chain.clone();
+                    ans.extend(set.iter().cloned());
+                    if let Some(p) = pack_fast(&d.name, *t, &ans, &[], &[], ResponseCode::NoError) {
+                        answers.push((*t, p));
+                    }
+                }
+                // Other types: the chain alone, with the SOA (NODATA at the target).
+                fallback = pack_fast(&d.name, ty::A, chain, soa.as_slice(), &[], ResponseCode::NoError);
+            }
+            if let Some((chain, target)) = &d.external {
+                fallback = pack_fast(&d.name, ty::A, chain, &[], &[], ResponseCode::NoError);
+                kind = Kind::External(Arc::new(External {
+                    chain: chain.clone(),
+                    target: wire_name(target).into_boxed_slice(),
+                }));
+            }
+            out.insert(key.clone().into_boxed_slice(), Entry { answers: answers.into_boxed_slice(), kind, fallback });
+        }
+        // The records themselves (for the zone file), moved rather than cloned.
+        let records = self.names.into_values().flat_map(|d| d.rrs.into_values().flatten()).collect();
+        (out, records)
+    }
+}
+
+/// [`encode_direct`], or hickory-proto for record types it does not know; the answer is
+/// shrunk if it would not fit a 64 KiB message.
+pub(crate) fn pack_fast(
+    owner: &Name,
+    qtype: u16,
+    answers: &[Record],
+    authority: &[Record],
+    additional: &[Record],
+    rcode: ResponseCode,
+) -> Option<Packed> {
+    let rc = u16::from(rcode) & 0xf;
+    let mut n = answers.len();
+    loop {
+        let add: &[Record] = if n == answers.len() { additional } else { &[] };
+        match encode_direct(owner, qtype, &answers[..n], authority, add, rc) {
+            Some(Ok(bytes)) => return Some(packed_from(bytes)),
+            Some(Err(TooBig)) if n > 1 => n /= 2,
+            Some(Err(TooBig)) => return None,
+            None => return pack(owner, qtype, answers, authority, additional, rcode),
+        }
+    }
+}
+
+struct TooBig;
+
+/// A response message writer with name compression (RFC 1035 §4.1.4): every suffix of every
+/// name written in full is remembered, later names point at the longest known suffix.
+struct Encoder {
+    buf: Vec<u8>,
+    suffixes: HashMap<Box<[u8]>, u16, FxBuildHasher>,
+}
+
+impl Encoder {
+    /// Writes `name` (lower-case wire form). SRV targets must not be compressed (RFC 2782) but
+    /// may be pointed at.
+    fn name(&mut self, name: &[u8], compress: bool) {
+        let mut pos = 0;
+        let mut starts = Vec::new();
+        while pos < name.len() && name[pos] != 0 {
+            if compress {
+                if let Some(&off) = self.suffixes.get(&name[pos..]) {
+                    self.register(name, &starts);
+                    self.buf.extend_from_slice(&(0xc000 | off).to_be_bytes());
+                    return;
+                }
+            }
+            starts.push((pos, self.buf.len()));
+            let len = name[pos] as usize;
+            self.buf.extend_from_slice(&name[pos..pos + 1 + len]);
+            pos += 1 + len;
+        }
+        self.buf.push(0);
+        self.register(name, &starts);
+    }
+
+    fn register(&mut self, name: &[u8], starts: &[(usize, usize)]) {
+        for &(at, off) in starts {
+            if off < 0x3fff {
+                self.suffixes.entry(name[at..].into()).or_insert(off as u16);
+            }
+        }
+    }
+
+    /// Appends one record; `false` for an rdata type this writer does not know.
+    fn record(&mut self, r: &Record) -> bool {
+        self.name(&wire_name(r.name()), true);
+        let t = u16::from(r.record_type());
+        self.buf.extend_from_slice(&t.to_be_bytes());
+        self.buf.extend_from_slice(&u16::from(r.dns_class()).to_be_bytes());
+        self.buf.extend_from_slice(&r.ttl().to_be_bytes());
+        let len_at = self.buf.len();
+        self.buf.extend_from_slice(&[0, 0]);
+        match r.data() {
+            RData::A(a) => self.buf.extend_from_slice(&a.0.octets()),
+            RData::AAAA(a) => self.buf.extend_from_slice(&a.0.octets()),
+            RData::NS(n) => self.name(&wire_name(&n.0), true),
+            RData::CNAME(n) => self.name(&wire_name(&n.0), true),
+            RData::PTR(n) => self.name(&wire_name(&n.0), true),
+            RData::SRV(srv) => {
+                self.buf.extend_from_slice(&srv.priority().to_be_bytes());
+                self.buf.extend_from_slice(&srv.weight().to_be_bytes());
+                self.buf.extend_from_slice(&srv.port().to_be_bytes());
+                self.name(&wire_name(srv.target()), false);
+            }
+            RData::TXT(txt) => {
+                for part in txt.txt_data() {
+                    if part.len() > 255 {
+                        return false;
+                    }
+                    self.buf.push(part.len() as u8);
+                    self.buf.extend_from_slice(part);
+                }
+            }
+            RData::SOA(soa) => {
+                self.name(&wire_name(soa.mname()), true);
+                self.name(&wire_name(soa.rname()), true);
+                for v in [soa.serial(), soa.refresh() as u32, soa.retry() as u32, soa.expire() as u32, soa.minimum()] {
+                    self.buf.extend_from_slice(&v.to_be_bytes());
+                }
+            }
+            _ => return false,
+        }
+        let rdlen = self.buf.len() - len_at - 2;
+        if rdlen > u16::MAX as usize {
+            return false;
+        }
+        self.buf[len_at..len_at + 2].copy_from_slice(&(rdlen as u16).to_be_bytes());
+        true
+    }
+}
+
+/// Encodes a response (ID 0, QR|AA, `rcode`) without going through hickory's message model:
+/// building a zone of ten thousand services is dominated by this. `None`: a record type it
+/// does not handle; `Some(Err)`: more than 64 KiB.
+fn encode_direct(
+    owner: &Name,
+    qtype: u16,
+    answers: &[Record],
+    authority: &[Record],
+    additional: &[Record],
+    rcode: u16,
+) -> Option<Result<Vec<u8>, TooBig>> {
+    let mut e = Encoder { buf: Vec::with_capacity(512), suffixes: HashMap::with_hasher(FxBuildHasher) };
+    let counts = [1u16, answers.len() as u16, authority.len() as u16, additional.len() as u16];
+    e.buf.extend_from_slice(&[0, 0]);
+    e.buf.extend_from_slice(&(wire::flag::QR | wire::flag::AA | (rcode & wire::flag::RCODE)).to_be_bytes());
+    for c in counts {
+        e.buf.extend_from_slice(&c.to_be_bytes());
+    }
+    e.name(&wire_name(owner), false);
+    e.buf.extend_from_slice(&qtype.to_be_bytes());
+    e.buf.extend_from_slice(&wire::class::IN.to_be_bytes());
+    for r in answers.iter().chain(authority).chain(additional) {
+        if !e.record(r) {
+            return None;
+        }
+    }
+    Some(if e.buf.len() <= u16::MAX as usize { Ok(e.buf) } else { Err(TooBig) })
+}
+
+/// Encodes one response message with hickory-proto, shrinking the answer if it would not fit
+/// a 64 KiB message.
+pub(crate) fn pack(
+    owner: &Name,
+    qtype: u16,
+    answers: &[Record],
+    authority: &[Record],
+    additional: &[Record],
+    rcode: ResponseCode,
+) -> Option<Packed> {
+    let mut n = answers.len();
+    loop {
+        let mut msg = Message::new();
+        msg.set_message_type(MessageType::Response)
+            .set_op_code(OpCode::Query)
+            .set_authoritative(true)
+            .set_response_code(rcode);
+        msg.add_query(HQuery::query(owner.clone(), RecordType::from(qtype)));
+        msg.add_answers(answers[..n].iter().cloned());
+        msg.add_name_servers(authority.iter().cloned());
+        if n == answers.len() {
+            msg.add_additionals(additional.iter().cloned());
+        }
+        match msg.to_vec() {
+            Ok(bytes) if bytes.len() <= u16::MAX as usize => return Some(packed_from(bytes)),
+            _ if n > 1 => n /= 2,
+            _ => return None,
+        }
+    }
+}
+
+/// Locates the sections of an encoded message to fill in [`Packed`]'s offsets.
+pub(crate) fn packed_from(bytes: Vec<u8>) -> Packed {
+    let an = wire::get_u16(&bytes, 6).unwrap_or(0);
+    let ns = wire::get_u16(&bytes, 8).unwrap_or(0);
+    let q_end = wire::skip_name(&bytes, HEADER_LEN).map(|p| p + 4).unwrap_or(bytes.len());
+    let mut it = RrIter::new(&bytes, q_end, an, ns, 0);
+    let mut rrs = Vec::new();
+    for rr in &mut it {
+        match rr {
+            Ok(rr) => rrs.push(rr),
+            Err(()) => break,
+        }
+    }
+    let no_additional_len = it.pos();
+    let answers: Vec<_> = rrs.iter().filter(|r| r.section == wire::Section::Answer).collect();
+    let rotate = if answers.len() >= 2
+        && ns == 0
+        && answers.iter().all(|r| {
+            (r.rtype == ty::A || r.rtype == ty::AAAA)
+                && r.rtype == answers[0].rtype
+                && bytes.get(r.name_start..r.name_start + 2) == Some(&[0xc0, 0x0c])
+                && r.end - r.name_start == answers[0].end - answers[0].name_start
+        }) {
+        Some(Rotate {
+            start: answers[0].name_start,
+            rr_len: answers[0].end - answers[0].name_start,
+            count: answers.len(),
+        })
+    } else {
+        None
+    };
+    Packed { bytes: bytes.into_boxed_slice(), qend: q_end, no_additional_len, rotate }
+}
+
+/// Parses a pod name label (`10-244-1-5`, `fd00--5`) into an address, without allocating.
+pub(crate) fn parse_dashed_ip(label: &[u8]) -> Option<IpAddr> {
+    if label.is_empty() || label.len() > 45 {
+        return None;
+    }
+    let dashes = label.iter().filter(|&&b| b == b'-').count();
+    let double = label.windows(2).any(|w| w == b"--");
+    let mut buf = [0u8; 45];
+    let v4 = dashes == 3 && !double;
+    for (d, &s) in buf.iter_mut().zip(label) {
+        *d = if s == b'-' {
+            if v4 { b'.' } else { b':' }
+        } else {
+            s
+        };
+    }
+    let s = std::str::from_utf8(&buf[..label.len()]).ok()?;
+    if v4 {
+        s.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
+    } else {
+        s.parse::<Ipv6Addr>().ok().map(IpAddr::V6)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,92 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * netd eBPF service dataplane: map key/value layouts.
+ *
+ * THE single definition of the layouts shared by the BPF programs (C) and netd (Rust,
+ * ebpf/src/maps.rs). `cargo test -p netd-ebpf layout` compiles this header with the host
+ * compiler and compares every size and offset with the Rust #[repr(C)] types.
+ *
+ * Byte order: addresses and ports are stored in network byte order (as in struct
+ * bpf_sock_addr and in packets); everything else in host order.
+ */
+#ifndef NETD_MAPS_H
+#define NETD_MAPS_H
+
+#include <linux/types.h>
+
+/* Frontend scopes (svc_key.scope). */
+#define NETD_SCOPE_INTERNAL 0 /* ClusterIP: socket LB (cgroup hooks) */
+#define NETD_SCOPE_EXTERNAL 1 /* NodePort / externalIP / LB IP: tc. vip 0 = any node address */
+
+/* svc_value.flags */
+#define NETD_SVC_F_REJECT   (1u << 0) /* no endpoints at all: refuse (ECONNREFUSED) */
+#define NETD_SVC_F_AFFINITY (1u << 1) /* sessionAffinity ClientIP */
+#define NETD_SVC_F_LOCAL    (1u << 2) /* traffic policy Local: keep client IP (no SNAT) */
+
+/* Map sizes (max_entries); netd may override them at load time. */
+#define NETD_MAX_SERVICES  262144
+#define NETD_MAX_SLOTS     2097152
+#define NETD_MAX_AFFINITY  262144
+#define NETD_MAX_REVNAT    262144
+#define NETD_MAX_CT        262144
+
+/* netd_svc: frontend -> service. */
+struct netd_svc_key {
+	__u32 vip;   /* be */
+	__u16 port;  /* be */
+	__u8 proto;  /* IPPROTO_TCP/UDP/SCTP */
+	__u8 scope;  /* NETD_SCOPE_* */
+};
+
+struct netd_svc_value {
+	__u32 id;               /* backend set id (netd_slots key) */
+	__u32 count;            /* slots 1..=count are valid; 0: no endpoints */
+	__u32 flags;            /* NETD_SVC_F_* */
+	__u32 affinity_timeout; /* seconds, with NETD_SVC_F_AFFINITY */
+};
+
+/* netd_slots: (id, slot) -> backend. Slot 0 is unused. */
+struct netd_slot_key {
+	__u32 id;
+	__u32 slot;
+};
+
+struct netd_backend {
+	__u32 ip;    /* be */
+	__u16 port;  /* be */
+	__u8 local;  /* on this node */
+	__u8 pad;
+};
+
+/* netd_affinity (LRU): (id, client) -> backend last chosen. The socket hooks identify the
+ * client by its network namespace cookie (its source address is not known at connect()),
+ * tc by its source address (client_ip, netns 0). */
+struct netd_affinity_key {
+	__u64 netns;
+	__u32 id;
+	__u32 client_ip; /* be */
+};
+
+struct netd_affinity_value {
+	__u64 last_ns; /* bpf_ktime_get_ns() of the last use */
+	struct netd_backend backend;
+	__u32 slot;
+	__u32 pad;
+};
+
+/* netd_revnat (LRU): (socket cookie, backend) -> frontend, so recvmsg4/getpeername4 show
+ * the service address to the application. */
+struct netd_revnat_key {
+	__u64 cookie;
+	__u32 ip;   /* be */
+	__u16 port; /* be */
+	__u16 pad;
+};
+
+struct netd_revnat_value {
+	__u32 vip;  /* be */
+	__u16 port; /* be */
+	__u16 pad;
+};
+
+#endif

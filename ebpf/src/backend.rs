@@ -1,0 +1,217 @@
+//! [`EbpfBackend`]: loads the embedded programs, pins maps and links under the bpffs
+//! directory, attaches the socket LB to the cgroup, and keeps the maps equal to the Plan.
+//!
+//! Restart/upgrade: maps are pinned by name and reused as they are (traffic keeps flowing
+//! from the old contents until the first sync, which adopts them: it reads the maps and
+//! writes only the difference). Links are pinned too; a new netd swaps its programs into
+//! the existing links with BPF_LINK_UPDATE, which is atomic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use aya::programs::links::FdLink;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader};
+use netd_proxy::dataplane::{ApplyReport, DataplaneError};
+use netd_proxy::iptables::IptablesError;
+use netd_proxy::{Backend, Plan};
+use tracing::{debug, info};
+
+use crate::maps::*;
+use crate::render::{diff, render, Frontend, MapState, Op};
+use crate::{sys, EbpfConfig, EbpfError, SOCK_OBJ};
+
+/// The cgroup sock_addr programs (function names in `bpf/sock.c`).
+pub const SOCK_PROGRAMS: [&str; 4] = ["netd_connect4", "netd_sendmsg4", "netd_recvmsg4", "netd_getpeername4"];
+
+pub struct EbpfBackend {
+    cfg: EbpfConfig,
+    svc: BpfHashMap<MapData, SvcKey, SvcValue>,
+    slots: BpfHashMap<MapData, SlotKey, BackendValue>,
+    last: Option<MapState>,
+    /// Keeps the programs (and with them the non-pinned state) alive.
+    _bpf: Ebpf,
+}
+
+fn err(what: &str, e: impl std::fmt::Display + std::fmt::Debug) -> EbpfError {
+    // aya's errors keep the errno in `source`; Debug shows it.
+    EbpfError::Kernel(format!("{what}: {e} ({e:?})"))
+}
+
+/// Makes sure `dir` is inside a bpffs, mounting one on its parent if allowed.
+pub(crate) fn prepare_bpffs(dir: &Path, mount: bool) -> Result<(), EbpfError> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    if sys::fs_magic(parent).map_err(|e| err(&format!("statfs {}", parent.display()), e))? != sys::BPF_FS_MAGIC {
+        if !mount {
+            return Err(EbpfError::Unsupported(format!("{} is not a bpf filesystem (mount -t bpf bpf {})", parent.display(), parent.display())));
+        }
+        sys::mount_bpffs(parent).map_err(|e| err(&format!("mount bpffs on {}", parent.display()), e))?;
+        info!(dir = %parent.display(), "mounted bpffs");
+    }
+    std::fs::create_dir_all(dir.join("links")).map_err(|e| err(&format!("mkdir {}", dir.display()), e))?;
+    Ok(())
+}
+
+impl EbpfBackend {
+    pub fn new(cfg: EbpfConfig) -> Result<Self, EbpfError> {
+        prepare_bpffs(&cfg.bpffs_dir, cfg.mount_bpffs)?;
+        let mut bpf = EbpfLoader::new()
+            .default_map_pin_directory(&cfg.bpffs_dir)
+            .load(SOCK_OBJ)
+            .map_err(|e| err("loading the socket LB object", e))?;
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = bpf
+                .program_mut(name)
+                .ok_or_else(|| err(name, "missing from the object"))?
+                .try_into()
+                .map_err(|e| err(name, e))?;
+            prog.load().map_err(|e| err(&format!("loading {name} (verifier)"), e))?;
+            if let Some(cgroup) = &cfg.cgroup {
+                attach_or_replace(prog, name, cgroup, &cfg.bpffs_dir.join("links"))?;
+            }
+        }
+        let svc = BpfHashMap::try_from(bpf.take_map(MAP_SVC).ok_or_else(|| err(MAP_SVC, "missing"))?).map_err(|e| err(MAP_SVC, e))?;
+        let slots = BpfHashMap::try_from(bpf.take_map(MAP_SLOTS).ok_or_else(|| err(MAP_SLOTS, "missing"))?).map_err(|e| err(MAP_SLOTS, e))?;
+        info!(bpffs = %cfg.bpffs_dir.display(), cgroup = ?cfg.cgroup, "eBPF service dataplane loaded");
+        Ok(EbpfBackend { cfg, svc, slots, last: None, _bpf: bpf })
+    }
+
+    /// Reads `netd_svc` and `netd_slots` back.
+    pub fn observe(&self) -> Result<MapState, EbpfError> {
+        let mut by_id: HashMap<u32, BTreeMap<u32, BackendValue>> = HashMap::new();
+        for r in self.slots.iter() {
+            let (k, v) = r.map_err(|e| err("reading netd_slots", e))?;
+            by_id.entry(k.id).or_default().insert(k.slot, v);
+        }
+        let mut frontends = BTreeMap::new();
+        for r in self.svc.iter() {
+            let (k, v) = r.map_err(|e| err("reading netd_svc", e))?;
+            let mut backends = Vec::new();
+            if let Some(slots) = by_id.get_mut(&v.id) {
+                for slot in 1..=v.count {
+                    match slots.remove(&slot) {
+                        Some(b) => backends.push(b),
+                        None => break,
+                    }
+                }
+            }
+            frontends.insert(k, std::sync::Arc::new(Frontend { value: v, backends }));
+        }
+        let mut orphans = Vec::new();
+        for (id, slots) in by_id {
+            // Slots past a frontend's count or of an id no frontend uses; only the ones that
+            // are not rewritten anyway (slot > count of a live frontend is deleted by diff).
+            for slot in slots.keys() {
+                orphans.push(SlotKey { id, slot: *slot });
+            }
+        }
+        orphans.sort();
+        Ok(MapState { frontends, orphans, ..Default::default() })
+    }
+
+    fn apply_ops(&mut self, ops: &[Op]) -> Result<(), EbpfError> {
+        let gone = |e: &MapError| matches!(e, MapError::KeyNotFound) || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT));
+        for op in ops {
+            let r = match op {
+                Op::PutSlot(k, v) => self.slots.insert(k, v, 0),
+                Op::PutSvc(k, v) => self.svc.insert(k, v, 0),
+                Op::DelSvc(k) => self.svc.remove(k),
+                Op::DelSlot(k) => self.slots.remove(k),
+            };
+            match r {
+                Ok(()) => {}
+                Err(e) if matches!(op, Op::DelSvc(_) | Op::DelSlot(_)) && gone(&e) => {}
+                Err(e) => return Err(err(&format!("{op:?}"), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Plan → maps: render, diff against the last state (or the kernel's), apply.
+    pub fn sync_plan(&mut self, plan: &Plan, observe: bool) -> Result<ApplyReport, EbpfError> {
+        let observed = observe || self.last.is_none();
+        let base = match self.last.take() {
+            Some(last) if !observed => last,
+            _ => self.observe()?,
+        };
+        let new = render(plan, Some(&base));
+        let ops = diff(&base, &new);
+        debug!(ops = ops.len(), frontends = new.frontends.len(), "eBPF maps diff");
+        self.apply_ops(&ops)?; // on error `last` stays None: the next sync observes
+        self.last = Some(new);
+        Ok(ApplyReport { changed: !ops.is_empty(), size: ops.len(), observed })
+    }
+
+    /// The state applied last.
+    pub fn last(&self) -> Option<&MapState> {
+        self.last.as_ref()
+    }
+
+    /// Detaches the programs (unpins the links) and removes the pinned maps and directory.
+    pub fn remove_all(&mut self) -> Result<(), EbpfError> {
+        self.last = None;
+        let dir = &self.cfg.bpffs_dir;
+        let links = dir.join("links");
+        for name in SOCK_PROGRAMS {
+            match std::fs::remove_file(links.join(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err(&format!("unpinning link {name}"), e)),
+            }
+        }
+        for m in [MAP_SVC, MAP_SLOTS, MAP_AFFINITY, MAP_REVNAT] {
+            match std::fs::remove_file(dir.join(m)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err(&format!("unpinning map {m}"), e)),
+            }
+        }
+        let _ = std::fs::remove_dir(&links);
+        let _ = std::fs::remove_dir(dir);
+        Ok(())
+    }
+
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.cfg.bpffs_dir
+    }
+}
+
+/// Attaches `prog` to `cgroup` through a link pinned at `links/<name>`, or, when that pin
+/// exists (netd restarted), swaps `prog` into the existing link atomically.
+fn attach_or_replace(prog: &mut CgroupSockAddr, name: &str, cgroup: &Path, links: &Path) -> Result<(), EbpfError> {
+    let pin: PathBuf = links.join(name);
+    if pin.exists() {
+        let link = sys::obj_get(&pin).map_err(|e| err(&format!("opening pinned link {}", pin.display()), e))?;
+        let fd = prog.fd().map_err(|e| err(name, e))?;
+        sys::link_update(link.as_fd(), fd.as_fd()).map_err(|e| err(&format!("replacing the program of link {}", pin.display()), e))?;
+        debug!(link = %pin.display(), "replaced program in pinned link");
+        return Ok(());
+    }
+    let cg = File::open(cgroup).map_err(|e| err(&format!("opening cgroup {}", cgroup.display()), e))?;
+    let id = prog.attach(&cg, CgroupAttachMode::Single /* links: flags must be 0, multi-attach implied */).map_err(|e| err(&format!("attaching {name} to {}", cgroup.display()), e))?;
+    let link = prog.take_link(id).map_err(|e| err(name, e))?;
+    let link: FdLink = link.try_into().map_err(|e| err(&format!("{name}: not a bpf_link"), e))?;
+    link.pin(&pin).map_err(|e| err(&format!("pinning link {}", pin.display()), e))?;
+    Ok(())
+}
+
+fn dataplane_error(e: EbpfError) -> DataplaneError {
+    // netd-proxy's DataplaneError has no eBPF variant yet; carry the message in the
+    // generic "command failed" shape until it gets one.
+    DataplaneError::Iptables(IptablesError::Failed { cmd: "ebpf".into(), stderr: e.to_string() })
+}
+
+impl Backend for EbpfBackend {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+    fn sync(&mut self, plan: &Plan, observe: bool) -> Result<ApplyReport, DataplaneError> {
+        self.sync_plan(plan, observe).map_err(dataplane_error)
+    }
+    fn remove(&mut self) -> Result<(), DataplaneError> {
+        self.remove_all().map_err(dataplane_error)
+    }
+}

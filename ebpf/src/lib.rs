@@ -1,0 +1,107 @@
+//! netd's eBPF service dataplane (`--proxy-mode ebpf`).
+//!
+//! ```text
+//! Plan ──render (pure)──► MapState ──diff──► ordered map ops ──► pinned maps (/sys/fs/bpf/netd)
+//!                                                                  │
+//!        cgroup sock_addr programs (bpf/sock.c) on --ebpf-cgroup ◄─┘
+//!        connect4/sendmsg4: VIP:port → backend (socket-level LB, no per-packet NAT)
+//!        recvmsg4/getpeername4: backend → VIP:port
+//! ```
+//!
+//! The BPF programs are C (`bpf/*.c`), compiled by `build.rs` with clang and embedded here;
+//! map layouts are defined once in `bpf/maps.h` and mirrored in [`maps`] (a test compares them).
+
+pub mod backend;
+pub mod maps;
+pub mod render;
+mod sys;
+
+use std::path::PathBuf;
+
+pub use backend::EbpfBackend;
+pub use render::{render, MapState};
+
+/// The socket LB object (`bpf/sock.c`).
+pub static SOCK_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    /// The kernel or the host lacks something the eBPF dataplane needs.
+    #[error("eBPF dataplane unsupported here: {0}")]
+    Unsupported(String),
+    #[error("eBPF: {0}")]
+    Kernel(String),
+}
+
+/// `--ebpf-*` settings.
+#[derive(Debug, Clone)]
+pub struct EbpfConfig {
+    /// Where maps and links are pinned (`--ebpf-bpffs`, default `/sys/fs/bpf/netd`).
+    pub bpffs_dir: PathBuf,
+    /// Mount a bpffs on the pin directory's parent when it is not one already.
+    pub mount_bpffs: bool,
+    /// The cgroup v2 directory the socket LB is attached to (`--ebpf-cgroup`, default the
+    /// cgroup v2 root). Everything in that cgroup's subtree is load-balanced. `None`:
+    /// maps only, nothing attached.
+    pub cgroup: Option<PathBuf>,
+}
+
+impl Default for EbpfConfig {
+    fn default() -> Self {
+        EbpfConfig {
+            bpffs_dir: "/sys/fs/bpf/netd".into(),
+            mount_bpffs: true,
+            cgroup: Some(default_cgroup()),
+        }
+    }
+}
+
+/// The cgroup v2 root: `/sys/fs/cgroup` on unified hosts, the cgroup2 mount on hybrid ones.
+pub fn default_cgroup() -> PathBuf {
+    sys::cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into())
+}
+
+/// The `--proxy-mode ebpf` backend.
+pub fn ebpf_backend(cfg: EbpfConfig) -> Result<Box<dyn netd_proxy::Backend>, EbpfError> {
+    Ok(Box::new(EbpfBackend::new(cfg)?))
+}
+
+/// Whether this kernel/host can run the eBPF dataplane: a cgroup v2 hierarchy, and the
+/// programs pass the verifier (loads them, attaches nothing, pins nothing).
+/// `Err` is a human-readable reason, for a skip message or a start-up error.
+pub fn probe() -> Result<(), String> {
+    if sys::cgroup2_mount().is_none() {
+        return Err("no cgroup v2 hierarchy mounted (the socket load balancer needs cgroup v2)".into());
+    }
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err("kernel without BTF (/sys/kernel/btf/vmlinux)".into());
+    }
+    // Maps are pinned by name; probe against a private, throwaway bpffs instance.
+    let dir = std::env::temp_dir().join(format!("netd-ebpf-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    let r = sys::mount_bpffs(&dir)
+        .map_err(|e| format!("cannot mount a bpf filesystem (needs CAP_SYS_ADMIN): {e}"))
+        .and_then(|()| {
+            let r = probe_load(&dir);
+            sys::umount(&dir);
+            r
+        });
+    let _ = std::fs::remove_dir(&dir);
+    r
+}
+
+fn probe_load(pin_dir: &std::path::Path) -> Result<(), String> {
+    let mut bpf = aya::EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(SOCK_OBJ)
+        .map_err(|e| format!("cannot load the BPF object (kernel too old or no CAP_BPF?): {e}"))?;
+    for name in backend::SOCK_PROGRAMS {
+        let prog: &mut aya::programs::CgroupSockAddr = bpf
+            .program_mut(name)
+            .ok_or_else(|| format!("{name} missing"))?
+            .try_into()
+            .map_err(|e| format!("{name}: {e}"))?;
+        prog.load().map_err(|e| format!("kernel rejects {name} (needs cgroup sock_addr hooks, bpf_set_retval: Linux >= 5.18): {e}"))?;
+    }
+    Ok(())
+}

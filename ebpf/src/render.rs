@@ -1,0 +1,400 @@
+//! Plan → map contents (pure), and the ordered map operations that turn one content into
+//! another without a moment where a frontend points at a missing backend.
+//!
+//! Every frontend (ClusterIP:port, externalIP/LB IP:port, NodePort) gets a backend set id
+//! and slots `1..=count`. Ids and slot positions are kept from the previous state wherever
+//! possible, so one endpoint change is one or two map writes and session affinity survives.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use std::sync::Arc;
+
+use netd_proxy::model::{NoEndpoints, ServicePortPlan};
+use netd_proxy::{Endpoint, NodeInfo, Plan};
+
+use crate::maps::*;
+
+/// What one frontend holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frontend {
+    pub value: SvcValue,
+    /// Slot `i + 1` holds `backends[i]`; `value.count == backends.len()`.
+    pub backends: Vec<BackendValue>,
+}
+
+/// The desired (or observed) contents of `netd_svc` and `netd_slots`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MapState {
+    /// Shared with the previous state when unchanged (cheap clones, pointer-equal diffs).
+    pub frontends: BTreeMap<SvcKey, Arc<Frontend>>,
+    /// Observed only: slots no frontend refers to (left by an interrupted apply).
+    pub orphans: Vec<SlotKey>,
+    /// Rendered only: which plan entry produced which frontends, so the next render redoes
+    /// only the services that changed.
+    /// Sorted by `ServicePortKey` (the plan's order).
+    pub services: Vec<(Arc<ServicePortPlan>, Arc<[SvcKey]>)>,
+    pub node: Option<NodeInfo>,
+}
+
+impl MapState {
+    pub fn slot_count(&self) -> usize {
+        self.frontends.values().map(|f| f.backends.len()).sum()
+    }
+}
+
+/// One map operation, in the order it must be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    PutSlot(SlotKey, BackendValue),
+    PutSvc(SvcKey, SvcValue),
+    DelSvc(SvcKey),
+    DelSlot(SlotKey),
+}
+
+struct Want<'a> {
+    key: SvcKey,
+    endpoints: &'a [Endpoint],
+    flags: u32,
+    affinity_timeout: u32,
+}
+
+fn wants<'a>(sp: &'a ServicePortPlan, node: &NodeInfo, out: &mut Vec<Want<'a>>) {
+    let proto = sp.key.proto.number();
+    let affinity = sp.affinity_timeout.map(|t| (SVC_F_AFFINITY, t)).unwrap_or((0, 0));
+    let reject = |eps: &[Endpoint], fallback: NoEndpoints| {
+        if eps.is_empty() && fallback == NoEndpoints::Reject {
+            SVC_F_REJECT
+        } else {
+            0
+        }
+    };
+    if let Some(ip) = sp.cluster_ip {
+        let eps = sp.internal_endpoints();
+        out.push(Want {
+            key: SvcKey::new(ip, sp.port, proto, SCOPE_INTERNAL),
+            endpoints: eps,
+            flags: affinity.0 | reject(eps, sp.internal_fallback()),
+            affinity_timeout: affinity.1,
+        });
+    }
+    let eps = sp.external_endpoints();
+    let flags = affinity.0 | reject(eps, sp.external_fallback()) | if sp.external_local { SVC_F_LOCAL } else { 0 };
+    let mut ext = |ip: Ipv4Addr, port: u16| {
+        out.push(Want { key: SvcKey::new(ip, port, proto, SCOPE_EXTERNAL), endpoints: eps, flags, affinity_timeout: affinity.1 });
+    };
+    for ip in sp.external_frontends() {
+        ext(ip, sp.port);
+    }
+    if let Some(np) = sp.node_port {
+        if node.ips.is_empty() {
+            ext(Ipv4Addr::UNSPECIFIED, np);
+        } else {
+            for ip in &node.ips {
+                ext(*ip, np);
+            }
+        }
+    }
+}
+
+/// New ids: the smallest no previous frontend used (so a removed frontend's id is not
+/// reused while its slots are being deleted).
+struct Ids<'a> {
+    prev: &'a MapState,
+    used: Option<BTreeSet<u32>>,
+    next: u32,
+}
+
+impl Ids<'_> {
+    fn alloc(&mut self) -> u32 {
+        let prev = self.prev;
+        let used = self.used.get_or_insert_with(|| prev.frontends.values().map(|f| f.value.id).collect());
+        while used.contains(&self.next) {
+            self.next += 1;
+        }
+        self.next += 1;
+        self.next - 1
+    }
+}
+
+/// The frontends `plan` asks for. Pure; `prev` keeps ids and slot positions stable, and
+/// services whose plan entry did not change are carried over without being re-rendered.
+pub fn render(plan: &Plan, prev: Option<&MapState>) -> MapState {
+    let empty = MapState::default();
+    let prev = prev.unwrap_or(&empty);
+    let incremental = prev.node.as_ref() == Some(&plan.node);
+    let mut ids = Ids { prev, used: None, next: 1 };
+    let mut frontends = if incremental { prev.frontends.clone() } else { BTreeMap::new() };
+    let mut services: Vec<(Arc<ServicePortPlan>, Arc<[SvcKey]>)> = Vec::with_capacity(plan.services.len());
+    let mut changed = Vec::new();
+    // Merge walk over two sorted lists: the plan and what the previous render came from.
+    let mut old_iter = if incremental { prev.services.as_slice() } else { &[] }.iter().peekable();
+    for (k, sp) in &plan.services {
+        while let Some((old, keys)) = old_iter.peek() {
+            match old.key.cmp(k) {
+                std::cmp::Ordering::Less => {
+                    for key in keys.iter() {
+                        frontends.remove(key); // service gone
+                    }
+                    old_iter.next();
+                }
+                _ => break,
+            }
+        }
+        match old_iter.peek() {
+            Some((old, keys)) if old.key == *k && (Arc::ptr_eq(old, sp) || old == sp) => {
+                services.push((old.clone(), keys.clone()));
+                old_iter.next();
+            }
+            Some((old, keys)) if old.key == *k => {
+                for key in keys.iter() {
+                    frontends.remove(key); // re-rendered below
+                }
+                old_iter.next();
+                services.push((sp.clone(), Arc::from(Vec::new())));
+                changed.push(services.len() - 1);
+            }
+            _ => {
+                services.push((sp.clone(), Arc::from(Vec::new())));
+                changed.push(services.len() - 1);
+            }
+        }
+    }
+    for (_, keys) in old_iter {
+        for key in keys.iter() {
+            frontends.remove(key);
+        }
+    }
+    for i in changed {
+        let sp = services[i].0.clone();
+        let mut ws = Vec::new();
+        wants(&sp, &plan.node, &mut ws);
+        let mut keys = Vec::with_capacity(ws.len());
+        for w in ws {
+            if frontends.contains_key(&w.key) {
+                continue; // two services claiming one frontend: the plan warns; first wins
+            }
+            let old = prev.frontends.get(&w.key);
+            let id = old.map(|f| f.value.id).unwrap_or_else(|| ids.alloc());
+            let new: Vec<BackendValue> = w.endpoints.iter().map(|e| BackendValue::new(e.ip, e.port, e.local)).collect();
+            let backends = assign_slots(old.map(|f| f.backends.as_slice()).unwrap_or(&[]), &new);
+            let value = SvcValue { id, count: backends.len() as u32, flags: w.flags, affinity_timeout: w.affinity_timeout };
+            let f = Frontend { value, backends };
+            // Unchanged content keeps the old Arc (pointer-equal: skipped by diff).
+            let f = match old {
+                Some(o) if **o == f => o.clone(),
+                _ => Arc::new(f),
+            };
+            frontends.insert(w.key, f);
+            keys.push(w.key);
+        }
+        services[i].1 = Arc::from(keys);
+    }
+    MapState { frontends, orphans: Vec::new(), services, node: Some(plan.node.clone()) }
+}
+
+/// Orders `new` so that backends already in `prev` keep their slot: removed ones' slots
+/// are refilled with new backends, or with the last ones when nothing new came.
+pub fn assign_slots(prev: &[BackendValue], new: &[BackendValue]) -> Vec<BackendValue> {
+    let new_set: BTreeSet<(u32, u16)> = new.iter().map(|b| (b.ip, b.port)).collect();
+    let prev_set: BTreeSet<(u32, u16)> = prev.iter().map(|b| (b.ip, b.port)).collect();
+    // Same endpoint, possibly with a changed `local` bit: take the new value.
+    let by_addr: BTreeMap<(u32, u16), BackendValue> = new.iter().map(|b| ((b.ip, b.port), *b)).collect();
+    let mut slots: Vec<Option<BackendValue>> =
+        prev.iter().map(|b| new_set.contains(&(b.ip, b.port)).then(|| by_addr[&(b.ip, b.port)])).collect();
+    let mut fresh = new.iter().filter(|b| !prev_set.contains(&(b.ip, b.port))).copied();
+    for s in slots.iter_mut().filter(|s| s.is_none()) {
+        *s = fresh.next();
+    }
+    slots.extend(fresh.map(Some));
+    // Close the remaining holes with entries from the end.
+    let mut i = 0;
+    while i < slots.len() {
+        if slots[i].is_none() {
+            let last = slots.pop().flatten();
+            if i < slots.len() {
+                slots[i] = last;
+            }
+            continue;
+        }
+        i += 1;
+    }
+    slots.into_iter().flatten().collect()
+}
+
+/// The operations that turn `old` into `new`, ordered so that the programs never see a
+/// frontend whose count exposes a slot not yet (or no longer) written.
+pub fn diff(old: &MapState, new: &MapState) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for k in &old.orphans {
+        ops.push(Op::DelSlot(*k));
+    }
+    for (key, f) in &old.frontends {
+        if !new.frontends.contains_key(key) {
+            ops.push(Op::DelSvc(*key));
+            ops.extend((1..=f.backends.len() as u32).map(|slot| Op::DelSlot(SlotKey { id: f.value.id, slot })));
+        }
+    }
+    for (key, f) in &new.frontends {
+        if old.frontends.get(key).is_some_and(|o| Arc::ptr_eq(o, f)) {
+            continue;
+        }
+        let id = f.value.id;
+        let old_f = old.frontends.get(key);
+        let old_f = old_f.filter(|o| o.value.id == id);
+        let old_backends: &[BackendValue] = old_f.map(|o| o.backends.as_slice()).unwrap_or(&[]);
+        for (i, b) in f.backends.iter().enumerate() {
+            if old_backends.get(i) != Some(b) {
+                ops.push(Op::PutSlot(SlotKey { id, slot: i as u32 + 1 }, *b));
+            }
+        }
+        if old_f.map(|o| o.value) != Some(f.value) || old.frontends.get(key).is_some_and(|o| o.value.id != id) {
+            ops.push(Op::PutSvc(*key, f.value));
+        }
+        for slot in f.backends.len() + 1..=old_backends.len() {
+            ops.push(Op::DelSlot(SlotKey { id, slot: slot as u32 }));
+        }
+        if let Some(o) = old.frontends.get(key).filter(|o| o.value.id != id) {
+            ops.extend((1..=o.backends.len() as u32).map(|slot| Op::DelSlot(SlotKey { id: o.value.id, slot })));
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netd_proxy::{NsName, Proto, ServicePortKey};
+
+    fn ep(last: u8, port: u16) -> Endpoint {
+        Endpoint { ip: Ipv4Addr::new(10, 244, 1, last), port, local: last & 1 == 0, ready: true, serving: true, terminating: false }
+    }
+
+    fn sp(name: &str, vip: [u8; 4], eps: Vec<Endpoint>) -> ServicePortPlan {
+        ServicePortPlan {
+            slug: ServicePortKey { service: NsName { namespace: "default".into(), name: name.into() }, port_name: String::new(), proto: Proto::Tcp }.slug(80).into(),
+            key: ServicePortKey { service: NsName { namespace: "default".into(), name: name.into() }, port_name: String::new(), proto: Proto::Tcp },
+            port: 80,
+            cluster_ip: Some(Ipv4Addr::from(vip)),
+            external_ips: vec![],
+            lb_ips: vec![],
+            node_port: None,
+            affinity_timeout: None,
+            external_local: false,
+            internal_local: false,
+            health_check_node_port: None,
+            local_endpoints: eps.iter().filter(|e| e.local).cloned().collect(),
+            cluster_endpoints: eps,
+        }
+    }
+
+    fn plan(sps: Vec<ServicePortPlan>) -> Plan {
+        let mut p = Plan::default();
+        p.node = NodeInfo { name: "n1".into(), ..Default::default() };
+        for s in sps {
+            p.services.insert(s.key.clone(), Arc::new(s));
+        }
+        p
+    }
+
+    fn key(vip: [u8; 4], port: u16) -> SvcKey {
+        SvcKey::new(Ipv4Addr::from(vip), port, 6, SCOPE_INTERNAL)
+    }
+
+    #[test]
+    fn cluster_ip_renders_slots() {
+        let p = plan(vec![sp("a", [10, 96, 0, 10], vec![ep(1, 8080), ep(2, 8080)])]);
+        let st = render(&p, None);
+        let f = &st.frontends[&key([10, 96, 0, 10], 80)];
+        assert_eq!(f.value, SvcValue { id: 1, count: 2, flags: 0, affinity_timeout: 0 });
+        assert_eq!(f.backends[0], BackendValue::new(Ipv4Addr::new(10, 244, 1, 1), 8080, false));
+        let ops = diff(&MapState::default(), &st);
+        // Slots before the frontend that exposes them.
+        assert!(matches!(ops.last(), Some(Op::PutSvc(..))));
+        assert_eq!(ops.len(), 3);
+    }
+
+    #[test]
+    fn no_endpoints_rejects_and_affinity_flags() {
+        let mut a = sp("a", [10, 96, 0, 10], vec![]);
+        a.affinity_timeout = Some(10800);
+        let st = render(&plan(vec![a]), None);
+        let f = &st.frontends[&key([10, 96, 0, 10], 80)];
+        assert_eq!(f.value.count, 0);
+        assert_eq!(f.value.flags, SVC_F_REJECT | SVC_F_AFFINITY);
+        assert_eq!(f.value.affinity_timeout, 10800);
+    }
+
+    #[test]
+    fn local_policy_without_local_endpoints_drops_not_rejects() {
+        let mut a = sp("a", [10, 96, 0, 10], vec![ep(1, 80)]);
+        a.internal_local = true;
+        let st = render(&plan(vec![a]), None);
+        let f = &st.frontends[&key([10, 96, 0, 10], 80)];
+        assert_eq!((f.value.count, f.value.flags & SVC_F_REJECT), (0, 0));
+    }
+
+    #[test]
+    fn external_frontends_and_node_ports() {
+        let mut a = sp("a", [10, 96, 0, 10], vec![ep(1, 80), ep(2, 80)]);
+        a.node_port = Some(30080);
+        a.external_ips = vec![Ipv4Addr::new(198, 18, 5, 5)];
+        a.external_local = true;
+        let mut p = plan(vec![a]);
+        p.node.ips = vec![Ipv4Addr::new(198, 18, 0, 1)];
+        let st = render(&p, None);
+        assert_eq!(st.frontends.len(), 3);
+        let np = &st.frontends[&SvcKey::new(Ipv4Addr::new(198, 18, 0, 1), 30080, 6, SCOPE_EXTERNAL)];
+        assert_eq!(np.backends.len(), 1, "externalTrafficPolicy Local: local endpoints only");
+        assert_ne!(np.value.flags & SVC_F_LOCAL, 0);
+        let ext = &st.frontends[&SvcKey::new(Ipv4Addr::new(198, 18, 5, 5), 80, 6, SCOPE_EXTERNAL)];
+        assert_eq!(ext.backends, np.backends);
+        assert_eq!(st.frontends[&key([10, 96, 0, 10], 80)].backends.len(), 2);
+        // Distinct ids.
+        let ids: BTreeSet<u32> = st.frontends.values().map(|f| f.value.id).collect();
+        assert_eq!(ids.len(), 3);
+    }
+
+    #[test]
+    fn one_endpoint_change_is_one_write_and_keeps_slots() {
+        let eps: Vec<Endpoint> = (1..=10).map(|i| ep(i, 80)).collect();
+        let st1 = render(&plan(vec![sp("a", [10, 96, 0, 10], eps.clone())]), None);
+        // Remove endpoint 3, add endpoint 42.
+        let mut eps2: Vec<Endpoint> = eps.iter().filter(|e| e.ip.octets()[3] != 3).cloned().collect();
+        eps2.push(ep(42, 80));
+        eps2.sort();
+        let st2 = render(&plan(vec![sp("a", [10, 96, 0, 10], eps2)]), Some(&st1));
+        let ops = diff(&st1, &st2);
+        assert_eq!(ops, vec![Op::PutSlot(SlotKey { id: 1, slot: 3 }, BackendValue::new(Ipv4Addr::new(10, 244, 1, 42), 80, true))]);
+        // Removing one: the last slot moves into the hole, the count shrinks, the tail goes.
+        let eps3: Vec<Endpoint> = eps.iter().filter(|e| e.ip.octets()[3] != 3).cloned().collect();
+        let st3 = render(&plan(vec![sp("a", [10, 96, 0, 10], eps3)]), Some(&st1));
+        let ops = diff(&st1, &st3);
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        assert!(matches!(ops[0], Op::PutSlot(SlotKey { slot: 3, .. }, _)));
+        assert!(matches!(ops[1], Op::PutSvc(_, SvcValue { count: 9, .. })));
+        assert!(matches!(ops[2], Op::DelSlot(SlotKey { slot: 10, .. })));
+        assert!(diff(&st3, &render(&plan(vec![sp("a", [10, 96, 0, 10], eps.iter().filter(|e| e.ip.octets()[3] != 3).cloned().collect())]), Some(&st3))).is_empty());
+    }
+
+    #[test]
+    fn removed_service_ids_are_not_reused_in_the_same_pass() {
+        let st1 = render(&plan(vec![sp("a", [10, 96, 0, 10], vec![ep(1, 80)])]), None);
+        let st2 = render(&plan(vec![sp("b", [10, 96, 0, 11], vec![ep(2, 80)])]), Some(&st1));
+        assert_eq!(st2.frontends.values().next().unwrap().value.id, 2);
+        let ops = diff(&st1, &st2);
+        assert_eq!(ops[0], Op::DelSvc(key([10, 96, 0, 10], 80)));
+        assert_eq!(ops.len(), 4);
+    }
+
+    #[test]
+    fn assign_slots_cases() {
+        let b = |i: u8| BackendValue::new(Ipv4Addr::new(10, 0, 0, i), 80, false);
+        assert_eq!(assign_slots(&[], &[b(1), b(2)]), vec![b(1), b(2)]);
+        assert_eq!(assign_slots(&[b(1), b(2), b(3)], &[b(1), b(3)]), vec![b(1), b(3)]);
+        assert_eq!(assign_slots(&[b(1), b(2), b(3)], &[b(2), b(3)]), vec![b(3), b(2)]);
+        assert_eq!(assign_slots(&[b(1), b(2), b(3)], &[b(2), b(4)]), vec![b(4), b(2)]);
+        assert_eq!(assign_slots(&[b(1), b(2), b(3)], &[]), vec![]);
+        assert_eq!(assign_slots(&[b(1)], &[b(1), b(5), b(6)]), vec![b(1), b(5), b(6)]);
+    }
+}

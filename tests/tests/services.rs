@@ -1,0 +1,337 @@
+//! Services end to end (issue: the kube-proxy dataplane): manifests applied with `netd apply`
+//! into the etcd registry, every node's netd programming its dataplane, real clients (socat, curl)
+//! in pod namespaces and in an "outside" namespace on the underlay. Run for both backends.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use netd_tests::{netd_binary, wait_until, Cluster, Pod};
+
+const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(100);
+
+fn cluster(n: usize, mode: &str) -> Result<Cluster> {
+    let mut c = Cluster::new(n)?;
+    c.write_network_config(VXLAN)?;
+    c.start_netd_all(&["--proxy-mode", mode])?;
+    for i in 0..n {
+        c.node_mut(i).wait_subnet_env(WAIT)?;
+        let n = c.node(i);
+        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+    }
+    Ok(c)
+}
+
+/// `netd apply -f -` run on the underlay (where etcd is), as an operator would.
+fn apply(c: &Cluster, manifest: &str) -> Result<String> {
+    let bin = netd_binary()?;
+    let mut cmd = c.underlay().command(&[bin.to_str().unwrap(), "apply", "-f", "-", "--etcd-endpoints", &c.etcd().endpoint()]);
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    use std::io::Write;
+    child.stdin.take().context("stdin")?.write_all(manifest.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "netd apply failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn service(name: &str, ip: &str, ty: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: {ty}\n  clusterIP: {ip}\n  selector:\n    app: {name}\n  ports:\n  - name: http\n    protocol: TCP\n    port: 80\n    targetPort: 8080\n{extra}---\n"
+    )
+}
+
+fn slice(name: &str, endpoints: &[(&Pod, &str)]) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n- name: http\n  protocol: TCP\n  port: 8080\nendpoints:\n"
+    );
+    for (pod, node) in endpoints {
+        s.push_str(&format!("- addresses: [\"{}\"]\n  conditions:\n    ready: true\n  nodeName: {node}\n", pod.ip));
+    }
+    s.push_str("---\n");
+    s
+}
+
+/// A TCP server on port 8080 in the pod that answers with its own name.
+fn serve(pod: &Pod, name: &str) -> Result<std::process::Child> {
+    pod.spawn(&["socat", "TCP-LISTEN:8080,fork,reuseaddr", &format!("SYSTEM:echo {name}")], None)
+}
+
+/// One TCP exchange from `ns` to `addr`: the answer, or the error socat printed.
+fn ask(pod_or_ns: &netd_tests::Netns, addr: &str) -> Result<String> {
+    let out = pod_or_ns.exec(&["socat", "-T", "3", "-", &format!("TCP:{addr},connect-timeout=3")])?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Ok(format!("ERROR {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+fn services_end_to_end(mode: &str) -> Result<()> {
+    let mut c = cluster(3, mode)?;
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    let d = c.node_mut(2).add_cni_pod("d")?;
+    let _sb = serve(&b, "b")?;
+    let _sd = serve(&d, "d")?;
+    let manifest = [
+        service("web", "10.96.0.50", "NodePort", "    nodePort: 30080\n"),
+        slice("web", &[(&b, "node1")]),
+        service("empty", "10.96.0.51", "ClusterIP", ""),
+    ]
+    .concat();
+    let out = apply(&c, &manifest)?;
+    assert!(out.contains("service/default/web") || out.contains("web"), "{out}");
+
+    // ClusterIP from a pod on another node reaches the backend.
+    wait_until(WAIT, POLL, || Ok(ask(&a.ns, "10.96.0.50:80")? == "b"))?;
+    // NodePort from outside the cluster (the underlay), on a node without the backend.
+    wait_until(WAIT, POLL, || Ok(ask(c.underlay(), &format!("{}:30080", c.node(0).ip()))? == "b"))?;
+    // A service without endpoints rejects at once instead of hanging.
+    let refused = ask(&a.ns, "10.96.0.51:80")?;
+    assert!(refused.contains("Connection refused") || refused.contains("No route to host") || refused.contains("unreachable"), "{refused}");
+
+    // A registry edit reaches every node: the endpoint moves to d on node2.
+    apply(&c, &slice("web", &[(&d, "node2")]))?;
+    wait_until(WAIT, POLL, || Ok(ask(&a.ns, "10.96.0.50:80")? == "d"))?;
+    wait_until(WAIT, POLL, || Ok(ask(&b.ns, "10.96.0.50:80")? == "d"))?;
+    wait_until(WAIT, POLL, || Ok(ask(c.underlay(), &format!("{}:30080", c.node(1).ip()))? == "d"))?;
+
+    // `netd status` reports the services programmed.
+    let bin = netd_binary()?;
+    let n0 = c.node(0);
+    wait_until(WAIT, POLL, || {
+        let out = n0.ns().exec(&[bin.to_str().unwrap(), "status", "--run-dir", n0.run_dir().to_str().unwrap()])?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains(&format!("services  2 programmed by {mode}")))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn services_with_nftables() -> Result<()> {
+    services_end_to_end("nftables")
+}
+
+#[test]
+fn services_with_iptables() -> Result<()> {
+    services_end_to_end("iptables")
+}
+
+/// 1000 services at once, on both nodes; a sample answers.
+#[test]
+fn a_thousand_services() -> Result<()> {
+    let mut c = cluster(2, "nftables")?;
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    let _sb = serve(&b, "b")?;
+    let mut manifest = String::new();
+    for i in 0..1000u32 {
+        let name = format!("s{i}");
+        let ip = format!("10.96.{}.{}", 10 + i / 200, 1 + i % 200);
+        manifest.push_str(&service(&name, &ip, "ClusterIP", ""));
+        manifest.push_str(&slice(&name, &[(&b, "node1")]));
+    }
+    apply(&c, &manifest)?;
+    for i in [0u32, 1, 499, 998, 999] {
+        let ip = format!("10.96.{}.{}:80", 10 + i / 200, 1 + i % 200);
+        wait_until(WAIT, POLL, || Ok(ask(&a.ns, &ip)? == "b"))?;
+    }
+    Ok(())
+}
+
+/// The fake API server (netd-kube's test server: list and watch semantics, 410 Gone, bookmarks,
+/// an "unreachable" switch) running on the underlay, driven through its stdin. No real API
+/// server can run on these machines; its objects are written in the API server's shape.
+struct FakeApiServer {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    dir: tempfile::TempDir,
+}
+
+impl FakeApiServer {
+    fn start(c: &Cluster) -> Result<FakeApiServer> {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir()?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        let bin = netd_tests::fake_apiserver_binary()?;
+        let mut child = c
+            .underlay()
+            .command(&[bin.to_str().unwrap(), "--listen", "198.18.0.1:6443", "--kubeconfig-out", kubeconfig.to_str().unwrap()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        anyhow::ensure!(line.starts_with("listening"), "fake-apiserver said {line:?}");
+        Ok(FakeApiServer { child, stdin, stdout, dir })
+    }
+
+    fn kubeconfig(&self) -> String {
+        self.dir.path().join("kubeconfig").display().to_string()
+    }
+
+    fn cmd(&mut self, line: &str) -> Result<String> {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{line}")?;
+        let mut answer = String::new();
+        self.stdout.read_line(&mut answer)?;
+        anyhow::ensure!(answer.starts_with("ok"), "fake-apiserver `{line}`: {answer}");
+        Ok(answer)
+    }
+
+    fn load(&mut self, objects: serde_json::Value) -> Result<()> {
+        let path = self.dir.path().join("objects.json");
+        std::fs::write(&path, serde_json::to_string(&serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects}))?)?;
+        self.cmd(&format!("load {}", path.display())).map(|_| ())
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn services_from_the_kubernetes_api_server() -> Result<()> {
+    let mut c = Cluster::new(2)?;
+    c.write_network_config(VXLAN)?;
+    let mut api = FakeApiServer::start(&c)?;
+    let kubeconfig = api.kubeconfig();
+    c.start_netd_all(&["--source", "kubernetes", "--kubeconfig", &kubeconfig])?;
+    for i in 0..2 {
+        c.node_mut(i).wait_subnet_env(WAIT)?;
+        let n = c.node(i);
+        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+    }
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    let _sb = serve(&b, "b")?;
+    let svc = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default", "uid": "5b1c9f4e-0000-4000-8000-000000000001"},
+        "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.60", "clusterIPs": ["10.96.0.60"], "ipFamilies": ["IPv4"],
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}], "selector": {"app": "web"},
+                 "sessionAffinity": "None", "internalTrafficPolicy": "Cluster"},
+        "status": {"loadBalancer": {}}
+    });
+    let slice = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-abcde", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        "endpoints": [{"addresses": [b.ip.to_string()], "conditions": {"ready": true, "serving": true, "terminating": false}, "nodeName": "node1"}]
+    });
+    api.load(serde_json::json!([svc, slice]))?;
+    wait_until(WAIT, POLL, || Ok(ask(&a.ns, "10.96.0.60:80")? == "b"))?;
+
+    // 410 Gone: every watch is expired and history compacted; the sources relist and carry on.
+    api.cmd("compact")?;
+    api.cmd("expire")?;
+    api.cmd("delete endpointslice default web-abcde")?;
+    wait_until(WAIT, POLL, || Ok(ask(&a.ns, "10.96.0.60:80")?.starts_with("ERROR")))?;
+    api.load(serde_json::json!([slice]))?;
+    wait_until(WAIT, POLL, || Ok(ask(&a.ns, "10.96.0.60:80")? == "b"))?;
+
+    // The API server goes away: the last good state keeps serving, and status says why.
+    api.cmd("stop")?;
+    let bin = netd_binary()?;
+    let n0 = c.node(0);
+    wait_until(WAIT, POLL, || {
+        let out = n0.ns().exec(&[bin.to_str().unwrap(), "status", "--run-dir", n0.run_dir().to_str().unwrap()])?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains("apiserver UNREACHABLE"))
+    })?;
+    assert_eq!(ask(&a.ns, "10.96.0.60:80")?, "b");
+    api.cmd("start")?;
+    Ok(())
+}
+
+/// `/etc/netns/<pod>/resolv.conf`, which `ip netns exec` bind-mounts over /etc/resolv.conf: the
+/// pod's resolver configuration as a kubelet writes it. Removed on drop.
+struct PodResolvConf(std::path::PathBuf);
+
+impl PodResolvConf {
+    fn new(pod: &Pod, nameserver: &str) -> Result<PodResolvConf> {
+        let dir = std::path::Path::new("/etc/netns").join(pod.ns.name());
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"),
+        )?;
+        Ok(PodResolvConf(dir))
+    }
+}
+
+impl Drop for PodResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn dig(pod: &Pod, args: &[&str]) -> Result<String> {
+    let mut full = vec!["dig", "+time=2", "+tries=1"];
+    full.extend_from_slice(args);
+    Ok(String::from_utf8_lossy(&pod.exec(&full)?.stdout).into_owned())
+}
+
+/// Cluster DNS on every node, from the same registry the proxy uses: dig against the node-local
+/// address and the cluster DNS IP, the glibc resolver with a pod's resolv.conf (search path,
+/// ndots:5), a connection by service name, and a registry edit reaching DNS.
+#[test]
+fn cluster_dns_answers_from_the_registry_on_every_node() -> Result<()> {
+    let mut c = Cluster::new(2)?;
+    c.write_network_config(VXLAN)?;
+    c.start_netd_all(&["--cluster-dns-ip", "10.96.0.10", "--dns-upstream", "198.18.0.1:53"])?;
+    for i in 0..2 {
+        c.node_mut(i).wait_subnet_env(WAIT)?;
+        let n = c.node(i);
+        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+    }
+    let conf: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(c.node(0).cni_conf_dir().join("10-netd.conflist"))?)?;
+    assert_eq!(conf["plugins"][0]["dns"]["nameservers"][0], "10.96.0.10", "pods are pointed at the cluster DNS IP");
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    let _sb = serve(&b, "b")?;
+    let headless = "apiVersion: v1\nkind: Service\nmetadata:\n  name: db\n  namespace: default\nspec:\n  clusterIP: None\n  ports:\n  - name: pg\n    protocol: TCP\n    port: 5432\n---\n";
+    let db_slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: db-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: db\naddressType: IPv4\nports:\n- name: pg\n  protocol: TCP\n  port: 5432\nendpoints:\n- addresses: [\"{}\"]\n  hostname: db-0\n  conditions:\n    ready: true\n  nodeName: node1\n---\n",
+        b.ip
+    );
+    apply(&c, &[service("web", "10.96.0.50", "ClusterIP", ""), slice("web", &[(&b, "node1")]), headless.to_string(), db_slice].concat())?;
+
+    for server in ["@169.254.20.10", "@10.96.0.10"] {
+        wait_until(WAIT, POLL, || Ok(dig(&a, &[server, "+short", "web.default.svc.cluster.local"])?.trim() == "10.96.0.50"))?;
+    }
+    assert_eq!(dig(&b, &["@10.96.0.10", "+short", "WEB.Default.svc.cluster.local"])?.trim(), "10.96.0.50", "case-insensitive, and on the other node too");
+    assert_eq!(dig(&a, &["@10.96.0.10", "+short", "db.default.svc.cluster.local"])?.trim(), b.ip.to_string(), "headless: the endpoints");
+    assert_eq!(dig(&a, &["@10.96.0.10", "+short", "db-0.db.default.svc.cluster.local"])?.trim(), b.ip.to_string());
+    let srv = dig(&a, &["@10.96.0.10", "+short", "SRV", "_pg._tcp.db.default.svc.cluster.local"])?;
+    assert!(srv.contains("5432 db-0.db.default.svc.cluster.local."), "{srv}");
+    let nx = dig(&a, &["@10.96.0.10", "nope.default.svc.cluster.local"])?;
+    assert!(nx.contains("status: NXDOMAIN") && nx.contains("SOA"), "{nx}");
+    let ptr = dig(&a, &["@10.96.0.10", "+short", "-x", "10.96.0.50"])?;
+    assert_eq!(ptr.trim(), "web.default.svc.cluster.local.");
+
+    // The glibc resolver with the pod's resolv.conf: search path and ndots:5.
+    let _rc = PodResolvConf::new(&a, "10.96.0.10")?;
+    let hosts = a.run(&["getent", "hosts", "web"])?;
+    assert!(hosts.starts_with("10.96.0.50"), "{hosts}");
+    // A connection by name: DNS, then the service proxy, then the overlay.
+    wait_until(WAIT, POLL, || Ok(ask(&a.ns, "web:80")? == "b"))?;
+
+    // A registry edit reaches DNS on every node.
+    let bin = netd_binary()?;
+    c.underlay().run(&[bin.to_str().unwrap(), "delete", "service", "web", "-n", "default", "--etcd-endpoints", &c.etcd().endpoint()])?;
+    for p in [&a, &b] {
+        wait_until(WAIT, POLL, || Ok(dig(p, &["@10.96.0.10", "web.default.svc.cluster.local"])?.contains("status: NXDOMAIN")))?;
+    }
+    let n0 = c.node(0);
+    let out = n0.ns().run(&[bin.to_str().unwrap(), "status", "--run-dir", n0.run_dir().to_str().unwrap()])?;
+    assert!(out.contains("dns       ") && out.contains("169.254.20.10:53"), "{out}");
+    Ok(())
+}
