@@ -10,7 +10,6 @@ mod route;
 pub use link::{vxlan_matches, LinkInfo, VxlanSpec};
 pub use route::RTPROT_NETD;
 
-use futures::TryStreamExt;
 use rtnetlink::Handle;
 
 /// A netlink failure, naming the operation (as its `ip` command) and the object.
@@ -60,15 +59,7 @@ impl Netlink {
     /// The interface of the IPv4 default route (`ip route show default`), lowest metric first.
     pub async fn default_route_link(&self) -> Result<Option<u32>, NetlinkError> {
         use netlink_packet_route::route::RouteAttribute;
-        let msg = rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new().build();
-        let routes: Vec<_> = self
-            .handle
-            .route()
-            .get(msg)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(NetlinkError::op("ip route show default"))?;
+        let routes = self.routes_v4("ip route show default").await?;
         let mut best: Option<(u32, u32)> = None;
         for r in routes {
             if r.header.destination_prefix_length != 0 || r.header.table != route::MAIN_TABLE {

@@ -19,19 +19,17 @@ pub const RTPROT_NETD: u8 = 110;
 pub(super) const MAIN_TABLE: u8 = 254;
 
 impl Netlink {
+    /// Every IPv4 route (`ip -4 route show table all`); `op` names the caller's command in errors.
+    pub(super) async fn routes_v4(&self, op: &str) -> Result<Vec<RouteMessage>, NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        self.handle.route().get(msg).execute().try_collect().await.map_err(NetlinkError::op(op))
+    }
+
     /// `ip -4 route show table main proto 110`, keeping only routes through `overlay_index` or
     /// `underlay_index` (the only ones netd creates). A route without a gateway through the
     /// overlay device is the udp backend's `Via::Tun` route.
     pub async fn netd_routes(&self, overlay_index: u32, underlay_index: u32) -> Result<BTreeMap<Ipv4Net, RouteSpec>, NetlinkError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(msg)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(NetlinkError::op("ip -4 route show proto 110"))?;
+        let routes = self.routes_v4("ip -4 route show proto 110").await?;
         let mut out = BTreeMap::new();
         for r in routes {
             if r.header.table != MAIN_TABLE || r.header.protocol != RouteProtocol::Other(RTPROT_NETD) {
@@ -65,15 +63,7 @@ impl Netlink {
 
     /// `ip route flush proto 110`: removes every route netd created. Returns how many.
     pub async fn del_routes_by_proto(&self) -> Result<usize, NetlinkError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(msg)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(NetlinkError::op("ip -4 route show proto 110"))?;
+        let routes = self.routes_v4("ip -4 route show proto 110").await?;
         let mut n = 0;
         for r in routes.into_iter().filter(|r| r.header.protocol == RouteProtocol::Other(RTPROT_NETD)) {
             match self.handle.route().del(r).execute().await.map_err(NetlinkError::op("ip route flush proto 110")) {
