@@ -101,6 +101,9 @@ fn daemonset_configmap_and_rbac_agree_with_the_binary() {
     assert!(init["command"][2].as_str().unwrap().contains("/opt/cni/bin/netd-cni"));
     assert_eq!(host_path(init["volumeMounts"][0]["name"].as_str().unwrap()).as_deref(), Some("/opt/cni/bin"));
 
+    // The API server is the service source, and the cluster DNS IP is answered on the node.
+    assert_eq!(run.kube.source, netd_kube::SourceKind::Kubernetes);
+    assert!(run.dns.cluster_dns_ip.is_some());
     // RBAC: bound to the DaemonSet's service account, read-only.
     assert_eq!(docs[2]["subjects"][0]["name"], pod["serviceAccountName"]);
     for rule in docs[1]["rules"].as_sequence().unwrap() {
