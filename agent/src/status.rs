@@ -406,6 +406,9 @@ mod tests {
             last_sync: Some(SyncStatus { at: 999_999, duration_ms: 1.5, changes: 0, errors: vec![] }),
             files: FilesStatus { subnet_env: Some("/run/netd/subnet.env".into()), cni_conflist: Some("/etc/cni/net.d/10-netd.conflist".into()) },
             cni: Some(CniStatus { pods: 2, addresses_free: 251, error: None }),
+            services: None,
+            dns: None,
+            api_server: None,
             problems: vec![],
         }
     }
@@ -474,6 +477,25 @@ mod tests {
         assert!(render(&s, false).contains("pods      2 on this node, 251 addresses free"));
         s.cni = Some(CniStatus { pods: 253, addresses_free: 0, error: None });
         assert_eq!(verdict(&s).0, Health::Unhealthy);
+    }
+
+    #[test]
+    fn services_dns_and_api_server_lines() {
+        let mut s = healthy();
+        s.services = Some(ServicesStatus { mode: "nftables".into(), services: 12, applied_revision: Some(40), last_sync: Some(s.now - 2), ..Default::default() });
+        s.dns = Some(DnsStatus { listen: vec!["169.254.20.10:53".into()], upstreams: vec!["198.18.0.1:53".into()], services: 12, records: 30, queries_per_second: 5.0, cache_hit_ratio: Some(0.5), ..Default::default() });
+        s.api_server = Some(ApiServerStatus { connected: true, synced: true, objects: 24, ..Default::default() });
+        assert_eq!(verdict(&s).0, Health::Healthy);
+        let text = render(&s, false);
+        assert!(text.contains("services  12 programmed by nftables (revision 40), synced 2s ago"), "{text}");
+        assert!(text.contains("dns       30 records for 12 services on 169.254.20.10:53; 5 queries/s, cache hits 50%; upstream 198.18.0.1:53"), "{text}");
+        assert!(text.contains("apiserver connected (24 objects, 0 relist(s) after 410 Gone)"), "{text}");
+        s.services.as_mut().unwrap().last_error = Some("netlink: EPERM".into());
+        s.api_server.as_mut().unwrap().connected = false;
+        let (h, why) = verdict(&s);
+        assert_eq!(h, Health::Degraded);
+        assert!(why.iter().any(|w| w.contains("service sync failed: netlink: EPERM")), "{why:?}");
+        assert!(why.iter().any(|w| w.contains("Kubernetes API server unreachable")), "{why:?}");
     }
 
     #[test]
