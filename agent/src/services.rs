@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+
 use netd_proxy::registry::{RegistryOptions, ServiceRegistry};
 use netd_proxy::{NodeInfo, ProxyConfig, ProxyMode, ProxyStatus, ServiceSnapshot};
 use tokio::sync::watch;
@@ -113,11 +114,8 @@ pub fn spawn_proxy(mode: ProxyMode, node: NodeInfo, resync: Duration, snapshots:
     });
     tokio::spawn(async move {
         let mut last_syncs = 0;
-        let mut last_change = Instant::now();
         while status_rx.changed().await.is_ok() {
             let st = status_rx.borrow_and_update().clone();
-            let took = last_change.elapsed();
-            last_change = Instant::now();
             if st.applied_revision.is_some() {
                 shared.set_ready(|r| r.first_service_sync = Some(true));
             }
@@ -133,7 +131,7 @@ pub fn spawn_proxy(mode: ProxyMode, node: NodeInfo, resync: Duration, snapshots:
                     svc.last_error = st.last_error.clone();
                     svc.warnings = st.warnings.clone();
                     svc.health_ports = st.health_ports.clone();
-                    let _ = took;
+                    svc.last_duration_ms = st.last_duration.as_secs_f64() * 1000.0;
                 }
             });
         }

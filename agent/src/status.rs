@@ -138,6 +138,9 @@ pub struct ServicesStatus {
     /// Registry revision of the last successful sync (`None` before the first).
     pub applied_revision: Option<i64>,
     pub last_sync: Option<u64>,
+    /// How long the last sync took.
+    #[serde(default)]
+    pub last_duration_ms: f64,
     pub last_error: Option<String>,
     pub warnings: Vec<String>,
     /// healthCheckNodePort servers running (externalTrafficPolicy Local).
@@ -345,7 +348,7 @@ pub fn render(s: &NodeStatus, color: bool) -> String {
         let _ = writeln!(out, "sync      {} ({:.1} ms, {} change(s){errs})", rel(s.now, sync.at), sync.duration_ms, sync.changes);
     }
     if let Some(svc) = &s.services {
-        let when = svc.last_sync.map(|t| format!(", synced {}", rel(s.now, t))).unwrap_or_default();
+        let when = svc.last_sync.map(|t| format!(", synced {} in {:.1} ms", rel(s.now, t), svc.last_duration_ms)).unwrap_or_default();
         let rev = svc.applied_revision.map(|r| format!(" (revision {r})")).unwrap_or_else(|| " (not synced yet)".into());
         let err = svc.last_error.as_ref().map(|e| paint("31", &format!(" — ERROR: {e}"))).unwrap_or_default();
         let _ = writeln!(out, "services  {} programmed by {}{rev}{when}{err}", svc.services, svc.mode);
@@ -482,12 +485,12 @@ mod tests {
     #[test]
     fn services_dns_and_api_server_lines() {
         let mut s = healthy();
-        s.services = Some(ServicesStatus { mode: "nftables".into(), services: 12, applied_revision: Some(40), last_sync: Some(s.now - 2), ..Default::default() });
+        s.services = Some(ServicesStatus { mode: "nftables".into(), services: 12, applied_revision: Some(40), last_sync: Some(s.now - 2), last_duration_ms: 1.25, ..Default::default() });
         s.dns = Some(DnsStatus { listen: vec!["169.254.20.10:53".into()], upstreams: vec!["198.18.0.1:53".into()], services: 12, records: 30, queries_per_second: 5.0, cache_hit_ratio: Some(0.5), ..Default::default() });
         s.api_server = Some(ApiServerStatus { connected: true, synced: true, objects: 24, ..Default::default() });
         assert_eq!(verdict(&s).0, Health::Healthy);
         let text = render(&s, false);
-        assert!(text.contains("services  12 programmed by nftables (revision 40), synced 2s ago"), "{text}");
+        assert!(text.contains("services  12 programmed by nftables (revision 40), synced 2s ago in 1.2 ms"), "{text}");
         assert!(text.contains("dns       30 records for 12 services on 169.254.20.10:53; 5 queries/s, cache hits 50%; upstream 198.18.0.1:53"), "{text}");
         assert!(text.contains("apiserver connected (24 objects, 0 relist(s) after 410 Gone)"), "{text}");
         s.services.as_mut().unwrap().last_error = Some("netlink: EPERM".into());

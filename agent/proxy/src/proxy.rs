@@ -110,6 +110,8 @@ pub struct ProxyStatus {
     pub applied_revision: Option<i64>,
     pub services: usize,
     pub syncs: u64,
+    /// How long the last pass took (planning and programming the kernel).
+    pub last_duration: std::time::Duration,
     pub last_error: Option<String>,
     pub warnings: Vec<String>,
     pub health_ports: Vec<u16>,
@@ -150,6 +152,7 @@ pub async fn run_proxy(cfg: ProxyConfig, mut snapshots: watch::Receiver<Arc<Serv
             None => Ok(None),
         };
         status.syncs += 1;
+        status.last_duration = started.elapsed();
         match result {
             Ok(report) => {
                 if let Some(r) = &report {
