@@ -466,7 +466,11 @@ impl Daemon {
         let running = self.udp.as_ref().is_some_and(|dp| dp.local_addr().port() == want.port && dp.local_addr().ip() == &want.local_ip);
         let link = self.nl.link_by_name(UDP_DEVICE).await?;
         let up = link.as_ref().is_some_and(|l| l.up && l.mtu == mtu);
-        if !running || link.is_none() {
+        if let (true, Some(l)) = (running, &link) {
+            if !up {
+                self.nl.set_link(l.index, mtu, None).await?;
+            }
+        } else {
             if let Some(dp) = self.udp.take() {
                 dp.stop();
             }
@@ -474,9 +478,6 @@ impl Daemon {
             let f = dp.features();
             info!(device = UDP_DEVICE, port = self.cfg.backend.port, mtu, workers = f.workers, udp_gso = f.udp_gso, udp_gro = f.udp_gro, "started the udp datapath");
             self.udp = Some(dp);
-        } else if !up {
-            let l = link.as_ref().expect("checked");
-            self.nl.set_link(l.index, mtu, None).await?;
         }
         let l = self.nl.link_by_name(UDP_DEVICE).await?.ok_or_else(|| NetlinkError::Other(format!("{UDP_DEVICE} vanished after creation")))?;
         Ok((l.index, UDP_DEVICE.to_string(), mtu))
@@ -864,7 +865,7 @@ impl Daemon {
     fn record_udp_stats(&mut self) {
         let Some(dp) = &self.udp else { return };
         let now = dp.stats();
-        let was = std::mem::replace(&mut self.udp_seen, now.clone());
+        let was = std::mem::replace(&mut self.udp_seen, now);
         let m = &self.shared.metrics;
         let d = |a: u64, b: u64| a.saturating_sub(b);
         m.udp("packets", "out", d(now.packets_out, was.packets_out));
