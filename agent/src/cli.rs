@@ -105,6 +105,10 @@ pub struct RunArgs {
     pub subnet_lease_renew_margin: u32,
     #[command(flatten)]
     pub kube: netd_kube::KubeArgs,
+    /// The network config (flannel's net-conf.json) with `--subnet-manager kube`, where there is
+    /// no etcd to hold it.
+    #[arg(long, env = "NETD_NET_CONF_FILE", default_value = "/etc/netd/net-conf.json")]
+    pub net_conf_file: PathBuf,
     #[command(flatten)]
     pub dns: netd_dns::Args,
     /// How this node load-balances Services: nftables (verdict maps, constant cost per packet),

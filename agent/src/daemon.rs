@@ -50,8 +50,8 @@ pub enum DaemonError {
     Server(#[from] server::ServerError),
     #[error("overlay backend: {0}")]
     Backend(String),
-    #[error("{0}")]
-    Unsupported(String),
+    #[error("Kubernetes API: {0}")]
+    Kube(String),
 }
 
 /// The underlay this node talks to peers over.
@@ -80,7 +80,8 @@ struct Held {
 pub struct Daemon {
     args: RunArgs,
     nl: Netlink,
-    reg: EtcdRegistry,
+    /// The etcd registry of subnet leases; `None` with `--subnet-manager kube`.
+    reg: Option<EtcdRegistry>,
     underlay: Underlay,
     cfg: NetworkConfig,
     held: Held,
@@ -114,17 +115,16 @@ impl Backoff {
 }
 
 pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
-    if args.kube.subnet_manager == netd_kube::SubnetManagerKind::Kube {
-        return Err(DaemonError::Unsupported(
-            "--subnet-manager kube: this netd leases subnets from etcd only; Node-based subnets are not wired into the daemon yet".into(),
-        ));
-    }
     let node = args.node_name.clone().unwrap_or_else(hostname);
     let shared = Shared::new(NodeStatus {
         node: node.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_at: unix_now(),
-        etcd: status::EtcdStatus { endpoints: args.etcd.etcd_endpoints.clone(), ..Default::default() },
+        // No etcd at all with Node-based subnets (unless services come from its registry).
+        etcd: status::EtcdStatus {
+            endpoints: if args.kube.subnet_manager == netd_kube::SubnetManagerKind::Kube { Vec::new() } else { args.etcd.etcd_endpoints.clone() },
+            ..Default::default()
+        },
         ..Default::default()
     });
     shared.set_ready(|r| r.cni_config = (!args.cni_conf_dir.as_os_str().is_empty()).then_some(false));
@@ -145,10 +145,18 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
         cert_file: args.etcd.etcd_certfile.clone(),
         key_file: args.etcd.etcd_keyfile.clone(),
     };
-    let reg = connect_etcd(&opts).await?;
-
-    let (cfg, snap) = wait_for_config(&reg, &shared).await;
-    let held = acquire(&reg, &cfg, &underlay, &args, &snap, &shared).await?;
+    let (reg, cfg, held, snap, kube_rx) = match args.kube.subnet_manager {
+        netd_kube::SubnetManagerKind::Etcd => {
+            let reg = connect_etcd(&opts).await?;
+            let (cfg, snap) = wait_for_config(&reg, &shared).await;
+            let held = acquire(&reg, &cfg, &underlay, &args, &snap, &shared).await?;
+            (Some(reg), cfg, held, snap, None)
+        }
+        netd_kube::SubnetManagerKind::Kube => {
+            let (cfg, held, snap, rx) = kube_subnets(&args, &node, &underlay, &shared).await?;
+            (None, cfg, held, snap, Some(rx))
+        }
+    };
     let mut d = Daemon { args, nl, reg, underlay, cfg, held, dev_index: 0, udp: None, udp_seen: Default::default(), masq: Masquerade::new(), last_skipped: Vec::new(), shared };
     d.setup_backend().await?;
     d.sync_host_rules()?;
@@ -157,8 +165,15 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
     d.shared.update(|s| s.phase = Phase::Running);
     info!(subnet = %d.held.subnet, backend = d.cfg.backend.kind.as_str(), "node network ready");
 
-    let (tx, mut rx) = watch::channel(Arc::new(snap));
-    tokio::spawn(watch_registry(d.reg.clone(), tx, d.shared.clone()));
+    let mut rx = match (&d.reg, kube_rx) {
+        (Some(reg), _) => {
+            let (tx, rx) = watch::channel(Arc::new(snap));
+            tokio::spawn(watch_registry(reg.clone(), tx, d.shared.clone()));
+            rx
+        }
+        (None, Some(rx)) => rx,
+        (None, None) => unreachable!("one subnet manager is chosen"),
+    };
     if d.args.proxy_mode != netd_proxy::ProxyMode::None || d.args.dns.dns {
         let opts = netd_proxy::registry::RegistryOptions {
             endpoints: d.args.etcd.etcd_endpoints.clone(),
@@ -228,6 +243,124 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
     // while netd is down, and the next netd adopts them.
     info!("shutting down; the dataplane is left in place");
     Ok(())
+}
+
+/// `--subnet-manager kube`, flannel's kube subnet manager: the network config from
+/// `--net-conf-file`, this node's subnet from its Node's `spec.podCIDR`, our backend data published
+/// in the Node's annotations, and the peers from every Node's annotations, turned into the same
+/// `Snapshot` the etcd registry produces (so the same planners program the same dataplane).
+async fn kube_subnets(
+    args: &RunArgs,
+    node: &str,
+    underlay: &Underlay,
+    shared: &Arc<Shared>,
+) -> Result<(NetworkConfig, Held, Snapshot, watch::Receiver<Arc<Snapshot>>), DaemonError> {
+    let kube_err = |e: netd_kube::KubeError| DaemonError::Kube(e.to_string());
+    let client = netd_kube::client(args.kube.kubeconfig.as_deref()).await.map_err(kube_err)?;
+    let path = &args.net_conf_file;
+    let mut backoff = Backoff::new();
+    let mut last = String::new();
+    let (cfg, text) = loop {
+        let complaint = match std::fs::read_to_string(path) {
+            Err(e) => format!("waiting for the network config file {}: {e}", path.display()),
+            Ok(text) => match NetworkConfig::parse(&text) {
+                Ok(cfg) => break (cfg, text),
+                Err(e) => format!("invalid network config in {}: {e}", path.display()),
+            },
+        };
+        if complaint != last {
+            error!("{complaint}");
+            shared.update(|s| s.problems = vec![complaint.clone()]);
+            last = complaint;
+        }
+        backoff.wait().await;
+    };
+    shared.update(|s| s.problems.clear());
+    info!(network = %cfg.network, backend = cfg.backend.kind.as_str(), "network config from {}", path.display());
+    let subnet = netd_kube::node_subnet(&client, node).await.map_err(kube_err)?;
+    if !cfg.network.contains(&subnet.network()) {
+        return Err(DaemonError::Kube(format!("node {node}'s podCIDR {subnet} is outside the network {}", cfg.network)));
+    }
+    let attrs = our_attrs(&cfg, underlay);
+    let names = netd_kube::Annotations::new(&args.kube.kube_annotation_prefix).map_err(kube_err)?;
+    let node_attrs = netd_kube::NodeAttrs {
+        public_ip: underlay.public_ip,
+        backend_type: attrs.backend_type.clone(),
+        backend_data: attrs.backend_data.clone(),
+    };
+    let mut backoff = Backoff::new();
+    loop {
+        match netd_kube::publish_annotations(&client, node, &names, &node_attrs).await {
+            Ok(ip) => {
+                info!(%node, %subnet, public_ip = %ip, "node annotations published");
+                break;
+            }
+            Err(e) => {
+                warn!(error = %e, %node, "publishing node annotations failed; retrying");
+                backoff.wait().await;
+            }
+        }
+    }
+    shared.metrics.lease_acquisitions.inc();
+    shared.update(|s| {
+        s.lease = Some(status::LeaseStatus {
+            subnet: subnet.to_string(),
+            public_ip: underlay.public_ip.to_string(),
+            reservation: true,
+            expires_at: None,
+            renew_at: None,
+            last_renewal: None,
+            acquired_at: unix_now(),
+        })
+    });
+    shared.set_ready(|r| r.lease = true);
+    let held = Held { subnet, attrs, reservation: true, mod_revision: 0, renew_at: None };
+
+    let (nodes_tx, mut nodes_rx) = watch::channel(Arc::new(Vec::<netd_kube::NodeLease>::new()));
+    let (status_tx, mut status_rx) = watch::channel(netd_kube::SourceStatus::default());
+    tokio::spawn(netd_kube::run_node_watch(client, names, nodes_tx, status_tx));
+    let to_snapshot = move |leases: &[netd_kube::NodeLease]| -> Snapshot {
+        let subnets = leases
+            .iter()
+            .map(|l| {
+                let attrs = LeaseAttrs {
+                    public_ip: l.public_ip,
+                    public_ipv6: None,
+                    backend_type: l.backend_type.clone(),
+                    backend_data: l.backend_data.clone(),
+                    backend_v6_data: None,
+                };
+                (format!("node/{}", l.node), Entry::Lease(crate::lease::Lease { subnet: l.subnet, attrs, etcd_lease: None, mod_revision: 0 }))
+            })
+            .collect();
+        Snapshot { config: Some(text.clone()), subnets, revision: 0 }
+    };
+    let first = to_snapshot(&[]);
+    let (tx, rx) = watch::channel(Arc::new(first.clone()));
+    let shared2 = shared.clone();
+    tokio::spawn(async move {
+        while status_rx.changed().await.is_ok() {
+            let st = status_rx.borrow_and_update().clone();
+            shared2.update(|s| {
+                s.api_server = Some(status::ApiServerStatus {
+                    connected: st.connected,
+                    synced: st.synced,
+                    last_error: st.last_error.clone(),
+                    objects: st.objects,
+                    relists_after_410: st.expired,
+                })
+            });
+        }
+    });
+    tokio::spawn(async move {
+        while nodes_rx.changed().await.is_ok() {
+            let leases = nodes_rx.borrow_and_update().clone();
+            if tx.send(Arc::new(to_snapshot(&leases))).is_err() {
+                return;
+            }
+        }
+    });
+    Ok((cfg, held, first, rx))
 }
 
 async fn connect_etcd(opts: &EtcdOptions) -> Result<EtcdRegistry, DaemonError> {
@@ -627,7 +760,17 @@ impl Daemon {
             }
         }
         // Our lease: still there and still ours? If not, take it back, loudly.
-        let key = self.reg.subnet_key(&self.held.subnet);
+        let Some(reg) = &self.reg else {
+            // Node-based subnets: the Node's podCIDR is ours for as long as the Node exists.
+            self.sync_overlay(snap).await?;
+            if full {
+                self.sync_host_rules()?;
+                self.write_subnet_env()?;
+                self.write_cni_conf();
+            }
+            return Ok(());
+        };
+        let key = reg.subnet_key(&self.held.subnet);
         match snap.subnets.get(&key) {
             Some(Entry::Lease(l)) if l.attrs == self.held.attrs => {
                 if l.mod_revision > self.held.mod_revision {
@@ -660,7 +803,8 @@ impl Daemon {
 
     async fn reacquire(&mut self, snap: &Snapshot) -> Result<(), DaemonError> {
         let old = self.held.subnet;
-        self.held = acquire(&self.reg, &self.cfg, &self.underlay, &self.args, snap, &self.shared).await?;
+        let Some(reg) = &self.reg else { return Ok(()) };
+        self.held = acquire(reg, &self.cfg, &self.underlay, &self.args, snap, &self.shared).await?;
         if self.held.subnet != old {
             warn!(old = %old, new = %self.held.subnet, "this node's subnet changed: pods on it need new addresses");
         } else {
@@ -680,14 +824,16 @@ impl Daemon {
         self.held.attrs = our_attrs(&self.cfg, &self.underlay);
         if lease_fits {
             // Publish the new attributes (VNI) and adjust the device.
-            if let Some(Entry::Lease(l)) = snap.subnets.get(&self.reg.subnet_key(&self.held.subnet)) {
+            if let Some(reg) = &self.reg {
+            if let Some(Entry::Lease(l)) = snap.subnets.get(&reg.subnet_key(&self.held.subnet)) {
                 let ttl = self.args.subnet_lease_ttl.as_secs().max(1) as i64;
                 if l.attrs != self.held.attrs
                     && !self.held.reservation
-                    && self.reg.renew(&self.held.subnet, &self.held.attrs, ttl, l.mod_revision).await?.is_some()
+                    && reg.renew(&self.held.subnet, &self.held.attrs, ttl, l.mod_revision).await?.is_some()
                 {
-                    self.held.mod_revision = self.reg.snapshot().await?.revision;
+                    self.held.mod_revision = reg.snapshot().await?.revision;
                 }
+            }
             }
             self.setup_backend().await?;
             self.sync_host_rules()?;
@@ -703,7 +849,8 @@ impl Daemon {
     async fn renew(&mut self) {
         let ttl = self.args.subnet_lease_ttl.as_secs().max(1) as i64;
         let h = self.held.clone();
-        match self.reg.renew(&h.subnet, &h.attrs, ttl, h.mod_revision).await {
+        let Some(reg) = self.reg.clone() else { return };
+        match reg.renew(&h.subnet, &h.attrs, ttl, h.mod_revision).await {
             Ok(Some(held)) => {
                 info!(subnet = %h.subnet, "renewed subnet lease");
                 self.held.renew_at = renew_deadline(held.ttl, self.args.subnet_lease_renew_margin);
@@ -718,8 +865,8 @@ impl Daemon {
                         l.last_renewal = Some(unix_now());
                     }
                 });
-                if let Ok(s) = self.reg.snapshot().await {
-                    if let Some(Entry::Lease(l)) = s.subnets.get(&self.reg.subnet_key(&h.subnet)) {
+                if let Ok(s) = reg.snapshot().await {
+                    if let Some(Entry::Lease(l)) = s.subnets.get(&reg.subnet_key(&h.subnet)) {
                         self.held.mod_revision = l.mod_revision;
                     }
                 }

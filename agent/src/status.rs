@@ -223,7 +223,7 @@ pub fn verdict(s: &NodeStatus) -> (Health, Vec<String>) {
     if s.files.subnet_env.is_none() && s.lease.is_some() {
         bad.push("subnet.env has not been written".into());
     }
-    if !s.etcd.connected {
+    if !s.etcd.connected && !s.etcd.endpoints.is_empty() {
         let since = s.etcd.last_ok.map(|t| format!(" for {}", ago(s.now.saturating_sub(t)))).unwrap_or_default();
         let why = s.etcd.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
         warn.push(format!("etcd unreachable{since}{why}; the dataplane keeps its last known state"));
@@ -370,8 +370,10 @@ pub fn render(s: &NodeStatus, color: bool) -> String {
         let state = if api.connected { paint("32", "connected") } else { paint("31", "UNREACHABLE") };
         let _ = writeln!(out, "apiserver {state} ({} objects, {} relist(s) after 410 Gone)", api.objects, api.relists_after_410);
     }
-    let etcd = if s.etcd.connected { paint("32", "connected") } else { paint("31", "UNREACHABLE") };
-    let _ = writeln!(out, "etcd      {etcd} {} (revision {})", s.etcd.endpoints.join(","), s.etcd.revision);
+    if !s.etcd.endpoints.is_empty() {
+        let etcd = if s.etcd.connected { paint("32", "connected") } else { paint("31", "UNREACHABLE") };
+        let _ = writeln!(out, "etcd      {etcd} {} (revision {})", s.etcd.endpoints.join(","), s.etcd.revision);
+    }
     let file = |f: &Option<String>| f.clone().unwrap_or_else(|| paint("31", "not written"));
     let _ = writeln!(out, "files     subnet.env {}", file(&s.files.subnet_env));
     let _ = writeln!(out, "          CNI config {}", file(&s.files.cni_conflist));

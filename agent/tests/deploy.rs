@@ -46,7 +46,7 @@ fn daemonset_configmap_and_rbac_agree_with_the_binary() {
     let text = deploy("kubernetes/netd.yaml");
     let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"]);
+    assert_eq!(kinds, ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "ConfigMap", "DaemonSet"]);
 
     let cm = &docs[3];
     let env: BTreeMap<String, String> = serde_yaml::from_value(cm["data"].clone()).unwrap();
@@ -56,7 +56,7 @@ fn daemonset_configmap_and_rbac_agree_with_the_binary() {
     }
     let mut run_env = env.clone();
     run_env.remove("NETD_LOG");
-    let ds = &docs[4];
+    let ds = &docs[5];
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
     let c = &pod["containers"][0];
@@ -92,25 +92,39 @@ fn daemonset_configmap_and_rbac_agree_with_the_binary() {
         let vol = mounts.get(&dir).unwrap_or_else(|| panic!("{dir} is not mounted"));
         assert_eq!(host_path(vol).as_deref(), Some(dir.as_str()), "{dir} must be the host's own");
     }
-    for f in [&run.etcd.etcd_cafile, &run.etcd.etcd_certfile, &run.etcd.etcd_keyfile] {
-        let f = f.as_ref().unwrap().display().to_string();
-        assert!(mounts.keys().any(|m| f.starts_with(m.as_str())), "{f} is not mounted");
-    }
+    // The network config file is the second ConfigMap's key, mounted where the flag says.
+    let conf = run.net_conf_file.display().to_string();
+    let (dir, file) = conf.rsplit_once('/').unwrap();
+    let vol = mounts.get(dir).unwrap_or_else(|| panic!("{dir} is not mounted"));
+    let cm_name = pod["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == vol.as_str()).unwrap()["configMap"]["name"].clone();
+    let net_conf = docs.iter().find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == cm_name).expect("net-conf ConfigMap");
+    let text = net_conf["data"][file].as_str().unwrap_or_else(|| panic!("no key {file}"));
+    netd::netconf::NetworkConfig::parse(text).unwrap();
     // The init container installs netd-cni where runtimes look for plugins.
     let init = &pod["initContainers"][0];
     assert!(init["command"][2].as_str().unwrap().contains("/opt/cni/bin/netd-cni"));
     assert_eq!(host_path(init["volumeMounts"][0]["name"].as_str().unwrap()).as_deref(), Some("/opt/cni/bin"));
 
-    // The API server is the service source, and the cluster DNS IP is answered on the node.
+    // The API server is the service source and the subnet manager (no etcd needed), and the
+    // cluster DNS IP is answered on the node.
     assert_eq!(run.kube.source, netd_kube::SourceKind::Kubernetes);
+    assert_eq!(run.kube.subnet_manager, netd_kube::SubnetManagerKind::Kube);
     assert!(run.dns.cluster_dns_ip.is_some());
-    // RBAC: bound to the DaemonSet's service account, read-only.
+    // RBAC: bound to the DaemonSet's service account; exactly what netd uses.
     assert_eq!(docs[2]["subjects"][0]["name"], pod["serviceAccountName"]);
+    let mut grants: Vec<String> = Vec::new();
     for rule in docs[1]["rules"].as_sequence().unwrap() {
-        for verb in rule["verbs"].as_sequence().unwrap() {
-            assert!(["get", "list", "watch"].contains(&verb.as_str().unwrap()), "{verb:?}");
+        for res in rule["resources"].as_sequence().unwrap() {
+            for verb in rule["verbs"].as_sequence().unwrap() {
+                grants.push(format!("{}:{}", res.as_str().unwrap(), verb.as_str().unwrap()));
+            }
         }
     }
+    grants.sort();
+    assert_eq!(
+        grants,
+        ["endpointslices:list", "endpointslices:watch", "nodes/status:patch", "nodes:get", "nodes:list", "nodes:watch", "services:list", "services:watch"]
+    );
 }
 
 #[test]

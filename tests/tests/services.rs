@@ -335,3 +335,86 @@ fn cluster_dns_answers_from_the_registry_on_every_node() -> Result<()> {
     assert!(out.contains("dns       ") && out.contains("169.254.20.10:53"), "{out}");
     Ok(())
 }
+
+fn kube_node(name: &str, cidr: &str, ip: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "uid": format!("00000000-0000-4000-8000-{:012}", name.len()), "labels": {"kubernetes.io/hostname": name},
+                     "annotations": {"node.alpha.kubernetes.io/ttl": "0"}},
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]}
+    })
+}
+
+/// `--subnet-manager kube` (flannel's kube subnet manager) with `--source kubernetes`: no etcd at
+/// all. Each node's subnet is its Node's podCIDR, netd publishes its VTEP in the Node's flannel
+/// annotations, and the peers come from the other Nodes' annotations — including a node set up
+/// the way flanneld does it (its annotations written in flannel's format).
+#[test]
+fn node_subnets_from_the_kubernetes_api_server() -> Result<()> {
+    let mut c = Cluster::new(3)?;
+    let mut api = FakeApiServer::start(&c)?;
+    api.load(serde_json::json!([
+        kube_node("node0", "10.244.10.0/24", "198.18.0.10"),
+        kube_node("node1", "10.244.11.0/24", "198.18.0.11"),
+    ]))?;
+    let dir = tempfile::tempdir()?;
+    let net_conf = dir.path().join("net-conf.json");
+    std::fs::write(&net_conf, VXLAN)?;
+    let kubeconfig = api.kubeconfig();
+    let args = ["--subnet-manager", "kube", "--source", "kubernetes", "--kubeconfig", &kubeconfig, "--net-conf-file", net_conf.to_str().unwrap()];
+    for i in 0..2 {
+        c.node_mut(i).start_netd(&args)?;
+    }
+    for (i, want) in ["10.244.10.1/24", "10.244.11.1/24"].iter().enumerate() {
+        let env = c.node_mut(i).wait_subnet_env(WAIT)?;
+        assert_eq!(&env["FLANNEL_SUBNET"], want, "node{i}'s subnet is its podCIDR");
+    }
+    // A flannel node: its annotations as flanneld writes them, and its VXLAN device by hand.
+    let fmac = "6a:1f:3e:99:00:02";
+    let mut flannel = kube_node("node2", "10.244.12.0/24", "198.18.0.12");
+    flannel["metadata"]["annotations"] = serde_json::json!({
+        "flannel.alpha.coreos.com/backend-data": format!("{{\"VNI\":1,\"VtepMAC\":\"{fmac}\"}}"),
+        "flannel.alpha.coreos.com/backend-type": "vxlan",
+        "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+        "flannel.alpha.coreos.com/public-ip": "198.18.0.12"
+    });
+    api.load(serde_json::json!([flannel]))?;
+    let f = c.node(2).ns();
+    f.sh(&format!(
+        "ip link add flannel.1 type vxlan id 1 local 198.18.0.12 dev eth0 dstport 8472 nolearning && \
+         ip link set flannel.1 address {fmac} mtu 1450 up && ip addr add 10.244.12.0/32 dev flannel.1"
+    ))?;
+    // netd's own annotations, read back from the API server, tell flanneld how to reach node0.
+    let node0 = c.underlay().run(&["curl", "-s", "http://198.18.0.1:6443/api/v1/nodes/node0"])?;
+    let node0: serde_json::Value = serde_json::from_str(&node0)?;
+    let ann = &node0["metadata"]["annotations"];
+    assert_eq!(ann["flannel.alpha.coreos.com/backend-type"], "vxlan", "{node0}");
+    assert_eq!(ann["flannel.alpha.coreos.com/public-ip"], "198.18.0.10");
+    assert_eq!(ann["flannel.alpha.coreos.com/kube-subnet-manager"], "true");
+    let data: serde_json::Value = serde_json::from_str(ann["flannel.alpha.coreos.com/backend-data"].as_str().context("backend-data")?)?;
+    let mac0 = data["VtepMAC"].as_str().context("VtepMAC")?;
+    f.sh(&format!(
+        "ip neigh replace 10.244.10.0 lladdr {mac0} dev flannel.1 nud permanent && \
+         bridge fdb replace {mac0} dev flannel.1 dst 198.18.0.10 self permanent && \
+         ip route replace 10.244.10.0/24 via 10.244.10.0 dev flannel.1 onlink"
+    ))?;
+    std::fs::write(c.node(2).run_dir().join("subnet.env"), "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.12.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n")?;
+
+    for i in 0..2 {
+        let n = c.node(i);
+        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+    }
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    let fpod = c.node_mut(2).add_pod("flannel-pod")?;
+    wait_until(WAIT, POLL, || Ok(a.ping(b.ip)))?;
+    wait_until(WAIT, POLL, || Ok(b.ping(a.ip)))?;
+    wait_until(WAIT, POLL, || Ok(a.ping(fpod.ip)))?;
+    wait_until(WAIT, POLL, || Ok(fpod.ping(a.ip)))?;
+    // Healthy, with no etcd anywhere.
+    let bin = netd_binary()?;
+    let n0 = c.node(0);
+    wait_until(WAIT, POLL, || Ok(n0.ns().exec(&[bin.to_str().unwrap(), "status", "--run-dir", n0.run_dir().to_str().unwrap()])?.status.code() == Some(0)))?;
+    Ok(())
+}
