@@ -229,6 +229,8 @@ fn services_from_the_kubernetes_api_server() -> Result<()> {
     });
     api.load(serde_json::json!([svc, slice]))?;
     wait_until(WAIT, POLL, || Ok(ask(&a.ns, "10.96.0.60:80")? == "b"))?;
+    // DNS serves the same model as the proxy, whichever the source.
+    wait_until(WAIT, POLL, || Ok(dig(&a, &["@169.254.20.10", "+short", "web.default.svc.cluster.local"])?.trim() == "10.96.0.60"))?;
 
     // 410 Gone: every watch is expired and history compacted; the sources relist and carry on.
     api.cmd("compact")?;
