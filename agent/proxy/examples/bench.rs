@@ -102,14 +102,17 @@ fn row(rows: &mut Vec<Row>, what: impl Into<String>, value: impl Into<String>, n
 /// netd nftables: full sync, one endpoint change (median of 21), restart adoption, RSS.
 fn netd_nft(rows: &mut Vec<Row>, n: usize, m: usize) -> Result<()> {
     let ns = Netns::new("pxb-netd")?;
-    let (full, change, adopt, msgs, rss, hwm) = in_ns(&ns, move || -> Result<_> {
+    let (full, change, adopt, msgs, rss) = in_ns(&ns, move || -> Result<_> {
+        let rss0 = status_kb("VmRSS:");
         let mut snap = generated_snapshot(n, m, 8080);
+        let rss_objects = status_kb("VmRSS:");
         let t = Instant::now();
         let mut plan = desired(&node(), &snap);
         let mut rs = nft::render(&plan, None);
         let mut dp = Nftables::new();
         let rep = dp.sync(&rs, false)?;
         let full = t.elapsed();
+        let rss_synced = status_kb("VmRSS:");
         let mut changes = Vec::new();
         for g in 1..=21u32 {
             let i = (g as usize * 7919) % n;
@@ -133,12 +136,18 @@ fn netd_nft(rows: &mut Vec<Row>, n: usize, m: usize) -> Result<()> {
         let rep2 = Nftables::new().sync(&rs, false)?;
         let adopt = t.elapsed();
         assert_eq!(rep2.ops, 0, "a restarted proxy changes nothing");
-        Ok((full, median(changes), adopt, rep.messages, status_kb("VmRSS:"), status_kb("VmHWM:")))
+        let rss_end = status_kb("VmRSS:");
+        Ok((full, median(changes), adopt, rep.messages, [rss0, rss_objects, rss_synced, rss_end, status_kb("VmHWM:")]))
     })?;
     row(rows, format!("netd nftables: full sync, {n} services x {m} endpoints"), format!("{:.0} ms", ms(full)), format!("plan + render + one netlink batch of {msgs} messages"));
     row(rows, format!("netd nftables: one endpoint change, {n} services present"), format!("{change:.2} ms"), "median of 21, plan + render + diff + batch");
     row(rows, format!("netd nftables: restart adoption, {n} services"), format!("{:.0} ms", ms(adopt)), "read the table back, diff, change nothing");
-    row(rows, "netd RSS after the above (peak)", format!("{} MB ({} MB)", rss / 1024, hwm / 1024), "whole benchmark process: snapshot, plan, ruleset");
+    let [rss0, objects, synced, end, hwm] = rss;
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    row(rows, "bench process RSS before generating objects", format!("{:.0} MB", mb(rss0)), "baseline (binary, threads)");
+    row(rows, format!("generated objects: {n} Services + {n} EndpointSlices"), format!("+{:.0} MB", mb(objects.saturating_sub(rss0))), "the snapshot a watcher would hold (k8s-openapi structs)");
+    row(rows, "netd proxy state after the full sync", format!("+{:.0} MB", mb(synced.saturating_sub(objects))), "RSS increment over the objects: plan + ruleset + sync transients");
+    row(rows, "netd proxy state after 21 changes and a restart adoption", format!("+{:.0} MB", mb(end.saturating_sub(objects))), format!("increment over the objects; whole process {:.0} MB, peak {:.0} MB", mb(end), mb(hwm)));
     Ok(())
 }
 

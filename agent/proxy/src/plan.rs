@@ -44,6 +44,9 @@ pub fn desired(node: &NodeInfo, snap: &ServiceSnapshot) -> Plan {
 /// [`desired`], reusing `prev`'s results for services whose objects did not change.
 pub fn desired_from(node: &NodeInfo, snap: &ServiceSnapshot, prev: Option<&Plan>) -> Plan {
     let prev = prev.filter(|p| p.node == *node);
+    if let Some(plan) = prev.and_then(|p| patch(node, snap, p)) {
+        return plan;
+    }
     // Services, slice groups and the previous inputs are all sorted by service: walk them in
     // step instead of looking each service up (this runs on every change, for every service).
     let mut prev_iter = prev.map(|p| p.inputs.iter().peekable());
@@ -79,6 +82,70 @@ pub fn desired_from(node: &NodeInfo, snap: &ServiceSnapshot, prev: Option<&Plan>
         inputs.insert(key.clone(), entry);
     }
     assemble(node, inputs)
+}
+
+/// The fast path of [`desired_from`]: when the same services exist as in `prev` and every
+/// changed one keeps its frontends (only endpoints or other per-service details changed),
+/// the new plan is `prev` with those services' port plans swapped in. The frontend claims,
+/// their order and the warnings are then provably what [`assemble`] would produce, so the
+/// result is identical to a full plan; anything else returns `None` (full path).
+fn patch(node: &NodeInfo, snap: &ServiceSnapshot, prev: &Plan) -> Option<Plan> {
+    if prev.inputs.len() != snap.services.len() {
+        return None;
+    }
+    let empty = BTreeMap::new();
+    let mut slice_iter = snap.slices.iter().peekable();
+    let mut changed: Vec<(&NsName, &Arc<Inputs>, Arc<Inputs>)> = Vec::new();
+    for ((key, svc), (pkey, old)) in snap.services.iter().zip(&prev.inputs) {
+        while slice_iter.peek().is_some_and(|(k, _)| *k < key) {
+            slice_iter.next();
+        }
+        let group = match slice_iter.peek() {
+            Some((k, g)) if *k == key => *g,
+            _ => &empty,
+        };
+        if old.same(svc, group.values()) && key == pkey {
+            continue;
+        }
+        if key != pkey {
+            return None;
+        }
+        let slices: Vec<Arc<EndpointSlice>> = group.values().cloned().collect();
+        let mut warnings = Vec::new();
+        let ports: Vec<Arc<ServicePortPlan>> = plan_service(node, key, svc, &slices, &mut warnings).into_iter().map(Arc::new).collect();
+        let created = svc.metadata.creation_timestamp.as_ref().map_or(i64::MAX, |t| t.0.as_second());
+        if created != old.created || warnings != old.warnings || ports.len() != old.ports.len() {
+            return None;
+        }
+        for (o, n) in old.ports.iter().zip(&ports) {
+            let same_frontends = o.key == n.key
+                && o.port == n.port
+                && o.cluster_ip == n.cluster_ip
+                && o.external_ips == n.external_ips
+                && o.lb_ips == n.lb_ips
+                && o.node_port == n.node_port
+                && o.health_check_node_port == n.health_check_node_port;
+            // The old port plan must have won all its claims (it is in the plan as it was).
+            if !same_frontends || !prev.services.get(&o.key).is_some_and(|p| Arc::ptr_eq(p, o)) {
+                return None;
+            }
+        }
+        changed.push((key, old, Arc::new(Inputs { created, service: svc.clone(), slices, ports, warnings })));
+    }
+    let mut plan = prev.clone();
+    for (key, _, new) in changed {
+        for sp in &new.ports {
+            plan.services.insert(sp.key.clone(), sp.clone());
+        }
+        for hc in new.ports.iter().filter_map(|sp| sp.health_check_node_port) {
+            if let Some(e) = plan.health_checks.get_mut(&hc).filter(|e| e.service == *key) {
+                e.local_endpoints =
+                    new.ports.iter().filter(|sp| sp.health_check_node_port == Some(hc)).map(|sp| sp.local_endpoints.len()).max().unwrap_or(0);
+            }
+        }
+        plan.inputs.insert(key.clone(), new);
+    }
+    Some(plan)
 }
 
 /// Puts the per-service results together, settling frontends claimed twice.
