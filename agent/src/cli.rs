@@ -115,6 +115,14 @@ pub struct RunArgs {
     /// iptables (kube-proxy-like chains) or none (another proxy does it).
     #[arg(long, env = "NETD_PROXY_MODE", value_enum, default_value_t = netd_proxy::ProxyMode::Nftables)]
     pub proxy_mode: netd_proxy::ProxyMode,
+    /// With `--proxy-mode ebpf`: where BPF maps and links are pinned (a bpffs is mounted on its
+    /// parent if needed), so a restart or upgrade adopts them without interrupting traffic.
+    #[arg(long, env = "NETD_EBPF_BPFFS", default_value = "/sys/fs/bpf/netd")]
+    pub ebpf_bpffs: PathBuf,
+    /// With `--proxy-mode ebpf`: the cgroup v2 directory the socket load balancer is attached to
+    /// (default: the cgroup v2 root, i.e. every process on the node).
+    #[arg(long, env = "NETD_EBPF_CGROUP")]
+    pub ebpf_cgroup: Option<PathBuf>,
     /// etcd key prefix of the service registry (<prefix>/services/<ns>/<name>, <prefix>/endpointslices/<ns>/<name>).
     #[arg(long, env = "NETD_REGISTRY_PREFIX", default_value = netd_proxy::registry::DEFAULT_PREFIX)]
     pub registry_prefix: String,

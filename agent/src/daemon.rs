@@ -194,6 +194,11 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
         }
         let (dns_args, network) = (d.args.dns.clone(), d.cfg.network);
         let (mode, resync, shared) = (d.args.proxy_mode, d.args.resync_interval, d.shared.clone());
+        let ebpf = (mode == netd_proxy::ProxyMode::Ebpf).then(|| netd_ebpf::EbpfConfig {
+            bpffs_dir: d.args.ebpf_bpffs.clone(),
+            mount_bpffs: true,
+            cgroup: Some(d.args.ebpf_cgroup.clone().unwrap_or_else(netd_ebpf::default_cgroup)),
+        });
         let kube = d.args.kube.clone();
         tokio::spawn(async move {
             let snapshots = match kube.source {
@@ -213,7 +218,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
             if mode != netd_proxy::ProxyMode::None {
                 // The cluster DNS VIP is answered on this node (it is on lo), never load-balanced.
                 let snapshots = crate::services::without_dns_vip(snapshots, dns_args.dns.then_some(dns_args.cluster_dns_ip).flatten());
-                crate::services::spawn_proxy(mode, node, resync, snapshots, shared);
+                crate::services::spawn_proxy(mode, ebpf, node, resync, snapshots, shared);
             }
         });
     }

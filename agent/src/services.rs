@@ -101,14 +101,38 @@ pub fn without_dns_vip(mut rx: watch::Receiver<Arc<ServiceSnapshot>>, dns_ip: Op
 }
 
 /// Runs the proxy on `snapshots` and mirrors its status into `netd status`, metrics and readiness.
-pub fn spawn_proxy(mode: ProxyMode, node: NodeInfo, resync: Duration, snapshots: watch::Receiver<Arc<ServiceSnapshot>>, shared: Arc<Shared>) {
+pub fn spawn_proxy(
+    mode: ProxyMode,
+    ebpf: Option<netd_ebpf::EbpfConfig>,
+    node: NodeInfo,
+    resync: Duration,
+    snapshots: watch::Receiver<Arc<ServiceSnapshot>>,
+    shared: Arc<Shared>,
+) {
+    // The eBPF backend is built here (it lives in its own crate); a kernel without the hooks is
+    // reported clearly and services are left unprogrammed rather than half-programmed.
+    let backend = match (mode, ebpf) {
+        (ProxyMode::Ebpf, Some(cfg)) => match netd_ebpf::probe().map_err(|e| e.to_string()).and_then(|()| netd_ebpf::ebpf_backend(cfg).map_err(|e| e.to_string())) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                error!(error = %e, "--proxy-mode ebpf is not available on this node; services are not programmed (use nftables)");
+                shared.update(|s| s.problems.push(format!("eBPF service dataplane unavailable: {e}")));
+                return;
+            }
+        },
+        _ => None,
+    };
     let (status_tx, mut status_rx) = watch::channel(ProxyStatus::default());
     let mut cfg = ProxyConfig::new(node, mode);
     cfg.resync_interval = resync;
     cfg.status = Some(status_tx);
     shared.update(|s| s.services = Some(ServicesStatus { mode: format!("{mode:?}").to_lowercase(), ..Default::default() }));
     tokio::spawn(async move {
-        if let Err(e) = netd_proxy::run_proxy(cfg, snapshots).await {
+        let run = match backend {
+            Some(b) => netd_proxy::run_proxy_with(cfg, Some(b), snapshots).await,
+            None => netd_proxy::run_proxy(cfg, snapshots).await,
+        };
+        if let Err(e) = run {
             error!(error = %e, "the service proxy stopped");
         }
     });

@@ -420,3 +420,111 @@ fn node_subnets_from_the_kubernetes_api_server() -> Result<()> {
     wait_until(WAIT, POLL, || Ok(n0.ns().exec(&[bin.to_str().unwrap(), "status", "--run-dir", n0.run_dir().to_str().unwrap()])?.status.code() == Some(0)))?;
     Ok(())
 }
+
+/// A cgroup v2 directory of the test's own (never the root: the hooks load-balance every
+/// process in the cgroup's subtree), and a private bpffs mount for the pins. The cgroup2
+/// hierarchy is mounted once more under a temp dir, because `ip netns exec` (which runs netd)
+/// remounts /sys and so hides /sys/fs/cgroup. Everything is unmounted and removed on drop.
+struct EbpfSandbox {
+    dir: tempfile::TempDir,
+}
+
+impl EbpfSandbox {
+    fn new() -> Result<EbpfSandbox> {
+        let dir = tempfile::tempdir()?;
+        let mnt = dir.path().join("cg");
+        std::fs::create_dir_all(&mnt)?;
+        let st = std::process::Command::new("mount").args(["-t", "cgroup2", "none"]).arg(&mnt).status()?;
+        anyhow::ensure!(st.success(), "mounting cgroup2 on {}", mnt.display());
+        // netd mounts its own bpffs on the pin directory's parent.
+        std::fs::create_dir_all(dir.path().join("bpf"))?;
+        let sandbox = EbpfSandbox { dir };
+        std::fs::create_dir_all(sandbox.cgroup())?;
+        Ok(sandbox)
+    }
+
+    fn cgroup(&self) -> std::path::PathBuf {
+        self.dir.path().join("cg").join(format!("{}ebpf", netd_tests::namespace_prefix()))
+    }
+
+    fn pins(&self) -> std::path::PathBuf {
+        self.dir.path().join("bpf").join("netd")
+    }
+}
+
+impl Drop for EbpfSandbox {
+    fn drop(&mut self) {
+        if let Ok(pids) = std::fs::read_to_string(self.cgroup().join("cgroup.procs")) {
+            for pid in pids.split_whitespace() {
+                let _ = std::process::Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = std::fs::remove_dir(self.cgroup());
+        for m in ["bpf", "cg"] {
+            let _ = std::process::Command::new("umount").arg(self.dir.path().join(m)).status();
+        }
+    }
+}
+
+/// `--proxy-mode ebpf`: ClusterIP by socket-level load balancing, for a client in the cgroup the
+/// programs are attached to (a test cgroup here; the node's cgroup v2 root in production).
+#[test]
+fn services_with_ebpf_socket_load_balancing() -> Result<()> {
+    if let Err(why) = netd_ebpf_probe() {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let sandbox = EbpfSandbox::new()?;
+    let mut c = Cluster::new(2)?;
+    c.write_network_config(VXLAN)?;
+    let pins = sandbox.pins();
+    let cgroup = sandbox.cgroup();
+    c.node_mut(0).start_netd(&["--proxy-mode", "ebpf", "--ebpf-cgroup", cgroup.to_str().unwrap(), "--ebpf-bpffs", pins.to_str().unwrap()])?;
+    c.node_mut(1).start_netd(&[])?;
+    for i in 0..2 {
+        c.node_mut(i).wait_subnet_env(WAIT)?;
+        let n = c.node(i);
+        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+    }
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    let _sb = serve(&b, "b")?;
+    apply(&c, &[service("web", "10.96.0.50", "ClusterIP", ""), slice("web", &[(&b, "node1")]), service("empty", "10.96.0.51", "ClusterIP", "")].concat())?;
+    // Into the cgroup first (from the host's view of /sys: `ip netns exec` remounts /sys), then
+    // into the pod's network namespace: the process stays in the cgroup across the exec.
+    let in_cgroup = |addr: &str| -> Result<String> {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {} socat -T 3 - TCP:{addr},connect-timeout=3 2>&1",
+            cgroup.display(),
+            a.ns.name()
+        );
+        let out = std::process::Command::new("sh").args(["-c", &script]).stdin(std::process::Stdio::null()).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    if let Err(e) = wait_until(WAIT, POLL, || Ok(in_cgroup("10.96.0.50:80")? == "b")) {
+        let log = c.node(0).log();
+        let tail: Vec<&str> = log.lines().rev().filter(|l| !l.contains("DEBUG")).take(40).collect();
+        anyhow::bail!("{e}\nlast answer: {}\nnode0 log:\n{}", in_cgroup("10.96.0.50:80")?, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    }
+    let refused = in_cgroup("10.96.0.51:80")?;
+    assert!(refused.contains("Connection refused"), "{refused}");
+    // Maps and links are pinned, in netd's mount namespace (`ip netns exec` gave it its own).
+    let pid = c.node(0).netd_pid().context("netd pid")?.to_string();
+    let out = std::process::Command::new("nsenter").args(["-t", &pid, "-m", "ls", "-R"]).arg(&pins).output()?;
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !listing.trim().is_empty(), "nothing pinned under {}: {listing}", pins.display());
+    drop(c);
+    Ok(())
+}
+
+fn netd_ebpf_probe() -> Result<(), String> {
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err("kernel without BTF".into());
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| e.to_string())?;
+    if !mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("cgroup2")) {
+        return Err("no cgroup v2 hierarchy".into());
+    }
+    Ok(())
+}

@@ -29,4 +29,4 @@ pub mod health;
 pub mod proxy;
 
 pub use dataplane::{Backend, Dataplane};
-pub use proxy::{run_proxy, ProxyArgs, ProxyConfig, ProxyMode, ProxyStatus};
+pub use proxy::{run_proxy, run_proxy_with, ProxyArgs, ProxyConfig, ProxyMode, ProxyStatus};

@@ -29,6 +29,9 @@ pub enum ProxyMode {
     Nftables,
     /// iptables-restore with kube-proxy-like chains, for nodes without nftables.
     Iptables,
+    /// eBPF socket-level load balancing (cgroup connect/sendmsg/recvmsg hooks): ClusterIP only
+    /// so far; the backend comes from the netd-ebpf crate (see `run_proxy_with`).
+    Ebpf,
     /// Do not program services (another proxy does).
     None,
 }
@@ -128,14 +131,20 @@ pub fn backend(cfg: &ProxyConfig) -> Option<Box<dyn Backend>> {
     match cfg.mode {
         ProxyMode::Nftables => Some(Box::new(Rendered::new(Nftables::new()))),
         ProxyMode::Iptables => Some(Box::new(Rendered::new(Iptables::new(&cfg.iptables_restore)))),
-        ProxyMode::None => None,
+        // Built by the caller (netd-ebpf depends on this crate) and passed to `run_proxy_with`.
+        ProxyMode::Ebpf | ProxyMode::None => None,
     }
 }
 
 /// Runs until the snapshot sender is dropped. Programs the network namespace of the thread(s)
 /// the runtime runs on. Returns an error only for what retrying cannot fix.
-pub async fn run_proxy(cfg: ProxyConfig, mut snapshots: watch::Receiver<Arc<ServiceSnapshot>>) -> Result<(), ProxyError> {
-    let mut backend = backend(&cfg);
+pub async fn run_proxy(cfg: ProxyConfig, snapshots: watch::Receiver<Arc<ServiceSnapshot>>) -> Result<(), ProxyError> {
+    let backend = backend(&cfg);
+    run_proxy_with(cfg, backend, snapshots).await
+}
+
+/// [`run_proxy`] with a backend built by the caller (the eBPF one lives in another crate).
+pub async fn run_proxy_with(cfg: ProxyConfig, mut backend: Option<Box<dyn Backend>>, mut snapshots: watch::Receiver<Arc<ServiceSnapshot>>) -> Result<(), ProxyError> {
     info!(mode = ?cfg.mode, node = %cfg.node.name, "service proxy starting");
     let mut health = cfg.health_bind.map(HealthServers::new);
     let mut plan: Option<Plan> = None;
