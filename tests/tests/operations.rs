@@ -20,6 +20,17 @@ fn status(node: &Node, args: &[&str]) -> Result<(i32, String)> {
     Ok((out.status.code().context("killed by a signal")?, String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
+/// Two nodes with netd running and their subnets leased.
+fn two_nodes() -> Result<Cluster> {
+    let mut c = Cluster::new(2)?;
+    c.write_network_config(VXLAN)?;
+    c.start_netd_all(&[])?;
+    for i in 0..2 {
+        c.node_mut(i).wait_subnet_env(WAIT)?;
+    }
+    Ok(c)
+}
+
 fn curl(node: &Node, path: &str) -> Result<(String, String)> {
     let out = node.ns().exec(&["curl", "-s", "-w", "\n%{http_code}", &format!("http://127.0.0.1:9402{path}")])?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -29,12 +40,7 @@ fn curl(node: &Node, path: &str) -> Result<(String, String)> {
 
 #[test]
 fn status_of_a_healthy_node_and_of_one_that_lost_etcd() -> Result<()> {
-    let mut c = Cluster::new(2)?;
-    c.write_network_config(VXLAN)?;
-    c.start_netd_all(&[])?;
-    for i in 0..2 {
-        c.node_mut(i).wait_subnet_env(WAIT)?;
-    }
+    let mut c = two_nodes()?;
     let n0 = c.node(0);
     wait_until(WAIT, POLL, || Ok(status(n0, &[])?.0 == 0))?;
     let (code, text) = status(n0, &[])?;
@@ -111,12 +117,7 @@ fn status_and_readiness_while_waiting_for_config_and_when_not_running() -> Resul
 
 #[test]
 fn cleanup_removes_everything_netd_created() -> Result<()> {
-    let mut c = Cluster::new(2)?;
-    c.write_network_config(VXLAN)?;
-    c.start_netd_all(&[])?;
-    for i in 0..2 {
-        c.node_mut(i).wait_subnet_env(WAIT)?;
-    }
+    let mut c = two_nodes()?;
     let n = c.node(0);
     wait_until(WAIT, POLL, || Ok(!n.ns().run(&["ip", "route", "show", "proto", "110"])?.trim().is_empty()))?;
     c.node_mut(0).stop_netd()?;
@@ -139,12 +140,7 @@ fn cleanup_removes_everything_netd_created() -> Result<()> {
 
 #[test]
 fn a_device_brought_down_by_hand_is_brought_back() -> Result<()> {
-    let mut c = Cluster::new(2)?;
-    c.write_network_config(VXLAN)?;
-    c.start_netd_all(&[])?;
-    for i in 0..2 {
-        c.node_mut(i).wait_subnet_env(WAIT)?;
-    }
+    let c = two_nodes()?;
     let n = c.node(0);
     wait_until(WAIT, POLL, || Ok(status(n, &[])?.0 == 0))?;
     n.ns().run(&["ip", "link", "set", "netd.1", "down"])?;
