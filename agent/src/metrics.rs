@@ -29,6 +29,8 @@ pub struct Metrics {
     pub dns_requests: Family<Labels, Counter>,
     pub dns_cache: Family<Labels, Counter>,
     pub dns_forwards: Family<Labels, Counter>,
+    pub cni_pods: Gauge,
+    pub cni_addresses_free: Gauge,
 }
 
 impl Default for Metrics {
@@ -58,6 +60,8 @@ impl Metrics {
             dns_requests: Family::default(),
             dns_cache: Family::default(),
             dns_forwards: Family::default(),
+            cni_pods: Gauge::default(),
+            cni_addresses_free: Gauge::default(),
             registry: Registry::default(),
         };
         r.register("build", "netd build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
@@ -77,6 +81,8 @@ impl Metrics {
         r.register("dns_requests", "Cluster DNS requests by query type and response code", m.dns_requests.clone());
         r.register("dns_cache_lookups", "Cluster DNS forward-cache lookups by result (hit, miss)", m.dns_cache.clone());
         r.register("dns_forwards", "Queries forwarded upstream by result (ok, failed)", m.dns_forwards.clone());
+        r.register("cni_pods", "Pods netd-cni has set up on this node (addresses in use)", m.cni_pods.clone());
+        r.register("cni_addresses_free", "Pod addresses still free in this node's subnet", m.cni_addresses_free.clone());
         r.register("udp_dropped", "udp backend: packets dropped, by reason (unknown_source: not from a peer's public IP)", m.udp_dropped.clone());
         Metrics { registry: r, ..m }
     }

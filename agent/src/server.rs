@@ -101,6 +101,11 @@ async fn status(State(s): State<Arc<Shared>>) -> Json<NodeStatus> {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    // The CNI figures live in netd-cni's IPAM file: read at scrape time, so they are current.
+    if let Some(cni) = s.snapshot().cni.filter(|c| c.error.is_none()) {
+        s.metrics.cni_pods.set(cni.pods as i64);
+        s.metrics.cni_addresses_free.set(cni.addresses_free as i64);
+    }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
 }
 

@@ -551,6 +551,8 @@ fn netd_cni_pods_on_three_nodes_reach_each_other() -> Result<()> {
     let bin = netd_tests::netd_binary()?;
     let out = c.node(1).ns().run(&[bin.to_str().unwrap(), "status", "--run-dir", c.node(1).run_dir().to_str().unwrap()])?;
     assert!(out.contains("pods      1 on this node, 252 addresses free"), "{out}");
+    let metrics = c.node(1).ns().run(&["curl", "-s", "http://127.0.0.1:9402/metrics"])?;
+    assert!(metrics.contains("netd_cni_pods 1") && metrics.contains("netd_cni_addresses_free 252"), "{metrics}");
     // TCP across nodes, between CNI pods.
     let _srv = pods[2].spawn(&["socat", "TCP-LISTEN:8080,fork,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR"], None)?;
     let seen = retry(|| pods[0].run(&["socat", "-T", "2", "-", &format!("TCP:{}:8080,connect-timeout=2", pods[2].ip)]))?;
