@@ -62,6 +62,19 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// Why a peer lease cannot be used whatever the backend: it overlaps our subnet, or names our
+/// own public IP.
+fn unusable(local: &LocalNode, lease: &Lease) -> Option<String> {
+    let subnet = lease.subnet;
+    if subnet.contains(&local.subnet.network()) || local.subnet.contains(&subnet.network()) {
+        Some(format!("overlaps this node's subnet {}", local.subnet))
+    } else if lease.attrs.public_ip == local.public_ip {
+        Some(format!("carries this node's public IP {} (a stale lease of ours?)", local.public_ip))
+    } else {
+        None
+    }
+}
+
 /// Computes the overlay state for `local` from all leases in the registry (ours included: it is
 /// filtered out here, so callers can pass the whole snapshot).
 pub fn desired(local: &LocalNode, leases: &[Lease]) -> (OverlayState, Vec<Skipped>) {
@@ -75,12 +88,8 @@ pub fn desired(local: &LocalNode, leases: &[Lease]) -> (OverlayState, Vec<Skippe
             continue;
         }
         let mut skip = |reason: String| skipped.push(Skipped { subnet, reason });
-        if subnet.contains(&local.subnet.network()) || local.subnet.contains(&subnet.network()) {
-            skip(format!("overlaps this node's subnet {}", local.subnet));
-            continue;
-        }
-        if lease.attrs.public_ip == local.public_ip {
-            skip(format!("carries this node's public IP {} (a stale lease of ours?)", local.public_ip));
+        if let Some(reason) = unusable(local, lease) {
+            skip(reason);
             continue;
         }
         if state.routes.keys().any(|r| r.contains(&subnet.network()) || subnet.contains(&r.network())) {
@@ -133,10 +142,8 @@ pub fn desired_udp(local: &LocalNode, network: Ipv4Net, leases: &[Lease]) -> (Ov
         if subnet == local.subnet {
             continue;
         }
-        let reason = if subnet.contains(&local.subnet.network()) || local.subnet.contains(&subnet.network()) {
-            Some(format!("overlaps this node's subnet {}", local.subnet))
-        } else if lease.attrs.public_ip == local.public_ip {
-            Some(format!("carries this node's public IP {} (a stale lease of ours?)", local.public_ip))
+        let reason = if let Some(reason) = unusable(local, lease) {
+            Some(reason)
         } else if !lease.attrs.is_udp() {
             Some(format!("backend {:?} is not udp", lease.attrs.backend_type))
         } else if peers.iter().any(|(n, _)| n.contains(&subnet.network()) || subnet.contains(&n.network())) {

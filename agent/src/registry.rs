@@ -241,15 +241,9 @@ impl EtcdRegistry {
 }
 
 fn tls_options(opts: &EtcdOptions) -> Result<etcd_client::TlsOptions, RegistryError> {
-    let read = |p: &PathBuf| std::fs::read(p).map_err(|source| RegistryError::TlsFile { path: p.display().to_string(), source });
-    let mut tls = etcd_client::TlsOptions::new();
-    if let Some(ca) = &opts.ca_file {
-        tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
-    }
-    match (&opts.cert_file, &opts.key_file) {
-        (Some(c), Some(k)) => tls = tls.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?)),
-        (None, None) => {}
-        _ => return Err(RegistryError::Tls("--etcd-certfile and --etcd-keyfile go together".into())),
-    }
-    Ok(tls)
+    use netd_proxy::registry::{etcd_tls, RegistryError as Shared};
+    etcd_tls(opts.ca_file.as_deref(), opts.cert_file.as_deref(), opts.key_file.as_deref()).map_err(|e| match e {
+        Shared::TlsFile { path, source } => RegistryError::TlsFile { path, source },
+        other => RegistryError::Tls(other.to_string()),
+    })
 }

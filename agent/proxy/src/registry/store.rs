@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -503,12 +503,18 @@ pub fn pick_port(range: &RangeInclusive<u16>, taken: impl Fn(u16) -> bool) -> Op
 }
 
 fn tls_options(opts: &RegistryOptions) -> Result<etcd_client::TlsOptions, RegistryError> {
-    let read = |p: &PathBuf| std::fs::read(p).map_err(|source| RegistryError::TlsFile { path: p.display().to_string(), source });
+    etcd_tls(opts.ca_file.as_deref(), opts.cert_file.as_deref(), opts.key_file.as_deref())
+}
+
+/// etcd client TLS from PEM files (`--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile`): one
+/// implementation for every etcd client netd has (subnet leases and the service registry).
+pub fn etcd_tls(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> Result<etcd_client::TlsOptions, RegistryError> {
+    let read = |p: &Path| std::fs::read(p).map_err(|source| RegistryError::TlsFile { path: p.display().to_string(), source });
     let mut tls = etcd_client::TlsOptions::new();
-    if let Some(ca) = &opts.ca_file {
+    if let Some(ca) = ca {
         tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
     }
-    match (&opts.cert_file, &opts.key_file) {
+    match (cert, key) {
         (Some(c), Some(k)) => tls = tls.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?)),
         (None, None) => {}
         _ => return Err(RegistryError::Tls("--etcd-certfile and --etcd-keyfile go together".into())),
