@@ -187,6 +187,11 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
             ips: if d.underlay.iface_ip == d.underlay.public_ip { vec![d.underlay.iface_ip] } else { vec![d.underlay.iface_ip, d.underlay.public_ip] },
             pod_cidr: Some(d.held.subnet),
             cluster_cidr: Some(d.cfg.network),
+            // The cluster DNS VIP is answered on this node (it is on lo), never load-balanced.
+            local_service_ips: match (d.args.dns.dns, d.args.dns.cluster_dns_ip) {
+                (true, Some(std::net::IpAddr::V4(ip))) => vec![ip],
+                _ => Vec::new(),
+            },
         };
         // Not ready until services are programmed: a pod scheduled here may need them at once.
         if d.args.proxy_mode != netd_proxy::ProxyMode::None {
@@ -216,8 +221,6 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
                 crate::services::spawn_dns(dns_args.clone(), network, snapshots.clone(), shared.clone());
             }
             if mode != netd_proxy::ProxyMode::None {
-                // The cluster DNS VIP is answered on this node (it is on lo), never load-balanced.
-                let snapshots = crate::services::without_dns_vip(snapshots, dns_args.dns.then_some(dns_args.cluster_dns_ip).flatten());
                 crate::services::spawn_proxy(mode, ebpf, node, resync, snapshots, shared);
             }
         });

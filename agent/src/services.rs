@@ -38,7 +38,7 @@ pub async fn start_source(opts: RegistryOptions) -> watch::Receiver<Arc<ServiceS
             }
         }
     };
-    info!(services = first.services.len(), revision = first.revision, "service registry listed");
+    info!(services = first.services().len(), revision = first.revision, "service registry listed");
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move { registry.run_watch(tx).await });
     rx
@@ -69,35 +69,6 @@ pub async fn start_kube_source(client: kube::Client, shared: Arc<Shared>) -> wat
     let _ = rx.changed().await;
     rx.mark_changed();
     rx
-}
-
-/// The proxy's view: the snapshots without the Service whose ClusterIP is the cluster DNS IP,
-/// so that its port 53 reaches the node-local DNS server instead of being load-balanced away.
-pub fn without_dns_vip(mut rx: watch::Receiver<Arc<ServiceSnapshot>>, dns_ip: Option<std::net::IpAddr>) -> watch::Receiver<Arc<ServiceSnapshot>> {
-    let Some(dns_ip) = dns_ip else { return rx };
-    let filter = move |snap: &ServiceSnapshot| -> ServiceSnapshot {
-        let mut out = snap.clone();
-        let drop: Vec<_> = snap
-            .services
-            .iter()
-            .filter(|(_, s)| s.spec.as_ref().and_then(|sp| sp.cluster_ip.as_deref()).and_then(|ip| ip.parse::<std::net::IpAddr>().ok()) == Some(dns_ip))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in drop {
-            out.remove_service(&k);
-        }
-        out
-    };
-    let (tx, out) = watch::channel(Arc::new(filter(&rx.borrow_and_update())));
-    tokio::spawn(async move {
-        while rx.changed().await.is_ok() {
-            let next = filter(&rx.borrow_and_update());
-            if tx.send(Arc::new(next)).is_err() {
-                return;
-            }
-        }
-    });
-    out
 }
 
 /// Runs the proxy on `snapshots` and mirrors its status into `netd status`, metrics and readiness.
@@ -190,7 +161,7 @@ pub fn spawn_dns(args: netd_dns::Args, network: ipnet::Ipv4Net, mut snapshots: w
     tokio::spawn(async move {
         loop {
             let snap = snapshots.borrow_and_update().clone();
-            let services: Vec<_> = snap.services.values().map(|s| (**s).clone()).collect();
+            let services: Vec<_> = snap.services().values().map(|s| (**s).clone()).collect();
             let slices: Vec<_> = snap.all_slices().map(|(_, s)| (**s).clone()).collect();
             let started = Instant::now();
             let zone = netd_dns::build_zone(&zone_cfg, &services, &slices);

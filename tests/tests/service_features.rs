@@ -135,7 +135,7 @@ fn http_status(ns: &Netns, url: &str) -> Result<(String, String)> {
 fn features(mode: &str) -> Result<()> {
     let mut c = cluster(3, mode)?;
     let (n0, n1, n2) = (c.node(0).ip(), c.node(1).ip(), c.node(2).ip());
-    let (name0, name1, name2) = (c.node(0).name(), c.node(1).name(), c.node(2).name());
+    let (name1, name2) = (c.node(1).name(), c.node(2).name());
     let a = c.node_mut(0).add_cni_pod("a")?;
     let b = c.node_mut(1).add_cni_pod("b")?;
     let e = c.node_mut(1).add_cni_pod("e")?;

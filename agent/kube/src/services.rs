@@ -90,13 +90,19 @@ impl State {
                 self.skip(SERVICES, &svc.metadata);
                 continue;
             };
-            let arc = match self.snap.services.get(&key) {
-                Some(old) if same_version(&old.metadata, &svc.metadata) => old.clone(),
-                _ => Arc::new(svc),
-            };
-            fresh.insert(key, arc);
+            fresh.insert(key, svc);
         }
-        self.snap.services = fresh;
+        // Through put/remove, so that the snapshot's change log sees every difference.
+        let gone: Vec<NsName> = self.snap.services().keys().filter(|k| !fresh.contains_key(*k)).cloned().collect();
+        for k in &gone {
+            self.snap.remove_service(k);
+        }
+        for (key, svc) in fresh {
+            match self.snap.services().get(&key) {
+                Some(old) if same_version(&old.metadata, &svc.metadata) => {}
+                _ => self.snap.put_service(Arc::new(svc)),
+            }
+        }
     }
 
     fn replace_slices(&mut self, items: Vec<EndpointSlice>) {
@@ -248,7 +254,7 @@ async fn fold_updates<F>(
             st.snap.revision = st.next_revision();
             st.dirty = false;
             let snap = Arc::new(st.snap.clone());
-            let objects = snap.services.len() + snap.slice_count();
+            let objects = snap.services().len() + snap.slice_count();
             let skipped = st.skipped.values().flatten().cloned().collect();
             tracker.published(objects, skipped);
             if !publish(snap) {

@@ -52,7 +52,7 @@ fn server_state(server: &FakeApiServer) -> (BTreeMap<NsName, Value>, BTreeMap<Ns
 }
 
 fn snapshot_state(snap: &ServiceSnapshot) -> (BTreeMap<NsName, Value>, BTreeMap<NsName, Value>) {
-    let services = snap.services.iter().map(|(k, s)| (k.clone(), serde_json::to_value(&**s).expect("json"))).collect();
+    let services = snap.services().iter().map(|(k, s)| (k.clone(), serde_json::to_value(&**s).expect("json"))).collect();
     let slices = snap.all_slices().map(|(k, s)| (k, serde_json::to_value(&**s).expect("json"))).collect();
     (services, slices)
 }
@@ -110,13 +110,13 @@ async fn the_initial_list_is_published_as_one_complete_snapshot() {
     let (rec, mut status, task) = start(&server);
     rec.wait_for("the first snapshot", |_| true).await;
     let first = rec.all()[0].clone();
-    assert_eq!(first.services.len(), 6, "{:?}", first.services.keys().collect::<Vec<_>>());
+    assert_eq!(first.services().len(), 6, "{:?}", first.services().keys().collect::<Vec<_>>());
     assert_eq!(first.slice_count(), 5);
     assert!(converged(&first, &server));
     assert_eq!(first.revision, server.resource_version() as i64);
 
     // Every type of Service came through as the server has it.
-    let svc = |ns: &str, n: &str| first.services[&NsName::new(ns, n)].spec.clone().expect("spec");
+    let svc = |ns: &str, n: &str| first.services()[&NsName::new(ns, n)].spec.clone().expect("spec");
     assert_eq!(svc("shop", "db").cluster_ip.as_deref(), Some("None"));
     assert_eq!(svc("shop", "payments").type_.as_deref(), Some("ExternalName"));
     assert_eq!(svc("shop", "payments").external_name.as_deref(), Some("payments.example.com"));
@@ -146,7 +146,7 @@ async fn the_snapshot_equals_what_the_etcd_registry_model_holds_so_the_proxy_pla
     let services: Vec<Service> = serde_json::from_value(fixture_json("services.json")["items"].clone()).expect("services");
     let slices: Vec<EndpointSlice> = serde_json::from_value(fixture_json("endpointslices.json")["items"].clone()).expect("slices");
     let etcd_model = ServiceSnapshot::from_objects(services, slices);
-    assert_eq!(snap.services.keys().collect::<Vec<_>>(), etcd_model.services.keys().collect::<Vec<_>>());
+    assert_eq!(snap.services().keys().collect::<Vec<_>>(), etcd_model.services().keys().collect::<Vec<_>>());
     assert_eq!(snap.all_slices().map(|(k, _)| k).collect::<Vec<_>>(), etcd_model.all_slices().map(|(k, _)| k).collect::<Vec<_>>());
 
     let node = netd_proxy::NodeInfo {
@@ -154,6 +154,7 @@ async fn the_snapshot_equals_what_the_etcd_registry_model_holds_so_the_proxy_pla
         ips: vec!["192.0.2.12".parse().expect("ip")],
         pod_cidr: Some("10.244.2.0/24".parse().expect("cidr")),
         cluster_cidr: Some("10.244.0.0/16".parse().expect("cidr")),
+        local_service_ips: Vec::new(),
     };
     let from_kube = netd_proxy::desired(&node, &snap);
     let from_etcd = netd_proxy::desired(&node, &etcd_model);
@@ -176,15 +177,15 @@ async fn watch_events_flow_into_new_snapshots_without_relisting() {
     server.delete(Kind::Service, "shop", "payments").expect("payments existed");
     let snap = rec.wait_for("all four changes", |s| converged(s, &server)).await;
 
-    assert!(snap.services.contains_key(&NsName::new("shop", "cart")));
-    assert!(!snap.services.contains_key(&NsName::new("shop", "payments")));
+    assert!(snap.services().contains_key(&NsName::new("shop", "cart")));
+    assert!(!snap.services().contains_key(&NsName::new("shop", "payments")));
     assert_eq!(snap.slices_of(&NsName::new("shop", "cart"))[0].endpoints.len(), 2);
     assert_eq!(snap.slices_of(&NsName::new("shop", "web"))[0].endpoints.len(), 1);
     assert_eq!(snap.revision, server.resource_version() as i64);
     // Unchanged objects are shared with the first snapshot (the planner compares pointers).
     let first = rec.all()[0].clone();
     let key = NsName::new("kube-system", "kube-dns");
-    assert!(Arc::ptr_eq(&first.services[&key], &snap.services[&key]));
+    assert!(Arc::ptr_eq(&first.services()[&key], &snap.services()[&key]));
     // Events only: one list each.
     assert_eq!((lists_started(&server, Kind::Service), lists_started(&server, Kind::EndpointSlice)), (1, 1));
     let st = status.borrow_and_update().clone();
@@ -212,8 +213,8 @@ async fn gone_relists_and_converges(mode: GoneMode) {
     server.restart().await.expect("restart");
 
     let snap = rec.wait_for("convergence after the relist", |s| converged(s, &server)).await;
-    assert!(snap.services.contains_key(&NsName::new("shop", "cart")));
-    assert!(!snap.services.contains_key(&NsName::new("shop", "payments")));
+    assert!(snap.services().contains_key(&NsName::new("shop", "cart")));
+    assert!(!snap.services().contains_key(&NsName::new("shop", "payments")));
 
     let gone_watches: Vec<_> = server.requests().into_iter().filter(|r| r.verb == "watch" && r.status == 410).collect();
     match mode {
@@ -226,9 +227,9 @@ async fn gone_relists_and_converges(mode: GoneMode) {
     assert!(st.last_error.is_some() && st.errors >= 1);
     // Never an empty or half-listed state: every snapshot has all six services and every slice.
     for s in rec.all() {
-        assert_eq!(s.services.len(), 6);
+        assert_eq!(s.services().len(), 6);
         assert!(s.slice_count() >= 5);
-        assert!(s.services.contains_key(&NsName::new("default", "kubernetes")));
+        assert!(s.services().contains_key(&NsName::new("default", "kubernetes")));
     }
     task.abort();
 }
@@ -254,10 +255,10 @@ async fn an_open_watch_expired_by_the_server_relists_without_an_empty_snapshot()
     server.compact();
     server.expire_watches();
     let snap = rec.wait_for("the new service", |s| converged(s, &server)).await;
-    assert!(snap.services.contains_key(&NsName::new("shop", "cart")));
+    assert!(snap.services().contains_key(&NsName::new("shop", "cart")));
     wait_status("relisted", &mut status, |s| s.expired >= 2 && s.lists >= 4).await;
     assert_eq!(lists_started(&server, Kind::Service), 2);
-    assert!(rec.all().iter().all(|s| s.services.len() >= 6 && s.slice_count() == 5));
+    assert!(rec.all().iter().all(|s| s.services().len() >= 6 && s.slice_count() == 5));
     task.abort();
 }
 
@@ -325,7 +326,7 @@ async fn an_unreachable_server_keeps_the_last_snapshot_backs_off_and_recovers() 
     assert!(st.synced);
     assert!(st.last_error.as_deref().is_some_and(|e| e.contains("services") || e.contains("endpointslices")), "{:?}", st.last_error);
     assert_eq!(rec.count(), published, "nothing published while unreachable: the last snapshot stands");
-    assert_eq!(rec.all().last().map(|s| s.services.len()), Some(6));
+    assert_eq!(rec.all().last().map(|s| s.services().len()), Some(6));
 
     server.restart().await.expect("restart");
     server.apply(service("shop", "cart", "10.96.7.7", 80)).expect("cart");
@@ -342,12 +343,12 @@ async fn run_service_source_feeds_a_watch_channel_and_returns_when_nobody_listen
     let (tx, mut rx) = watch::channel(Arc::new(ServiceSnapshot::new()));
     let (stx, mut srx) = watch::channel(SourceStatus::default());
     let task = tokio::spawn(run_service_source(server.client().expect("client"), tx, stx));
-    let snap = guard("a snapshot", rx.wait_for(|s| s.services.len() == 6)).await.expect("sender alive").clone();
+    let snap = guard("a snapshot", rx.wait_for(|s| s.services().len() == 6)).await.expect("sender alive").clone();
     assert_eq!(snap.slice_count(), 5);
 
     server.stop().await;
     wait_status("disconnected", &mut srx, |s| !s.connected).await;
-    assert_eq!(rx.borrow().services.len(), 6, "the last good snapshot stays published");
+    assert_eq!(rx.borrow().services().len(), 6, "the last good snapshot stays published");
 
     drop(rx);
     guard("the source to return", task).await.expect("no panic");
@@ -364,7 +365,7 @@ async fn a_kubeconfig_file_pointing_to_the_server_works() {
     let (tx, mut rx) = watch::channel(Arc::new(ServiceSnapshot::new()));
     let (stx, _srx) = watch::channel(SourceStatus::default());
     let task = tokio::spawn(run_service_source(client, tx, stx));
-    guard("a snapshot through the kubeconfig client", rx.wait_for(|s| s.services.len() == 6)).await.expect("sender alive");
+    guard("a snapshot through the kubeconfig client", rx.wait_for(|s| s.services().len() == 6)).await.expect("sender alive");
     task.abort();
 
     let missing = netd_kube::client(Some(&dir.path().join("nope"))).await.err().expect("a missing kubeconfig is an error");

@@ -33,6 +33,7 @@ fn node() -> NodeInfo {
         ips: vec![Ipv4Addr::new(198, 18, 0, 10)],
         pod_cidr: Some("10.244.1.0/24".parse().unwrap()),
         cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+        local_service_ips: Vec::new(),
     }
 }
 
@@ -108,10 +109,13 @@ fn netd_nft(rows: &mut Vec<Row>, n: usize, m: usize) -> Result<()> {
         let rss_objects = status_kb("VmRSS:");
         let t = Instant::now();
         let mut plan = desired(&node(), &snap);
+        let tp = t.elapsed();
         let mut rs = nft::render(&plan, None);
+        let tr = t.elapsed() - tp;
         let mut dp = Nftables::new();
         let rep = dp.sync(&rs, false)?;
         let full = t.elapsed();
+        eprintln!("  (full sync: plan {tp:?}, render {tr:?}, diff+encode+apply {:?})", full - tp - tr);
         let rss_synced = status_kb("VmRSS:");
         let mut changes = Vec::new();
         for g in 1..=21u32 {
@@ -125,8 +129,8 @@ fn netd_nft(rows: &mut Vec<Row>, n: usize, m: usize) -> Result<()> {
             let tr = t.elapsed() - tp;
             let rep = dp.sync(&r2, false)?;
             changes.push(ms(t.elapsed()));
-            if g == 21 {
-                eprintln!("  (last change: plan {tp:?}, render {tr:?}, diff+apply {:?})", t.elapsed() - tp - tr);
+            if std::env::var_os("BENCH_VERBOSE").is_some() || g == 21 {
+                eprintln!("  (change {g}: plan {tp:?}, render {tr:?}, diff+apply {:?})", t.elapsed() - tp - tr);
             }
             assert!(rep.ops > 0);
             plan = p2;
@@ -299,7 +303,7 @@ fn connections(rows: &mut Vec<Row>, n: usize, m: usize, secs: f64) -> Result<()>
     let mut snap = conn_snapshot(n, m);
     // Make the measured service the last one in NETD-SERVICES (worst case, as with kube-proxy's
     // random order on average half-way).
-    snap.services.remove(&netd_proxy::NsName::new("bench", "svc-0"));
+    snap.remove_service(&netd_proxy::NsName::new("bench", "svc-0"));
     let last = n;
     snap.put_service(Arc::new(netd_proxy::testdata::generated_service(last)));
     let mut sl = generated_slice(last, 1, 8080, 0);

@@ -36,10 +36,18 @@ impl Flush {
 
 /// The flushes needed going from `old` to `new` (pure).
 pub fn stale_udp(old: &Plan, new: &Plan) -> BTreeSet<Flush> {
-    let index = |p: &Plan| -> BTreeMap<(Ipv4Addr, u16), BTreeSet<Ipv4Addr>> {
-        p.udp_frontends().into_iter().map(|(ip, port, eps)| ((ip, port), eps.iter().map(|e| e.ip).collect())).collect()
+    let index = |frontends: Vec<(Ipv4Addr, u16, Vec<crate::model::Endpoint>)>| -> BTreeMap<(Ipv4Addr, u16), BTreeSet<Ipv4Addr>> {
+        frontends.into_iter().map(|(ip, port, eps)| ((ip, port), eps.iter().map(|e| e.ip).collect())).collect()
     };
-    let (o, n) = (index(old), index(new));
+    // When `new` is `old` with a few port plans swapped (same frontends), only those can need
+    // a flush: O(changes) instead of every UDP service on every pass.
+    let (o, n) = match new.changes_since(old.id()) {
+        Some(keys) => (
+            index(old.udp_frontends_of(keys.iter().filter_map(|k| old.services.get(k)))),
+            index(new.udp_frontends_of(keys.iter().filter_map(|k| new.services.get(k)))),
+        ),
+        None => (index(old.udp_frontends()), index(new.udp_frontends())),
+    };
     let mut out = BTreeSet::new();
     for ((frontend, port), old_eps) in &o {
         let new_eps = n.get(&(*frontend, *port));
@@ -96,6 +104,10 @@ mod tests {
         let back = stale_udp(&empty, &full);
         assert!(back.contains(&Flush::Frontend { frontend: "10.96.0.10".parse().unwrap(), port: 53 }));
         assert!(stale_udp(&full, &full).is_empty());
+        // The same through the O(changes) path (the new plan made from the old one).
+        let incremental = crate::plan::desired_from(&node(), &empty_snap, Some(&full));
+        assert!(incremental.changes_since(full.id()).is_some());
+        assert_eq!(stale_udp(&full, &incremental), gone);
         let _ = Arc::new(());
     }
 }

@@ -21,6 +21,9 @@ pub struct NodeInfo {
     pub pod_cidr: Option<Ipv4Net>,
     /// The whole pod network: traffic from outside it to a ClusterIP is masqueraded.
     pub cluster_cidr: Option<Ipv4Net>,
+    /// Cluster IPs answered on this node itself (the cluster DNS VIP, served by netd's DNS
+    /// on every node): their services are not load-balanced.
+    pub local_service_ips: Vec<Ipv4Addr>,
 }
 
 /// Transport protocols a Service port can use.
@@ -214,24 +217,62 @@ pub struct HealthCheck {
 }
 
 /// The whole desired state of this node's service dataplane.
+///
+/// The maps are persistent (`imbl`): cloning a plan is O(1) and the next plan shares every
+/// unchanged entry, so a plan that differs in one service costs O(log n) to make, not O(n).
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     pub node: NodeInfo,
-    pub services: BTreeMap<ServicePortKey, Arc<ServicePortPlan>>,
+    pub services: imbl::OrdMap<ServicePortKey, Arc<ServicePortPlan>>,
     /// healthCheckNodePort → what it reports.
     pub health_checks: BTreeMap<u16, HealthCheck>,
     /// Human-readable problems (two services claiming one frontend, unsupported fields ...).
     pub warnings: Vec<String>,
     /// What the plan was derived from, per service, so the next plan can reuse unchanged work.
-    pub(crate) inputs: BTreeMap<NsName, Arc<crate::plan::Inputs>>,
+    pub(crate) inputs: imbl::OrdMap<NsName, Arc<crate::plan::Inputs>>,
+    /// This plan's identity (0: none), for [`Plan::changes_since`].
+    pub(crate) id: u64,
+    /// When this plan was made by swapping a few port plans into another one: that plan's id
+    /// and the keys swapped.
+    pub(crate) delta: Option<(u64, Arc<[ServicePortKey]>)>,
+    /// The snapshot state it was planned from (for the snapshot's change log).
+    pub(crate) mark: Option<crate::snapshot::SnapshotMark>,
+}
+
+/// A fresh plan identity.
+pub(crate) fn next_plan_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Plan {
+    /// This plan's identity: renderers remember which plan they rendered.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The service ports whose plan differs from the plan with id `base`, when this plan is
+    /// known to be `base` with exactly those ports replaced (same keys, same frontends; only
+    /// endpoints and per-port details differ). `None`: unknown, compare everything. Renderers
+    /// use it to redo O(changes) work instead of O(services); a full comparison gives the
+    /// same result.
+    pub fn changes_since(&self, base: u64) -> Option<&[ServicePortKey]> {
+        match &self.delta {
+            Some((b, keys)) if base != 0 && *b == base => Some(keys),
+            _ => None,
+        }
+    }
+
     /// Every `(ip, proto, port)` frontend that carries UDP, with the endpoints behind it
     /// (for conntrack clean-up).
     pub fn udp_frontends(&self) -> Vec<(Ipv4Addr, u16, Vec<Endpoint>)> {
+        self.udp_frontends_of(self.services.values())
+    }
+
+    /// [`Plan::udp_frontends`] of some of the service ports.
+    pub fn udp_frontends_of<'a>(&'a self, ports: impl Iterator<Item = &'a Arc<ServicePortPlan>>) -> Vec<(Ipv4Addr, u16, Vec<Endpoint>)> {
         let mut out = Vec::new();
-        for sp in self.services.values().filter(|s| s.key.proto == Proto::Udp) {
+        for sp in ports.filter(|s| s.key.proto == Proto::Udp) {
             if let Some(ip) = sp.cluster_ip {
                 out.push((ip, sp.port, sp.internal_endpoints().to_vec()));
             }

@@ -41,19 +41,33 @@ pub fn desired(node: &NodeInfo, snap: &ServiceSnapshot) -> Plan {
     desired_from(node, snap, None)
 }
 
-/// [`desired`], reusing `prev`'s results for services whose objects did not change.
+/// [`desired`], reusing `prev`'s results for services whose objects did not change. When `snap`
+/// can say which services it touched since `prev` was planned, only those are looked at.
 pub fn desired_from(node: &NodeInfo, snap: &ServiceSnapshot, prev: Option<&Plan>) -> Plan {
+    plan_from(node, snap, prev, true)
+}
+
+/// [`desired_from`] without trusting the snapshot's change log: every service's inputs are
+/// compared with `prev`'s by pointer (O(services), no allocation). The proxy does this on its
+/// periodic resync, so that the result rests on the full snapshot alone.
+pub fn desired_from_all(node: &NodeInfo, snap: &ServiceSnapshot, prev: Option<&Plan>) -> Plan {
+    plan_from(node, snap, prev, false)
+}
+
+fn plan_from(node: &NodeInfo, snap: &ServiceSnapshot, prev: Option<&Plan>, use_log: bool) -> Plan {
     let prev = prev.filter(|p| p.node == *node);
-    if let Some(plan) = prev.and_then(|p| patch(node, snap, p)) {
+    let mark = snap.mark();
+    if let Some(mut plan) = prev.and_then(|p| patch(node, snap, p, use_log)) {
+        plan.mark = Some(mark);
         return plan;
     }
     // Services, slice groups and the previous inputs are all sorted by service: walk them in
     // step instead of looking each service up (this runs on every change, for every service).
     let mut prev_iter = prev.map(|p| p.inputs.iter().peekable());
-    let mut slice_iter = snap.slices.iter().peekable();
-    let empty = std::collections::BTreeMap::new();
-    let mut inputs = BTreeMap::new();
-    for (key, svc) in &snap.services {
+    let mut slice_iter = snap.slice_groups().iter().peekable();
+    let empty = crate::snapshot::SliceGroup::default();
+    let mut inputs = imbl::OrdMap::new();
+    for (key, svc) in snap.services() {
         while slice_iter.peek().is_some_and(|(k, _)| *k < key) {
             slice_iter.next();
         }
@@ -81,7 +95,9 @@ pub fn desired_from(node: &NodeInfo, snap: &ServiceSnapshot, prev: Option<&Plan>
         });
         inputs.insert(key.clone(), entry);
     }
-    assemble(node, inputs)
+    let mut plan = assemble(node, inputs);
+    plan.mark = Some(mark);
+    plan
 }
 
 /// The fast path of [`desired_from`]: when the same services exist as in `prev` and every
@@ -89,26 +105,43 @@ pub fn desired_from(node: &NodeInfo, snap: &ServiceSnapshot, prev: Option<&Plan>
 /// the new plan is `prev` with those services' port plans swapped in. The frontend claims,
 /// their order and the warnings are then provably what [`assemble`] would produce, so the
 /// result is identical to a full plan; anything else returns `None` (full path).
-fn patch(node: &NodeInfo, snap: &ServiceSnapshot, prev: &Plan) -> Option<Plan> {
-    if prev.inputs.len() != snap.services.len() {
+///
+/// The candidates are the services the snapshot touched since `prev` (O(changes)) when
+/// `use_log` and the snapshot knows; otherwise every service, compared by pointer.
+fn patch(node: &NodeInfo, snap: &ServiceSnapshot, prev: &Plan, use_log: bool) -> Option<Plan> {
+    if prev.inputs.len() != snap.services().len() {
         return None;
     }
-    let empty = BTreeMap::new();
-    let mut slice_iter = snap.slices.iter().peekable();
-    let mut changed: Vec<(&NsName, &Arc<Inputs>, Arc<Inputs>)> = Vec::new();
-    for ((key, svc), (pkey, old)) in snap.services.iter().zip(&prev.inputs) {
-        while slice_iter.peek().is_some_and(|(k, _)| *k < key) {
-            slice_iter.next();
+    let logged = if use_log { prev.mark.and_then(|m| snap.changed_since(m)) } else { None };
+    let candidates: Vec<(&NsName, &Arc<Service>, &Arc<Inputs>)> = match logged {
+        Some(keys) => {
+            let mut v = Vec::new();
+            for key in keys {
+                match (snap.services().get_key_value(key), prev.inputs.get(key)) {
+                    (Some((k, svc)), Some(old)) => v.push((k, svc, old)),
+                    (None, None) => {} // slices of a service that does not exist
+                    _ => return None,  // a service came or went
+                }
+            }
+            v
         }
-        let group = match slice_iter.peek() {
-            Some((k, g)) if *k == key => *g,
-            _ => &empty,
-        };
-        if old.same(svc, group.values()) && key == pkey {
+        None => {
+            let mut v = Vec::new();
+            for ((key, svc), (pkey, old)) in snap.services().iter().zip(prev.inputs.iter()) {
+                if key != pkey {
+                    return None;
+                }
+                v.push((key, svc, old));
+            }
+            v
+        }
+    };
+    let empty = crate::snapshot::SliceGroup::default();
+    let mut changed: Vec<(&NsName, Arc<Inputs>)> = Vec::new();
+    for (key, svc, old) in candidates {
+        let group = snap.slice_groups().get(key).unwrap_or(&empty);
+        if old.same(svc, group.values()) {
             continue;
-        }
-        if key != pkey {
-            return None;
         }
         let slices: Vec<Arc<EndpointSlice>> = group.values().cloned().collect();
         let mut warnings = Vec::new();
@@ -130,12 +163,14 @@ fn patch(node: &NodeInfo, snap: &ServiceSnapshot, prev: &Plan) -> Option<Plan> {
                 return None;
             }
         }
-        changed.push((key, old, Arc::new(Inputs { created, service: svc.clone(), slices, ports, warnings })));
+        changed.push((key, Arc::new(Inputs { created, service: svc.clone(), slices, ports, warnings })));
     }
     let mut plan = prev.clone();
-    for (key, _, new) in changed {
+    let mut swapped = Vec::new();
+    for (key, new) in changed {
         for sp in &new.ports {
             plan.services.insert(sp.key.clone(), sp.clone());
+            swapped.push(sp.key.clone());
         }
         for hc in new.ports.iter().filter_map(|sp| sp.health_check_node_port) {
             if let Some(e) = plan.health_checks.get_mut(&hc).filter(|e| e.service == *key) {
@@ -145,12 +180,14 @@ fn patch(node: &NodeInfo, snap: &ServiceSnapshot, prev: &Plan) -> Option<Plan> {
         }
         plan.inputs.insert(key.clone(), new);
     }
+    plan.id = crate::model::next_plan_id();
+    plan.delta = Some((prev.id, swapped.into()));
     Some(plan)
 }
 
 /// Puts the per-service results together, settling frontends claimed twice.
-fn assemble(node: &NodeInfo, inputs: BTreeMap<NsName, Arc<Inputs>>) -> Plan {
-    let mut plan = Plan { node: node.clone(), ..Default::default() };
+fn assemble(node: &NodeInfo, inputs: imbl::OrdMap<NsName, Arc<Inputs>>) -> Plan {
+    let mut plan = Plan { node: node.clone(), id: crate::model::next_plan_id(), ..Default::default() };
     // Older services win a contested frontend, as the API server would have refused the newer.
     let mut order: Vec<(&NsName, &Arc<Inputs>)> = inputs.iter().collect();
     order.sort_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(b.0)));
@@ -236,6 +273,9 @@ fn plan_service(node: &NodeInfo, key: &NsName, svc: &Service, slices: &[Arc<Endp
         None | Some("") | Some("None") => None,
         Some(s) => parse_ip(s, "clusterIP", warnings),
     };
+    if cluster_ip.is_some_and(|ip| node.local_service_ips.contains(&ip)) {
+        return Vec::new();
+    }
     let external_ips: Vec<Ipv4Addr> =
         spec.external_ips.iter().flatten().filter_map(|s| parse_ip(s, "externalIP", warnings)).collect();
     let lb_ips: Vec<Ipv4Addr> = if typ == "LoadBalancer" {
@@ -469,5 +509,59 @@ pub(crate) mod tests {
             [],
         );
         assert!(desired(&node(), &snap).services.is_empty());
+    }
+
+    /// Plans made from the snapshot's change log (and from the pointer walk) equal plans made
+    /// from scratch, through endpoint changes, service edits that move frontends, services
+    /// added and removed, slices moved between services, the local DNS VIP, and a snapshot
+    /// forked on the side.
+    #[test]
+    fn incremental_plans_equal_full_plans() {
+        use crate::testdata::{generated_service, generated_slice, generated_snapshot};
+        let same = |a: &Plan, b: &Plan| a.services == b.services && a.health_checks == b.health_checks && a.warnings == b.warnings;
+        let mut n = node();
+        n.local_service_ips = vec![crate::testdata::generated_vip(7)];
+        let mut snap = generated_snapshot(30, 2, 8080);
+        let mut by_log = desired(&n, &snap);
+        let mut by_walk = by_log.clone();
+        let mut deltas = 0;
+        for g in 1..=60u32 {
+            let i = (g as usize * 7) % 30;
+            match g % 10 {
+                0 => snap.put_service(Arc::new(generated_service(200 + g as usize))),
+                1 => snap.remove_service(&NsName::new("bench", format!("svc-{}", 200 + g as usize - 1))),
+                2 => {
+                    // The same service, another cluster IP: frontends move (full path).
+                    let mut s = generated_service(i);
+                    s.spec.as_mut().unwrap().cluster_ip = Some(crate::testdata::generated_vip(1000 + g as usize).to_string());
+                    snap.put_service(Arc::new(s));
+                }
+                3 => {
+                    let mut sl = generated_slice(i, 1, 8080, g);
+                    sl.metadata.labels.as_mut().unwrap().insert(crate::snapshot::SERVICE_NAME_LABEL.into(), format!("svc-{}", (i + 1) % 30));
+                    snap.put_slice(Arc::new(sl));
+                }
+                4 => snap.remove_slice(&NsName::new("bench", format!("svc-{i}"))),
+                _ => snap.put_slice(Arc::new(generated_slice(i, 1 + g as usize % 3, 8080, g))),
+            }
+            let full = desired(&n, &snap);
+            let next = desired_from(&n, &snap, Some(&by_log));
+            assert!(same(&next, &full), "change log, pass {g}");
+            let walked = desired_from_all(&n, &snap, Some(&by_walk));
+            assert!(same(&walked, &full), "pointer walk, pass {g}");
+            if next.delta.is_some() {
+                deltas += 1;
+            }
+            by_log = next;
+            by_walk = walked;
+        }
+        assert!(deltas >= 25, "most passes take the O(changes) path: {deltas}");
+        assert!(!by_log.services.values().any(|sp| sp.cluster_ip == Some(crate::testdata::generated_vip(7))), "the local DNS VIP is not load-balanced");
+        // A snapshot changed on the side (a fork) is planned correctly from an old plan.
+        let mut side = snap.clone();
+        snap.put_slice(Arc::new(generated_slice(3, 2, 8080, 999)));
+        side.put_slice(Arc::new(generated_slice(4, 2, 8080, 999)));
+        let p_head = desired_from(&n, &snap, Some(&by_log));
+        assert!(same(&desired_from(&n, &side, Some(&p_head)), &desired(&n, &side)));
     }
 }

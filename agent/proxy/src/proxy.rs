@@ -18,7 +18,7 @@ use crate::health::HealthServers;
 use crate::iptables::Iptables;
 use crate::model::{NodeInfo, Plan};
 use crate::nft::Nftables;
-use crate::plan::desired_from;
+use crate::plan::{desired_from, desired_from_all};
 use crate::snapshot::ServiceSnapshot;
 
 /// `--proxy-mode`.
@@ -155,7 +155,9 @@ pub async fn run_proxy_with(cfg: ProxyConfig, mut backend: Option<Box<dyn Backen
     loop {
         let snap = snapshots.borrow_and_update().clone();
         let started = Instant::now();
-        let new_plan = desired_from(&cfg.node, &snap, plan.as_ref());
+        // A resync (observe) plans from the whole snapshot, not its change log: the repair
+        // then rests on the full state alone.
+        let new_plan = if observe { desired_from_all(&cfg.node, &snap, plan.as_ref()) } else { desired_from(&cfg.node, &snap, plan.as_ref()) };
         let result = match backend.as_mut() {
             Some(b) => b.sync(&new_plan, observe).map(Some),
             None => Ok(None),

@@ -26,6 +26,7 @@ pub fn node() -> NodeInfo {
         ips: vec![Ipv4Addr::new(198, 18, 0, 10)],
         pod_cidr: Some("10.244.1.0/24".parse().expect("valid")),
         cluster_cidr: Some("10.244.0.0/16".parse().expect("valid")),
+        local_service_ips: Vec::new(),
     }
 }
 

@@ -19,6 +19,7 @@ fn node_info() -> NodeInfo {
         ips: vec![ip(NODE_IP)],
         pod_cidr: Some("10.244.1.0/24".parse().unwrap()),
         cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+        local_service_ips: Vec::new(),
     }
 }
 

@@ -68,7 +68,7 @@ fn apply_allocates_once_keeps_allocations_and_delete_releases_them() -> Result<(
     ensure!((30000..=32767).contains(&np), "{np}");
     assert_eq!(second.spec.as_ref().unwrap().cluster_ip, spec.cluster_ip);
     assert_eq!(second.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].node_port, Some(np));
-    ensure!(after_delete.services.is_empty());
+    ensure!(after_delete.services().is_empty());
     assert_eq!(after_delete.slice_count(), 1, "the converted Endpoints stay");
     let allocations = c.etcd().get_prefix("/netd/registry/allocations/")?;
     ensure!(allocations.is_empty(), "delete released {allocations:?}");
@@ -100,7 +100,7 @@ fn concurrent_applies_never_hand_out_an_address_or_port_twice() -> Result<()> {
     ensure!(failed[0].to_string().contains("no free address"), "{}", failed[0]);
     let mut ips = BTreeSet::new();
     let mut ports = BTreeSet::new();
-    for s in snap.services.values() {
+    for s in snap.services().values() {
         let spec = s.spec.as_ref().unwrap();
         ensure!(ips.insert(spec.cluster_ip.clone().unwrap()), "ClusterIP handed out twice");
         ensure!(ports.insert(spec.ports.as_ref().unwrap()[0].node_port.unwrap()), "nodePort handed out twice");
@@ -135,7 +135,7 @@ impl NodeProxy {
     fn start(c: &Cluster, i: usize) -> NodeProxy {
         let node = c.node(i);
         let opts = RegistryOptions::new(vec![c.etcd().endpoint()]);
-        let info = NodeInfo { name: node.name(), ips: vec![node.ip()], pod_cidr: None, cluster_cidr: Some("10.244.0.0/16".parse().unwrap()) };
+        let info = NodeInfo { name: node.name(), ips: vec![node.ip()], pod_cidr: None, cluster_cidr: Some("10.244.0.0/16".parse().unwrap()), local_service_ips: Vec::new() };
         let mut cfg = ProxyConfig::new(info, ProxyMode::Nftables);
         cfg.resync_interval = Duration::from_secs(1);
         cfg.health_bind = None;

@@ -6,7 +6,7 @@
 //! to netlink messages (`netlink.rs`); both are driven by [`Stmt`], the small vocabulary of
 //! statements the proxy needs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -359,13 +359,23 @@ pub struct Fragment {
 }
 
 /// The whole table as the proxy wants it.
+///
+/// Persistent maps: a ruleset that differs from the previous one in a few fragments is made
+/// (and remembered as "applied") in O(changes), sharing the rest.
 #[derive(Debug, Clone, Default)]
 pub struct Ruleset {
     pub table: String,
     /// Fragment key ("" for the skeleton, else the service port's slug) → fragment.
-    pub fragments: HashMap<Arc<str>, Arc<Fragment>>,
+    pub fragments: imbl::OrdMap<Arc<str>, Arc<Fragment>>,
     /// The service port plan each service fragment was rendered from (for reuse by pointer).
-    pub(crate) sources: HashMap<Arc<str>, Arc<ServicePortPlan>>,
+    pub(crate) sources: imbl::OrdMap<Arc<str>, Arc<ServicePortPlan>>,
+    /// This ruleset's identity (0: none).
+    pub(crate) id: u64,
+    /// The plan it was rendered from ([`crate::model::Plan::id`]).
+    pub(crate) plan_id: u64,
+    /// When it was made from another ruleset by re-rendering some fragments: that ruleset's id
+    /// and the fragment keys that may differ from it. The diff then looks at those only.
+    pub(crate) delta: Option<(u64, Arc<[Arc<str>]>)>,
 }
 
 impl Ruleset {

@@ -94,14 +94,32 @@ static EMPTY: Fragment = Fragment { sets: Vec::new(), chains: Vec::new(), elemen
 
 /// Diff between the ruleset applied last and the new one, fragment by fragment.
 fn diff_rulesets<'a>(old: &'a Ruleset, new: &'a Ruleset) -> Changes<'a> {
+    use std::sync::Arc;
     let mut ch = Changes::default();
-    let kinds: HashMap<&str, SetKind> = old.sets().chain(new.sets()).map(|s| (s.name.as_str(), s.kind)).collect();
-    // Changed or added fragments, then removed ones. Unchanged ones cost a pointer compare.
-    let pairs = new
-        .fragments
-        .iter()
-        .map(|(k, n)| (old.fragments.get(k), Some(n)))
-        .chain(old.fragments.iter().filter(|(k, _)| !new.fragments.contains_key(*k)).map(|(_, o)| (Some(o), None)));
+    // The fragments to compare: when `new` is `old` with some fragments re-rendered, those
+    // (O(changes)); otherwise all: changed or added ones, then removed ones, an unchanged one
+    // costing a pointer compare.
+    type Pair<'b> = (Option<&'b Arc<Fragment>>, Option<&'b Arc<Fragment>>);
+    let pairs: Vec<Pair<'a>> = match &new.delta {
+        Some((base, keys)) if *base == old.id && old.id != 0 => {
+            keys.iter().map(|k| (old.fragments.get(k), new.fragments.get(k))).collect()
+        }
+        _ => new
+            .fragments
+            .iter()
+            .map(|(k, n)| (old.fragments.get(k), Some(n)))
+            .chain(old.fragments.iter().filter(|(k, _)| !new.fragments.contains_key(*k)).map(|(_, o)| (Some(o), None)))
+            .collect(),
+    };
+    // Set kinds (for element messages): sets are declared in the skeleton or in the fragment
+    // whose elements use them, so the skeleton and the fragments compared are enough.
+    let kinds: HashMap<&str, SetKind> = [old.fragments.get(""), new.fragments.get("")]
+        .into_iter()
+        .flatten()
+        .chain(pairs.iter().flat_map(|(o, n)| [*o, *n]).flatten())
+        .flat_map(|f| f.sets.iter())
+        .map(|s| (s.name.as_str(), s.kind))
+        .collect();
     for (o, n) in pairs {
         if let (Some(o), Some(n)) = (o, n) {
             if std::sync::Arc::ptr_eq(o, n) || o == n {
@@ -151,12 +169,20 @@ fn diff_observed<'a>(obs: &Observed, new: &'a Ruleset) -> Changes<'a> {
     // rebuild the table (atomically, in the same batch).
     let incompatible = new.sets().any(|s| obs.sets.get(&s.name).is_some_and(|o| o.kind != Some(s.kind)))
         || new.chains().any(|c| obs.chains.get(&c.name).is_some_and(|o| o.base != c.base));
-    if incompatible {
-        let mut ch = Changes { rebuild: true, ..Default::default() };
+    // No table yet (a node's first start), or one that must be rebuilt: everything is added,
+    // nothing needs comparing.
+    if incompatible || !obs.table {
+        let mut ch = Changes { rebuild: incompatible, add_table: !obs.table, ..Default::default() };
         ch.add_sets.extend(new.sets());
         ch.add_chains.extend(new.chains());
         for (s, k, v) in new.elements() {
-            ch.add_elems.entry(s.clone()).or_insert_with(|| (Changes::set_kind(&kinds, s), Vec::new())).1.push((*k, v.clone()));
+            // Looked up by &str first: an owned key per element is 100,000 allocations.
+            match ch.add_elems.get_mut(s.as_str()) {
+                Some(e) => e.1.push((*k, v.clone())),
+                None => {
+                    ch.add_elems.insert(s.clone(), (Changes::set_kind(&kinds, s), vec![(*k, v.clone())]));
+                }
+            }
         }
         ch.rewrite.extend(new.chains().map(|c| (c, false)));
         return ch;

@@ -84,14 +84,15 @@ pub fn render(plan: &Plan, prev: Option<&Ruleset>) -> Ruleset {
 
 /// [`render`] in a chosen [`Style`].
 pub fn render_style(plan: &Plan, prev: Option<&Ruleset>, style: Style) -> Ruleset {
-    let mut rs = Ruleset { table: TABLE.to_string(), ..Default::default() };
+    if let Some(rs) = prev.and_then(|p| render_delta(plan, p, style)) {
+        return rs;
+    }
+    let mut rs = Ruleset { table: TABLE.to_string(), id: next_ruleset_id(), plan_id: plan.id(), ..Default::default() };
     let skeleton = skeleton(plan, style);
     let skeleton = match prev.and_then(|p| p.fragments.get("")) {
         Some(old) if **old == skeleton => old.clone(),
         _ => Arc::new(skeleton),
     };
-    rs.fragments.reserve(plan.services.len() + 1);
-    rs.sources.reserve(plan.services.len());
     rs.fragments.insert(Arc::from(""), skeleton);
     let cluster_cidr = plan.node.cluster_cidr;
     for sp in plan.services.values() {
@@ -105,6 +106,41 @@ pub fn render_style(plan: &Plan, prev: Option<&Ruleset>, style: Style) -> Rulese
         rs.sources.insert(key, sp.clone());
     }
     rs
+}
+
+/// The O(changes) path: `plan` is `prev`'s plan with a few port plans swapped
+/// ([`Plan::changes_since`]), so the ruleset is `prev` with those fragments re-rendered.
+/// `None` when that is not known to be so (then everything is rendered, reusing by pointer).
+fn render_delta(plan: &Plan, prev: &Ruleset, style: Style) -> Option<Ruleset> {
+    let keys = plan.changes_since(prev.plan_id)?;
+    let mut rs = prev.clone();
+    let mut changed: Vec<Arc<str>> = Vec::with_capacity(keys.len() + 1);
+    let skeleton = skeleton(plan, style);
+    if prev.fragments.get("").is_none_or(|old| **old != skeleton) {
+        rs.fragments.insert(Arc::from(""), Arc::new(skeleton));
+        changed.push(Arc::from(""));
+    }
+    for key in keys {
+        let sp = plan.services.get(key)?;
+        // A swapped port plan keeps its frontends, hence its slug; anything else is not a
+        // delta this path understands.
+        let old = prev.sources.get(&sp.slug)?;
+        if Arc::ptr_eq(old, sp) {
+            continue;
+        }
+        rs.fragments.insert(sp.slug.clone(), Arc::new(service_fragment(sp, plan.node.cluster_cidr, style)));
+        rs.sources.insert(sp.slug.clone(), sp.clone());
+        changed.push(sp.slug.clone());
+    }
+    rs.id = next_ruleset_id();
+    rs.plan_id = plan.id();
+    rs.delta = Some((prev.id, changed.into()));
+    Some(rs)
+}
+
+fn next_ruleset_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn rule(stmts: Vec<Stmt>) -> Rule {

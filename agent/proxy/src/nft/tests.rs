@@ -96,3 +96,38 @@ fn successive_endpoint_changes_cost_the_same() {
 fn p3_count(s: &crate::snapshot::ServiceSnapshot) -> usize {
     s.slices_of(&crate::NsName::new("bench", "svc-3"))[0].endpoints.len()
 }
+
+/// The O(changes) paths (render of the swapped port plans only, diff of those fragments only)
+/// give exactly what the full paths give, over a run of endpoint changes, service additions
+/// and removals (which take the full path) and no-op passes.
+#[test]
+fn delta_render_and_diff_equal_the_full_ones() {
+    use crate::testdata::{generated_service, generated_slice, generated_snapshot};
+    let mut snap = generated_snapshot(40, 3, 8080);
+    let mut plan = desired(&node(), &snap);
+    let mut rs = render(&plan, None);
+    let mut deltas = 0;
+    for g in 1..=30u32 {
+        let i = (g as usize * 13) % 40;
+        match g % 6 {
+            0 => snap.put_service(Arc::new(generated_service(100 + g as usize))),
+            5 => snap.remove_service(&crate::NsName::new("bench", format!("svc-{}", 100 + g as usize - 5))),
+            3 => {}
+            _ => snap.put_slice(Arc::new(generated_slice(i, 1 + (g as usize % 4), 8080, g))),
+        }
+        let p2 = desired_from(&node(), &snap, Some(&plan));
+        let r2 = render(&p2, Some(&rs));
+        assert_eq!(r2.to_nft(), render(&p2, None).to_nft(), "pass {g}");
+        let describe = |ops: Vec<netlink::Op<'_>>| ops.iter().map(|o| o.describe()).collect::<Vec<_>>();
+        let fast = describe(diff_rulesets(&rs, &r2).into_ops());
+        let mut full_new = r2.clone();
+        full_new.delta = None;
+        assert_eq!(fast, describe(diff_rulesets(&rs, &full_new).into_ops()), "pass {g}");
+        if r2.delta.is_some() {
+            deltas += 1;
+        }
+        plan = p2;
+        rs = r2;
+    }
+    assert!(deltas >= 15, "endpoint changes take the O(changes) path ({deltas} of 30)");
+}

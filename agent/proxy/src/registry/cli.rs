@@ -175,7 +175,7 @@ pub async fn run_cli(cmd: ServiceCommand) -> Result<(), CliError> {
             let name_ok = |n: &str| g.name.as_deref().is_none_or(|want| want == n);
             match g.resource {
                 Resource::Services => {
-                    let items: Vec<Service> = snap.services.iter().filter(|(k, _)| ns_ok(&k.namespace) && name_ok(&k.name)).map(|(_, s)| (**s).clone()).collect();
+                    let items: Vec<Service> = snap.services().iter().filter(|(k, _)| ns_ok(&k.namespace) && name_ok(&k.name)).map(|(_, s)| (**s).clone()).collect();
                     if items.is_empty() && g.name.is_some() {
                         return Err(RegistryError::NotFound(format!("service \"{}\"", g.name.unwrap_or_default())).into());
                     }

@@ -183,7 +183,7 @@ impl ServiceRegistry {
                     continue;
                 }
             };
-            info!(revision = snap.revision, services = snap.services.len(), "service registry listed");
+            info!(revision = snap.revision, services = snap.services().len(), "service registry listed");
             let _ = tx.send(Arc::new(snap.clone()));
             let opts = WatchOptions::new().with_prefix().with_start_revision(snap.revision + 1).with_progress_notify();
             let mut stream = match self.client.watch_client().watch(prefix.clone(), Some(opts)).await {

@@ -166,12 +166,12 @@ mod tests {
     #[test]
     fn golden_tables() {
         let snap = feature_snapshot();
-        let svcs: Vec<Service> = snap.services.values().map(|s| (**s).clone()).collect();
+        let svcs: Vec<Service> = snap.services().values().map(|s| (**s).clone()).collect();
         let slices: Vec<EndpointSlice> = snap.all_slices().map(|(_, s)| (**s).clone()).collect();
         let mut out = services_table(&svcs, true, false, 0);
         out.push_str(&endpoints_table(&slices, true, true, 0));
         crate::golden::check("get.txt", &out);
-        let web: Vec<Service> = web_snapshot().services.values().map(|s| (**s).clone()).collect();
+        let web: Vec<Service> = web_snapshot().services().values().map(|s| (**s).clone()).collect();
         let y = list(&web, "v1", "Service", true);
         assert!(y.contains("kind: List") && y.contains("kind: Service") && y.contains("clusterIP: 10.96.0.10"), "{y}");
     }
