@@ -28,7 +28,7 @@ use ipnet::Ipv4Net;
 
 use super::ir::*;
 use super::ir::fnv1a;
-use crate::model::{Endpoint, NoEndpoints, Plan, Proto, ServicePortPlan};
+use crate::model::{Endpoint, NoEndpoints, NodeInfo, Plan, Proto, ServicePortPlan};
 
 /// Our table: `table ip netd-proxy`.
 pub const TABLE: &str = "netd-proxy";
@@ -94,13 +94,12 @@ pub fn render_style(plan: &Plan, prev: Option<&Ruleset>, style: Style) -> Rulese
         _ => Arc::new(skeleton),
     };
     rs.fragments.insert(Arc::from(""), skeleton);
-    let cluster_cidr = plan.node.cluster_cidr;
     for sp in plan.services.values() {
         let key = sp.slug.clone();
         let reuse = prev.and_then(|p| Some((p.sources.get(&key)?, p.fragments.get(&key)?))).filter(|(src, _)| Arc::ptr_eq(src, sp));
         let frag = match reuse {
             Some((_, f)) => f.clone(),
-            None => Arc::new(service_fragment(sp, cluster_cidr, style)),
+            None => Arc::new(service_fragment(sp, &plan.node, style)),
         };
         rs.fragments.insert(key.clone(), frag);
         rs.sources.insert(key, sp.clone());
@@ -128,7 +127,7 @@ fn render_delta(plan: &Plan, prev: &Ruleset, style: Style) -> Option<Ruleset> {
         if Arc::ptr_eq(old, sp) {
             continue;
         }
-        rs.fragments.insert(sp.slug.clone(), Arc::new(service_fragment(sp, plan.node.cluster_cidr, style)));
+        rs.fragments.insert(sp.slug.clone(), Arc::new(service_fragment(sp, &plan.node, style)));
         rs.sources.insert(sp.slug.clone(), sp.clone());
         changed.push(sp.slug.clone());
     }
@@ -300,7 +299,8 @@ pub fn frontend(sp: &ServicePortPlan) -> (std::net::Ipv4Addr, Proto, u16) {
 /// Everything one service port contributes. Chains and verdict-map elements depend only on the
 /// Service; endpoints only show in elements (netd style) or in per-endpoint chains (kube-proxy
 /// style, and services with session affinity).
-pub fn service_fragment(sp: &ServicePortPlan, cluster_cidr: Option<Ipv4Net>, style: Style) -> Fragment {
+pub fn service_fragment(sp: &ServicePortPlan, node: &NodeInfo, style: Style) -> Fragment {
+    let cluster_cidr = node.cluster_cidr;
     let n = Names::new(sp);
     let mut f = Fragment::default();
     let proto = sp.key.proto;
@@ -349,10 +349,12 @@ pub fn service_fragment(sp: &ServicePortPlan, cluster_cidr: Option<Ipv4Net>, sty
         if need_local {
             local_rules.extend(pick(LOCAL_ENDPOINTS, &sp.local_endpoints, &mut f));
         }
-        // Hairpin: a pod that is an endpoint reaching itself through the ClusterIP.
+        // Hairpin: a pod that is an endpoint reaching itself through the ClusterIP. Only pods
+        // of this node can do that here (a pod's packets are NATed by its own node), so only
+        // endpoints in this node's pod subnet are listed: with N nodes, 1/N of the endpoints.
         if let Some(vip) = sp.cluster_ip {
             let mut seen = std::collections::BTreeSet::new();
-            for e in sp.internal_endpoints() {
+            for e in sp.internal_endpoints().iter().filter(|e| node.pod_cidr.is_none_or(|c| c.contains(&e.ip))) {
                 if seen.insert(e.ip) {
                     f.elements.push((HAIRPIN.into(), ElemKey::Hairpin(e.ip, e.ip, vip, sp.port), None));
                 }
