@@ -56,7 +56,7 @@ demo: release
 bench: release bench-deps
 	$(CARGO) run --release -p netd-bench --bin overlay
 	NETD_CNI=$(CURDIR)/target/release/netd-cni bash bench/cni/run.sh
-	$(CARGO) run --release -p netd-proxy --example bench -- --services 10000 --endpoints 10
+	bash bench/proxy/run.sh
 	$(CARGO) run --release -p netd-udp --example pair -- --seconds 5 --runs 5
 	$(CARGO) run --release -p netd-ebpf --example sync_bench
 	bash bench/dns/run.sh
