@@ -63,21 +63,11 @@ pub struct CleanupArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct EtcdArgs {
-    /// etcd endpoints, comma-separated.
-    #[arg(long, env = "NETD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
-    pub etcd_endpoints: Vec<String>,
+    #[command(flatten)]
+    pub conn: netd_proxy::registry::EtcdConnArgs,
     /// etcd key prefix of the network (flannel's layout: <prefix>/config, <prefix>/subnets/).
     #[arg(long, env = "NETD_ETCD_PREFIX", default_value = "/coreos.com/network")]
     pub etcd_prefix: String,
-    /// CA certificate (PEM) to verify etcd's TLS certificate.
-    #[arg(long, env = "NETD_ETCD_CAFILE")]
-    pub etcd_cafile: Option<PathBuf>,
-    /// Client certificate (PEM) for etcd TLS.
-    #[arg(long, env = "NETD_ETCD_CERTFILE")]
-    pub etcd_certfile: Option<PathBuf>,
-    /// Client key (PEM) for etcd TLS.
-    #[arg(long, env = "NETD_ETCD_KEYFILE")]
-    pub etcd_keyfile: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -201,13 +191,13 @@ mod tests {
     fn defaults_match_flannel() {
         let cli = Cli::try_parse_from(["netd", "run"]).unwrap();
         let Command::Run(r) = cli.command else { panic!() };
-        assert_eq!(r.etcd.etcd_endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(r.etcd.conn.etcd_endpoints, ["http://127.0.0.1:2379"]);
         assert_eq!(r.metrics_listen, "127.0.0.1:9402");
         assert_eq!(r.etcd.etcd_prefix, "/coreos.com/network");
         assert_eq!(r.subnet_lease_renew_margin, 60);
         assert!(Cli::try_parse_from(["netd", "run", "--subnet-lease-renew-margin", "1440"]).is_err());
         let cli = Cli::try_parse_from(["netd", "run", "--etcd-endpoints", "http://a:1,http://b:2"]).unwrap();
         let Command::Run(r) = cli.command else { panic!() };
-        assert_eq!(r.etcd.etcd_endpoints.len(), 2);
+        assert_eq!(r.etcd.conn.etcd_endpoints.len(), 2);
     }
 }

@@ -122,7 +122,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
         started_at: unix_now(),
         // No etcd at all with Node-based subnets (unless services come from its registry).
         etcd: status::EtcdStatus {
-            endpoints: if args.kube.subnet_manager == netd_kube::SubnetManagerKind::Kube { Vec::new() } else { args.etcd.etcd_endpoints.clone() },
+            endpoints: if args.kube.subnet_manager == netd_kube::SubnetManagerKind::Kube { Vec::new() } else { args.etcd.conn.etcd_endpoints.clone() },
             ..Default::default()
         },
         ..Default::default()
@@ -138,13 +138,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
     info!(%node, iface = %underlay.name, iface_ip = %underlay.iface_ip, public_ip = %underlay.public_ip, mtu = underlay.mtu, "underlay");
     enable_ip_forward();
 
-    let opts = EtcdOptions {
-        endpoints: args.etcd.etcd_endpoints.clone(),
-        prefix: args.etcd.etcd_prefix.clone(),
-        ca_file: args.etcd.etcd_cafile.clone(),
-        cert_file: args.etcd.etcd_certfile.clone(),
-        key_file: args.etcd.etcd_keyfile.clone(),
-    };
+    let opts = args.etcd.conn.options(&args.etcd.etcd_prefix);
     let (reg, cfg, held, snap, kube_rx) = match args.kube.subnet_manager {
         netd_kube::SubnetManagerKind::Etcd => {
             let reg = connect_etcd(&opts).await?;
@@ -175,13 +169,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
         (None, None) => unreachable!("one subnet manager is chosen"),
     };
     if d.args.proxy_mode != netd_proxy::ProxyMode::None || d.args.dns.dns {
-        let opts = netd_proxy::registry::RegistryOptions {
-            endpoints: d.args.etcd.etcd_endpoints.clone(),
-            prefix: d.args.registry_prefix.clone(),
-            ca_file: d.args.etcd.etcd_cafile.clone(),
-            cert_file: d.args.etcd.etcd_certfile.clone(),
-            key_file: d.args.etcd.etcd_keyfile.clone(),
-        };
+        let opts = d.args.etcd.conn.options(&d.args.registry_prefix);
         let node = netd_proxy::NodeInfo {
             name: node.clone(),
             ips: if d.underlay.iface_ip == d.underlay.public_ip { vec![d.underlay.iface_ip] } else { vec![d.underlay.iface_ip, d.underlay.public_ip] },

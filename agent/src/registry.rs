@@ -2,7 +2,6 @@
 //! A thin shell around etcd calls; all choices are made by `alloc` and `daemon`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchStream};
@@ -25,15 +24,8 @@ fn etcd(op: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> RegistryErr
     move |source| RegistryError::Etcd { op, source }
 }
 
-/// How to reach etcd (`--etcd-*` flags).
-#[derive(Debug, Clone)]
-pub struct EtcdOptions {
-    pub endpoints: Vec<String>,
-    pub prefix: String,
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-}
+/// How to reach etcd (`--etcd-*` flags): the same options as the service registry's.
+pub type EtcdOptions = netd_proxy::registry::RegistryOptions;
 
 /// One key under `<prefix>/subnets/` as last seen: a lease, or why it could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,7 +5,6 @@
 //!   FLANNEL_IPMASQ=true
 //! Written atomically (temp file + rename) so a reader never sees half a file.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -44,25 +43,13 @@ impl SubnetEnv {
     }
 
     pub fn parse(path: &str, text: &str) -> Result<Self, SubnetEnvError> {
-        let vars: BTreeMap<&str, &str> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.trim(), v.trim().trim_matches('"')))
-            .collect();
+        let vars = netd_common::subnet_env::Vars::parse(text);
         let bad = |reason: String| SubnetEnvError::Parse { path: path.to_string(), reason };
-        let get = |k: &str| vars.get(k).copied().ok_or_else(|| bad(format!("{k} is missing")));
-        let net = |k: &str| -> Result<Ipv4Net, SubnetEnvError> {
-            let v = get(k)?;
-            v.parse::<Ipv4Net>().map_err(|_| bad(format!("{k}={v} is not an IPv4 CIDR")))
-        };
-        let mtu = get("FLANNEL_MTU")?;
         Ok(SubnetEnv {
-            network: net("FLANNEL_NETWORK")?.trunc(),
-            subnet: net("FLANNEL_SUBNET")?.trunc(),
-            mtu: mtu.parse().map_err(|_| bad(format!("FLANNEL_MTU={mtu} is not a number")))?,
-            ipmasq: vars.get("FLANNEL_IPMASQ").is_some_and(|v| *v == "true"),
+            network: vars.net("FLANNEL_NETWORK").map_err(bad)?.trunc(),
+            subnet: vars.net("FLANNEL_SUBNET").map_err(bad)?.trunc(),
+            mtu: vars.mtu("FLANNEL_MTU").map_err(bad)?,
+            ipmasq: vars.opt("FLANNEL_IPMASQ") == Some("true"),
         })
     }
 
@@ -116,7 +103,7 @@ mod tests {
     fn parse_errors_name_the_variable() {
         let e = SubnetEnv::parse("/run/netd/subnet.env", "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=nope\nFLANNEL_MTU=1450\n").unwrap_err();
         assert!(e.to_string().contains("FLANNEL_SUBNET=nope"), "{e}");
-        let e = SubnetEnv::parse("x", "FLANNEL_NETWORK=10.244.0.0/16\n").unwrap_err();
+        let e = SubnetEnv::parse("x", "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\n").unwrap_err();
         assert!(e.to_string().contains("FLANNEL_MTU is missing"), "{e}");
     }
 

@@ -13,7 +13,6 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
     InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
     LinkMessage,
@@ -307,27 +306,9 @@ impl Nl {
 
     /// `ip -4 addr show dev INDEX`.
     pub async fn addrs_v4(&self, index: u32) -> Result<Vec<Ipv4Net>, NetError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
+        netd_common::addr::addrs_v4(&self.handle, index)
             .await
-            .map_err(NetError::op(format!("ip -4 addr show dev index {index}")))?;
-        let mut out = Vec::new();
-        for m in msgs {
-            let local = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(IpAddr::V4(ip))
-                | AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            });
-            if let Some(Ok(net)) = local.map(|ip| Ipv4Net::new(ip, m.header.prefix_len)) {
-                out.push(net);
-            }
-        }
-        Ok(out)
+            .map_err(NetError::op(format!("ip -4 addr show dev index {index}")))
     }
 
     /// `ip route add default via GW dev INDEX`.

@@ -7,7 +7,6 @@
 //! ```
 //! `FLANNEL_SUBNET`'s address is the node's gateway (the bridge address).
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
@@ -32,23 +31,8 @@ impl NodeSubnet {
     }
 
     pub fn parse(text: &str) -> Result<NodeSubnet, String> {
-        let vars: BTreeMap<&str, &str> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.trim(), v.trim().trim_matches('"')))
-            .collect();
-        let get = |k: &str| {
-            vars.get(k)
-                .copied()
-                .ok_or_else(|| format!("{k} is missing"))
-        };
-        let net = |k: &str| -> Result<Ipv4Net, String> {
-            let v = get(k)?;
-            v.parse::<Ipv4Net>()
-                .map_err(|_| format!("{k}={v} is not an IPv4 CIDR"))
-        };
+        let vars = netd_common::subnet_env::Vars::parse(text);
+        let net = |k: &str| vars.net(k);
         let network = net("FLANNEL_NETWORK")?.trunc();
         let with_gw = net("FLANNEL_SUBNET")?;
         let subnet = with_gw.trunc();
@@ -68,12 +52,7 @@ impl NodeSubnet {
                 "FLANNEL_SUBNET={with_gw}: the gateway cannot be the broadcast address"
             ));
         }
-        let mtu_raw = get("FLANNEL_MTU")?;
-        let mtu: u32 = mtu_raw
-            .parse()
-            .ok()
-            .filter(|m| (68..=65535).contains(m))
-            .ok_or_else(|| format!("FLANNEL_MTU={mtu_raw} is not an MTU (68..65535)"))?;
+        let mtu = vars.mtu("FLANNEL_MTU")?;
         Ok(NodeSubnet {
             network,
             subnet,

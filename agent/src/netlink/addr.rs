@@ -4,36 +4,14 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::AddressMessage;
 
 use super::{Netlink, NetlinkError};
 
 impl Netlink {
     /// `ip -4 addr show dev INDEX`: the link's IPv4 addresses with their prefix lengths.
     pub async fn addrs_v4(&self, index: u32) -> Result<Vec<Ipv4Net>, NetlinkError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(NetlinkError::op(format!("ip -4 addr show dev index {index}")))?;
-        let mut out = Vec::new();
-        for m in msgs {
-            for a in &m.attributes {
-                if let AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) = a {
-                    if let Ok(n) = Ipv4Net::new(*ip, m.header.prefix_len) {
-                        if !out.contains(&n) {
-                            out.push(n);
-                        }
-                    }
-                    break;
-                }
-            }
-        }
-        Ok(out)
+        netd_common::addr::addrs_v4(&self.handle, index).await.map_err(NetlinkError::op(format!("ip -4 addr show dev index {index}")))
     }
 
     /// `ip addr add IP/LEN dev INDEX` (an existing identical address is fine).

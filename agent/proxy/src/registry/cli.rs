@@ -15,9 +15,10 @@ use super::store::{AllocOptions, RegistryError, RegistryOptions, ServiceRegistry
 use super::table::{self, Output};
 use crate::snapshot::NsName;
 
-/// Where the registry is (shared by every registry subcommand, and usable by `netd run`).
+/// How to reach etcd: its endpoints and TLS files (the same flags for `netd run` and the
+/// registry commands).
 #[derive(Debug, Clone, Args)]
-pub struct RegistryArgs {
+pub struct EtcdConnArgs {
     /// etcd endpoints, comma-separated.
     #[arg(long, env = "NETD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     pub etcd_endpoints: Vec<String>,
@@ -30,6 +31,26 @@ pub struct RegistryArgs {
     /// Client key (PEM) for etcd TLS.
     #[arg(long, env = "NETD_ETCD_KEYFILE")]
     pub etcd_keyfile: Option<PathBuf>,
+}
+
+impl EtcdConnArgs {
+    /// The connection, for keys under `prefix`.
+    pub fn options(&self, prefix: &str) -> RegistryOptions {
+        RegistryOptions {
+            endpoints: self.etcd_endpoints.clone(),
+            prefix: prefix.to_string(),
+            ca_file: self.etcd_cafile.clone(),
+            cert_file: self.etcd_certfile.clone(),
+            key_file: self.etcd_keyfile.clone(),
+        }
+    }
+}
+
+/// Where the registry is (shared by every registry subcommand).
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    #[command(flatten)]
+    pub etcd: EtcdConnArgs,
     /// etcd key prefix of the service registry (<prefix>/services/<ns>/<name>, <prefix>/endpointslices/<ns>/<name>).
     #[arg(long, env = "NETD_REGISTRY_PREFIX", default_value = DEFAULT_PREFIX)]
     pub registry_prefix: String,
@@ -37,13 +58,7 @@ pub struct RegistryArgs {
 
 impl RegistryArgs {
     pub fn options(&self) -> RegistryOptions {
-        RegistryOptions {
-            endpoints: self.etcd_endpoints.clone(),
-            prefix: self.registry_prefix.clone(),
-            ca_file: self.etcd_cafile.clone(),
-            cert_file: self.etcd_certfile.clone(),
-            key_file: self.etcd_keyfile.clone(),
-        }
+        self.etcd.options(&self.registry_prefix)
     }
 }
 

@@ -6,6 +6,6 @@ pub mod manifest;
 pub mod store;
 pub mod table;
 
-pub use cli::{run_cli, CliError, RegistryArgs, ServiceCommand};
+pub use cli::{run_cli, CliError, EtcdConnArgs, RegistryArgs, ServiceCommand};
 pub use manifest::{apply_manifests, ApplyError, FieldError, Object};
 pub use store::{etcd_tls, AllocOptions, Applied, RegistryError, RegistryOptions, ServiceRegistry, DEFAULT_PREFIX};
