@@ -88,10 +88,14 @@ fn status_and_readiness_while_waiting_for_config_and_when_not_running() -> Resul
 
     c.node_mut(0).start_netd(&[])?;
     let n = c.node(0);
-    wait_until(WAIT, POLL, || Ok(status(n, &[])?.0 == 2))?;
-    let (_, text) = status(n, &[])?;
-    assert!(text.starts_with("UNHEALTHY  node0: no subnet lease yet"), "{text}");
-    assert!(text.contains("waiting for the network config: no key /coreos.com/network/config"), "{text}");
+    // Right after the start the status may still say it is connecting to etcd; then it must
+    // settle on waiting for the config.
+    let settled = |text: &str| {
+        text.starts_with("UNHEALTHY  node0: no subnet lease yet") && text.contains("waiting for the network config: no key /coreos.com/network/config")
+    };
+    let r = wait_until(WAIT, POLL, || Ok(matches!(status(n, &[])?, (2, t) if settled(&t))));
+    let (code, text) = status(n, &[])?;
+    assert!(r.is_ok() && code == 2 && settled(&text), "exit {code}: {text}");
     wait_until(WAIT, POLL, || Ok(curl(n, "/healthz")?.0 == "200"))?;
     let (code, body) = curl(n, "/readyz")?;
     assert_eq!(code, "503");
