@@ -187,7 +187,7 @@ fn a_registry_edit_reaches_every_node() -> Result<()> {
         for node in c.nodes() {
             wait_until(WAIT, POLL, || {
                 let t = node.ns().run(&["nft", "list", "table", "ip", "netd-proxy"])?;
-                Ok(t.contains("10.96.0.77 . tcp . 443 : goto svc-default/api/tcp/443") && t.contains(&format!("10.96.0.77 . tcp . 443 . 0x00000000 : {ep} . 6443")))
+                Ok(t.contains("10.96.0.77 . tcp . 443 : goto lb-1") && t.contains(&format!("10.96.0.77 . tcp . 443 . 0x00000000 : {ep} . 6443")))
             })?;
         }
     }

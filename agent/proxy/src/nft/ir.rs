@@ -260,6 +260,9 @@ pub enum Stmt {
     /// of slot `numgen` of this service (frontend = ClusterIP . proto . port; nft has no
     /// syntax for the constant part and lists it in hex).
     DnatNumgenMap { set: String, frontend: (Ipv4Addr, Proto, u16), n: u32 },
+    /// `dnat ip to ip daddr . meta l4proto . th dport . numgen random mod N map @set`: the same,
+    /// keyed by the packet's own destination (one rule serves every ClusterIP with N endpoints).
+    DnatNumgenMapByDest { set: String, n: u32 },
     /// `update @set { ip saddr }`.
     UpdateSaddr(String),
     /// `dnat to ADDR:PORT` (needs an `L4Proto` before it).
@@ -306,6 +309,7 @@ impl Stmt {
             Stmt::InProtoPort(s) => format!("meta l4proto . th dport @{s}"),
             Stmt::InHairpin(s) => format!("ip saddr . ip daddr . ct original ip daddr . ct original proto-dst @{s}"),
             Stmt::DnatNumgenMap { set, frontend: (a, p, port), n } => format!("dnat to {a} . {p} . {port} . numgen random mod {n} map @{set}"),
+            Stmt::DnatNumgenMapByDest { set, n } => format!("dnat ip to ip daddr . meta l4proto . th dport . numgen random mod {n} map @{set}"),
             Stmt::Dnat(a, p) => format!("dnat to {a}:{p}"),
             Stmt::Masquerade => "masquerade fully-random".into(),
             Stmt::RejectTcpReset => "reject with tcp reset".into(),

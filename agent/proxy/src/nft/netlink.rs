@@ -347,6 +347,23 @@ fn encode_stmt(s: &Stmt, next_set_id: &mut u32) -> (Vec<Raw>, Option<AnonMap>) {
                 .u32(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN, NFT_REG_1)
                 .u32(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN, NFT_REG32_01),
         ],
+        Stmt::DnatNumgenMapByDest { set, n } => vec![
+            // The key as `VmapAddrProtoPort` builds it, then the slot, then the lookup.
+            payload(NFT_PAYLOAD_NETWORK_HEADER, 16, 4, NFT_REG_1),
+            meta_load(NFT_META_L4PROTO, NFT_REG32_01),
+            payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_02),
+            Raw::new(c"numgen")
+                .u32(sys::NFTNL_EXPR_NG_DREG, NFT_REG32_03)
+                .u32(sys::NFTNL_EXPR_NG_MODULUS, *n)
+                .u32(sys::NFTNL_EXPR_NG_TYPE, NFT_NG_RANDOM)
+                .u32(sys::NFTNL_EXPR_NG_OFFSET, 0),
+            lookup(set, None, false).u32(sys::NFTNL_EXPR_LOOKUP_DREG, NFT_REG_1),
+            Raw::new(c"nat")
+                .u32(sys::NFTNL_EXPR_NAT_TYPE, NFT_NAT_DNAT)
+                .u32(sys::NFTNL_EXPR_NAT_FAMILY, libc::NFPROTO_IPV4 as u32)
+                .u32(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN, NFT_REG_1)
+                .u32(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN, NFT_REG32_01),
+        ],
         Stmt::UpdateSaddr(set) => vec![
             payload(NFT_PAYLOAD_NETWORK_HEADER, 12, 4, NFT_REG_1),
             Raw::new(c"dynset")

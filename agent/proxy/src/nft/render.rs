@@ -5,8 +5,10 @@
 //! ```text
 //! nat-prerouting / nat-output ─► services: ip daddr . meta l4proto . th dport vmap @service-ips
 //!                                          ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports
-//!   @service-ips  VIP . tcp . 80 : goto svc-ns/name/tcp/http     (cluster policy)
+//!   @service-ips  VIP . tcp . 80 : goto lb-2                     (plain ClusterIP, 2 endpoints)
+//!                 VIP . tcp . 80 : goto svc-ns/name/tcp/http     (cluster policy, other services)
 //!                 EXT . tcp . 80 : goto ext-ns/name/tcp/http     (external traffic)
+//!   lb-N: masquerade off-cluster clients; dnat to ip daddr . meta l4proto . th dport . numgen random mod N map @cluster-endpoints
 //!   svc-…: masquerade off-cluster clients; dnat to VIP . tcp . 80 . numgen random mod N map @endpoints-XX
 //!   @endpoints-XX: 10.96.0.10 . tcp . 80 . 0 : 10.244.1.5 . 8080, 10.96.0.10 . tcp . 80 . 1 : 10.244.2.7 . 8080
 //! filter-input/forward/output ─► endpoints-check: @no-endpoint-services → reject, ... → drop
@@ -58,6 +60,16 @@ pub fn endpoint_map(base: &str, fe: (std::net::Ipv4Addr, Proto, u16)) -> String 
     format!("{base}-{shard:02x}")
 }
 pub const NODEPORT_IPS: &str = "nodeport-ips";
+/// Endpoints of plain ClusterIP services (see [`shared_lb`]): one map, looked up by a few
+/// rules only, so it needs no sharding.
+pub const CLUSTER_ENDPOINTS: &str = "cluster-endpoints";
+/// Plain ClusterIP services with 1..=SHARED_LB_MAX endpoints share the chain `lb-N`.
+pub const SHARED_LB_MAX: usize = 32;
+
+/// The shared chain for plain ClusterIP services with `n` endpoints.
+pub fn lb_chain(n: usize) -> String {
+    format!("lb-{n}")
+}
 const MARK_MASQ: &str = "mark-for-masquerade";
 const REJECT: &str = "reject-chain";
 
@@ -183,6 +195,17 @@ fn skeleton(plan: &Plan, style: Style) -> Fragment {
         for shard in 0..LOCAL_ENDPOINT_SHARDS {
             f.sets.push(SetDef { name: format!("{LOCAL_ENDPOINTS}-{shard:02x}"), kind: SetKind::Endpoints, comment: None });
         }
+        f.sets.push(set(CLUSTER_ENDPOINTS, SetKind::Endpoints, "endpoints of plain ClusterIP services: VIP . proto . port . slot"));
+        // Shared by every plain ClusterIP service with N endpoints: the packet's destination
+        // is its key into @cluster-endpoints. 10,000 services need 32 chains, not 10,000.
+        for n in 1..=SHARED_LB_MAX {
+            let mut rules = Vec::new();
+            if let Some(cidr) = plan.node.cluster_cidr {
+                rules.push(rule(vec![Stmt::Saddr { net: cidr, negate: true }, jump(MARK_MASQ)]));
+            }
+            rules.push(rule(vec![Stmt::DnatNumgenMapByDest { set: CLUSTER_ENDPOINTS.into(), n: n as u32 }]));
+            f.chains.push(regular(&lb_chain(n), rules));
+        }
     }
     let nodeport_match = if plan.node.ips.is_empty() {
         Stmt::FibLocal { saddr: false }
@@ -296,6 +319,32 @@ pub fn frontend(sp: &ServicePortPlan) -> (std::net::Ipv4Addr, Proto, u16) {
     }
 }
 
+/// A plain ClusterIP service port (cluster traffic policy, no affinity, no external frontend,
+/// at most [`SHARED_LB_MAX`] endpoints) is elements only: its VIP in @service-ips goes to the
+/// shared chain `lb-N`, its endpoints are in @cluster-endpoints. No chain or rule of its own, so
+/// adding one costs the kernel a few elements, and an endpoint change, even one that changes
+/// N, stays an element change.
+fn shared_lb(sp: &ServicePortPlan, vip: std::net::Ipv4Addr, node: &NodeInfo) -> Fragment {
+    let mut f = Fragment::default();
+    let key = ElemKey::AddrProtoPort(vip, sp.key.proto, sp.port);
+    let eps = &sp.cluster_endpoints;
+    if eps.is_empty() {
+        f.elements.push((no_endpoint_set(sp.internal_fallback(), false).into(), key, None));
+        return f;
+    }
+    f.elements.push((SERVICE_IPS.into(), key, Some(Value::Verdict(Verdict::Goto(lb_chain(eps.len()))))));
+    for (i, e) in eps.iter().enumerate() {
+        f.elements.push((CLUSTER_ENDPOINTS.into(), ElemKey::Slot(vip, sp.key.proto, sp.port, i as u32), Some(Value::Target(e.ip, e.port))));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for e in eps.iter().filter(|e| node.pod_cidr.is_none_or(|c| c.contains(&e.ip))) {
+        if seen.insert(e.ip) {
+            f.elements.push((HAIRPIN.into(), ElemKey::Hairpin(e.ip, e.ip, vip, sp.port), None));
+        }
+    }
+    f
+}
+
 /// Everything one service port contributes. Chains and verdict-map elements depend only on the
 /// Service; endpoints only show in elements (netd style) or in per-endpoint chains (kube-proxy
 /// style, and services with session affinity).
@@ -307,6 +356,11 @@ pub fn service_fragment(sp: &ServicePortPlan, node: &NodeInfo, style: Style) -> 
     let per_endpoint = style == Style::KubeProxy || sp.affinity_timeout.is_some();
     let need_local = sp.internal_local || (sp.external_local && sp.has_external());
     let need_cluster = !sp.internal_local || sp.has_external();
+    if style == Style::Netd && !per_endpoint && !need_local && !sp.has_external() && sp.cluster_endpoints.len() <= SHARED_LB_MAX {
+        if let Some(vip) = sp.cluster_ip {
+            return shared_lb(sp, vip, node);
+        }
+    }
 
     let mut svc_rules = Vec::new();
     if let (Some(vip), Some(cidr)) = (sp.cluster_ip, cluster_cidr) {
