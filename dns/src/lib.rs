@@ -41,7 +41,7 @@ use std::net::{IpAddr, SocketAddr};
 pub use args::{parse_duration, Args};
 pub use metrics::{DnsMetrics, LatencyHistogram, RequestCount, LATENCY_BOUNDS, QTYPE_NAMES, RCODE_NAMES};
 pub use server::{DnsServer, ServerConfig};
-pub use zone::{build_zone, Zone, ZoneConfig, ZoneStats, DNS_SCHEMA_VERSION};
+pub use zone::{build_zone, Zone, ZoneBuilder, ZoneConfig, ZoneStats, DNS_SCHEMA_VERSION};
 
 /// Errors starting or configuring the server.
 #[derive(Debug, thiserror::Error)]
