@@ -113,7 +113,7 @@ pub(crate) struct Rotate {
 }
 
 /// How a name behaves for types without a precomputed answer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Kind {
     /// Inside the cluster zone: NODATA.
     Zone,
@@ -133,15 +133,18 @@ pub(crate) struct External {
     pub target: Box<[u8]>,
 }
 
-#[derive(Debug)]
+/// Kept inline in the name table (one cache miss less per query than behind a pointer);
+/// cloning it, when an update copies a shard, only bumps reference counts (but for the
+/// ExternalName fallback).
+#[derive(Debug, Clone)]
 pub(crate) struct Entry {
-    pub answers: Box<[(u16, Packed)]>,
+    pub answers: Arc<[(u16, Packed)]>,
     pub kind: Kind,
     /// For ExternalName names, the response to types without an answer of their own: the
     /// CNAME chain (with the SOA when the chain ends at an in-zone name without that type).
     pub fallback: Option<Packed>,
     /// The name's records, in type order: for the zone file, and for chasing CNAMEs.
-    pub rrs: Box<[Record]>,
+    pub rrs: Arc<[Record]>,
 }
 
 impl Entry {
@@ -680,8 +683,8 @@ impl Model {
                     NameKind::Zone => Kind::Zone,
                     NameKind::Reverse => Kind::Reverse,
                 };
-                let rrs: Box<[Record]> = d.rrs.into_values().flatten().collect();
-                (key.into_boxed_slice(), Entry { answers: answers.into_boxed_slice(), kind, fallback: None, rrs })
+                let rrs: Arc<[Record]> = d.rrs.into_values().flatten().collect();
+                (key.into_boxed_slice(), Entry { answers: answers.into(), kind, fallback: None, rrs })
             })
             .collect()
     }

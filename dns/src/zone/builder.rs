@@ -318,7 +318,7 @@ impl ZoneBuilder {
         st.headless = f.headless;
         for (k, e) in f.model.encode(&mut skipped) {
             st.keys.push(k.clone());
-            self.names.insert(k, Arc::new(e));
+            self.names.insert(k, e);
         }
         for (ip, target) in &f.reverse {
             let v = self.reverse.entry(*ip).or_default().entry(key.into()).or_default();
@@ -381,7 +381,7 @@ impl ZoneBuilder {
         let mut keys = Vec::new();
         for (k, e) in m.encode(&mut skipped) {
             keys.push(k.clone());
-            self.names.insert(k, Arc::new(e));
+            self.names.insert(k, e);
         }
         self.fixed = Some((serial, keys, records));
         self.soa = Some(soa);
@@ -404,7 +404,7 @@ impl ZoneBuilder {
         self.ptr_records += m.records();
         let mut skipped = Vec::new();
         for (k, e) in m.encode(&mut skipped) {
-            self.names.insert(k, Arc::new(e));
+            self.names.insert(k, e);
         }
     }
 
@@ -432,7 +432,7 @@ impl ZoneBuilder {
             m.touch(&n, NameKind::Zone);
             let mut skipped = Vec::new();
             for (k, e) in m.encode(&mut skipped) {
-                self.names.insert(k, Arc::new(e));
+                self.names.insert(k, e);
             }
         }
     }
@@ -450,12 +450,12 @@ impl ZoneBuilder {
         let Some((owner, first, _)) = self.externals.get(key).cloned() else { return };
         let owner_key = wire_name(&owner);
         let Some(cname) = self.cname_at(&owner) else { return };
-        let rrs: Box<[Record]> = Box::new([cname.clone()]);
+        let rrs: Arc<[Record]> = Arc::new([cname.clone()]);
         let mut answers = Vec::new();
         if let Some(p) = pack_fast(&owner, ty::CNAME, &rrs, &[], &[], ResponseCode::NoError) {
             answers.push((ty::CNAME, p));
         }
-        let mut entry = Entry { answers: Box::new([]), kind: Kind::Zone, fallback: None, rrs };
+        let mut entry = Entry { answers: Arc::new([]), kind: Kind::Zone, fallback: None, rrs };
         let mut chain = vec![cname];
         let mut target = first;
         let mut outcome = None;
@@ -508,8 +508,8 @@ impl ZoneBuilder {
             // A loop or a chain too long: only the CNAME is served.
             None => {}
         }
-        entry.answers = answers.into_boxed_slice();
-        self.names.insert(owner_key.into_boxed_slice(), Arc::new(entry));
+        entry.answers = answers.into();
+        self.names.insert(owner_key.into_boxed_slice(), entry);
     }
 
     fn publish(&mut self, serial: u32) -> Arc<Zone> {

@@ -15,7 +15,7 @@ use super::Entry;
 const SHARD_BITS: u32 = 10;
 const SHARDS: usize = 1 << SHARD_BITS;
 
-type Shard = HashMap<Box<[u8]>, Arc<Entry>, FxBuildHasher>;
+type Shard = HashMap<Box<[u8]>, Entry, FxBuildHasher>;
 
 #[inline]
 fn shard_of(key: &[u8]) -> usize {
@@ -40,7 +40,7 @@ impl std::fmt::Debug for Names {
 impl Names {
     #[inline]
     pub fn get(&self, key: &[u8]) -> Option<&Entry> {
-        self.shards[shard_of(key)].get(key).map(|e| &**e)
+        self.shards[shard_of(key)].get(key)
     }
 
     #[cfg(test)]
@@ -49,7 +49,7 @@ impl Names {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &Entry)> {
-        self.shards.iter().flat_map(|s| s.iter().map(|(k, v)| (&**k, &**v)))
+        self.shards.iter().flat_map(|s| s.iter().map(|(k, v)| (&**k, v)))
     }
 }
 
@@ -66,11 +66,11 @@ impl NamesMut {
         NamesMut { shards: vec![empty; SHARDS], len: 0, published: None }
     }
 
-    pub fn get(&self, key: &[u8]) -> Option<&Arc<Entry>> {
+    pub fn get(&self, key: &[u8]) -> Option<&Entry> {
         self.shards[shard_of(key)].get(key)
     }
 
-    pub fn insert(&mut self, key: Box<[u8]>, e: Arc<Entry>) {
+    pub fn insert(&mut self, key: Box<[u8]>, e: Entry) {
         let s = Arc::make_mut(&mut self.shards[shard_of(&key)]);
         if s.insert(key, e).is_none() {
             self.len += 1;
