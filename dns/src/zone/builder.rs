@@ -41,8 +41,8 @@ pub struct ZoneBuilder {
     /// Messages about the configuration (an invalid cluster domain).
     config_skipped: Vec<String>,
     names: NamesMut,
-    /// The fixed names (apex, `ns.dns`, `dns-version`, `svc`, `pod`, `dns`) and their serial.
-    fixed: Option<(u32, Vec<Box<[u8]>>, usize)>,
+    /// The fixed names (apex, `ns.dns`, `dns-version`, `svc`, `pod`, `dns`).
+    fixed: Option<Fixed>,
     soa: Option<Record>,
     /// Keyed `<ns>/<name>`.
     services: FxMap<Box<str>, SvcState>,
@@ -61,6 +61,16 @@ pub struct ZoneBuilder {
     zone: Option<Arc<Zone>>,
     last_loose: Vec<String>,
 }
+
+/// The fixed names as published: for which serial, their keys, their record count.
+struct Fixed {
+    serial: u32,
+    keys: Vec<Box<[u8]>>,
+    records: usize,
+}
+
+/// A service to encode again: its key, its Service, its slices.
+type Changed<'a> = (Box<str>, &'a Arc<Service>, Vec<&'a Arc<EndpointSlice>>);
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Totals {
@@ -168,7 +178,7 @@ impl ZoneBuilder {
 
         // Which services are new or changed; the others are marked seen.
         let mut loose: Vec<String> = Vec::new();
-        let mut changed: Vec<(Box<str>, &Arc<Service>, Vec<&Arc<EndpointSlice>>)> = Vec::new();
+        let mut changed: Vec<Changed<'a>> = Vec::new();
         let mut key = String::new();
         let mut fresh: HashSet<Box<str>, FxBuildHasher> = HashSet::default();
         for svc in services {
@@ -348,10 +358,10 @@ impl ZoneBuilder {
     /// The apex (SOA, NS), `ns.dns` (the cluster DNS IPs), `dns-version`, and the empty
     /// non-terminals `svc`, `pod` and `dns`: redone when the serial changes.
     fn refresh_fixed(&mut self, serial: u32) {
-        if self.fixed.as_ref().is_some_and(|(s, _, _)| *s == serial) {
+        if self.fixed.as_ref().is_some_and(|f| f.serial == serial) {
             return;
         }
-        if let Some((_, keys, _)) = self.fixed.take() {
+        if let Some(Fixed { keys, .. }) = self.fixed.take() {
             for k in &keys {
                 self.names.remove(k);
             }
@@ -383,7 +393,7 @@ impl ZoneBuilder {
             keys.push(k.clone());
             self.names.insert(k, e);
         }
-        self.fixed = Some((serial, keys, records));
+        self.fixed = Some(Fixed { serial, keys, records });
         self.soa = Some(soa);
     }
 
@@ -516,7 +526,7 @@ impl ZoneBuilder {
         let mut skipped = self.config_skipped.clone();
         skipped.extend(self.last_loose.iter().cloned());
         skipped.extend(self.skipped.values().flatten().cloned());
-        let fixed_records = self.fixed.as_ref().map_or(0, |(_, _, r)| *r);
+        let fixed_records = self.fixed.as_ref().map_or(0, |f| f.records);
         let stats = ZoneStats {
             services: self.totals.services,
             headless: self.totals.headless,
