@@ -2,7 +2,8 @@
 //! DNS-Based Service Discovery specification 1.1.0, and every answer encoded once, up front.
 //!
 //! [`build_zone`] is pure: it derives a record model from the objects, then encodes one complete
-//! response message per (name, type) that has data. The server only patches the ID and flags,
+//! response message per (name, type) that has data. [`ZoneBuilder`] does the same incrementally
+//! (per Service, see [`builder`]) for a server that follows a changing registry. The server only patches the ID and flags,
 //! copies the client's question (to keep its letter case) and appends OPT — see
 //! [`crate::answer`]. Names that do not exist, and names that exist without the asked type, are
 //! answered NXDOMAIN / NODATA with the zone's SOA, built on the fly (they need no lookup table).
@@ -21,8 +22,13 @@
 //! | `<a-b-c-d>.<ns>.pod.<zone>` | A (AAAA for dashed IPv6), answered for any well-formed IP ("pods insecure") |
 //! | reverse names of cluster IPs and endpoint IPs | PTR to the service / endpoint name |
 //!
-//! `svc.<zone>`, `pod.<zone>`, `dns.<zone>` and `<ns>.svc.<zone>` (for a namespace with at least
-//! one Service) exist without data: NODATA. Every other name under `<zone>` is NXDOMAIN.
+//! `svc.<zone>`, `pod.<zone>`, `dns.<zone>` and `<ns>.svc.<zone>` exist without data: NODATA.
+//! A namespace exists when netd knows an object in it (a Service or an EndpointSlice; netd does
+//! not watch Namespace objects, which is what CoreDNS checks), so `<ns>.svc.<zone>` is NODATA for
+//! such a namespace and NXDOMAIN for any other, like CoreDNS; a missing service in an existing
+//! namespace is NXDOMAIN too. `<ns>.pod.<zone>` and pod names are answered for any namespace
+//! (pods are not known to netd; answering NXDOMAIN for a namespace that has pods but no Service
+//! would break lookups that CoreDNS answers). Every other name under `<zone>` is NXDOMAIN.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
