@@ -133,7 +133,7 @@ pub fn spawn_proxy(
     });
 }
 
-/// Serves cluster DNS from the same snapshots: the zone is rebuilt and swapped in on every
+/// Serves cluster DNS from the same snapshots: the zone is updated and swapped in on every
 /// change. The server's counters go to `netd status` and Prometheus every few seconds.
 pub fn spawn_dns(args: netd_dns::Args, network: ipnet::Ipv4Net, mut snapshots: watch::Receiver<Arc<ServiceSnapshot>>, shared: Arc<Shared>) {
     let cfg = match args.server_config(Some(ipnet::IpNet::V4(network))) {
@@ -159,15 +159,16 @@ pub fn spawn_dns(args: netd_dns::Args, network: ipnet::Ipv4Net, mut snapshots: w
     let dns = server.clone();
     let shared2 = shared.clone();
     tokio::spawn(async move {
+        // The snapshots share unchanged objects (`Arc`s) from one to the next: the builder
+        // re-encodes only the services whose objects changed.
+        let mut builder = netd_dns::ZoneBuilder::new(zone_cfg);
         loop {
             let snap = snapshots.borrow_and_update().clone();
-            let services: Vec<_> = snap.services().values().map(|s| (**s).clone()).collect();
-            let slices: Vec<_> = snap.all_slices().map(|(_, s)| (**s).clone()).collect();
             let started = Instant::now();
-            let zone = netd_dns::build_zone(&zone_cfg, &services, &slices);
+            let zone = builder.update(snap.services().values(), snap.slice_groups().values().flat_map(|g| g.values()));
             let stats = zone.stats().clone();
-            dns.set_zone(Arc::new(zone));
-            tracing::debug!(services = stats.services, records = stats.records, took = ?started.elapsed(), "cluster DNS zone rebuilt");
+            dns.set_zone(zone);
+            tracing::debug!(services = stats.services, records = stats.records, took = ?started.elapsed(), "cluster DNS zone updated");
             shared2.update(|s| {
                 let d = s.dns.get_or_insert_with(Default::default);
                 d.services = stats.services;

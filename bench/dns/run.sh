@@ -18,7 +18,10 @@
 #      and qps / load = what one core of the server sustains ("qps/core");
 #   2. the same with netd-dns-standalone's batched load generator (blast: sendmmsg/recvmmsg,
 #      256 outstanding), which needs far less client CPU than dnsperf;
-#   3. latency at half the maximum (dnsperf -Q max/2 -v): p50, p99 from every response.
+#   3. server CPU per query at a fixed paced rate ($FIXED_RATE, blast);
+#   4. latency at half the SERVER's maximum: its one-core capacity (blast q/s over the server's
+#      CPU share) halved, offered paced by blast, which times every response (p50, p99). Half
+#      of dnsperf's maximum would be half of the client's maximum on this machine.
 # On a 2-core machine the client has one core: dnsperf, not the server, usually sets the
 # maximum, hence the CPU-normalized figure.
 #
@@ -145,6 +148,11 @@ start_server() { # NAME
     RUST_LOG=warn ip netns exec "$SRV" taskset -c "$SERVER_CPU" "${cmd[@]}" >"$WORK/$1.log" 2>&1 &
     for _ in $(seq 100); do
         if [[ $(ip netns exec "$CLI" dig +short +time=1 +tries=1 @$ADDR svc-0.ns-0.svc.cluster.local 2>/dev/null) == 10.96.10.1 ]]; then
+            # Knot pins its UDP worker threads itself (thread i to CPU i, counting every online
+            # CPU), which overrides taskset: its UDP worker would run on CPU 0, the client's.
+            # Pin every thread of every server again, now that they have all started.
+            local p
+            for p in $(ip netns pids "$SRV"); do taskset -a -p -c "$SERVER_CPU" "$p" >/dev/null; done
             return
         fi
         sleep 0.1
@@ -152,6 +160,20 @@ start_server() { # NAME
     echo "$1 did not come up:" >&2
     cat "$WORK/$1.log" >&2
     exit 1
+}
+
+# Warns about server threads that used CPU time on another CPU than SERVER_CPU (the pin did
+# not hold); prints nothing when all is well.
+check_placement() { # NAME
+    local p t cpu
+    for p in $(ip netns pids "$SRV"); do
+        for t in /proc/"$p"/task/*; do
+            cpu=$(sed 's/.*) //' "$t/stat" 2>/dev/null | awk '{print $37}')
+            if [[ -n $cpu && $cpu != "$SERVER_CPU" ]] && (( $(sed 's/.*) //' "$t/stat" | awk '{print $12 + $13}') > 5 )); then
+                echo "  warning: $1 thread $(cat "$t/comm") last ran on CPU $cpu, not $SERVER_CPU" >&2
+            fi
+        done
+    done
 }
 
 cpu_ticks() { # utime+stime of every process in the server namespace
@@ -196,23 +218,30 @@ for mix in $MIXES; do
         # Server CPU per query at a fixed offered rate: the least noise-sensitive efficiency figure.
         fcpu=$(with_cpu client "$BIN" blast --server $ADDR:53 --queries "$(qfile "$mix")" --seconds "$DURATION" --rate "$FIXED_RATE" --window 4096 --sockets 4)
         fus=$(awk -v c="$fcpu" -v r="$FIXED_RATE" 'BEGIN {printf "%.2f", c / 100 / r * 1e6}')
-        half=$((qps / 2))
-        client dnsperf -s $ADDR -d "$(qfile "$mix")" -l "$DURATION" -Q "$half" -c 2 -q 200 -v >"$OUT" 2>&1 || true
-        lat=$(awk '/^> / {print $NF * 1e6}' "$OUT" | sort -n | awk '{v[NR]=$1} END {
-            if (NR == 0) { print "- -"; exit }
-            r50 = int(0.5 * NR); if (r50 < 1) r50 = 1; r99 = int(0.99 * NR); if (r99 < 0.99 * NR) r99++;
-            printf "%.0f %.0f", v[r50], v[r99] }')
+        # Latency at half of the SERVER's maximum: its one-core capacity is the blast rate over
+        # the server's CPU share (the client, not the server, often sets the blast maximum), and
+        # blast offers half of that, paced, and times every response.
+        # When the client cannot offer that much (its maximum, blast q/s, is lower), half of the
+        # client's maximum is used instead: a lighter load, so this is then a lower bound.
+        half=$(awk -v q="$bqps" -v c="$bcpu" 'BEGIN {c = (c > 1) ? c : 1; h = q / (c / 100) / 2; if (h > q / 2) h = q / 2; printf "%.0f", h}')
+        client "$BIN" blast --server $ADDR:53 --queries "$(qfile "$mix")" --seconds "$DURATION" --rate "$half" --window 4096 --sockets 4 >"$OUT" 2>&1 || true
+        lat=$(awk '{for (i = 1; i < NF; i++) if ($i == "qps") q = $(i + 1); else if ($i == "p50_us") a = $(i + 1); else if ($i == "p99_us") b = $(i + 1); else if ($i == "p99_all_us") c = $(i + 1); else if ($i == "lost") l = $(i + 1)}
+            END {printf "%.0f %s %s %s %s", q, (a == "" ? "-" : a), (b == "" ? "-" : b), (c == "" ? "-" : c), (l == "" ? "-" : l)}' "$OUT")
+        check_placement "$s"
         stop_server
-        printf '%s %s %s %s %s %s %s %s %s %s\n' "$mix" "$s" "$qps" "$cpu" "$bqps" "$bcpu" "$fus" "$lat" "$rc" "$lost" >>"$RESULTS"
-        echo "  $mix $s: dnsperf ${qps} q/s (server CPU ${cpu}%), blast ${bqps} q/s (${bcpu}%), ${fus} us CPU/query at ${FIXED_RATE} q/s, p50/p99 at ${half} q/s: $lat us, $rc, lost $lost" >&2
+        printf '%s %s %s %s %s %s %s %s %s %s\n' "$mix" "$s" "$qps" "$cpu" "$bqps" "$bcpu" "$fus" "$half" "$lat" "$rc" >>"$RESULTS"
+        echo "  $mix $s: dnsperf ${qps} q/s (server CPU ${cpu}%), blast ${bqps} q/s (${bcpu}%), ${fus} us CPU/query at ${FIXED_RATE} q/s, at half the server's max (${half} q/s offered) achieved q/s, p50/p99/p99-with-lost us, lost: $lat, $rc (dnsperf lost $lost)" >&2
     done
 done
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "cluster.local zone: $SERVICES ClusterIP + $HEADLESS headless services; servers on CPU $SERVER_CPU, client on CPU $CLIENT_CPU; ${DURATION}s per measurement"
-printf '%-4s %-5s %11s %6s %9s %10s %6s %9s %9s %8s %8s  %s\n' mix server "dnsperf q/s" "cpu%" "q/s/core" "blast q/s" "cpu%" "q/s/core" "us/query" "p50 us" "p99 us" "rcode"
+printf '%-4s %-5s %11s %6s %9s %10s %6s %9s %9s %9s %9s %8s %8s %8s %6s  %s\n' mix server "dnsperf q/s" "cpu%" "q/s/core" "blast q/s" "cpu%" "q/s/core" "us/query" "half q/s" "achieved" "p50 us" "p99 us" "p99+lost" "lost" "rcode"
 awk '{
     pc = ($4 > 0) ? $3 / ($4 / 100) : 0; bc = ($6 > 0) ? $5 / ($6 / 100) : 0;
-    printf "%-4s %-5s %11d %6.1f %9d %10d %6.1f %9d %9s %8s %8s  %s\n", $1, $2, $3, $4, pc, $5, $6, bc, $7, $8, $9, $10
+    printf "%-4s %-5s %11d %6.1f %9d %10d %6.1f %9d %9s %9s %9s %8s %8s %8s %6s  %s\n", $1, $2, $3, $4, pc, $5, $6, bc, $7, $8, $9, $10, $11, $12, $13, $14
 }' "$RESULTS"
-echo "q/s/core: rate / server CPU share; us/query: server CPU time per query at $FIXED_RATE q/s (blast, paced)"
+echo "q/s/core: rate / server CPU share; us/query: server CPU time per query at $FIXED_RATE q/s (blast, paced);"
+echo "half q/s: half the server's one-core capacity (blast q/s/core / 2), or half the client's maximum if lower, offered"
+echo "paced by blast; achieved: the rate answered; p50/p99 over the answered queries; p99+lost: over every query sent,"
+echo "the lost ones (unanswered after 1 s) counted as slowest (inf: over 1% lost); lost: blast's count"

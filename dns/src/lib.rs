@@ -1,6 +1,7 @@
 //! netd's cluster DNS: what CoreDNS does for a Kubernetes cluster, on every node.
 //!
-//! - [`build_zone`] turns Services and EndpointSlices (the same k8s-openapi types the proxy
+//! - [`build_zone`] (one-off) and [`ZoneBuilder`] (incremental: only changed services are
+//!   encoded again) turn Services and EndpointSlices (the same k8s-openapi types the proxy
 //!   consumes) into a [`Zone`]: every answer of the cluster domain encoded once, up front.
 //! - [`DnsServer`] serves it: one `SO_REUSEPORT` UDP socket per core with a worker thread
 //!   receiving and sending in batches (`recvmmsg`/`sendmmsg`), answering from the current zone
@@ -41,7 +42,7 @@ use std::net::{IpAddr, SocketAddr};
 pub use args::{parse_duration, Args};
 pub use metrics::{DnsMetrics, LatencyHistogram, RequestCount, LATENCY_BOUNDS, QTYPE_NAMES, RCODE_NAMES};
 pub use server::{DnsServer, ServerConfig};
-pub use zone::{build_zone, Zone, ZoneConfig, ZoneStats, DNS_SCHEMA_VERSION};
+pub use zone::{build_zone, Zone, ZoneBuilder, ZoneConfig, ZoneStats, DNS_SCHEMA_VERSION};
 
 /// Errors starting or configuring the server.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,8 @@
 //! DNS-Based Service Discovery specification 1.1.0, and every answer encoded once, up front.
 //!
 //! [`build_zone`] is pure: it derives a record model from the objects, then encodes one complete
-//! response message per (name, type) that has data. The server only patches the ID and flags,
+//! response message per (name, type) that has data. [`ZoneBuilder`] does the same incrementally
+//! (per Service, see [`builder`]) for a server that follows a changing registry. The server only patches the ID and flags,
 //! copies the client's question (to keep its letter case) and appends OPT — see
 //! [`crate::answer`]. Names that do not exist, and names that exist without the asked type, are
 //! answered NXDOMAIN / NODATA with the zone's SOA, built on the fly (they need no lookup table).
@@ -21,8 +22,13 @@
 //! | `<a-b-c-d>.<ns>.pod.<zone>` | A (AAAA for dashed IPv6), answered for any well-formed IP ("pods insecure") |
 //! | reverse names of cluster IPs and endpoint IPs | PTR to the service / endpoint name |
 //!
-//! `svc.<zone>`, `pod.<zone>`, `dns.<zone>` and `<ns>.svc.<zone>` (for a namespace with at least
-//! one Service) exist without data: NODATA. Every other name under `<zone>` is NXDOMAIN.
+//! `svc.<zone>`, `pod.<zone>`, `dns.<zone>` and `<ns>.svc.<zone>` exist without data: NODATA.
+//! A namespace exists when netd knows an object in it (a Service or an EndpointSlice; netd does
+//! not watch Namespace objects, which is what CoreDNS checks), so `<ns>.svc.<zone>` is NODATA for
+//! such a namespace and NXDOMAIN for any other, like CoreDNS; a missing service in an existing
+//! namespace is NXDOMAIN too. `<ns>.pod.<zone>` and pod names are answered for any namespace
+//! (pods are not known to netd; answering NXDOMAIN for a namespace that has pods but no Service
+//! would break lookups that CoreDNS answers). Every other name under `<zone>` is NXDOMAIN.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -30,13 +36,19 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query as HQuery, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SOA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use rustc_hash::FxBuildHasher;
 
 use crate::wire::{self, ty, RrIter, HEADER_LEN};
+
+mod builder;
+mod names;
+
+pub use builder::ZoneBuilder;
+pub(crate) use names::{Names, NamesMut};
 
 /// Version of the Kubernetes DNS schema served at `dns-version.<zone>`.
 pub const DNS_SCHEMA_VERSION: &str = "1.1.0";
@@ -107,7 +119,7 @@ pub(crate) struct Rotate {
 }
 
 /// How a name behaves for types without a precomputed answer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Kind {
     /// Inside the cluster zone: NODATA.
     Zone,
@@ -127,13 +139,18 @@ pub(crate) struct External {
     pub target: Box<[u8]>,
 }
 
-#[derive(Debug)]
+/// Kept inline in the name table (one cache miss less per query than behind a pointer);
+/// cloning it, when an update copies a shard, only bumps reference counts (but for the
+/// ExternalName fallback).
+#[derive(Debug, Clone)]
 pub(crate) struct Entry {
-    pub answers: Box<[(u16, Packed)]>,
+    pub answers: Arc<[(u16, Packed)]>,
     pub kind: Kind,
     /// For ExternalName names, the response to types without an answer of their own: the
     /// CNAME chain (with the SOA when the chain ends at an in-zone name without that type).
     pub fallback: Option<Packed>,
+    /// The name's records, in type order: for the zone file, and for chasing CNAMEs.
+    pub rrs: Arc<[Record]>,
 }
 
 impl Entry {
@@ -143,10 +160,9 @@ impl Entry {
     }
 }
 
-/// Lower-case wire name → what is known about it.
-pub(crate) type Names = HashMap<Box<[u8]>, Entry, FxBuildHasher>;
-
-/// The precomputed cluster zone. Immutable; the server swaps whole zones atomically.
+/// The precomputed cluster zone. Immutable; the server swaps whole zones atomically. Zones
+/// made one after the other by a [`ZoneBuilder`] share the parts of their name table that did
+/// not change.
 pub struct Zone {
     pub(crate) apex: Box<[u8]>,
     pub(crate) names: Names,
@@ -155,7 +171,6 @@ pub struct Zone {
     pub(crate) serial: u32,
     pub(crate) synced: bool,
     domain: Name,
-    records: Vec<Record>,
     stats: ZoneStats,
 }
 
@@ -175,11 +190,17 @@ impl Zone {
     /// the server serves until the first snapshot arrives (rather than NXDOMAINs that clients
     /// would cache).
     pub fn pending(cfg: &ZoneConfig) -> Zone {
-        let mut z = build_zone(cfg, &[], &[]);
-        z.synced = false;
-        z.names.clear();
-        z.records.clear();
-        z
+        let b = ZoneBuilder::new(cfg.clone());
+        Zone {
+            apex: b.apex.clone(),
+            names: NamesMut::new().snapshot(),
+            ttl: cfg.ttl,
+            negative_ttl: cfg.negative_ttl,
+            serial: b.serial_now(),
+            synced: false,
+            domain: b.domain.clone(),
+            stats: ZoneStats::default(),
+        }
     }
 
     /// The cluster domain, fully qualified (`cluster.local.`).
@@ -200,18 +221,25 @@ impl Zone {
         &self.stats
     }
 
-    /// The zone in master-file format (RFC 1035 §5): the cluster domain's records, SOA first.
-    /// Reverse records and pod names (which are computed per query) are not included. Used to
-    /// load the same data into other servers for comparison (bench/dns).
+    /// The zone in master-file format (RFC 1035 §5): the cluster domain's records, SOA first,
+    /// then names in (wire-format) order. Reverse records and pod names (which are computed per
+    /// query) are not included. Used to load the same data into other servers for comparison
+    /// (bench/dns).
     pub fn to_zone_file(&self) -> String {
+        let mut names: Vec<(&[u8], &Entry)> = self.names.iter().collect();
+        names.sort_unstable_by_key(|(k, _)| *k);
         let mut s = String::new();
         let _ = writeln!(s, "$ORIGIN {}", self.domain);
-        for r in self.records.iter().filter(|r| r.record_type() == RecordType::SOA) {
-            let _ = writeln!(s, "{r}");
-        }
-        for r in &self.records {
-            if r.record_type() != RecordType::SOA && self.domain.zone_of(r.name()) {
+        for (_, e) in &names {
+            for r in e.rrs.iter().filter(|r| r.record_type() == RecordType::SOA) {
                 let _ = writeln!(s, "{r}");
+            }
+        }
+        for (_, e) in &names {
+            for r in e.rrs.iter() {
+                if r.record_type() != RecordType::SOA && self.domain.zone_of(r.name()) {
+                    let _ = writeln!(s, "{r}");
+                }
             }
         }
         s
@@ -220,212 +248,168 @@ impl Zone {
 
 /// Builds the zone from Services and EndpointSlices (any order; slices are matched to their
 /// Service by the `kubernetes.io/service-name` label). Pure except for the SOA serial when
-/// `cfg.serial` is `None`.
+/// `cfg.serial` is `None`. A server that follows a changing registry keeps a [`ZoneBuilder`]
+/// instead, which redoes only the services that changed.
 pub fn build_zone(cfg: &ZoneConfig, services: &[Service], slices: &[EndpointSlice]) -> Zone {
-    let mut stats = ZoneStats::default();
-    let domain = match Name::from_ascii(&cfg.domain).map(|n| n.to_lowercase()) {
-        Ok(mut n) if !n.is_root() && cfg.domain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') => {
-            n.set_fqdn(true);
-            n
-        }
-        _ => {
-            stats.skipped.push(format!("cluster domain {:?} is not a valid name; using cluster.local", cfg.domain));
-            Name::from_ascii("cluster.local.").expect("static name")
-        }
+    let services: Vec<Arc<Service>> = services.iter().cloned().map(Arc::new).collect();
+    let slices: Vec<Arc<EndpointSlice>> = slices.iter().cloned().map(Arc::new).collect();
+    let mut b = ZoneBuilder::new(cfg.clone());
+    let z = b.update(&services, &slices);
+    drop(b);
+    Arc::try_unwrap(z).unwrap_or_else(|z| Zone {
+        apex: z.apex.clone(),
+        names: z.names.clone(),
+        ttl: z.ttl,
+        negative_ttl: z.negative_ttl,
+        serial: z.serial,
+        synced: z.synced,
+        domain: z.domain.clone(),
+        stats: z.stats.clone(),
+    })
+}
+
+/// What one Service contributes to the zone, before encoding: the names under
+/// `<svc>.<ns>.svc.<zone>` (no other service's names can fall there), and what is merged with
+/// other services' contributions: PTRs, endpoint addresses, the ExternalName target.
+pub(crate) struct Fragment {
+    pub model: Model,
+    pub reverse: Vec<(IpAddr, Name)>,
+    pub endpoints: Vec<IpAddr>,
+    pub skipped: Vec<String>,
+    /// Counted as a service / headless / ExternalName in [`ZoneStats`].
+    pub counted: bool,
+    pub headless: bool,
+    /// ExternalName: (the service's name, its target).
+    pub external: Option<(Name, Name)>,
+}
+
+/// The records of one Service (and its EndpointSlices) per the Kubernetes DNS specification.
+/// `ns` and `name` are the object's, already checked to be lowercase labels.
+pub(crate) fn service_fragment(apex: &Name, ttl: u32, ns: &str, name: &str, svc: &Service, slices: &[&EndpointSlice]) -> Fragment {
+    let mut m = Model::new(apex.clone());
+    let mut f = Fragment {
+        model: Model::new(apex.clone()),
+        reverse: Vec::new(),
+        endpoints: Vec::new(),
+        skipped: Vec::new(),
+        counted: false,
+        headless: false,
+        external: None,
     };
-    let serial = cfg.serial.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as u32)
-            .unwrap_or(1)
-    });
-    let mut m = Model::new(domain.clone());
-    let ttl = cfg.ttl;
+    let Some(spec) = &svc.spec else {
+        f.skipped.push(format!("service {ns}/{name}: no spec"));
+        return f;
+    };
+    let svc_name = m.child(&[name, ns, "svc"]);
+    f.counted = true;
 
-    // Apex, NS, dns-version and the fixed empty non-terminals.
-    let ns_name = m.child(&["ns", "dns"]);
-    let soa = soa_record(&domain, cfg.negative_ttl, serial);
-    m.add(soa);
-    m.add(Record::from_rdata(domain.clone(), ttl, RData::NS(NS(ns_name.clone()))));
-    m.touch(&ns_name, NameKind::Zone);
-    for ip in &cfg.dns_ips {
-        m.add(addr_record(&ns_name, ttl, *ip));
-    }
-    m.add(Record::from_rdata(
-        m.child(&["dns-version"]),
-        DNS_VERSION_TTL,
-        RData::TXT(TXT::new(vec![DNS_SCHEMA_VERSION.to_string()])),
-    ));
-    for ent in ["svc", "pod", "dns"] {
-        let n = m.child(&[ent]);
-        m.touch(&n, NameKind::Zone);
-    }
-
-    // EndpointSlices grouped by (namespace, service).
-    let mut eps_by_svc: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in slices {
-        let ns = s.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-        let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            continue;
-        };
-        eps_by_svc.entry((ns, svc.clone())).or_default().push(s);
+    if spec.type_.as_deref() == Some("ExternalName") {
+        let target = spec.external_name.as_deref().unwrap_or("").trim();
+        if target.is_empty() || target.parse::<IpAddr>().is_ok() {
+            f.skipped.push(format!("service {ns}/{name}: ExternalName {target:?} is not a host name"));
+            f.model = m;
+            return f;
+        }
+        match Name::from_ascii(target) {
+            Ok(mut t) if t.num_labels() > 0 => {
+                t.set_fqdn(true);
+                let t = t.to_lowercase();
+                m.add(Record::from_rdata(svc_name.clone(), ttl, RData::CNAME(CNAME(t.clone()))));
+                f.external = Some((svc_name, t));
+            }
+            _ => f.skipped.push(format!("service {ns}/{name}: ExternalName {target:?} is not a valid name")),
+        }
+        f.model = m;
+        return f;
     }
 
-    let mut sorted: Vec<&Service> = services.iter().collect();
-    sorted.sort_by(|a, b| {
-        (a.metadata.namespace.as_deref(), a.metadata.name.as_deref())
-            .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref()))
-    });
-    let mut externals: Vec<(Name, Name)> = Vec::new();
-    let mut all_endpoints: BTreeSet<IpAddr> = BTreeSet::new();
+    let ips = cluster_ips(spec);
+    let headless = spec.cluster_ip.as_deref() == Some("None")
+        || spec.cluster_ips.as_ref().is_some_and(|v| v.iter().any(|s| s == "None"));
+    f.headless = headless;
+    let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
+    let eps = endpoints_of(slices, publish_not_ready, &mut f.skipped, ns, name);
+    f.endpoints = eps.iter().map(|e| e.ip).collect();
 
-    for svc in sorted {
-        let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-        let Some(name) = svc.metadata.name.clone() else {
-            stats.skipped.push("a Service without a name".into());
-            continue;
-        };
-        if !valid_label(&ns) || !valid_label(&name) {
-            stats.skipped.push(format!("service {ns}/{name}: not a valid DNS label"));
-            continue;
+    // Endpoint names and PTRs, for every ready endpoint (CoreDNS serves them for ClusterIP
+    // services too).
+    let mut ep_names: Vec<Name> = Vec::with_capacity(eps.len());
+    for ep in &eps {
+        let epn = m.name_under(&ep.label, &svc_name);
+        m.add(addr_record(&epn, ttl, ep.ip));
+        f.reverse.push((ep.ip, epn.clone()));
+        ep_names.push(epn);
+    }
+
+    if !headless {
+        if ips.is_empty() {
+            f.skipped.push(format!("service {ns}/{name}: no cluster IP yet"));
+            f.model = m;
+            return f;
         }
-        let Some(spec) = &svc.spec else {
-            stats.skipped.push(format!("service {ns}/{name}: no spec"));
-            continue;
-        };
-        let ns_lc = ns.to_ascii_lowercase();
-        let name_lc = name.to_ascii_lowercase();
-        let ns_node = m.child(&[&ns_lc, "svc"]);
-        m.touch(&ns_node, NameKind::Zone);
-        let svc_name = m.child(&[&name_lc, &ns_lc, "svc"]);
-        stats.services += 1;
-
-        if spec.type_.as_deref() == Some("ExternalName") {
-            let target = spec.external_name.as_deref().unwrap_or("").trim();
-            if target.is_empty() || target.parse::<IpAddr>().is_ok() {
-                stats.skipped.push(format!("service {ns}/{name}: ExternalName {target:?} is not a host name"));
-                continue;
-            }
-            match Name::from_ascii(target) {
-                Ok(mut t) if t.num_labels() > 0 => {
-                    t.set_fqdn(true);
-                    let t = t.to_lowercase();
-                    m.add(Record::from_rdata(svc_name.clone(), ttl, RData::CNAME(CNAME(t.clone()))));
-                    externals.push((svc_name, t));
-                    stats.external_names += 1;
-                }
-                _ => stats.skipped.push(format!("service {ns}/{name}: ExternalName {target:?} is not a valid name")),
-            }
-            continue;
+        for ip in &ips {
+            m.add(addr_record(&svc_name, ttl, *ip));
+            f.reverse.push((*ip, svc_name.clone()));
         }
-
-        let ips = cluster_ips(spec);
-        let headless = spec.cluster_ip.as_deref() == Some("None")
-            || spec.cluster_ips.as_ref().is_some_and(|v| v.iter().any(|s| s == "None"));
-        let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
-        let eps = endpoints_of(eps_by_svc.get(&(ns.clone(), name.clone())), publish_not_ready, &mut stats, &ns, &name);
-        for ep in &eps {
-            all_endpoints.insert(ep.ip);
-        }
-
-        // Endpoint names and PTRs, for every ready endpoint (CoreDNS serves them for ClusterIP
-        // services too).
-        let mut ep_names: Vec<Name> = Vec::with_capacity(eps.len());
-        for ep in &eps {
-            let epn = m.name_under(&ep.label, &svc_name);
-            m.add(addr_record(&epn, ttl, ep.ip));
-            m.add_reverse(ep.ip, ttl, &epn);
-            ep_names.push(epn);
-        }
-
-        if !headless {
-            if ips.is_empty() {
-                stats.skipped.push(format!("service {ns}/{name}: no cluster IP yet"));
-                continue;
-            }
-            for ip in &ips {
-                m.add(addr_record(&svc_name, ttl, *ip));
-                m.add_reverse(*ip, ttl, &svc_name);
-            }
-            let ports = spec.ports.as_deref().unwrap_or(&[]);
-            let mut bare: BTreeSet<u16> = BTreeSet::new();
-            for p in ports {
-                let Ok(port) = u16::try_from(p.port) else { continue };
-                bare.insert(port);
-                if let (Some(pname), Some(proto)) = (p.name.as_deref().filter(|n| !n.is_empty()), proto_label(p.protocol.as_deref())) {
-                    if !valid_label(pname) {
-                        stats.skipped.push(format!("service {ns}/{name}: port name {pname:?} is not a valid label"));
-                        continue;
-                    }
-                    let srv_name = m.name_under2(&format!("_{}", pname.to_ascii_lowercase()), &format!("_{proto}"), &svc_name);
-                    m.add(Record::from_rdata(srv_name, ttl, RData::SRV(SRV::new(0, 100, port, svc_name.clone()))));
-                }
-            }
-            let w = srv_weight(bare.len());
-            for port in bare {
-                m.add(Record::from_rdata(svc_name.clone(), ttl, RData::SRV(SRV::new(0, w, port, svc_name.clone()))));
-            }
-        } else {
-            stats.headless += 1;
-            if eps.is_empty() {
-                // CoreDNS: a headless service without ready endpoints does not exist.
-                continue;
-            }
-            for ep in &eps {
-                m.add(addr_record(&svc_name, ttl, ep.ip));
-            }
-            let mut bare: Vec<(u16, &Name)> = Vec::new();
-            let mut named: BTreeMap<(String, &'static str), Vec<(u16, &Name)>> = BTreeMap::new();
-            for (ep, epn) in eps.iter().zip(&ep_names) {
-                for (pname, proto, port) in &ep.ports {
-                    if !bare.contains(&(*port, epn)) {
-                        bare.push((*port, epn));
-                    }
-                    if !pname.is_empty() {
-                        let v = named.entry((pname.clone(), proto)).or_default();
-                        if !v.contains(&(*port, epn)) {
-                            v.push((*port, epn));
-                        }
-                    }
-                }
-            }
-            let w = srv_weight(bare.len());
-            for (port, target) in &bare {
-                m.add(Record::from_rdata(svc_name.clone(), ttl, RData::SRV(SRV::new(0, w, *port, (*target).clone()))));
-            }
-            for ((pname, proto), targets) in named {
-                if !valid_label(&pname) {
+        let ports = spec.ports.as_deref().unwrap_or(&[]);
+        let mut bare: BTreeSet<u16> = BTreeSet::new();
+        for p in ports {
+            let Ok(port) = u16::try_from(p.port) else { continue };
+            bare.insert(port);
+            if let (Some(pname), Some(proto)) = (p.name.as_deref().filter(|n| !n.is_empty()), proto_label(p.protocol.as_deref())) {
+                if !valid_label(pname) {
+                    f.skipped.push(format!("service {ns}/{name}: port name {pname:?} is not a valid label"));
                     continue;
                 }
-                let srv_name = m.name_under2(&format!("_{pname}"), &format!("_{proto}"), &svc_name);
-                let w = srv_weight(targets.len());
-                for (port, target) in targets {
-                    m.add(Record::from_rdata(srv_name.clone(), ttl, RData::SRV(SRV::new(0, w, port, target.clone()))));
+                let srv_name = m.name_under2(&format!("_{}", pname.to_ascii_lowercase()), &format!("_{proto}"), &svc_name);
+                m.add(Record::from_rdata(srv_name, ttl, RData::SRV(SRV::new(0, 100, port, svc_name.clone()))));
+            }
+        }
+        let w = srv_weight(bare.len());
+        for port in bare {
+            m.add(Record::from_rdata(svc_name.clone(), ttl, RData::SRV(SRV::new(0, w, port, svc_name.clone()))));
+        }
+    } else {
+        if eps.is_empty() {
+            // CoreDNS: a headless service without ready endpoints does not exist.
+            f.model = m;
+            return f;
+        }
+        for ep in &eps {
+            m.add(addr_record(&svc_name, ttl, ep.ip));
+        }
+        let mut bare: Vec<(u16, &Name)> = Vec::new();
+        let mut named: BTreeMap<(String, &'static str), Vec<(u16, &Name)>> = BTreeMap::new();
+        for (ep, epn) in eps.iter().zip(&ep_names) {
+            for (pname, proto, port) in &ep.ports {
+                if !bare.contains(&(*port, epn)) {
+                    bare.push((*port, epn));
+                }
+                if !pname.is_empty() {
+                    let v = named.entry((pname.clone(), proto)).or_default();
+                    if !v.contains(&(*port, epn)) {
+                        v.push((*port, epn));
+                    }
                 }
             }
         }
+        let w = srv_weight(bare.len());
+        for (port, target) in &bare {
+            m.add(Record::from_rdata(svc_name.clone(), ttl, RData::SRV(SRV::new(0, w, *port, (*target).clone()))));
+        }
+        for ((pname, proto), targets) in named {
+            if !valid_label(&pname) {
+                continue;
+            }
+            let srv_name = m.name_under2(&format!("_{pname}"), &format!("_{proto}"), &svc_name);
+            let w = srv_weight(targets.len());
+            for (port, target) in targets {
+                m.add(Record::from_rdata(srv_name.clone(), ttl, RData::SRV(SRV::new(0, w, port, target.clone()))));
+            }
+        }
     }
-    stats.endpoints = all_endpoints.len();
-
-    // ExternalName services: chase CNAME chains inside the zone.
-    for (owner, target) in externals {
-        m.resolve_external(&owner, &target);
-    }
-
-    let (names, records) = m.encode(&mut stats);
-    stats.names = names.len();
-    stats.records = records.len();
-    Zone {
-        apex: wire_name(&domain).into_boxed_slice(),
-        names,
-        ttl,
-        negative_ttl: cfg.negative_ttl,
-        serial,
-        synced: true,
-        domain,
-        records,
-        stats,
-    }
+    f.model = m;
+    f
 }
 
 /// A ready endpoint address of one service, ports merged across slices.
@@ -437,14 +421,14 @@ struct Ep {
 }
 
 fn endpoints_of(
-    slices: Option<&Vec<&EndpointSlice>>,
+    slices: &[&EndpointSlice],
     publish_not_ready: bool,
-    stats: &mut ZoneStats,
+    skipped: &mut Vec<String>,
     ns: &str,
     name: &str,
 ) -> Vec<Ep> {
     let mut out: BTreeMap<IpAddr, Ep> = BTreeMap::new();
-    for s in slices.map(|v| v.as_slice()).unwrap_or(&[]) {
+    for s in slices {
         let v6 = match s.address_type.as_str() {
             "IPv4" => false,
             "IPv6" => true,
@@ -469,12 +453,12 @@ fn endpoints_of(
             let hostname = e.hostname.as_deref().filter(|h| !h.is_empty());
             if let Some(h) = hostname {
                 if !valid_label(h) {
-                    stats.skipped.push(format!("service {ns}/{name}: endpoint hostname {h:?} is not a valid label"));
+                    skipped.push(format!("service {ns}/{name}: endpoint hostname {h:?} is not a valid label"));
                 }
             }
             for a in &e.addresses {
                 let Ok(ip) = a.parse::<IpAddr>() else {
-                    stats.skipped.push(format!("service {ns}/{name}: endpoint address {a:?} is not an IP"));
+                    skipped.push(format!("service {ns}/{name}: endpoint address {a:?} is not an IP"));
                     continue;
                 };
                 if ip.is_ipv6() != v6 {
@@ -583,37 +567,40 @@ pub(crate) fn wire_name(n: &Name) -> Vec<u8> {
     v
 }
 
+/// A Kubernetes object name that is also a DNS label: RFC 1123, lower case (what the API
+/// server enforces for namespaces and Services). Upper case is refused rather than folded so
+/// that two objects can never claim the same DNS name.
+pub(crate) fn valid_object_label(s: &str) -> bool {
+    valid_label(s) && !s.bytes().any(|b| b.is_ascii_uppercase())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum NameKind {
+pub(crate) enum NameKind {
     Zone,
     Reverse,
 }
 
-struct NameData {
+pub(crate) struct NameData {
     name: Name,
     kind: NameKind,
     rrs: BTreeMap<u16, Vec<Record>>,
-    /// CNAME chain leaving the zone: (chain, final target).
-    external: Option<(Vec<Record>, Name)>,
-    /// In-zone CNAME chain: answers for every type, prefixed with the chain.
-    chased: Option<(Vec<Record>, Name)>,
 }
 
-/// The record model: every name with its record sets, keyed by lower-case wire name.
-struct Model {
+/// A record model: names with their record sets, keyed by lower-case wire name. One per
+/// Service (and one for the zone's fixed names, one per reverse name); [`Model::encode`] turns
+/// it into [`Entry`]s.
+pub(crate) struct Model {
     apex: Name,
     names: BTreeMap<Vec<u8>, NameData>,
 }
 
 impl Model {
-    fn new(apex: Name) -> Self {
-        let mut m = Model { apex: apex.clone(), names: BTreeMap::new() };
-        m.touch(&apex, NameKind::Zone);
-        m
+    pub fn new(apex: Name) -> Self {
+        Model { apex, names: BTreeMap::new() }
     }
 
     /// `labels...` under the apex.
-    fn child(&self, labels: &[&str]) -> Name {
+    pub fn child(&self, labels: &[&str]) -> Name {
         let mut n = Name::from_labels(labels.iter().map(|l| l.as_bytes())).expect("valid labels");
         n = n.append_domain(&self.apex).expect("short names");
         n
@@ -627,17 +614,11 @@ impl Model {
         Name::from_labels([l1.as_bytes(), l2.as_bytes()]).expect("valid labels").append_domain(parent).expect("short")
     }
 
-    fn touch(&mut self, name: &Name, kind: NameKind) -> &mut NameData {
-        self.names.entry(wire_name(name)).or_insert_with(|| NameData {
-            name: name.to_lowercase(),
-            kind,
-            rrs: BTreeMap::new(),
-            external: None,
-            chased: None,
-        })
+    pub fn touch(&mut self, name: &Name, kind: NameKind) -> &mut NameData {
+        self.names.entry(wire_name(name)).or_insert_with(|| NameData { name: name.to_lowercase(), kind, rrs: BTreeMap::new() })
     }
 
-    fn add(&mut self, r: Record) {
+    pub fn add(&mut self, r: Record) {
         let t = u16::from(r.record_type());
         let d = self.touch(&r.name().clone(), NameKind::Zone);
         let set = d.rrs.entry(t).or_default();
@@ -646,7 +627,7 @@ impl Model {
         }
     }
 
-    fn add_reverse(&mut self, ip: IpAddr, ttl: u32, target: &Name) {
+    pub fn add_reverse(&mut self, ip: IpAddr, ttl: u32, target: &Name) {
         let rn = reverse_name(ip);
         let d = self.touch(&rn, NameKind::Reverse);
         let r = Record::from_rdata(rn, ttl, RData::PTR(PTR(target.clone())));
@@ -656,42 +637,9 @@ impl Model {
         }
     }
 
-    fn resolve_external(&mut self, owner: &Name, first: &Name) {
-        let key = wire_name(owner);
-        let Some(cname) = self.names.get(&key).and_then(|d| d.rrs.get(&ty::CNAME)).and_then(|v| v.first()).cloned()
-        else {
-            return;
-        };
-        let mut chain = vec![cname];
-        let mut target = first.clone();
-        for _ in 0..8 {
-            if !self.apex.zone_of(&target) {
-                if let Some(d) = self.names.get_mut(&key) {
-                    d.external = Some((chain, target));
-                }
-                return;
-            }
-            let next = self
-                .names
-                .get(&wire_name(&target))
-                .and_then(|d| d.rrs.get(&ty::CNAME))
-                .and_then(|v| v.first())
-                .cloned();
-            match next {
-                Some(r) => {
-                    let RData::CNAME(CNAME(t)) = r.data() else { return };
-                    target = t.clone();
-                    chain.push(r);
-                }
-                None => {
-                    if let Some(d) = self.names.get_mut(&key) {
-                        d.chased = Some((chain, target));
-                    }
-                    return;
-                }
-            }
-        }
-        // A loop or a chain too long: only the CNAME is served.
+    /// Records in the model.
+    pub fn records(&self) -> usize {
+        self.names.values().map(|d| d.rrs.values().map(Vec::len).sum::<usize>()).sum()
     }
 
     /// A/AAAA records of `name` (for SRV additional sections).
@@ -706,15 +654,11 @@ impl Model {
         v
     }
 
-    fn encode(self, stats: &mut ZoneStats) -> (Names, Vec<Record>) {
-        let soa = self
-            .names
-            .get(&wire_name(&self.apex))
-            .and_then(|d| d.rrs.get(&ty::SOA))
-            .and_then(|v| v.first())
-            .cloned();
-        let mut out: Names = HashMap::with_capacity_and_hasher(self.names.len(), FxBuildHasher);
-        for (key, d) in &self.names {
+    /// One [`Entry`] per name: a response per record type. SRV targets and the NS target must
+    /// be names of this model (their addresses go to the additional section).
+    pub fn encode(self, skipped: &mut Vec<String>) -> Vec<(Box<[u8]>, Entry)> {
+        let mut answers_of: Vec<Vec<(u16, Packed)>> = Vec::with_capacity(self.names.len());
+        for d in self.names.values() {
             let mut answers: Vec<(u16, Packed)> = Vec::new();
             for (t, set) in &d.rrs {
                 let mut additional = Vec::new();
@@ -732,42 +676,23 @@ impl Model {
                 }
                 match pack_fast(&d.name, *t, set, &[], &additional, ResponseCode::NoError) {
                     Some(p) => answers.push((*t, p)),
-                    None => stats.skipped.push(format!("{} {}: answer does not fit a message", d.name, t)),
+                    None => skipped.push(format!("{} {}: answer does not fit a message", d.name, t)),
                 }
             }
-            let mut kind = match d.kind {
-                NameKind::Zone => Kind::Zone,
-                NameKind::Reverse => Kind::Reverse,
-            };
-            let mut fallback = None;
-            if let Some((chain, target)) = &d.chased {
-                // Every type the final target has: the chain plus its records of that type.
-                let final_data = self.names.get(&wire_name(target));
-                for (t, set) in final_data.map(|f| &f.rrs).into_iter().flatten() {
-                    if *t == ty::CNAME || answers.iter().any(|(have, _)| have == t) {
-                        continue;
-                    }
-                    let mut ans = chain.clone();
-                    ans.extend(set.iter().cloned());
-                    if let Some(p) = pack_fast(&d.name, *t, &ans, &[], &[], ResponseCode::NoError) {
-                        answers.push((*t, p));
-                    }
-                }
-                // Other types: the chain alone, with the SOA (NODATA at the target).
-                fallback = pack_fast(&d.name, ty::A, chain, soa.as_slice(), &[], ResponseCode::NoError);
-            }
-            if let Some((chain, target)) = &d.external {
-                fallback = pack_fast(&d.name, ty::A, chain, &[], &[], ResponseCode::NoError);
-                kind = Kind::External(Arc::new(External {
-                    chain: chain.clone(),
-                    target: wire_name(target).into_boxed_slice(),
-                }));
-            }
-            out.insert(key.clone().into_boxed_slice(), Entry { answers: answers.into_boxed_slice(), kind, fallback });
+            answers_of.push(answers);
         }
-        // The records themselves (for the zone file), moved rather than cloned.
-        let records = self.names.into_values().flat_map(|d| d.rrs.into_values().flatten()).collect();
-        (out, records)
+        self.names
+            .into_iter()
+            .zip(answers_of)
+            .map(|((key, d), answers)| {
+                let kind = match d.kind {
+                    NameKind::Zone => Kind::Zone,
+                    NameKind::Reverse => Kind::Reverse,
+                };
+                let rrs: Arc<[Record]> = d.rrs.into_values().flatten().collect();
+                (key.into_boxed_slice(), Entry { answers: answers.into(), kind, fallback: None, rrs })
+            })
+            .collect()
     }
 }
 
@@ -1002,3 +927,5 @@ pub(crate) fn parse_dashed_ip(label: &[u8]) -> Option<IpAddr> {
 
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod builder_tests;

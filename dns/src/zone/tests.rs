@@ -186,6 +186,47 @@ fn missing_names_are_nxdomain_with_the_soa() {
     }
 }
 
+/// `<ns>.svc.<zone>` exists (NODATA) exactly when the namespace has an object netd knows: a
+/// Service, or an EndpointSlice (e.g. one managed by hand, without a Service, or a Service that
+/// is not valid DNS). Names of services that do not exist are NXDOMAIN either way (as in CoreDNS).
+#[test]
+fn namespaces_exist_when_they_have_services_or_endpointslices() {
+    let svcs = vec![std::sync::Arc::new(fixtures::cluster_ip("apps", "web", &["10.96.0.50"], &[("http", "TCP", 80)]))];
+    let orphan = fixtures::slice("batch", "gone", "gone-1", &[(&["10.244.7.7"], None, true)], &[("http", "TCP", 80)]);
+    let mut unlabelled = fixtures::slice("tools", "x", "x-1", &[(&["10.244.7.8"], None, true)], &[]);
+    unlabelled.metadata.labels = None;
+    let mut slices = vec![std::sync::Arc::new(orphan), std::sync::Arc::new(unlabelled)];
+    let mut b = ZoneBuilder::new(sample_config());
+    let e = Env::shared(b.update(&svcs, &slices));
+    for ns in ["apps", "batch", "tools", "APPS"] {
+        assert_negative(&e.ask(&format!("{ns}.svc.cluster.local."), RecordType::A), ResponseCode::NoError);
+    }
+    for n in [
+        "nons.svc.cluster.local.",
+        "web.nons.svc.cluster.local.",
+        "nosuch.apps.svc.cluster.local.",
+        "gone.batch.svc.cluster.local.",
+        "x.tools.svc.cluster.local.",
+        "_http._tcp.nosuch.apps.svc.cluster.local.",
+    ] {
+        assert_negative(&e.ask(n, RecordType::A), ResponseCode::NXDomain);
+    }
+    assert_eq!(addrs(&e.ask("web.apps.svc.cluster.local.", RecordType::A)), ["10.96.0.50"]);
+    // The namespace's last object goes: so does the namespace (incrementally, too).
+    slices.remove(0);
+    let e = Env::shared(b.update(&svcs, &slices));
+    assert_negative(&e.ask("batch.svc.cluster.local.", RecordType::A), ResponseCode::NXDomain);
+    assert_negative(&e.ask("tools.svc.cluster.local.", RecordType::A), ResponseCode::NoError);
+    let e = Env::shared(b.update(&[], &[]));
+    assert_negative(&e.ask("apps.svc.cluster.local.", RecordType::A), ResponseCode::NXDomain);
+    assert_negative(&e.ask("web.apps.svc.cluster.local.", RecordType::A), ResponseCode::NXDomain);
+    // A namespace name that is not a DNS label never shows.
+    let bad = vec![std::sync::Arc::new(fixtures::cluster_ip("Bad_NS", "web", &["10.96.0.51"], &[]))];
+    let z = b.update(&bad, &[]);
+    assert_eq!(z.stats().skipped.len(), 1, "{:?}", z.stats().skipped);
+    assert_negative(&Env::shared(z).ask("bad_ns.svc.cluster.local.", RecordType::A), ResponseCode::NXDomain);
+}
+
 #[test]
 fn apex_soa_ns_and_the_dns_service_name() {
     let e = env();
