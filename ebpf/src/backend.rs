@@ -16,7 +16,6 @@ use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use netd_proxy::dataplane::{ApplyReport, DataplaneError};
-use netd_proxy::iptables::IptablesError;
 use netd_proxy::{Backend, Plan};
 use tracing::{debug, info};
 
@@ -199,9 +198,7 @@ fn attach_or_replace(prog: &mut CgroupSockAddr, name: &str, cgroup: &Path, links
 }
 
 fn dataplane_error(e: EbpfError) -> DataplaneError {
-    // netd-proxy's DataplaneError has no eBPF variant yet; carry the message in the
-    // generic "command failed" shape until it gets one.
-    DataplaneError::Iptables(IptablesError::Failed { cmd: "ebpf".into(), stderr: e.to_string() })
+    DataplaneError::Ebpf(Box::new(e))
 }
 
 impl Backend for EbpfBackend {
