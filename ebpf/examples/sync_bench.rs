@@ -48,7 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (services, eps) = (args.first().copied().unwrap_or(10_000), args.get(1).copied().unwrap_or(10));
     let mnt = std::env::temp_dir().join(format!("netd-ebpf-bench-{}", std::process::id()));
     std::fs::create_dir_all(&mnt)?;
-    let cfg = EbpfConfig { bpffs_dir: mnt.join("netd"), mount_bpffs: true, cgroup: None };
+    let cfg = EbpfConfig { bpffs_dir: mnt.join("netd"), mount_bpffs: true, cgroup: None, ..Default::default() };
     let result = (|| -> Result<(), Box<dyn std::error::Error>> {
         let mut b = EbpfBackend::new(cfg)?;
         let p1 = plan(services, eps, None);

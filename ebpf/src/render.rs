@@ -35,6 +35,8 @@ pub struct MapState {
     /// Sorted by `ServicePortKey` (the plan's order).
     pub services: Vec<(Arc<ServicePortPlan>, Arc<[SvcKey]>)>,
     pub node: Option<NodeInfo>,
+    /// `netd_cfg[0]`: the node's SNAT address for the tc programs.
+    pub cfg: CfgValue,
 }
 
 impl MapState {
@@ -46,6 +48,7 @@ impl MapState {
 /// One map operation, in the order it must be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
+    PutCfg(CfgValue),
     PutSlot(SlotKey, BackendValue),
     PutSvc(SvcKey, SvcValue),
     DelSvc(SvcKey),
@@ -190,7 +193,17 @@ pub fn render(plan: &Plan, prev: Option<&MapState>) -> MapState {
         }
         services[i].1 = Arc::from(keys);
     }
-    MapState { frontends, orphans: Vec::new(), services, node: Some(plan.node.clone()) }
+    MapState { frontends, orphans: Vec::new(), services, node: Some(plan.node.clone()), cfg: render_cfg(&plan.node) }
+}
+
+/// The tc programs' settings: connections to backends on other nodes are SNATed to the
+/// network address of this node's pod subnet, which netd puts on the overlay device and
+/// every other node routes back through the overlay (so the reply returns here).
+pub fn render_cfg(node: &NodeInfo) -> CfgValue {
+    match node.pod_cidr {
+        Some(net) => CfgValue { snat_ip: ip_be(net.network()), snat_port_min: SNAT_PORT_MIN, snat_port_max: SNAT_PORT_MAX },
+        None => CfgValue::default(),
+    }
 }
 
 /// Orders `new` so that backends already in `prev` keep their slot: removed ones' slots
@@ -226,6 +239,9 @@ pub fn assign_slots(prev: &[BackendValue], new: &[BackendValue]) -> Vec<BackendV
 /// frontend whose count exposes a slot not yet (or no longer) written.
 pub fn diff(old: &MapState, new: &MapState) -> Vec<Op> {
     let mut ops = Vec::new();
+    if old.cfg != new.cfg {
+        ops.push(Op::PutCfg(new.cfg));
+    }
     for k in &old.orphans {
         ops.push(Op::DelSlot(*k));
     }
