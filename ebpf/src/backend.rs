@@ -191,7 +191,24 @@ impl EbpfBackend {
     }
 
     /// Plan → maps: render, diff against the last state (or the kernel's), apply.
+    ///
+    /// When the plan says it is the last applied plan with a few services changed
+    /// (`Plan::changed_since`), only those services are re-rendered and diffed, in place: the
+    /// cost of one endpoint change does not grow with the number of services.
     pub fn sync_plan(&mut self, plan: &Plan, observe: bool) -> Result<ApplyReport, EbpfError> {
+        if !observe {
+            if let (Some(last), Some((from, changed))) = (self.last.as_mut(), plan.changed_since.as_ref()) {
+                if *from != 0 && *from == last.generation && last.node.as_ref() == Some(&plan.node) {
+                    let ops = crate::render::update(last, plan, changed);
+                    debug!(ops = ops.len(), services = changed.len(), "eBPF maps updated in place");
+                    if let Err(e) = self.apply_ops(&ops) {
+                        self.last = None; // the next sync observes
+                        return Err(e);
+                    }
+                    return Ok(ApplyReport { changed: !ops.is_empty(), size: ops.len(), observed: false });
+                }
+            }
+        }
         let observed = observe || self.last.is_none();
         let base = match self.last.take() {
             Some(last) if !observed => last,

@@ -224,6 +224,20 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// What the plan was derived from, per service, so the next plan can reuse unchanged work.
     pub(crate) inputs: BTreeMap<NsName, Arc<crate::plan::Inputs>>,
+    /// Identifies a plan as the planner made it (0: built by hand). Code that edits a plan
+    /// must reset it to 0 (and `changed_since` to `None`), or dataplanes trusting
+    /// `changed_since` may miss the edit.
+    pub generation: u64,
+    /// Set by the planner's incremental path: this plan is the plan of generation `.0` with
+    /// only the listed service ports changed (their plans differ, were added or removed).
+    /// Lets a dataplane that applied exactly that plan touch only those services.
+    pub changed_since: Option<(u64, Arc<[ServicePortKey]>)>,
+}
+
+/// A fresh, never-zero plan generation.
+pub(crate) fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Plan {

@@ -133,6 +133,9 @@ fn patch(node: &NodeInfo, snap: &ServiceSnapshot, prev: &Plan) -> Option<Plan> {
         changed.push((key, old, Arc::new(Inputs { created, service: svc.clone(), slices, ports, warnings })));
     }
     let mut plan = prev.clone();
+    plan.generation = crate::model::next_generation();
+    let changed_ports: Vec<ServicePortKey> = changed.iter().flat_map(|(_, _, new)| new.ports.iter().map(|sp| sp.key.clone())).collect();
+    plan.changed_since = Some((prev.generation, Arc::from(changed_ports)));
     for (key, _, new) in changed {
         for sp in &new.ports {
             plan.services.insert(sp.key.clone(), sp.clone());
@@ -150,7 +153,7 @@ fn patch(node: &NodeInfo, snap: &ServiceSnapshot, prev: &Plan) -> Option<Plan> {
 
 /// Puts the per-service results together, settling frontends claimed twice.
 fn assemble(node: &NodeInfo, inputs: BTreeMap<NsName, Arc<Inputs>>) -> Plan {
-    let mut plan = Plan { node: node.clone(), ..Default::default() };
+    let mut plan = Plan { node: node.clone(), generation: crate::model::next_generation(), ..Default::default() };
     // Older services win a contested frontend, as the API server would have refused the newer.
     let mut order: Vec<(&NsName, &Arc<Inputs>)> = inputs.iter().collect();
     order.sort_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(b.0)));
@@ -457,6 +460,12 @@ pub(crate) mod tests {
         for (k, v) in &full.services {
             assert_eq!(**v, *p2.services[k]);
         }
+        // The incremental plan says what changed since which plan; a full plan does not.
+        assert!(p1.generation != 0 && p2.generation != p1.generation);
+        let (from, changed) = p2.changed_since.clone().expect("incremental");
+        assert_eq!(from, p1.generation);
+        assert_eq!(changed.iter().map(|k| k.service.name.as_str()).collect::<Vec<_>>(), ["b"]);
+        assert!(full.changed_since.is_none() && p1.changed_since.is_none());
     }
 
     #[test]
