@@ -9,7 +9,7 @@
 //!   into a cgroup of its own, which the programs are attached to, for these runs only);
 //! - a NodePort from a client outside the node (eBPF: the tc programs on the node's external
 //!   device; the backend is on the node, so no SNAT);
-//! with 1 service and with N services programmed, three rounds each, medians. Everything runs
+//! with 1 service and with N services programmed, rounds interleaving the modes, medians. Everything runs
 //! in network namespaces this program creates; the cgroup and bpffs are its own and removed.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -227,6 +227,7 @@ fn main() -> Result<()> {
     let n = arg("--services", 10_000);
     let m = arg("--endpoints", 10);
     let secs = arg("--conn-seconds", 3) as f64;
+    let rounds = arg("--rounds", 5).max(1);
     // SAFETY: geteuid(2) cannot fail and touches no memory.
     if unsafe { libc::geteuid() } != 0 {
         bail!("run as root (it creates network namespaces, a cgroup and a bpffs)");
@@ -236,22 +237,10 @@ fn main() -> Result<()> {
     }
     let bed = bed()?;
     let (one, many) = (bench_plan(1, 1), bench_plan(n, m));
-    eprintln!("connection rate, 1 vs {n} services x {m} endpoints, {secs} s per measurement, 3 rounds");
+    eprintln!("connection rate, 1 vs {n} services x {m} endpoints, {secs} s per measurement, {rounds} rounds");
 
-    // nftables (netd's netlink dataplane).
-    let mut nft_rates = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..3 {
-        for (plan, (ci, np)) in [(&one, (&mut nft_rates.0, &mut nft_rates.1)), (&many, (&mut nft_rates.2, &mut nft_rates.3))] {
-            let plan = plan.clone();
-            in_ns(&bed.node, move || Nftables::new().sync(&nft::render(&plan, None), false).map(|_| ()))?;
-            let r = measure(&bed, None, secs)?;
-            ci.push(r.cluster_ip);
-            np.push(r.node_port);
-        }
-    }
-    in_ns(&bed.node, || Nftables::new().remove())?;
-
-    // eBPF.
+    // Rounds interleave the modes, so that the machine's load drifts over all of them alike;
+    // each mode's state is removed before the other's is measured.
     let cg = BenchCgroup::new()?;
     let mnt = Bpffs(std::env::temp_dir().join(format!("netd-conn-bench-{}", std::process::id())));
     std::fs::create_dir_all(&mnt.0)?;
@@ -262,22 +251,33 @@ fn main() -> Result<()> {
         external_devices: vec!["d0".into()],
         overlay_device: None,
     };
-    let mut backend: EbpfBackend = in_ns(&bed.node, move || EbpfBackend::new(cfg))?;
+    let mut nft_rates = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut ebpf_rates = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let result = (|| -> Result<()> {
-        for _ in 0..3 {
+    for round in 0..rounds {
+        for (plan, (ci, np)) in [(&one, (&mut nft_rates.0, &mut nft_rates.1)), (&many, (&mut nft_rates.2, &mut nft_rates.3))] {
+            let plan = plan.clone();
+            in_ns(&bed.node, move || Nftables::new().sync(&nft::render(&plan, None), false).map(|_| ()))?;
+            let r = measure(&bed, None, secs)?;
+            ci.push(r.cluster_ip);
+            np.push(r.node_port);
+        }
+        in_ns(&bed.node, || Nftables::new().remove())?;
+        let c = cfg.clone();
+        let mut backend: EbpfBackend = in_ns(&bed.node, move || EbpfBackend::new(c))?;
+        let result = (|| -> Result<()> {
             for (plan, (ci, np)) in [(&one, (&mut ebpf_rates.0, &mut ebpf_rates.1)), (&many, (&mut ebpf_rates.2, &mut ebpf_rates.3))] {
                 backend.sync_plan(plan, false)?;
                 let r = measure(&bed, Some(&cg), secs)?;
                 ci.push(r.cluster_ip);
                 np.push(r.node_port);
             }
-        }
-        Ok(())
-    })();
-    backend.remove_all()?;
-    drop(backend);
-    result?;
+            Ok(())
+        })();
+        backend.remove_all()?;
+        drop(backend);
+        result?;
+        eprintln!("  round {}: nftables {:.0}/{:.0} (ClusterIP 1/N), eBPF {:.0}/{:.0}", round + 1, nft_rates.0[round], nft_rates.2[round], ebpf_rates.0[round], ebpf_rates.2[round]);
+    }
     if std::env::var_os("CONN_BENCH_NSTAT").is_some() {
         for ns in [&bed.node, &bed._server, &bed.client, &bed.outside] {
             eprintln!("{}: {}", ns.name(), ns.run(&["nstat", "-az", "TcpExtListenOverflows", "TcpExtListenDrops", "TcpRetransSegs", "IpExtInNoRoutes", "TcpExtTCPTimeouts", "TcpAttemptFails", "TcpOutRsts"]).unwrap_or_default());

@@ -3,10 +3,20 @@
 //! ```text
 //! Plan ──render (pure)──► MapState ──diff──► ordered map ops ──► pinned maps (/sys/fs/bpf/netd)
 //!                                                                  │
-//!        cgroup sock_addr programs (bpf/sock.c) on --ebpf-cgroup ◄─┘
+//!        cgroup sock_addr programs (bpf/sock.c) on --ebpf-cgroup ◄─┤
 //!        connect4/sendmsg4: VIP:port → backend (socket-level LB, no per-packet NAT)
-//!        recvmsg4/getpeername4: backend → VIP:port
+//!        recvmsg4/getpeername4: backend → VIP:port                  │
+//!                                                                   │
+//!        tc programs (bpf/nodeport.c, TCX links) ◄──────────────────┘
+//!        external device ingress: NodePort / externalIP / LB IP → DNAT (+ SNAT to the node's
+//!          overlay address when the backend is on another node, redirected with
+//!          bpf_redirect_neigh); connections in the LRU map netd_ct
+//!        overlay device ingress: replies of SNATed connections → reverse NAT, redirected
+//!        external device egress: replies of local backends → source back to the frontend
 //! ```
+//!
+//! One endpoint change: the planner says which services changed since the plan applied
+//! last (`Plan::changed_since`); only their map entries are rendered, diffed and written.
 //!
 //! The BPF programs are C (`bpf/*.c`), compiled by `build.rs` with clang and embedded here;
 //! map layouts are defined once in `bpf/maps.h` and mirrored in [`maps`] (a test compares them).
