@@ -8,9 +8,11 @@
 //! - a ClusterIP from a client pod (eBPF: the socket load balancer; the bench process is put
 //!   into a cgroup of its own, which the programs are attached to, for these runs only);
 //! - a NodePort from a client outside the node (eBPF: the tc programs on the node's external
-//!   device; the backend is on the node, so no SNAT);
-//! with 1 service and with N services programmed, rounds interleaving the modes, medians. Everything runs
-//! in network namespaces this program creates; the cgroup and bpffs are its own and removed.
+//!   device; the backend is on the node, so no SNAT).
+//!
+//! Each with 1 service and with N services programmed, rounds interleaving the modes, medians.
+//! Everything runs in network namespaces this program creates; the cgroup and bpffs are its
+//! own and removed.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
