@@ -136,6 +136,7 @@ impl Bed {
         node.ip(&["addr", "add", "10.244.1.1/24", "dev", "vp"])?;
         node.ip(&["link", "set", "vp", "up"])?;
         pod.ip(&["addr", "add", "10.244.1.3/24", "dev", "eth0"])?;
+        pod.ip(&["addr", "add", "10.244.1.4/24", "dev", "eth0"])?;
         pod.ip(&["link", "set", "eth0", "up"])?;
         pod.ip(&["route", "add", "default", "via", "10.244.1.1"])?;
         let scripts = std::env::temp_dir().join(format!("netd-np-py-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
@@ -149,11 +150,14 @@ impl Bed {
         let bed = Bed { backend: None, bpffs: TestBpffs(mnt), out, node, _pod: pod, scripts };
         let py = bed.scripts.join("server.py");
         bed._pod.spawn(&["python3", py.to_str().unwrap(), "10.244.1.3", "A"], None)?;
+        bed._pod.spawn(&["python3", py.to_str().unwrap(), "10.244.1.4", "B"], None)?;
         let client = bed.scripts.join("client.py");
-        netd_tests::wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-            Ok(bed.node.run(&["python3", client.to_str().unwrap(), "tcp", "10.244.1.3", "8080"])?.starts_with("OK"))
-        })
-        .context("the server pod answers the node directly")?;
+        for ip in ["10.244.1.3", "10.244.1.4"] {
+            netd_tests::wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+                Ok(bed.node.run(&["python3", client.to_str().unwrap(), "tcp", ip, "8080"])?.starts_with("OK"))
+            })
+            .with_context(|| format!("the server pod answers the node directly on {ip}"))?;
+        }
         Ok(bed)
     }
 
@@ -218,7 +222,11 @@ fn plan(sps: Vec<ServicePortPlan>) -> Plan {
 }
 
 fn local_ep(port: u16) -> Endpoint {
-    Endpoint { ip: Ipv4Addr::new(10, 244, 1, 3), port, local: true, ready: true, serving: true, terminating: false }
+    local_ep_at(3, port)
+}
+
+fn local_ep_at(last: u8, port: u16) -> Endpoint {
+    Endpoint { ip: Ipv4Addr::new(10, 244, 1, last), port, local: true, ready: true, serving: true, terminating: false }
 }
 
 fn web() -> Plan {
@@ -268,5 +276,31 @@ fn a_restart_swaps_the_tc_programs_in_place_and_removal_detaches_them() -> Resul
     bed.backend().remove_all()?;
     bed.backend = None;
     assert!(bed.client("tcp", "198.18.0.10", 30080)?.starts_with("ERR"));
+    Ok(())
+}
+
+#[test]
+fn node_port_balances_and_client_ip_affinity_sticks() -> Result<()> {
+    let mut bed = bed_or_skip!();
+    bed.start()?;
+    let two = |affinity: Option<u32>| {
+        let mut s = service("web", Proto::Tcp, 80, 8080, 30080, vec![local_ep_at(3, 8080), local_ep_at(4, 8080)]);
+        s.affinity_timeout = affinity;
+        plan(vec![s])
+    };
+    bed.backend().sync_plan(&two(None), false)?;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let out = bed.client("tcp", "198.18.0.10", 30080)?;
+        assert!(out.starts_with("OK") && out.ends_with("198.18.0.1 198.18.0.10 30080"), "{out}");
+        seen.insert(out);
+    }
+    assert_eq!(seen.len(), 2, "both backends used over 30 connections: {seen:?}");
+    // sessionAffinity ClientIP: the tc programs key it by the client's address.
+    bed.backend().sync_plan(&two(Some(10800)), false)?;
+    let first = bed.client("tcp", "198.18.0.10", 30080)?;
+    for _ in 0..15 {
+        assert_eq!(bed.client("tcp", "198.18.0.10", 30080)?, first);
+    }
     Ok(())
 }
