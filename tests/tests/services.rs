@@ -491,7 +491,8 @@ impl Drop for EbpfSandbox {
             let _ = std::fs::remove_dir(cg);
         }
         for m in ["bpf", "cg"] {
-            let _ = std::process::Command::new("umount").arg(self.dir.path().join(m)).status();
+            // netd mounts its bpffs in its own mount namespace: usually nothing to unmount here.
+        let _ = std::process::Command::new("umount").arg(self.dir.path().join(m)).stderr(std::process::Stdio::null()).status();
         }
     }
 }
@@ -604,6 +605,7 @@ fn services_with_ebpf_nodeport_external_ip_and_local_policy() -> Result<()> {
     let d = c.node_mut(2).add_cni_pod("d")?;
     let _sb = serve_with_peer(&b, "b")?;
     let _sd = serve_with_peer(&d, "d")?;
+    let _ub = b.spawn(&["socat", "UDP-RECVFROM:5353,fork", "SYSTEM:echo ub $SOCAT_PEERADDR"], None)?;
     let (n0, n1, n2) = (c.node(0).ip(), c.node(1).ip(), c.node(2).ip());
     // The external IP is routed to node0 by the underlay (as a router would).
     c.underlay().ip(&["route", "add", "198.18.5.5/32", "via", &n0.to_string()])?;
@@ -613,6 +615,11 @@ fn services_with_ebpf_nodeport_external_ip_and_local_policy() -> Result<()> {
         service("local", "10.96.0.52", "NodePort", "    nodePort: 30081\n  externalTrafficPolicy: Local\n"),
         slice("local", &[(&b, "node1")]),
         service("empty", "10.96.0.51", "NodePort", "    nodePort: 30082\n"),
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: dns\n  namespace: default\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.53\n  ports:\n  - name: dns\n    protocol: UDP\n    port: 53\n    targetPort: 5353\n    nodePort: 30053\n---\n".to_string(),
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: dns\naddressType: IPv4\nports:\n- name: dns\n  protocol: UDP\n  port: 5353\nendpoints:\n- addresses: [\"{}\"]\n  conditions:\n    ready: true\n  nodeName: node1\n---\n",
+            b.ip
+        ),
     ]
     .concat();
     apply(&c, &manifest)?;
@@ -637,6 +644,13 @@ fn services_with_ebpf_nodeport_external_ip_and_local_policy() -> Result<()> {
     expect("NodePort via node0 (SNAT)", &|| ask(c.underlay(), &format!("{n0}:30080")), &format!("b {}", snat[0]))?;
     // NodePort on the backend's node: the client address is kept.
     expect("NodePort via node1 (local backend)", &|| ask(c.underlay(), &format!("{n1}:30080")), "b 198.18.0.1")?;
+    // UDP NodePort through the SNAT path: the answer comes back from the NodePort.
+    let udp = |addr: String| -> Result<String> {
+        let out = c.underlay().exec(&["sh", "-c", &format!("echo hi | socat -T 2 - UDP:{addr} 2>&1")])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    expect("UDP NodePort via node0 (SNAT)", &|| udp(format!("{n0}:30053")), &format!("ub {}", snat[0]))?;
+    expect("UDP NodePort via node1 (local backend)", &|| udp(format!("{n1}:30053")), "ub 198.18.0.1")?;
     // An external IP routed to node0.
     expect("externalIP via node0", &|| ask(c.underlay(), "198.18.5.5:80"), &format!("b {}", snat[0]))?;
     // externalTrafficPolicy Local: the client address is kept, and a node without a local
