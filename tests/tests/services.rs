@@ -579,7 +579,8 @@ fn overlay_address(env: &std::collections::HashMap<String, String>) -> Result<St
 /// backend (tc DNAT + SNAT to the node's overlay address, reply reverse-NATed on the overlay
 /// device) and to the node with it (client address kept), an external IP routed to a node,
 /// externalTrafficPolicy Local (client address kept; dropped on a node without a local
-/// endpoint), reject without endpoints, and a registry edit reaching every node.
+/// endpoint), a LoadBalancer ingress IP, UDP, reject without endpoints, and a registry edit
+/// reaching every node.
 #[test]
 fn services_with_ebpf_nodeport_external_ip_and_local_policy() -> Result<()> {
     if let Err(why) = netd_ebpf_probe().and_then(|()| netd_ebpf_tc_probe()) {
@@ -609,12 +610,16 @@ fn services_with_ebpf_nodeport_external_ip_and_local_policy() -> Result<()> {
     let (n0, n1, n2) = (c.node(0).ip(), c.node(1).ip(), c.node(2).ip());
     // The external IP is routed to node0 by the underlay (as a router would).
     c.underlay().ip(&["route", "add", "198.18.5.5/32", "via", &n0.to_string()])?;
+    // The load balancer's ingress IP is routed to node2 (which has no backend of `lb`).
+    c.underlay().ip(&["route", "add", "198.18.5.6/32", "via", &n2.to_string()])?;
     let manifest = [
         service("web", "10.96.0.50", "NodePort", "    nodePort: 30080\n  externalIPs: [\"198.18.5.5\"]\n"),
         slice("web", &[(&b, "node1")]),
         service("local", "10.96.0.52", "NodePort", "    nodePort: 30081\n  externalTrafficPolicy: Local\n"),
         slice("local", &[(&b, "node1")]),
         service("empty", "10.96.0.51", "NodePort", "    nodePort: 30082\n"),
+        service("lb", "10.96.0.54", "LoadBalancer", "    nodePort: 30083\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.18.5.6\n"),
+        slice("lb", &[(&b, "node1")]),
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: dns\n  namespace: default\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.53\n  ports:\n  - name: dns\n    protocol: UDP\n    port: 53\n    targetPort: 5353\n    nodePort: 30053\n---\n".to_string(),
         format!(
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: dns\naddressType: IPv4\nports:\n- name: dns\n  protocol: UDP\n  port: 5353\nendpoints:\n- addresses: [\"{}\"]\n  conditions:\n    ready: true\n  nodeName: node1\n---\n",
@@ -644,6 +649,8 @@ fn services_with_ebpf_nodeport_external_ip_and_local_policy() -> Result<()> {
     expect("NodePort via node0 (SNAT)", &|| ask(c.underlay(), &format!("{n0}:30080")), &format!("b {}", snat[0]))?;
     // NodePort on the backend's node: the client address is kept.
     expect("NodePort via node1 (local backend)", &|| ask(c.underlay(), &format!("{n1}:30080")), "b 198.18.0.1")?;
+    // A LoadBalancer ingress IP, routed to node2: SNAT to node2's overlay address.
+    expect("LoadBalancer IP via node2 (SNAT)", &|| ask(c.underlay(), "198.18.5.6:80"), &format!("b {}", snat[2]))?;
     // UDP NodePort through the SNAT path: the answer comes back from the NodePort.
     let udp = |addr: String| -> Result<String> {
         let out = c.underlay().exec(&["sh", "-c", &format!("echo hi | socat -T 2 - UDP:{addr} 2>&1")])?;
