@@ -31,8 +31,8 @@ pub struct MapState {
     /// Observed only: slots no frontend refers to (left by an interrupted apply).
     pub orphans: Vec<SlotKey>,
     /// Rendered only: which plan entry produced which frontends, so the next render redoes
-    /// only the services that changed.
-    pub services: BTreeMap<ServicePortKey, ServiceEntry>,
+    /// only the services that changed. Sorted by `ServicePortKey` (the plan's order).
+    pub services: Vec<ServiceEntry>,
     pub node: Option<NodeInfo>,
     /// `netd_cfg[0]`: the node's SNAT address for the tc programs.
     pub cfg: CfgValue,
@@ -160,14 +160,15 @@ pub fn render(plan: &Plan, prev: Option<&MapState>) -> MapState {
     let incremental = prev.node.as_ref() == Some(&plan.node);
     let mut next_id = if prev.next_id == 0 { first_free_id(&prev.frontends) } else { prev.next_id };
     let mut frontends = if incremental { prev.frontends.clone() } else { BTreeMap::new() };
-    let mut services: BTreeMap<ServicePortKey, ServiceEntry> = BTreeMap::new();
+    let mut services: Vec<ServiceEntry> = Vec::with_capacity(plan.services.len());
     let mut changed = Vec::new();
     // Merge walk over two sorted lists: the plan and what the previous render came from.
-    let no_services = BTreeMap::new();
+    let no_services = Vec::new();
     let mut old_iter = if incremental { &prev.services } else { &no_services }.iter().peekable();
+    let fresh = |sp: &Arc<ServicePortPlan>| ServiceEntry { plan: sp.clone(), keys: Arc::from(Vec::new()) };
     for (k, sp) in &plan.services {
-        while let Some((old_key, old)) = old_iter.peek() {
-            match (*old_key).cmp(k) {
+        while let Some(old) = old_iter.peek() {
+            match old.plan.key.cmp(k) {
                 std::cmp::Ordering::Less => {
                     for key in old.keys.iter() {
                         frontends.remove(key); // service gone
@@ -178,28 +179,32 @@ pub fn render(plan: &Plan, prev: Option<&MapState>) -> MapState {
             }
         }
         match old_iter.peek() {
-            Some((old_key, old)) if *old_key == k && (Arc::ptr_eq(&old.plan, sp) || old.plan == *sp) => {
-                services.insert(k.clone(), (*old).clone());
+            Some(old) if old.plan.key == *k && (Arc::ptr_eq(&old.plan, sp) || *old.plan == **sp) => {
+                services.push((*old).clone());
                 old_iter.next();
             }
-            Some((old_key, old)) if *old_key == k => {
+            Some(old) if old.plan.key == *k => {
                 for key in old.keys.iter() {
                     frontends.remove(key); // re-rendered below
                 }
                 old_iter.next();
-                changed.push(sp.clone());
+                changed.push(services.len());
+                services.push(fresh(sp));
             }
-            _ => changed.push(sp.clone()),
+            _ => {
+                changed.push(services.len());
+                services.push(fresh(sp));
+            }
         }
     }
-    for (_, old) in old_iter {
+    for old in old_iter {
         for key in old.keys.iter() {
             frontends.remove(key);
         }
     }
-    for sp in changed {
-        let keys = render_service(&sp, &plan.node, &prev.frontends, &mut frontends, &mut next_id);
-        services.insert(sp.key.clone(), ServiceEntry { plan: sp, keys });
+    for i in changed {
+        let sp = services[i].plan.clone();
+        services[i].keys = render_service(&sp, &plan.node, &prev.frontends, &mut frontends, &mut next_id);
     }
     MapState {
         frontends,
@@ -221,7 +226,8 @@ pub fn update(state: &mut MapState, plan: &Plan, changed: &[ServicePortKey]) -> 
     let mut new_part = MapState::default();
     // Take every changed service's frontends out first (a frontend may move between them).
     for k in changed {
-        if let Some(old) = state.services.remove(k) {
+        if let Ok(i) = state.services.binary_search_by(|e| e.plan.key.cmp(k)) {
+            let old = state.services.remove(i);
             for key in old.keys.iter() {
                 if let Some(f) = state.frontends.remove(key) {
                     old_part.frontends.insert(*key, f);
@@ -229,13 +235,21 @@ pub fn update(state: &mut MapState, plan: &Plan, changed: &[ServicePortKey]) -> 
             }
         }
     }
+    let mut done = BTreeSet::new();
     for k in changed {
+        if !done.insert(k) {
+            continue; // listed twice
+        }
         if let Some(sp) = plan.services.get(k) {
             let keys = render_service(sp, &plan.node, &old_part.frontends, &mut state.frontends, &mut state.next_id);
             for key in keys.iter() {
                 new_part.frontends.insert(*key, state.frontends[key].clone());
             }
-            state.services.insert(k.clone(), ServiceEntry { plan: sp.clone(), keys });
+            let entry = ServiceEntry { plan: sp.clone(), keys };
+            match state.services.binary_search_by(|e| e.plan.key.cmp(k)) {
+                Ok(i) => state.services[i] = entry, // cannot happen: taken out above
+                Err(i) => state.services.insert(i, entry),
+            }
         }
     }
     state.generation = plan.generation;
@@ -460,7 +474,8 @@ mod tests {
         let c = sp("c", [10, 96, 0, 12], vec![ep(9, 80)]);
         let d = sp("d", [10, 96, 0, 13], vec![ep(7, 80)]);
         let e_key = p1.services.keys().find(|k| k.service.name == "e").unwrap().clone();
-        let changed: Vec<ServicePortKey> = vec![b.key.clone(), c.key.clone(), d.key.clone(), e_key.clone()];
+        // (b listed twice: harmless)
+        let changed: Vec<ServicePortKey> = vec![b.key.clone(), c.key.clone(), d.key.clone(), e_key.clone(), b.key.clone()];
         for s in [b, c, d] {
             p2.services.insert(s.key.clone(), Arc::new(s));
         }
