@@ -31,17 +31,18 @@
 #define NETD_MAX_CT        262144
 
 /* netd_cfg: SNAT source ports of NodePort/external traffic sent to other nodes' backends.
- * Above Linux's default ephemeral range (32768-60999), so they never collide with the
- * node's own connections from the overlay address. */
-#define NETD_SNAT_PORT_MIN 61000
-#define NETD_SNAT_PORT_MAX 65535
+ * Below Linux's default ephemeral range (32768-60999), so they never collide with the
+ * node's own connections from the overlay address (whose source ports come from that range). */
+#define NETD_SNAT_PORT_MIN 1024
+#define NETD_SNAT_PORT_MAX 32767
 
 /* netd_ct_key.dir */
 #define NETD_CT_FORWARD 0 /* client -> frontend, as it arrives on the external device */
 #define NETD_CT_REPLY   1 /* backend -> client (or -> SNAT address), as the reply comes back */
 
 /* netd_ct_value.flags */
-#define NETD_CT_F_SNAT (1u << 0) /* source rewritten to netd_cfg.snat_ip: redirected, not routed */
+#define NETD_CT_F_SNAT    (1u << 0) /* source rewritten to netd_cfg.snat_ip: redirected, not routed */
+#define NETD_CT_F_CLOSING (1u << 1) /* TCP FIN or RST seen: its SNAT port is free again soon */
 
 /* netd_svc: frontend -> service. */
 struct netd_svc_key {

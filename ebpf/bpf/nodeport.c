@@ -32,11 +32,16 @@
 #include "lb.h"
 
 #define AF_INET 2
+#define TCPF_FIN 0x01
 #define TCPF_SYN 0x02
+#define TCPF_RST 0x04
 #define TCPF_ACK 0x10
-/* Idle time after which a SNAT port may be reused. */
+/* Idle time after which a SNAT port may be reused; after a FIN or RST (long enough for the
+ * backend's TIME_WAIT to accept a new connection on the same tuple, short enough for
+ * ~1000 new connections a second to one remote backend). */
 #define CT_IDLE_TCP (3600ULL * NSEC_PER_SEC)
 #define CT_IDLE_UDP (120ULL * NSEC_PER_SEC)
+#define CT_IDLE_CLOSING (30ULL * NSEC_PER_SEC)
 #define SNAT_TRIES 16
 
 struct {
@@ -166,6 +171,15 @@ static __always_inline void touch(struct netd_ct_value *v, __u64 now)
 		v->last_ns = now;
 }
 
+/* A FIN or RST: the REPLY entry `v` (the one the SNAT port allocator checks) is closing. */
+static __always_inline void closing(struct netd_ct_value *v, const struct pkt *p, __u64 now)
+{
+	if ((p->tcp_flags & (TCPF_FIN | TCPF_RST)) && !(v->flags & NETD_CT_F_CLOSING)) {
+		v->flags |= NETD_CT_F_CLOSING;
+		v->last_ns = now;
+	}
+}
+
 /* A free SNAT source port towards `be` (network order), or 0. */
 static __always_inline __u16 snat_port(const struct netd_cfg *cfg, const struct pkt *p,
 				       const struct netd_backend *be, __u64 now)
@@ -182,7 +196,7 @@ static __always_inline __u16 snat_port(const struct netd_cfg *cfg, const struct 
 	for (int i = 0; i < SNAT_TRIES; i++) {
 		rk.dport = bpf_htons((__u16)(min + (start + i) % range));
 		struct netd_ct_value *v = bpf_map_lookup_elem(&netd_ct, &rk);
-		if (!v || now - v->last_ns > idle)
+		if (!v || now - v->last_ns > (v->flags & NETD_CT_F_CLOSING ? CT_IDLE_CLOSING : idle))
 			return rk.dport;
 	}
 	return 0;
@@ -216,6 +230,7 @@ static __always_inline int from_outside(struct __sk_buff *skb, __u32 l3off)
 	struct netd_ct_value *v = bpf_map_lookup_elem(&netd_ct, &k);
 	if (v && (v->flags & NETD_CT_F_SNAT)) {
 		touch(v, now);
+		closing(v, &p, now);
 		__u32 saddr = v->saddr, daddr = v->daddr;
 		__u16 sport = v->sport, dport = v->dport;
 		if (rewrite(skb, l3off, &p, saddr, sport, daddr, dport) < 0)
@@ -230,6 +245,15 @@ static __always_inline int from_outside(struct __sk_buff *skb, __u32 l3off)
 		v = bpf_map_lookup_elem(&netd_ct, &k);
 		if (v) {
 			touch(v, now);
+			if ((v->flags & NETD_CT_F_SNAT) && (p.tcp_flags & (TCPF_FIN | TCPF_RST))) {
+				struct netd_ct_key rk = {
+					.saddr = v->daddr, .daddr = v->saddr, .sport = v->dport, .dport = v->sport,
+					.proto = p.proto, .dir = NETD_CT_REPLY,
+				};
+				struct netd_ct_value *rv = bpf_map_lookup_elem(&netd_ct, &rk);
+				if (rv)
+					closing(rv, &p, now);
+			}
 			return forward(skb, l3off, &p, v);
 		}
 	}

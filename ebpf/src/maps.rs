@@ -20,12 +20,13 @@ pub const MAP_REVNAT: &str = "netd_revnat";
 pub const MAP_CT: &str = "netd_ct";
 pub const MAP_CFG: &str = "netd_cfg";
 
-pub const SNAT_PORT_MIN: u16 = 61000;
-pub const SNAT_PORT_MAX: u16 = 65535;
+pub const SNAT_PORT_MIN: u16 = 1024;
+pub const SNAT_PORT_MAX: u16 = 32767;
 
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REPLY: u8 = 1;
 pub const CT_F_SNAT: u32 = 1 << 0;
+pub const CT_F_CLOSING: u32 = 1 << 1;
 
 /// `struct netd_svc_key`.
 #[repr(C)]
@@ -214,6 +215,7 @@ mod tests {
             ("NETD_CT_FORWARD", CT_FORWARD as usize),
             ("NETD_CT_REPLY", CT_REPLY as usize),
             ("NETD_CT_F_SNAT", CT_F_SNAT as usize),
+            ("NETD_CT_F_CLOSING", CT_F_CLOSING as usize),
             ("NETD_SNAT_PORT_MIN", SNAT_PORT_MIN as usize),
             ("NETD_SNAT_PORT_MAX", SNAT_PORT_MAX as usize),
         ] {

@@ -76,6 +76,9 @@ struct Bed {
     out: Netns,
     node: Netns,
     _pod: Netns,
+    /// A pod "on another node", behind the node's "overlay" device ov0 (a veth here), which
+    /// has the node's overlay address 10.244.1.0 (the SNAT address).
+    _remote: Netns,
     scripts: PathBuf,
 }
 
@@ -139,6 +142,14 @@ impl Bed {
         pod.ip(&["addr", "add", "10.244.1.4/24", "dev", "eth0"])?;
         pod.ip(&["link", "set", "eth0", "up"])?;
         pod.ip(&["route", "add", "default", "via", "10.244.1.1"])?;
+        let remote = Netns::new("np-remote")?;
+        node.ip(&["link", "add", "ov0", "type", "veth", "peer", "name", "eth0", "netns", remote.name()])?;
+        node.ip(&["addr", "add", "10.244.1.0/32", "dev", "ov0"])?;
+        node.ip(&["link", "set", "ov0", "up"])?;
+        node.ip(&["route", "add", "10.244.2.3/32", "dev", "ov0"])?;
+        remote.ip(&["addr", "add", "10.244.2.3/24", "dev", "eth0"])?;
+        remote.ip(&["link", "set", "eth0", "up"])?;
+        remote.ip(&["route", "add", "10.244.1.0/32", "dev", "eth0"])?;
         let scripts = std::env::temp_dir().join(format!("netd-np-py-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         std::fs::create_dir_all(&scripts)?;
         std::fs::write(scripts.join("server.py"), SERVER_PY)?;
@@ -147,12 +158,13 @@ impl Bed {
         std::fs::create_dir_all(&mnt)?;
         let st = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&mnt).status()?;
         anyhow::ensure!(st.success(), "mount bpffs on {}", mnt.display());
-        let bed = Bed { backend: None, bpffs: TestBpffs(mnt), out, node, _pod: pod, scripts };
+        let bed = Bed { backend: None, bpffs: TestBpffs(mnt), out, node, _pod: pod, _remote: remote, scripts };
         let py = bed.scripts.join("server.py");
         bed._pod.spawn(&["python3", py.to_str().unwrap(), "10.244.1.3", "A"], None)?;
         bed._pod.spawn(&["python3", py.to_str().unwrap(), "10.244.1.4", "B"], None)?;
+        bed._remote.spawn(&["python3", py.to_str().unwrap(), "10.244.2.3", "R"], None)?;
         let client = bed.scripts.join("client.py");
-        for ip in ["10.244.1.3", "10.244.1.4"] {
+        for ip in ["10.244.1.3", "10.244.1.4", "10.244.2.3"] {
             netd_tests::wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
                 Ok(bed.node.run(&["python3", client.to_str().unwrap(), "tcp", ip, "8080"])?.starts_with("OK"))
             })
@@ -167,7 +179,7 @@ impl Bed {
             mount_bpffs: false,
             cgroup: None,
             external_devices: vec!["d0".into()],
-            overlay_device: None,
+            overlay_device: Some("ov0".into()),
         }
     }
 
@@ -301,6 +313,38 @@ fn node_port_balances_and_client_ip_affinity_sticks() -> Result<()> {
     let first = bed.client("tcp", "198.18.0.10", 30080)?;
     for _ in 0..15 {
         assert_eq!(bed.client("tcp", "198.18.0.10", 30080)?, first);
+    }
+    Ok(())
+}
+
+#[test]
+fn node_port_to_a_remote_backend_is_snated_and_its_reply_reverse_natted_on_the_overlay() -> Result<()> {
+    let mut bed = bed_or_skip!();
+    bed.start()?;
+    let remote = Endpoint { ip: Ipv4Addr::new(10, 244, 2, 3), port: 8080, local: false, ready: true, serving: true, terminating: false };
+    let udp_remote = Endpoint { port: 5353, ..remote.clone() };
+    bed.backend().sync_plan(
+        &plan(vec![service("web", Proto::Tcp, 80, 8080, 30080, vec![remote]), service("dns", Proto::Udp, 53, 5353, 30053, vec![udp_remote])]),
+        false,
+    )?;
+    // The backend sees the node's overlay address; the client sees the NodePort answer.
+    for _ in 0..3 {
+        assert_eq!(bed.client("tcp", "198.18.0.10", 30080)?, "OK R 10.244.1.0 198.18.0.10 30080");
+    }
+    assert_eq!(bed.client("udp", "198.18.0.10", 30053)?, "OK R 10.244.1.0 198.18.0.10 30053");
+    // Closed TCP connections mark their SNAT entries closing (their ports are reusable soon);
+    // SNAT ports come from the configured range.
+    let map = aya::maps::MapData::from_pin(bed.bpffs.0.join("netd/netd_ct"))?;
+    let ct: aya::maps::HashMap<_, netd_ebpf::maps::CtKey, netd_ebpf::maps::CtValue> = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map))?;
+    let replies: Vec<(netd_ebpf::maps::CtKey, netd_ebpf::maps::CtValue)> =
+        ct.iter().filter_map(|r| r.ok()).filter(|(k, _)| k.dir == netd_ebpf::maps::CT_REPLY && k.proto == 6).collect();
+    assert_eq!(replies.len(), 3, "one reply entry per connection: {replies:?}");
+    for (k, v) in &replies {
+        let port = u16::from_be(k.dport);
+        assert!((netd_ebpf::maps::SNAT_PORT_MIN..=netd_ebpf::maps::SNAT_PORT_MAX).contains(&port), "{port}");
+        assert_eq!(netd_ebpf::maps::ip_from_be(k.daddr), Ipv4Addr::new(10, 244, 1, 0));
+        assert_eq!(v.flags & netd_ebpf::maps::CT_F_SNAT, netd_ebpf::maps::CT_F_SNAT);
+        assert_eq!(v.flags & netd_ebpf::maps::CT_F_CLOSING, netd_ebpf::maps::CT_F_CLOSING, "closed connection: {k:?} {v:?}");
     }
     Ok(())
 }
