@@ -59,6 +59,7 @@ bench: release bench-deps
 	bash bench/proxy/run.sh
 	$(CARGO) run --release -p netd-udp --example pair -- --seconds 5 --runs 5
 	$(CARGO) run --release -p netd-ebpf --example sync_bench
+	$(CARGO) run --release -p netd-ebpf --example conn_bench -- --services 10000 --endpoints 10
 	bash bench/dns/run.sh
 
 # Removes namespaces left by a test run that was killed (the harness also does this itself).

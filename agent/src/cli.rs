@@ -113,6 +113,11 @@ pub struct RunArgs {
     /// (default: the cgroup v2 root, i.e. every process on the node).
     #[arg(long, env = "NETD_EBPF_CGROUP")]
     pub ebpf_cgroup: Option<PathBuf>,
+    /// With `--proxy-mode ebpf`: devices NodePort/externalIP/LoadBalancer traffic from outside
+    /// arrives on, comma-separated (tc programs; default: the underlay interface; `none`: no
+    /// NodePort translation, ClusterIP only).
+    #[arg(long, env = "NETD_EBPF_EXTERNAL_DEVICES", value_delimiter = ',')]
+    pub ebpf_external_devices: Option<Vec<String>>,
     /// etcd key prefix of the service registry (<prefix>/services/<ns>/<name>, <prefix>/endpointslices/<ns>/<name>).
     #[arg(long, env = "NETD_REGISTRY_PREFIX", default_value = netd_proxy::registry::DEFAULT_PREFIX)]
     pub registry_prefix: String,

@@ -191,6 +191,16 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
             bpffs_dir: d.args.ebpf_bpffs.clone(),
             mount_bpffs: true,
             cgroup: Some(d.args.ebpf_cgroup.clone().unwrap_or_else(netd_ebpf::default_cgroup)),
+            external_devices: match &d.args.ebpf_external_devices {
+                None => vec![d.underlay.name.clone()],
+                Some(devs) => devs.iter().filter(|x| !x.is_empty() && x.as_str() != "none").cloned().collect(),
+            },
+            // Replies of connections SNATed to remote backends come back through the overlay
+            // (unless NodePort translation is off altogether).
+            overlay_device: (d.args.ebpf_external_devices.as_deref() != Some(&["none".to_string()][..])).then(|| match d.cfg.backend.kind {
+                BackendKind::Vxlan => vxlan_name(d.cfg.backend.vni),
+                BackendKind::Udp => UDP_DEVICE.to_string(),
+            }),
         });
         let kube = d.args.kube.clone();
         tokio::spawn(async move {

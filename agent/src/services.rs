@@ -83,7 +83,7 @@ pub fn spawn_proxy(
     // The eBPF backend is built here (it lives in its own crate); a kernel without the hooks is
     // reported clearly and services are left unprogrammed rather than half-programmed.
     let backend = match (mode, ebpf) {
-        (ProxyMode::Ebpf, Some(cfg)) => match netd_ebpf::probe().map_err(|e| e.to_string()).and_then(|()| netd_ebpf::ebpf_backend(cfg).map_err(|e| e.to_string())) {
+        (ProxyMode::Ebpf, Some(cfg)) => match netd_ebpf::probe().map_err(|e| e.to_string()).and_then(|()| ebpf_backend_or_cluster_ip_only(cfg, &shared)) {
             Ok(b) => Some(b),
             Err(e) => {
                 error!(error = %e, "--proxy-mode ebpf is not available on this node; services are not programmed (use nftables)");
@@ -131,6 +131,23 @@ pub fn spawn_proxy(
             });
         }
     });
+}
+
+/// The eBPF backend; when only its tc part (NodePort from outside) cannot run here (a kernel
+/// without TCX, a missing device), ClusterIPs are still served by the socket load balancer and
+/// the problem is reported.
+fn ebpf_backend_or_cluster_ip_only(cfg: netd_ebpf::EbpfConfig, shared: &Shared) -> Result<Box<dyn netd_proxy::Backend>, String> {
+    let tc = !cfg.external_devices.is_empty() || cfg.overlay_device.is_some();
+    let tc_problem = if tc { netd_ebpf::probe_tc().err() } else { None };
+    let cfg = match tc_problem {
+        Some(why) => {
+            warn!(reason = %why, "eBPF NodePort/externalIP translation unavailable; ClusterIPs only");
+            shared.update(|s| s.problems.push(format!("eBPF NodePort/externalIP translation unavailable: {why}")));
+            netd_ebpf::EbpfConfig { external_devices: Vec::new(), overlay_device: None, ..cfg }
+        }
+        None => cfg,
+    };
+    netd_ebpf::ebpf_backend(cfg).map_err(|e| e.to_string())
 }
 
 /// Serves cluster DNS from the same snapshots: the zone is updated and swapped in on every

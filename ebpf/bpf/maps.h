@@ -30,6 +30,20 @@
 #define NETD_MAX_REVNAT    262144
 #define NETD_MAX_CT        262144
 
+/* netd_cfg: SNAT source ports of NodePort/external traffic sent to other nodes' backends.
+ * Below Linux's default ephemeral range (32768-60999), so they never collide with the
+ * node's own connections from the overlay address (whose source ports come from that range). */
+#define NETD_SNAT_PORT_MIN 1024
+#define NETD_SNAT_PORT_MAX 32767
+
+/* netd_ct_key.dir */
+#define NETD_CT_FORWARD 0 /* client -> frontend, as it arrives on the external device */
+#define NETD_CT_REPLY   1 /* backend -> client (or -> SNAT address), as the reply comes back */
+
+/* netd_ct_value.flags */
+#define NETD_CT_F_SNAT    (1u << 0) /* source rewritten to netd_cfg.snat_ip: redirected, not routed */
+#define NETD_CT_F_CLOSING (1u << 1) /* TCP FIN or RST seen: its SNAT port is free again soon */
+
 /* netd_svc: frontend -> service. */
 struct netd_svc_key {
 	__u32 vip;   /* be */
@@ -87,6 +101,37 @@ struct netd_revnat_value {
 	__u32 vip;  /* be */
 	__u16 port; /* be */
 	__u16 pad;
+};
+
+/* netd_ct (LRU): the connections tc translated (NodePort, externalIP, LB IP from outside).
+ * Two entries per connection: FORWARD keyed by the packet as the client sent it, REPLY keyed
+ * by the backend's answer as it comes back; each value is what the packet's addresses and
+ * ports become. */
+struct netd_ct_key {
+	__u32 saddr; /* be */
+	__u32 daddr; /* be */
+	__u16 sport; /* be */
+	__u16 dport; /* be */
+	__u8 proto;
+	__u8 dir;    /* NETD_CT_* */
+	__u16 pad;
+};
+
+struct netd_ct_value {
+	__u64 last_ns; /* last packet seen (refreshed at most once a second) */
+	__u32 saddr;   /* be */
+	__u32 daddr;   /* be */
+	__u16 sport;   /* be */
+	__u16 dport;   /* be */
+	__u32 flags;   /* NETD_CT_F_* */
+};
+
+/* netd_cfg (array, one entry, key 0): per-node settings rendered from the plan's node. */
+struct netd_cfg {
+	__u32 snat_ip;       /* be: this node's overlay address (its pod subnet's network address,
+	                      * which remote nodes route back through the overlay); 0: none */
+	__u16 snat_port_min; /* host order */
+	__u16 snat_port_max; /* host order */
 };
 
 #endif

@@ -11,38 +11,9 @@
  * endpoint refuses connect()/sendmsg() with ECONNREFUSED (bpf_set_retval, kernel >= 5.18;
  * older kernels report EPERM).
  */
-#include <linux/bpf.h>
-#include <bpf/bpf_helpers.h>
-#include "maps.h"
+#include "lb.h"
 
 #define ECONNREFUSED 111
-#define NSEC_PER_SEC 1000000000ULL
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct netd_svc_key);
-	__type(value, struct netd_svc_value);
-	__uint(max_entries, NETD_MAX_SERVICES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} netd_svc SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct netd_slot_key);
-	__type(value, struct netd_backend);
-	__uint(max_entries, NETD_MAX_SLOTS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} netd_slots SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct netd_affinity_key);
-	__type(value, struct netd_affinity_value);
-	__uint(max_entries, NETD_MAX_AFFINITY);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} netd_affinity SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -52,54 +23,26 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } netd_revnat SEC(".maps");
 
-static __always_inline int same_backend(const struct netd_backend *a, const struct netd_backend *b)
-{
-	return a->ip == b->ip && a->port == b->port;
-}
-
 /* Picks a backend for frontend `key`. Returns 1 and fills `out` on success, 0 when the
  * frontend is not a service, -1 when the service must be refused. */
-static __always_inline int pick_backend(struct bpf_sock_addr *ctx, struct netd_svc_key *key,
-					struct netd_backend *out)
+static __always_inline int lookup_and_pick(struct bpf_sock_addr *ctx, struct netd_svc_key *key,
+					   struct netd_backend *out)
 {
 	struct netd_svc_value *svc = bpf_map_lookup_elem(&netd_svc, key);
-	if (!svc)
-		return 0;
-	__u32 count = svc->count;
-	if (count == 0)
-		return -1;
-
-	struct netd_affinity_key ak = {};
-	__u64 now = 0;
-	int affinity = svc->flags & NETD_SVC_F_AFFINITY;
-	if (affinity) {
-		ak.netns = bpf_get_netns_cookie(ctx);
-		ak.id = svc->id;
-		now = bpf_ktime_get_ns();
-		struct netd_affinity_value *av = bpf_map_lookup_elem(&netd_affinity, &ak);
-		if (av && now - av->last_ns <= (__u64)svc->affinity_timeout * NSEC_PER_SEC &&
-		    av->slot >= 1 && av->slot <= count) {
-			/* Still valid only if that slot still holds that backend. */
-			struct netd_slot_key sk = { .id = svc->id, .slot = av->slot };
-			struct netd_backend *be = bpf_map_lookup_elem(&netd_slots, &sk);
-			if (be && same_backend(be, &av->backend)) {
-				*out = *be;
-				av->last_ns = now;
-				return 1;
-			}
-		}
+	if (!svc) {
+		/* Not a ClusterIP: maybe this node's NodePort or an external IP (hairpin from a
+		 * pod or the host), balanced here too instead of by the tc programs. Exact
+		 * addresses only (a "any node address" NodePort has vip 0 and stays with tc). */
+		key->scope = NETD_SCOPE_EXTERNAL;
+		svc = bpf_map_lookup_elem(&netd_svc, key);
+		key->scope = NETD_SCOPE_INTERNAL;
+		if (!svc)
+			return 0;
 	}
-
-	struct netd_slot_key sk = { .id = svc->id, .slot = bpf_get_prandom_u32() % count + 1 };
-	struct netd_backend *be = bpf_map_lookup_elem(&netd_slots, &sk);
-	if (!be)
-		return -1; /* cannot happen: netd writes slots before the count that exposes them */
-	*out = *be;
-	if (affinity) {
-		struct netd_affinity_value av = { .last_ns = now, .backend = *be, .slot = sk.slot };
-		bpf_map_update_elem(&netd_affinity, &ak, &av, BPF_ANY);
-	}
-	return 1;
+	if (svc->count == 0)
+		return -1; /* no endpoints (or none local under a Local policy): fail fast */
+	struct netd_affinity_key ak = { .netns = bpf_get_netns_cookie(ctx) };
+	return pick_backend(svc, &ak, out) ? 1 : -1;
 }
 
 static __always_inline int lb4(struct bpf_sock_addr *ctx)
@@ -111,7 +54,7 @@ static __always_inline int lb4(struct bpf_sock_addr *ctx)
 		.scope = NETD_SCOPE_INTERNAL,
 	};
 	struct netd_backend be;
-	int r = pick_backend(ctx, &key, &be);
+	int r = lookup_and_pick(ctx, &key, &be);
 	if (r == 0)
 		return 1;
 	if (r < 0) {

@@ -11,29 +11,38 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use aya::programs::links::FdLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
+use aya::programs::links::{FdLink, LinkOrder};
+use aya::programs::tc::TcAttachOptions;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use netd_proxy::dataplane::{ApplyReport, DataplaneError};
-use netd_proxy::iptables::IptablesError;
 use netd_proxy::{Backend, Plan};
 use tracing::{debug, info};
 
 use crate::maps::*;
 use crate::render::{diff, render, Frontend, MapState, Op};
-use crate::{sys, EbpfConfig, EbpfError, SOCK_OBJ};
+use crate::{sys, EbpfConfig, EbpfError, NODEPORT_OBJ, SOCK_OBJ};
 
 /// The cgroup sock_addr programs (function names in `bpf/sock.c`).
 pub const SOCK_PROGRAMS: [&str; 4] = ["netd_connect4", "netd_sendmsg4", "netd_recvmsg4", "netd_getpeername4"];
+
+/// The tc programs (`bpf/nodeport.c`): ingress and egress, for devices with and without an
+/// Ethernet header.
+pub const TC_PROGRAMS: [&str; 4] = ["netd_from_outside_l2", "netd_from_outside_l3", "netd_to_outside_l2", "netd_to_outside_l3"];
+
+/// Every map, as pinned.
+const MAPS: [&str; 6] = [MAP_SVC, MAP_SLOTS, MAP_AFFINITY, MAP_REVNAT, MAP_CT, MAP_CFG];
 
 pub struct EbpfBackend {
     cfg: EbpfConfig,
     svc: BpfHashMap<MapData, SvcKey, SvcValue>,
     slots: BpfHashMap<MapData, SlotKey, BackendValue>,
+    node_cfg: Array<MapData, CfgValue>,
     last: Option<MapState>,
-    /// Keeps the programs (and with them the non-pinned state) alive.
+    /// Keep the programs (and with them the non-pinned state) alive.
     _bpf: Ebpf,
+    _tc: Ebpf,
 }
 
 fn err(what: &str, e: impl std::fmt::Display + std::fmt::Debug) -> EbpfError {
@@ -73,10 +82,59 @@ impl EbpfBackend {
                 attach_or_replace(prog, name, cgroup, &cfg.bpffs_dir.join("links"))?;
             }
         }
+        // The tc object meets the socket LB's maps through their pins (same directory).
+        let mut tc = EbpfLoader::new()
+            .default_map_pin_directory(&cfg.bpffs_dir)
+            .load(NODEPORT_OBJ)
+            .map_err(|e| err("loading the NodePort (tc) object", e))?;
+        let links = cfg.bpffs_dir.join("links");
+        let mut wanted_tc_pins = Vec::new();
+        if !cfg.external_devices.is_empty() || cfg.overlay_device.is_some() {
+            for name in TC_PROGRAMS {
+                let prog: &mut SchedClassifier = tc
+                    .program_mut(name)
+                    .ok_or_else(|| err(name, "missing from the object"))?
+                    .try_into()
+                    .map_err(|e| err(name, e))?;
+                prog.load().map_err(|e| err(&format!("loading {name} (verifier)"), e))?;
+            }
+            let mut attach = |dev: &str, ingress: bool| -> Result<(), EbpfError> {
+                let l2 = sys::has_ethernet_header(dev);
+                let name = match (ingress, l2) {
+                    (true, true) => TC_PROGRAMS[0],
+                    (true, false) => TC_PROGRAMS[1],
+                    (false, true) => TC_PROGRAMS[2],
+                    (false, false) => TC_PROGRAMS[3],
+                };
+                let pin = tc_pin_name(dev, ingress);
+                let prog: &mut SchedClassifier = tc.program_mut(name).expect("loaded above").try_into().map_err(|e| err(name, e))?;
+                attach_tc(prog, name, dev, ingress, &links.join(&pin))?;
+                wanted_tc_pins.push(pin);
+                Ok(())
+            };
+            for dev in &cfg.external_devices {
+                attach(dev, true)?;
+                attach(dev, false)?;
+            }
+            if let Some(dev) = &cfg.overlay_device {
+                attach(dev, true)?;
+            }
+        }
+        // Links of devices no longer configured: unpinning detaches them.
+        if let Ok(rd) = std::fs::read_dir(&links) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("tc-") && !wanted_tc_pins.contains(&name) {
+                    info!(link = %name, "detaching the tc program of a device no longer configured");
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let svc = BpfHashMap::try_from(bpf.take_map(MAP_SVC).ok_or_else(|| err(MAP_SVC, "missing"))?).map_err(|e| err(MAP_SVC, e))?;
         let slots = BpfHashMap::try_from(bpf.take_map(MAP_SLOTS).ok_or_else(|| err(MAP_SLOTS, "missing"))?).map_err(|e| err(MAP_SLOTS, e))?;
-        info!(bpffs = %cfg.bpffs_dir.display(), cgroup = ?cfg.cgroup, "eBPF service dataplane loaded");
-        Ok(EbpfBackend { cfg, svc, slots, last: None, _bpf: bpf })
+        let node_cfg = Array::try_from(tc.take_map(MAP_CFG).ok_or_else(|| err(MAP_CFG, "missing"))?).map_err(|e| err(MAP_CFG, e))?;
+        info!(bpffs = %cfg.bpffs_dir.display(), cgroup = ?cfg.cgroup, external = ?cfg.external_devices, overlay = ?cfg.overlay_device, "eBPF service dataplane loaded");
+        Ok(EbpfBackend { cfg, svc, slots, node_cfg, last: None, _bpf: bpf, _tc: tc })
     }
 
     /// Reads `netd_svc` and `netd_slots` back.
@@ -109,13 +167,15 @@ impl EbpfBackend {
             }
         }
         orphans.sort();
-        Ok(MapState { frontends, orphans, ..Default::default() })
+        let cfg = self.node_cfg.get(&0, 0).map_err(|e| err("reading netd_cfg", e))?;
+        Ok(MapState { frontends, orphans, cfg, ..Default::default() })
     }
 
     fn apply_ops(&mut self, ops: &[Op]) -> Result<(), EbpfError> {
         let gone = |e: &MapError| matches!(e, MapError::KeyNotFound) || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT));
         for op in ops {
             let r = match op {
+                Op::PutCfg(v) => self.node_cfg.set(0, v, 0),
                 Op::PutSlot(k, v) => self.slots.insert(k, v, 0),
                 Op::PutSvc(k, v) => self.svc.insert(k, v, 0),
                 Op::DelSvc(k) => self.svc.remove(k),
@@ -131,7 +191,24 @@ impl EbpfBackend {
     }
 
     /// Plan → maps: render, diff against the last state (or the kernel's), apply.
+    ///
+    /// When the plan says it is the last applied plan with a few services changed
+    /// (`Plan::changes_since`), only those services are re-rendered and diffed, in place: the
+    /// cost of one endpoint change does not grow with the number of services.
     pub fn sync_plan(&mut self, plan: &Plan, observe: bool) -> Result<ApplyReport, EbpfError> {
+        if !observe {
+            if let Some(last) = self.last.as_mut().filter(|l| l.node.as_ref() == Some(&plan.node)) {
+                if let Some(changed) = plan.changes_since(last.generation) {
+                    let ops = crate::render::update(last, plan, changed);
+                    debug!(ops = ops.len(), services = changed.len(), "eBPF maps updated in place");
+                    if let Err(e) = self.apply_ops(&ops) {
+                        self.last = None; // the next sync observes
+                        return Err(e);
+                    }
+                    return Ok(ApplyReport { changed: !ops.is_empty(), size: ops.len(), observed: false });
+                }
+            }
+        }
         let observed = observe || self.last.is_none();
         let base = match self.last.take() {
             Some(last) if !observed => last,
@@ -155,14 +232,18 @@ impl EbpfBackend {
         self.last = None;
         let dir = &self.cfg.bpffs_dir;
         let links = dir.join("links");
-        for name in SOCK_PROGRAMS {
-            match std::fs::remove_file(links.join(name)) {
+        let mut pins: Vec<String> = SOCK_PROGRAMS.iter().map(|s| s.to_string()).collect();
+        if let Ok(rd) = std::fs::read_dir(&links) {
+            pins.extend(rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("tc-")));
+        }
+        for name in pins {
+            match std::fs::remove_file(links.join(&name)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(err(&format!("unpinning link {name}"), e)),
             }
         }
-        for m in [MAP_SVC, MAP_SLOTS, MAP_AFFINITY, MAP_REVNAT] {
+        for m in MAPS {
             match std::fs::remove_file(dir.join(m)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -198,10 +279,41 @@ fn attach_or_replace(prog: &mut CgroupSockAddr, name: &str, cgroup: &Path, links
     Ok(())
 }
 
+/// bpffs refuses names with a dot (`netd.1`): those become `_`.
+fn tc_pin_name(dev: &str, ingress: bool) -> String {
+    format!("tc-{}-{}", if ingress { "ingress" } else { "egress" }, dev.replace('.', "_"))
+}
+
+/// Attaches `prog` to `dev` (TCX, kernel >= 6.6) through a link pinned at `pin`, or swaps it
+/// into the pinned link atomically when netd restarted. A pinned link whose device went away
+/// (and came back: a recreated VXLAN device) is defunct; it is replaced by a new one.
+fn attach_tc(prog: &mut SchedClassifier, name: &str, dev: &str, ingress: bool, pin: &Path) -> Result<(), EbpfError> {
+    if pin.exists() {
+        let link = sys::obj_get(pin).map_err(|e| err(&format!("opening pinned link {}", pin.display()), e))?;
+        let fd = prog.fd().map_err(|e| err(name, e))?;
+        match sys::link_update(link.as_fd(), fd.as_fd()) {
+            Ok(()) => {
+                debug!(link = %pin.display(), "replaced program in pinned tc link");
+                return Ok(());
+            }
+            Err(e) => {
+                info!(link = %pin.display(), error = %e, "pinned tc link unusable (device recreated?); attaching anew");
+                std::fs::remove_file(pin).map_err(|e| err(&format!("unpinning {}", pin.display()), e))?;
+            }
+        }
+    }
+    let at = if ingress { TcAttachType::Ingress } else { TcAttachType::Egress };
+    let id = prog
+        .attach_with_options(dev, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .map_err(|e| err(&format!("attaching {name} to {dev} {at:?} (TCX needs Linux >= 6.6)"), e))?;
+    let link = prog.take_link(id).map_err(|e| err(name, e))?;
+    let link: FdLink = link.try_into().map_err(|e| err(&format!("{name}: not a bpf_link"), e))?;
+    link.pin(pin).map_err(|e| err(&format!("pinning link {}", pin.display()), e))?;
+    Ok(())
+}
+
 fn dataplane_error(e: EbpfError) -> DataplaneError {
-    // netd-proxy's DataplaneError has no eBPF variant yet; carry the message in the
-    // generic "command failed" shape until it gets one.
-    DataplaneError::Iptables(IptablesError::Failed { cmd: "ebpf".into(), stderr: e.to_string() })
+    DataplaneError::Ebpf(Box::new(e))
 }
 
 impl Backend for EbpfBackend {

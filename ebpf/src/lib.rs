@@ -3,10 +3,20 @@
 //! ```text
 //! Plan ──render (pure)──► MapState ──diff──► ordered map ops ──► pinned maps (/sys/fs/bpf/netd)
 //!                                                                  │
-//!        cgroup sock_addr programs (bpf/sock.c) on --ebpf-cgroup ◄─┘
+//!        cgroup sock_addr programs (bpf/sock.c) on --ebpf-cgroup ◄─┤
 //!        connect4/sendmsg4: VIP:port → backend (socket-level LB, no per-packet NAT)
-//!        recvmsg4/getpeername4: backend → VIP:port
+//!        recvmsg4/getpeername4: backend → VIP:port                  │
+//!                                                                   │
+//!        tc programs (bpf/nodeport.c, TCX links) ◄──────────────────┘
+//!        external device ingress: NodePort / externalIP / LB IP → DNAT (+ SNAT to the node's
+//!          overlay address when the backend is on another node, redirected with
+//!          bpf_redirect_neigh); connections in the LRU map netd_ct
+//!        overlay device ingress: replies of SNATed connections → reverse NAT, redirected
+//!        external device egress: replies of local backends → source back to the frontend
 //! ```
+//!
+//! One endpoint change: the planner says which services changed since the plan applied
+//! last (`Plan::changes_since`); only their map entries are rendered, diffed and written.
 //!
 //! The BPF programs are C (`bpf/*.c`), compiled by `build.rs` with clang and embedded here;
 //! map layouts are defined once in `bpf/maps.h` and mirrored in [`maps`] (a test compares them).
@@ -23,6 +33,8 @@ pub use render::{render, MapState};
 
 /// The socket LB object (`bpf/sock.c`).
 pub static SOCK_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock.o"));
+/// The tc NodePort/externalIP object (`bpf/nodeport.c`).
+pub static NODEPORT_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport.o"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -44,6 +56,12 @@ pub struct EbpfConfig {
     /// cgroup v2 root). Everything in that cgroup's subtree is load-balanced. `None`:
     /// maps only, nothing attached.
     pub cgroup: Option<PathBuf>,
+    /// Devices traffic from outside the node arrives on (the underlay): NodePort, externalIP
+    /// and LB IP translation on their tc ingress, local backends' replies on their egress.
+    pub external_devices: Vec<String>,
+    /// The overlay device, where replies of connections SNATed to remote backends come back
+    /// (tc ingress).
+    pub overlay_device: Option<String>,
 }
 
 impl Default for EbpfConfig {
@@ -52,6 +70,8 @@ impl Default for EbpfConfig {
             bpffs_dir: "/sys/fs/bpf/netd".into(),
             mount_bpffs: true,
             cgroup: Some(default_cgroup()),
+            external_devices: Vec::new(),
+            overlay_device: None,
         }
     }
 }
@@ -88,6 +108,42 @@ pub fn probe() -> Result<(), String> {
         });
     let _ = std::fs::remove_dir(&dir);
     r
+}
+
+/// Whether this kernel can run the tc NodePort programs: TCX links (Linux >= 6.6) and the
+/// programs pass the verifier. Same throwaway bpffs as [`probe`].
+pub fn probe_tc() -> Result<(), String> {
+    let tcx = aya::util::KernelVersion::new(6, 6, 0);
+    if aya::util::KernelVersion::current().map_or(true, |v| v < tcx) {
+        return Err("the tc NodePort programs need TCX links (Linux >= 6.6)".into());
+    }
+    let dir = std::env::temp_dir().join(format!("netd-ebpf-probe-tc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    let r = sys::mount_bpffs(&dir)
+        .map_err(|e| format!("cannot mount a bpf filesystem (needs CAP_SYS_ADMIN): {e}"))
+        .and_then(|()| {
+            let r = probe_load_tc(&dir);
+            sys::umount(&dir);
+            r
+        });
+    let _ = std::fs::remove_dir(&dir);
+    r
+}
+
+fn probe_load_tc(pin_dir: &std::path::Path) -> Result<(), String> {
+    let mut bpf = aya::EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(NODEPORT_OBJ)
+        .map_err(|e| format!("cannot load the tc object: {e}"))?;
+    for name in backend::TC_PROGRAMS {
+        let prog: &mut aya::programs::SchedClassifier = bpf
+            .program_mut(name)
+            .ok_or_else(|| format!("{name} missing"))?
+            .try_into()
+            .map_err(|e| format!("{name}: {e}"))?;
+        prog.load().map_err(|e| format!("kernel rejects {name} (needs bpf_redirect_neigh, BPF_FIB_LOOKUP_SKIP_NEIGH: Linux >= 6.5): {e:?}"))?;
+    }
+    Ok(())
 }
 
 fn probe_load(pin_dir: &std::path::Path) -> Result<(), String> {

@@ -17,6 +17,16 @@ pub const MAP_SVC: &str = "netd_svc";
 pub const MAP_SLOTS: &str = "netd_slots";
 pub const MAP_AFFINITY: &str = "netd_affinity";
 pub const MAP_REVNAT: &str = "netd_revnat";
+pub const MAP_CT: &str = "netd_ct";
+pub const MAP_CFG: &str = "netd_cfg";
+
+pub const SNAT_PORT_MIN: u16 = 1024;
+pub const SNAT_PORT_MAX: u16 = 32767;
+
+pub const CT_FORWARD: u8 = 0;
+pub const CT_REPLY: u8 = 1;
+pub const CT_F_SNAT: u32 = 1 << 0;
+pub const CT_F_CLOSING: u32 = 1 << 1;
 
 /// `struct netd_svc_key`.
 #[repr(C)]
@@ -118,6 +128,40 @@ pub struct RevnatValue {
     pub pad: u16,
 }
 
+/// `struct netd_ct_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub pad: u16,
+}
+
+/// `struct netd_ct_value`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CtValue {
+    pub last_ns: u64,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub flags: u32,
+}
+
+/// `struct netd_cfg`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CfgValue {
+    pub snat_ip: u32,
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
 macro_rules! pod {
     ($($t:ty),*) => {$(
         // SAFETY: #[repr(C)] structs of plain integers with explicit padding fields: every
@@ -125,7 +169,7 @@ macro_rules! pod {
         unsafe impl aya::Pod for $t {}
     )*};
 }
-pod!(SvcKey, SvcValue, SlotKey, BackendValue, AffinityKey, AffinityValue, RevnatKey, RevnatValue);
+pod!(SvcKey, SvcValue, SlotKey, BackendValue, AffinityKey, AffinityValue, RevnatKey, RevnatValue, CtKey, CtValue, CfgValue);
 
 /// An address as the BPF programs store it (network byte order in a host-order load).
 pub fn ip_be(ip: Ipv4Addr) -> u32 {
@@ -159,12 +203,21 @@ mod tests {
         layout!("netd_affinity_value", AffinityValue, [last_ns, backend, slot, pad]);
         layout!("netd_revnat_key", RevnatKey, [cookie, ip, port, pad]);
         layout!("netd_revnat_value", RevnatValue, [vip, port, pad]);
+        layout!("netd_ct_key", CtKey, [saddr, daddr, sport, dport, proto, dir, pad]);
+        layout!("netd_ct_value", CtValue, [last_ns, saddr, daddr, sport, dport, flags]);
+        layout!("netd_cfg", CfgValue, [snat_ip, snat_port_min, snat_port_max]);
         for (c, r) in [
             ("NETD_SCOPE_INTERNAL", SCOPE_INTERNAL as usize),
             ("NETD_SCOPE_EXTERNAL", SCOPE_EXTERNAL as usize),
             ("NETD_SVC_F_REJECT", SVC_F_REJECT as usize),
             ("NETD_SVC_F_AFFINITY", SVC_F_AFFINITY as usize),
             ("NETD_SVC_F_LOCAL", SVC_F_LOCAL as usize),
+            ("NETD_CT_FORWARD", CT_FORWARD as usize),
+            ("NETD_CT_REPLY", CT_REPLY as usize),
+            ("NETD_CT_F_SNAT", CT_F_SNAT as usize),
+            ("NETD_CT_F_CLOSING", CT_F_CLOSING as usize),
+            ("NETD_SNAT_PORT_MIN", SNAT_PORT_MIN as usize),
+            ("NETD_SNAT_PORT_MAX", SNAT_PORT_MAX as usize),
         ] {
             v.push(((c.to_string()), r));
         }

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use netd_proxy::model::{NoEndpoints, ServicePortPlan};
-use netd_proxy::{Endpoint, NodeInfo, Plan};
+use netd_proxy::{Endpoint, NodeInfo, Plan, ServicePortKey};
 
 use crate::maps::*;
 
@@ -31,10 +31,22 @@ pub struct MapState {
     /// Observed only: slots no frontend refers to (left by an interrupted apply).
     pub orphans: Vec<SlotKey>,
     /// Rendered only: which plan entry produced which frontends, so the next render redoes
-    /// only the services that changed.
-    /// Sorted by `ServicePortKey` (the plan's order).
-    pub services: Vec<(Arc<ServicePortPlan>, Arc<[SvcKey]>)>,
+    /// only the services that changed. Sorted by `ServicePortKey` (the plan's order).
+    pub services: Vec<ServiceEntry>,
     pub node: Option<NodeInfo>,
+    /// `netd_cfg[0]`: the node's SNAT address for the tc programs.
+    pub cfg: CfgValue,
+    /// The next backend set id to hand out (0: not known yet, computed on the next render).
+    pub next_id: u32,
+    /// Rendered only: the id of the plan this is the render of ([`Plan::id`]; 0: unknown).
+    pub generation: u64,
+}
+
+/// One service port as rendered: its plan and the frontends it produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub plan: Arc<ServicePortPlan>,
+    pub keys: Arc<[SvcKey]>,
 }
 
 impl MapState {
@@ -46,6 +58,7 @@ impl MapState {
 /// One map operation, in the order it must be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
+    PutCfg(CfgValue),
     PutSlot(SlotKey, BackendValue),
     PutSvc(SvcKey, SvcValue),
     DelSvc(SvcKey),
@@ -97,24 +110,46 @@ fn wants<'a>(sp: &'a ServicePortPlan, node: &NodeInfo, out: &mut Vec<Want<'a>>) 
     }
 }
 
-/// New ids: the smallest no previous frontend used (so a removed frontend's id is not
-/// reused while its slots are being deleted).
-struct Ids<'a> {
-    prev: &'a MapState,
-    used: Option<BTreeSet<u32>>,
-    next: u32,
+/// Renders one service port's frontends into `frontends` (skipping any another service
+/// holds: the planner settles contested frontends, first wins here too). `prev` supplies ids
+/// and slot positions of frontends that existed before; `next_id` hands out new ids (never
+/// one in use, nor one freed in the same pass, while its slots may still be deleted).
+fn render_service(
+    sp: &ServicePortPlan,
+    node: &NodeInfo,
+    prev: &BTreeMap<SvcKey, Arc<Frontend>>,
+    frontends: &mut BTreeMap<SvcKey, Arc<Frontend>>,
+    next_id: &mut u32,
+) -> Arc<[SvcKey]> {
+    let mut ws = Vec::new();
+    wants(sp, node, &mut ws);
+    let mut keys = Vec::with_capacity(ws.len());
+    for w in ws {
+        if frontends.contains_key(&w.key) {
+            continue;
+        }
+        let old = prev.get(&w.key);
+        let id = old.map(|f| f.value.id).unwrap_or_else(|| {
+            *next_id += 1;
+            *next_id - 1
+        });
+        let new: Vec<BackendValue> = w.endpoints.iter().map(|e| BackendValue::new(e.ip, e.port, e.local)).collect();
+        let backends = assign_slots(old.map(|f| f.backends.as_slice()).unwrap_or(&[]), &new);
+        let value = SvcValue { id, count: backends.len() as u32, flags: w.flags, affinity_timeout: w.affinity_timeout };
+        let f = Frontend { value, backends };
+        // Unchanged content keeps the old Arc (pointer-equal: skipped by diff).
+        let f = match old {
+            Some(o) if **o == f => o.clone(),
+            _ => Arc::new(f),
+        };
+        frontends.insert(w.key, f);
+        keys.push(w.key);
+    }
+    Arc::from(keys)
 }
 
-impl Ids<'_> {
-    fn alloc(&mut self) -> u32 {
-        let prev = self.prev;
-        let used = self.used.get_or_insert_with(|| prev.frontends.values().map(|f| f.value.id).collect());
-        while used.contains(&self.next) {
-            self.next += 1;
-        }
-        self.next += 1;
-        self.next - 1
-    }
+fn first_free_id(frontends: &BTreeMap<SvcKey, Arc<Frontend>>) -> u32 {
+    frontends.values().map(|f| f.value.id).max().unwrap_or(0) + 1
 }
 
 /// The frontends `plan` asks for. Pure; `prev` keeps ids and slot positions stable, and
@@ -123,17 +158,19 @@ pub fn render(plan: &Plan, prev: Option<&MapState>) -> MapState {
     let empty = MapState::default();
     let prev = prev.unwrap_or(&empty);
     let incremental = prev.node.as_ref() == Some(&plan.node);
-    let mut ids = Ids { prev, used: None, next: 1 };
+    let mut next_id = if prev.next_id == 0 { first_free_id(&prev.frontends) } else { prev.next_id };
     let mut frontends = if incremental { prev.frontends.clone() } else { BTreeMap::new() };
-    let mut services: Vec<(Arc<ServicePortPlan>, Arc<[SvcKey]>)> = Vec::with_capacity(plan.services.len());
+    let mut services: Vec<ServiceEntry> = Vec::with_capacity(plan.services.len());
     let mut changed = Vec::new();
     // Merge walk over two sorted lists: the plan and what the previous render came from.
-    let mut old_iter = if incremental { prev.services.as_slice() } else { &[] }.iter().peekable();
+    let no_services = Vec::new();
+    let mut old_iter = if incremental { &prev.services } else { &no_services }.iter().peekable();
+    let fresh = |sp: &Arc<ServicePortPlan>| ServiceEntry { plan: sp.clone(), keys: Arc::from(Vec::new()) };
     for (k, sp) in &plan.services {
-        while let Some((old, keys)) = old_iter.peek() {
-            match old.key.cmp(k) {
+        while let Some(old) = old_iter.peek() {
+            match old.plan.key.cmp(k) {
                 std::cmp::Ordering::Less => {
-                    for key in keys.iter() {
+                    for key in old.keys.iter() {
                         frontends.remove(key); // service gone
                     }
                     old_iter.next();
@@ -142,55 +179,91 @@ pub fn render(plan: &Plan, prev: Option<&MapState>) -> MapState {
             }
         }
         match old_iter.peek() {
-            Some((old, keys)) if old.key == *k && (Arc::ptr_eq(old, sp) || old == sp) => {
-                services.push((old.clone(), keys.clone()));
+            Some(old) if old.plan.key == *k && (Arc::ptr_eq(&old.plan, sp) || *old.plan == **sp) => {
+                services.push((*old).clone());
                 old_iter.next();
             }
-            Some((old, keys)) if old.key == *k => {
-                for key in keys.iter() {
+            Some(old) if old.plan.key == *k => {
+                for key in old.keys.iter() {
                     frontends.remove(key); // re-rendered below
                 }
                 old_iter.next();
-                services.push((sp.clone(), Arc::from(Vec::new())));
-                changed.push(services.len() - 1);
+                changed.push(services.len());
+                services.push(fresh(sp));
             }
             _ => {
-                services.push((sp.clone(), Arc::from(Vec::new())));
-                changed.push(services.len() - 1);
+                changed.push(services.len());
+                services.push(fresh(sp));
             }
         }
     }
-    for (_, keys) in old_iter {
-        for key in keys.iter() {
+    for old in old_iter {
+        for key in old.keys.iter() {
             frontends.remove(key);
         }
     }
     for i in changed {
-        let sp = services[i].0.clone();
-        let mut ws = Vec::new();
-        wants(&sp, &plan.node, &mut ws);
-        let mut keys = Vec::with_capacity(ws.len());
-        for w in ws {
-            if frontends.contains_key(&w.key) {
-                continue; // two services claiming one frontend: the plan warns; first wins
-            }
-            let old = prev.frontends.get(&w.key);
-            let id = old.map(|f| f.value.id).unwrap_or_else(|| ids.alloc());
-            let new: Vec<BackendValue> = w.endpoints.iter().map(|e| BackendValue::new(e.ip, e.port, e.local)).collect();
-            let backends = assign_slots(old.map(|f| f.backends.as_slice()).unwrap_or(&[]), &new);
-            let value = SvcValue { id, count: backends.len() as u32, flags: w.flags, affinity_timeout: w.affinity_timeout };
-            let f = Frontend { value, backends };
-            // Unchanged content keeps the old Arc (pointer-equal: skipped by diff).
-            let f = match old {
-                Some(o) if **o == f => o.clone(),
-                _ => Arc::new(f),
-            };
-            frontends.insert(w.key, f);
-            keys.push(w.key);
-        }
-        services[i].1 = Arc::from(keys);
+        let sp = services[i].plan.clone();
+        services[i].keys = render_service(&sp, &plan.node, &prev.frontends, &mut frontends, &mut next_id);
     }
-    MapState { frontends, orphans: Vec::new(), services, node: Some(plan.node.clone()) }
+    MapState {
+        frontends,
+        orphans: Vec::new(),
+        services,
+        node: Some(plan.node.clone()),
+        cfg: render_cfg(&plan.node),
+        next_id,
+        generation: plan.id(),
+    }
+}
+
+/// [`render`] for a plan that differs from the one `state` was rendered from only in the
+/// service ports `changed`, done in place: only those services' frontends are looked at,
+/// whatever the number of services. Returns the map operations, in order. `state` must be
+/// the render of that previous plan (same node).
+pub fn update(state: &mut MapState, plan: &Plan, changed: &[ServicePortKey]) -> Vec<Op> {
+    let mut old_part = MapState::default();
+    let mut new_part = MapState::default();
+    // Take every changed service's frontends out first (a frontend may move between them).
+    for k in changed {
+        if let Ok(i) = state.services.binary_search_by(|e| e.plan.key.cmp(k)) {
+            let old = state.services.remove(i);
+            for key in old.keys.iter() {
+                if let Some(f) = state.frontends.remove(key) {
+                    old_part.frontends.insert(*key, f);
+                }
+            }
+        }
+    }
+    let mut done = BTreeSet::new();
+    for k in changed {
+        if !done.insert(k) {
+            continue; // listed twice
+        }
+        if let Some(sp) = plan.services.get(k) {
+            let keys = render_service(sp, &plan.node, &old_part.frontends, &mut state.frontends, &mut state.next_id);
+            for key in keys.iter() {
+                new_part.frontends.insert(*key, state.frontends[key].clone());
+            }
+            let entry = ServiceEntry { plan: sp.clone(), keys };
+            match state.services.binary_search_by(|e| e.plan.key.cmp(k)) {
+                Ok(i) => state.services[i] = entry, // cannot happen: taken out above
+                Err(i) => state.services.insert(i, entry),
+            }
+        }
+    }
+    state.generation = plan.id();
+    diff(&old_part, &new_part)
+}
+
+/// The tc programs' settings: connections to backends on other nodes are SNATed to the
+/// network address of this node's pod subnet, which netd puts on the overlay device and
+/// every other node routes back through the overlay (so the reply returns here).
+pub fn render_cfg(node: &NodeInfo) -> CfgValue {
+    match node.pod_cidr {
+        Some(net) => CfgValue { snat_ip: ip_be(net.network()), snat_port_min: SNAT_PORT_MIN, snat_port_max: SNAT_PORT_MAX },
+        None => CfgValue::default(),
+    }
 }
 
 /// Orders `new` so that backends already in `prev` keep their slot: removed ones' slots
@@ -226,6 +299,9 @@ pub fn assign_slots(prev: &[BackendValue], new: &[BackendValue]) -> Vec<BackendV
 /// frontend whose count exposes a slot not yet (or no longer) written.
 pub fn diff(old: &MapState, new: &MapState) -> Vec<Op> {
     let mut ops = Vec::new();
+    if old.cfg != new.cfg {
+        ops.push(Op::PutCfg(new.cfg));
+    }
     for k in &old.orphans {
         ops.push(Op::DelSlot(*k));
     }
@@ -385,6 +461,34 @@ mod tests {
         let ops = diff(&st1, &st2);
         assert_eq!(ops[0], Op::DelSvc(key([10, 96, 0, 10], 80)));
         assert_eq!(ops.len(), 4);
+    }
+
+    #[test]
+    fn update_in_place_matches_a_full_render() {
+        let eps: Vec<Endpoint> = (1..=4).map(|i| ep(i, 80)).collect();
+        let p1 = plan(vec![sp("a", [10, 96, 0, 10], eps.clone()), sp("b", [10, 96, 0, 11], eps.clone()), sp("c", [10, 96, 0, 12], vec![]), sp("e", [10, 96, 0, 14], eps.clone())]);
+        let st1 = render(&p1, None);
+        // b loses an endpoint, c gets one, d is new, e goes; a is untouched.
+        let mut p2 = p1.clone();
+        let b = sp("b", [10, 96, 0, 11], eps.iter().filter(|e| e.ip.octets()[3] != 2).cloned().collect());
+        let c = sp("c", [10, 96, 0, 12], vec![ep(9, 80)]);
+        let d = sp("d", [10, 96, 0, 13], vec![ep(7, 80)]);
+        let e_key = p1.services.keys().find(|k| k.service.name == "e").unwrap().clone();
+        // (b listed twice: harmless)
+        let changed: Vec<ServicePortKey> = vec![b.key.clone(), c.key.clone(), d.key.clone(), e_key.clone(), b.key.clone()];
+        for s in [b, c, d] {
+            p2.services.insert(s.key.clone(), Arc::new(s));
+        }
+        p2.services.remove(&e_key);
+        let full = render(&p2, Some(&st1));
+        let full_ops = diff(&st1, &full);
+        let mut in_place = st1.clone();
+        let ops = update(&mut in_place, &p2, &changed);
+        assert_eq!(ops, full_ops);
+        assert_eq!(in_place.frontends, full.frontends);
+        assert_eq!(in_place.services, full.services);
+        assert_eq!(in_place.next_id, full.next_id);
+        assert!(ops.len() >= 5, "{ops:?}");
     }
 
     #[test]

@@ -80,3 +80,9 @@ pub fn umount(dir: &Path) {
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
 }
+
+/// Whether `dev` (in this network namespace, as /sys shows it) carries Ethernet headers
+/// (ARPHRD_ETHER: the underlay, VXLAN), rather than bare IP (a TUN device). Unknown: yes.
+pub fn has_ethernet_header(dev: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/type")).map(|t| t.trim() == "1").unwrap_or(true)
+}

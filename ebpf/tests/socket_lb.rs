@@ -186,7 +186,7 @@ impl Bed {
     }
 
     fn config(&self) -> EbpfConfig {
-        EbpfConfig { bpffs_dir: self.bpffs.dir(), mount_bpffs: false, cgroup: Some(self.cgroup.path.clone()) }
+        EbpfConfig { bpffs_dir: self.bpffs.dir(), mount_bpffs: false, cgroup: Some(self.cgroup.path.clone()), ..Default::default() }
     }
 
     fn backend(&mut self) -> &mut EbpfBackend {

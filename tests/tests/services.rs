@@ -427,6 +427,8 @@ fn node_subnets_from_the_kubernetes_api_server() -> Result<()> {
 /// remounts /sys and so hides /sys/fs/cgroup. Everything is unmounted and removed on drop.
 struct EbpfSandbox {
     dir: tempfile::TempDir,
+    /// Per-node cgroups (`new_for_nodes`), removed on drop like the shared one.
+    node_cgroups: Vec<std::path::PathBuf>,
 }
 
 impl EbpfSandbox {
@@ -438,9 +440,30 @@ impl EbpfSandbox {
         anyhow::ensure!(st.success(), "mounting cgroup2 on {}", mnt.display());
         // netd mounts its own bpffs on the pin directory's parent.
         std::fs::create_dir_all(dir.path().join("bpf"))?;
-        let sandbox = EbpfSandbox { dir };
+        let sandbox = EbpfSandbox { dir, node_cgroups: Vec::new() };
         std::fs::create_dir_all(sandbox.cgroup())?;
         Ok(sandbox)
+    }
+
+    /// One cgroup and one pin directory per node: every node runs its own socket load
+    /// balancer, on the clients put into that node's cgroup.
+    fn new_for_nodes(n: usize) -> Result<EbpfSandbox> {
+        let mut sandbox = EbpfSandbox::new()?;
+        for i in 0..n {
+            let cg = sandbox.dir.path().join("cg").join(format!("{}ebpf-node{i}", netd_tests::namespace_prefix()));
+            std::fs::create_dir_all(&cg)?;
+            sandbox.node_cgroups.push(cg);
+            std::fs::create_dir_all(sandbox.dir.path().join(format!("bpf{i}")))?;
+        }
+        Ok(sandbox)
+    }
+
+    fn node_cgroup(&self, i: usize) -> &std::path::Path {
+        &self.node_cgroups[i]
+    }
+
+    fn node_pins(&self, i: usize) -> std::path::PathBuf {
+        self.dir.path().join(format!("bpf{i}")).join("netd")
     }
 
     fn cgroup(&self) -> std::path::PathBuf {
@@ -454,15 +477,22 @@ impl EbpfSandbox {
 
 impl Drop for EbpfSandbox {
     fn drop(&mut self) {
-        if let Ok(pids) = std::fs::read_to_string(self.cgroup().join("cgroup.procs")) {
-            for pid in pids.split_whitespace() {
-                let _ = std::process::Command::new("kill").args(["-9", pid]).status();
+        let mut cgroups = self.node_cgroups.clone();
+        cgroups.push(self.cgroup());
+        for cg in &cgroups {
+            if let Ok(pids) = std::fs::read_to_string(cg.join("cgroup.procs")) {
+                for pid in pids.split_whitespace() {
+                    let _ = std::process::Command::new("kill").args(["-9", pid]).status();
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(200));
-        let _ = std::fs::remove_dir(self.cgroup());
+        for cg in &cgroups {
+            let _ = std::fs::remove_dir(cg);
+        }
         for m in ["bpf", "cg"] {
-            let _ = std::process::Command::new("umount").arg(self.dir.path().join(m)).status();
+            // netd mounts its bpffs in its own mount namespace: usually nothing to unmount here.
+        let _ = std::process::Command::new("umount").arg(self.dir.path().join(m)).stderr(std::process::Stdio::null()).status();
         }
     }
 }
@@ -515,6 +545,149 @@ fn services_with_ebpf_socket_load_balancing() -> Result<()> {
     let listing = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && !listing.trim().is_empty(), "nothing pinned under {}: {listing}", pins.display());
     drop(c);
+    Ok(())
+}
+
+/// A TCP server on port 8080 in the pod answering with its name and the address it sees the
+/// client connect from (to tell SNAT from a preserved client address).
+fn serve_with_peer(pod: &Pod, name: &str) -> Result<std::process::Child> {
+    pod.spawn(&["socat", "TCP-LISTEN:8080,fork,reuseaddr", &format!("SYSTEM:echo {name} $SOCAT_PEERADDR")], None)
+}
+
+/// One TCP exchange from `pod` with the client process in `cgroup` (where the node's socket
+/// load balancer is attached): into the cgroup first, with the host's /sys, then into the
+/// pod's network namespace (`ip netns exec` remounts /sys).
+fn ask_in_cgroup(cgroup: &std::path::Path, pod: &Pod, addr: &str) -> Result<String> {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {} socat -T 3 - TCP:{addr},connect-timeout=3 2>&1",
+        cgroup.display(),
+        pod.ns.name()
+    );
+    let out = std::process::Command::new("sh").args(["-c", &script]).stdin(std::process::Stdio::null()).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The network address of a node's pod subnet (FLANNEL_SUBNET 10.244.X.1/24 -> 10.244.X.0):
+/// the address the eBPF dataplane SNATs to when it sends external traffic to another node.
+fn overlay_address(env: &std::collections::HashMap<String, String>) -> Result<String> {
+    let net: ipnet::Ipv4Net = env.get("FLANNEL_SUBNET").context("FLANNEL_SUBNET")?.parse()?;
+    Ok(net.network().to_string())
+}
+
+/// `--proxy-mode ebpf` on every node, the whole service feature set from outside and inside:
+/// ClusterIP across nodes (socket LB), NodePort from the underlay to a node without the
+/// backend (tc DNAT + SNAT to the node's overlay address, reply reverse-NATed on the overlay
+/// device) and to the node with it (client address kept), an external IP routed to a node,
+/// externalTrafficPolicy Local (client address kept; dropped on a node without a local
+/// endpoint), a LoadBalancer ingress IP, UDP, reject without endpoints, and a registry edit
+/// reaching every node.
+#[test]
+fn services_with_ebpf_nodeport_external_ip_and_local_policy() -> Result<()> {
+    if let Err(why) = netd_ebpf_probe().and_then(|()| netd_ebpf_tc_probe()) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let sandbox = EbpfSandbox::new_for_nodes(3)?;
+    let mut c = Cluster::new(3)?;
+    c.write_network_config(VXLAN)?;
+    for i in 0..3 {
+        let (cg, pins) = (sandbox.node_cgroup(i).to_path_buf(), sandbox.node_pins(i));
+        c.node_mut(i).start_netd(&["--proxy-mode", "ebpf", "--ebpf-cgroup", cg.to_str().unwrap(), "--ebpf-bpffs", pins.to_str().unwrap()])?;
+    }
+    let mut snat = Vec::new();
+    for i in 0..3 {
+        let env = c.node_mut(i).wait_subnet_env(WAIT)?;
+        snat.push(overlay_address(&env)?);
+        let n = c.node(i);
+        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+    }
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    let d = c.node_mut(2).add_cni_pod("d")?;
+    let _sb = serve_with_peer(&b, "b")?;
+    let _sd = serve_with_peer(&d, "d")?;
+    let _ub = b.spawn(&["socat", "UDP-RECVFROM:5353,fork", "SYSTEM:echo ub $SOCAT_PEERADDR"], None)?;
+    let (n0, n1, n2) = (c.node(0).ip(), c.node(1).ip(), c.node(2).ip());
+    // The external IP is routed to node0 by the underlay (as a router would).
+    c.underlay().ip(&["route", "add", "198.18.5.5/32", "via", &n0.to_string()])?;
+    // The load balancer's ingress IP is routed to node2 (which has no backend of `lb`).
+    c.underlay().ip(&["route", "add", "198.18.5.6/32", "via", &n2.to_string()])?;
+    let manifest = [
+        service("web", "10.96.0.50", "NodePort", "    nodePort: 30080\n  externalIPs: [\"198.18.5.5\"]\n"),
+        slice("web", &[(&b, "node1")]),
+        service("local", "10.96.0.52", "NodePort", "    nodePort: 30081\n  externalTrafficPolicy: Local\n"),
+        slice("local", &[(&b, "node1")]),
+        service("empty", "10.96.0.51", "NodePort", "    nodePort: 30082\n"),
+        service("lb", "10.96.0.54", "LoadBalancer", "    nodePort: 30083\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.18.5.6\n"),
+        slice("lb", &[(&b, "node1")]),
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: dns\n  namespace: default\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.53\n  ports:\n  - name: dns\n    protocol: UDP\n    port: 53\n    targetPort: 5353\n    nodePort: 30053\n---\n".to_string(),
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: dns\naddressType: IPv4\nports:\n- name: dns\n  protocol: UDP\n  port: 5353\nendpoints:\n- addresses: [\"{}\"]\n  conditions:\n    ready: true\n  nodeName: node1\n---\n",
+            b.ip
+        ),
+    ]
+    .concat();
+    apply(&c, &manifest)?;
+    let fail = |what: &str, e: anyhow::Error, last: String| -> anyhow::Error {
+        let logs: Vec<String> = (0..3)
+            .map(|i| {
+                let log = c.node(i).log();
+                let tail: Vec<&str> = log.lines().rev().filter(|l| !l.contains("DEBUG")).take(15).collect();
+                format!("node{i}:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+            })
+            .collect();
+        anyhow::anyhow!("{what}: {e}\nlast answer: {last}\n{}", logs.join("\n"))
+    };
+    let expect = |what: &str, from: &dyn Fn() -> Result<String>, want: &str| -> Result<()> {
+        wait_until(WAIT, POLL, || Ok(from()? == want)).map_err(|e| fail(what, e, from().unwrap_or_default()))
+    };
+    let cg0 = sandbox.node_cgroup(0);
+
+    // ClusterIP across nodes, by the socket load balancer: the backend sees the pod itself.
+    expect("ClusterIP from node0", &|| ask_in_cgroup(cg0, &a, "10.96.0.50:80"), &format!("b {}", a.ip))?;
+    // NodePort on a node without the backend: SNAT to node0's overlay address.
+    expect("NodePort via node0 (SNAT)", &|| ask(c.underlay(), &format!("{n0}:30080")), &format!("b {}", snat[0]))?;
+    // NodePort on the backend's node: the client address is kept.
+    expect("NodePort via node1 (local backend)", &|| ask(c.underlay(), &format!("{n1}:30080")), "b 198.18.0.1")?;
+    // A LoadBalancer ingress IP, routed to node2: SNAT to node2's overlay address.
+    expect("LoadBalancer IP via node2 (SNAT)", &|| ask(c.underlay(), "198.18.5.6:80"), &format!("b {}", snat[2]))?;
+    // UDP NodePort through the SNAT path: the answer comes back from the NodePort.
+    let udp = |addr: String| -> Result<String> {
+        let out = c.underlay().exec(&["sh", "-c", &format!("echo hi | socat -T 2 - UDP:{addr} 2>&1")])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    expect("UDP NodePort via node0 (SNAT)", &|| udp(format!("{n0}:30053")), &format!("ub {}", snat[0]))?;
+    expect("UDP NodePort via node1 (local backend)", &|| udp(format!("{n1}:30053")), "ub 198.18.0.1")?;
+    // An external IP routed to node0.
+    expect("externalIP via node0", &|| ask(c.underlay(), "198.18.5.5:80"), &format!("b {}", snat[0]))?;
+    // externalTrafficPolicy Local: the client address is kept, and a node without a local
+    // endpoint drops (no SNAT hop to another node).
+    expect("Local policy via node1", &|| ask(c.underlay(), &format!("{n1}:30081")), "b 198.18.0.1")?;
+    let dropped = ask(c.underlay(), &format!("{n0}:30081"))?;
+    assert!(dropped.starts_with("ERROR") && !dropped.contains("refused"), "node0 has no local endpoint of `local`: {dropped}");
+    // No endpoints at all: refused at once, from outside (NodePort) and inside (ClusterIP).
+    let refused = ask(c.underlay(), &format!("{n0}:30082"))?;
+    assert!(refused.contains("Connection refused"), "{refused}");
+    let refused = ask_in_cgroup(cg0, &a, "10.96.0.51:80")?;
+    assert!(refused.contains("Connection refused"), "{refused}");
+
+    // A registry edit reaches every node: web's endpoint moves to d on node2.
+    apply(&c, &slice("web", &[(&d, "node2")]))?;
+    expect("ClusterIP after the move", &|| ask_in_cgroup(cg0, &a, "10.96.0.50:80"), &format!("d {}", a.ip))?;
+    expect("NodePort via node1 after the move (SNAT)", &|| ask(c.underlay(), &format!("{n1}:30080")), &format!("d {}", snat[1]))?;
+    expect("NodePort via node2 after the move (local)", &|| ask(c.underlay(), &format!("{n2}:30080")), "d 198.18.0.1")?;
+    expect("NodePort via node0 after the move (SNAT)", &|| ask(c.underlay(), &format!("{n0}:30080")), &format!("d {}", snat[0]))?;
+    Ok(())
+}
+
+/// The tc programs need TCX links (Linux >= 6.6).
+fn netd_ebpf_tc_probe() -> Result<(), String> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").map_err(|e| e.to_string())?;
+    let mut it = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse::<u32>().ok());
+    let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    if (major, minor) < (6, 6) {
+        return Err(format!("kernel {} lacks TCX links (the eBPF NodePort programs need Linux >= 6.6)", release.trim()));
+    }
     Ok(())
 }
 

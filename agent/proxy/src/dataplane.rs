@@ -1,5 +1,5 @@
 //! One trait for the service dataplanes: render the Plan (pure, golden-tested), apply the
-//! difference (thin). nftables and iptables implement it; an eBPF backend would too.
+//! difference (thin). nftables and iptables implement it; netd-ebpf implements [`Backend`] directly.
 
 use crate::iptables::{self, IptRuleset, Iptables};
 use crate::model::Plan;
@@ -11,6 +11,10 @@ pub enum DataplaneError {
     Nftables(#[from] nft::NftError),
     #[error("iptables: {0}")]
     Iptables(#[from] iptables::IptablesError),
+    /// The eBPF dataplane (netd-ebpf, which depends on this crate: its error type is carried
+    /// boxed, source chain intact).
+    #[error("eBPF: {0}")]
+    Ebpf(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
 /// What an apply did.

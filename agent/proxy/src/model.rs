@@ -263,6 +263,23 @@ impl Plan {
         }
     }
 
+    /// For a plan edited by hand (tests, benchmarks): a new identity and no claim about what
+    /// changed, so dataplanes compare everything.
+    pub fn mark_edited(&mut self) {
+        self.id = next_plan_id();
+        self.delta = None;
+        self.mark = None;
+    }
+
+    /// For a plan edited by hand that is the plan with id `base` with exactly the `changed`
+    /// ports replaced (benchmarks of the incremental paths). A wrong list makes a dataplane
+    /// miss the ports left out, until its next resync.
+    pub fn set_changed_since(&mut self, base: u64, changed: Arc<[ServicePortKey]>) {
+        self.id = next_plan_id();
+        self.delta = Some((base, changed));
+        self.mark = None;
+    }
+
     /// Every `(ip, proto, port)` frontend that carries UDP, with the endpoints behind it
     /// (for conntrack clean-up).
     pub fn udp_frontends(&self) -> Vec<(Ipv4Addr, u16, Vec<Endpoint>)> {

@@ -497,6 +497,11 @@ pub(crate) mod tests {
         for (k, v) in &full.services {
             assert_eq!(**v, *p2.services[k]);
         }
+        // The incremental plan says what changed since which plan; a full plan does not.
+        assert!(p1.id() != 0 && p2.id() != p1.id());
+        let changed = p2.changes_since(p1.id()).expect("incremental");
+        assert_eq!(changed.iter().map(|k| k.service.name.as_str()).collect::<Vec<_>>(), ["b"]);
+        assert!(full.changes_since(p1.id()).is_none() && p1.delta.is_none());
     }
 
     #[test]

@@ -29,8 +29,9 @@ pub enum ProxyMode {
     Nftables,
     /// iptables-restore with kube-proxy-like chains, for nodes without nftables.
     Iptables,
-    /// eBPF socket-level load balancing (cgroup connect/sendmsg/recvmsg hooks): ClusterIP only
-    /// so far; the backend comes from the netd-ebpf crate (see `run_proxy_with`).
+    /// eBPF: socket-level load balancing for ClusterIPs (cgroup connect/sendmsg/recvmsg hooks)
+    /// and tc programs for NodePort/externalIP/LB traffic from outside; the backend comes from
+    /// the netd-ebpf crate (see `run_proxy_with`).
     Ebpf,
     /// Do not program services (another proxy does).
     None,
