@@ -25,6 +25,7 @@
 mod cluster;
 mod cmd;
 mod etcd;
+pub mod ebpf;
 mod netd_bin;
 mod netns;
 mod node;

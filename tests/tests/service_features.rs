@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use netd_tests::ebpf::{netd_ebpf_probe, netd_ebpf_tc_probe, EbpfSandbox};
 use netd_tests::{netd_binary, wait_until, Cluster, Netns, Pod};
 use serde_json::{json, Value};
 
@@ -21,16 +22,58 @@ const POLL: Duration = Duration::from_millis(100);
 /// The underlay namespace's address: the "outside" client.
 const OUTSIDE: &str = "198.18.0.1";
 
-fn cluster(n: usize, mode: &str) -> Result<Cluster> {
+/// The cluster, and for `--proxy-mode ebpf` the per-node cgroups the socket load balancers are
+/// attached to (clients in pods run inside their node's cgroup; never the host's root cgroup).
+struct Bed {
+    c: Cluster,
+    sandbox: Option<EbpfSandbox>,
+}
+
+/// Who sends: the outside world (the underlay namespace) or a pod on node `usize`.
+#[derive(Clone, Copy)]
+enum From<'a> {
+    Outside,
+    Pod(&'a Pod, usize),
+}
+
+impl Bed {
+    /// A shell command as `from`.
+    fn sh(&self, from: From<'_>, script: &str) -> Result<std::process::Output> {
+        match (from, &self.sandbox) {
+            (From::Outside, _) => self.c.underlay().exec(&["sh", "-c", script]),
+            (From::Pod(pod, node), Some(sb)) => {
+                // Into the node's cgroup first (with the host's /sys), then into the pod.
+                let wrapped = format!(
+                    "echo $$ > {}/cgroup.procs && exec ip netns exec {} sh -c '{}'",
+                    sb.node_cgroup(node).display(),
+                    pod.ns.name(),
+                    script.replace('\'', "'\\''")
+                );
+                Ok(std::process::Command::new("sh").args(["-c", &wrapped]).stdin(std::process::Stdio::null()).output()?)
+            }
+            (From::Pod(pod, _), None) => pod.ns.exec(&["sh", "-c", script]),
+        }
+    }
+}
+
+fn cluster(n: usize, mode: &str) -> Result<Bed> {
     let mut c = Cluster::new(n)?;
     c.write_network_config(VXLAN)?;
-    c.start_netd_all(&["--proxy-mode", mode])?;
+    let sandbox = if mode == "ebpf" { Some(EbpfSandbox::new_for_nodes(n)?) } else { None };
+    for i in 0..n {
+        let mut args = vec!["--proxy-mode".to_string(), mode.to_string()];
+        if let Some(sb) = &sandbox {
+            args.extend(["--ebpf-cgroup".into(), sb.node_cgroup(i).display().to_string(), "--ebpf-bpffs".into(), sb.node_pins(i).display().to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        c.node_mut(i).start_netd(&args)?;
+    }
     for i in 0..n {
         c.node_mut(i).wait_subnet_env(WAIT)?;
         let n = c.node(i);
         wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
     }
-    Ok(c)
+    Ok(Bed { c, sandbox })
 }
 
 /// `netd apply -f -` on the underlay, with JSON documents.
@@ -99,8 +142,8 @@ fn serve(pod: &Pod, name: &str) -> Result<Vec<std::process::Child>> {
 }
 
 /// One TCP exchange: the answer, or "ERROR …".
-fn ask(ns: &Netns, addr: &str) -> Result<String> {
-    let out = ns.exec(&["socat", "-T", "3", "-", &format!("TCP:{addr},connect-timeout=2")])?;
+fn ask(bed: &Bed, from: From<'_>, addr: &str) -> Result<String> {
+    let out = bed.sh(from, &format!("socat -T 3 - TCP:{addr},connect-timeout=2"))?;
     Ok(if out.status.success() {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     } else {
@@ -109,20 +152,20 @@ fn ask(ns: &Netns, addr: &str) -> Result<String> {
 }
 
 /// The name of the pod that answered (first word), or "ERROR …".
-fn who(ns: &Netns, addr: &str) -> Result<String> {
-    let a = ask(ns, addr)?;
+fn who(bed: &Bed, from: From<'_>, addr: &str) -> Result<String> {
+    let a = ask(bed, from, addr)?;
     Ok(if a.starts_with("ERROR") { a } else { a.split_whitespace().next().unwrap_or_default().to_string() })
 }
 
 /// One UDP datagram from a fixed source port, so that every call is the same conntrack flow.
-fn ask_udp(ns: &Netns, addr: &str, sport: u16) -> Result<String> {
-    let out = ns.sh(&format!("echo q | socat -T 1 -t 1 - UDP:{addr},sourceport={sport},reuseaddr 2>&1 || true"))?;
-    Ok(out.trim().to_string())
+fn ask_udp(bed: &Bed, from: From<'_>, addr: &str, sport: u16) -> Result<String> {
+    let out = bed.sh(from, &format!("echo q | socat -T 1 -t 1 - UDP:{addr},sourceport={sport},reuseaddr 2>&1 || true"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// The answers of `n` connections.
-fn answers(ns: &Netns, addr: &str, n: usize) -> Result<std::collections::BTreeSet<String>> {
-    (0..n).map(|_| who(ns, addr)).collect()
+fn answers(bed: &Bed, from: From<'_>, addr: &str, n: usize) -> Result<std::collections::BTreeSet<String>> {
+    (0..n).map(|_| who(bed, from, addr)).collect()
 }
 
 fn http_status(ns: &Netns, url: &str) -> Result<(String, String)> {
@@ -133,13 +176,16 @@ fn http_status(ns: &Netns, url: &str) -> Result<(String, String)> {
 }
 
 fn features(mode: &str) -> Result<()> {
-    let mut c = cluster(3, mode)?;
-    let (n0, n1, n2) = (c.node(0).ip(), c.node(1).ip(), c.node(2).ip());
-    let (name1, name2) = (c.node(1).name(), c.node(2).name());
-    let a = c.node_mut(0).add_cni_pod("a")?;
-    let b = c.node_mut(1).add_cni_pod("b")?;
-    let e = c.node_mut(1).add_cni_pod("e")?;
-    let d = c.node_mut(2).add_cni_pod("d")?;
+    let mut bed = cluster(3, mode)?;
+    let (n0, n1, n2) = (bed.c.node(0).ip(), bed.c.node(1).ip(), bed.c.node(2).ip());
+    let (name1, name2) = (bed.c.node(1).name(), bed.c.node(2).name());
+    let a = bed.c.node_mut(0).add_cni_pod("a")?;
+    let b = bed.c.node_mut(1).add_cni_pod("b")?;
+    let e = bed.c.node_mut(1).add_cni_pod("e")?;
+    let d = bed.c.node_mut(2).add_cni_pod("d")?;
+    let bed = bed;
+    let c = &bed.c;
+    let (out, pa, pb, pe) = (From::Outside, From::Pod(&a, 0), From::Pod(&b, 1), From::Pod(&e, 1));
     let _servers: Vec<_> = [serve(&b, "b")?, serve(&d, "d")?, serve(&e, "e")?].into_iter().flatten().collect();
     // The outside world reaches external and load-balancer IPs through a node, as a router
     // or a cloud load balancer would send them.
@@ -185,24 +231,24 @@ fn features(mode: &str) -> Result<()> {
     )?;
 
     // External IP, from outside, through node0 (the backend is on node1).
-    wait_until(WAIT, POLL, || Ok(who(c.underlay(), "198.18.0.200:80")? == "b"))?;
+    wait_until(WAIT, POLL, || Ok(who(&bed, out, "198.18.0.200:80")? == "b"))?;
     // Load-balancer ingress IP, from outside, through node2.
-    wait_until(WAIT, POLL, || Ok(who(c.underlay(), "198.18.0.201:80")? == "b"))?;
+    wait_until(WAIT, POLL, || Ok(who(&bed, out, "198.18.0.201:80")? == "b"))?;
     // ...and the cluster IPs of both from a pod.
-    wait_until(WAIT, POLL, || Ok(who(&a.ns, "10.96.1.2:80")? == "b"))?;
+    wait_until(WAIT, POLL, || Ok(who(&bed, pa, "10.96.1.2:80")? == "b"))?;
 
     // Affinity: every connection from one client lands on the same endpoint; without it, both
     // endpoints answer (the chance of 24 connections all on one of two endpoints is 2^-23).
-    wait_until(WAIT, POLL, || Ok(who(&a.ns, "10.96.1.3:80")?.len() == 1))?;
-    let sticky = answers(&a.ns, "10.96.1.3:80", 12)?;
+    wait_until(WAIT, POLL, || Ok(who(&bed, pa, "10.96.1.3:80")?.len() == 1))?;
+    let sticky = answers(&bed, pa, "10.96.1.3:80", 12)?;
     assert_eq!(sticky.len(), 1, "ClientIP affinity: one client reached {sticky:?}");
-    let spread = answers(&a.ns, "10.96.1.4:80", 24)?;
+    let spread = answers(&bed, pa, "10.96.1.4:80", 24)?;
     assert_eq!(spread, ["b".to_string(), "d".to_string()].into(), "no affinity: both endpoints answer");
 
     // externalTrafficPolicy Local: node1 serves and keeps the client's address...
-    wait_until(WAIT, POLL, || Ok(ask(c.underlay(), &format!("{n1}:30090"))? == format!("b {OUTSIDE}")))?;
+    wait_until(WAIT, POLL, || Ok(ask(&bed, out, &format!("{n1}:30090"))? == format!("b {OUTSIDE}")))?;
     // ...node0 has no local endpoint: the connection is dropped, not sent elsewhere.
-    let dropped = ask(c.underlay(), &format!("{n0}:30090"))?;
+    let dropped = ask(&bed, out, &format!("{n0}:30090"))?;
     assert!(dropped.starts_with("ERROR"), "ETP Local on a node without endpoints answered: {dropped}");
     // The healthCheckNodePort tells a load balancer which nodes to use.
     wait_until(WAIT, POLL, || Ok(http_status(c.underlay(), &format!("http://{n1}:31090/healthz"))?.0 == "200"))?;
@@ -211,34 +257,34 @@ fn features(mode: &str) -> Result<()> {
     wait_until(WAIT, POLL, || Ok(http_status(c.underlay(), &format!("http://{n0}:31090/healthz"))?.0 == "503"))?;
     // externalTrafficPolicy Cluster through a node without the backend: masqueraded, so the
     // reply comes back the same way.
-    wait_until(WAIT, POLL, || Ok(who(c.underlay(), &format!("{n0}:30091"))? == "b"))?;
-    let seen = ask(c.underlay(), &format!("{n0}:30091"))?;
+    wait_until(WAIT, POLL, || Ok(who(&bed, out, &format!("{n0}:30091"))? == "b"))?;
+    let seen = ask(&bed, out, &format!("{n0}:30091"))?;
     assert!(seen.starts_with("b ") && !seen.ends_with(OUTSIDE), "ETP Cluster via another node must be masqueraded: {seen}");
 
     // internalTrafficPolicy Local: a client on node1 gets node1's endpoint, always...
-    wait_until(WAIT, POLL, || Ok(who(&e.ns, "10.96.1.7:80")? == "b"))?;
-    assert_eq!(answers(&e.ns, "10.96.1.7:80", 8)?, ["b".to_string()].into());
+    wait_until(WAIT, POLL, || Ok(who(&bed, pe, "10.96.1.7:80")? == "b"))?;
+    assert_eq!(answers(&bed, pe, "10.96.1.7:80", 8)?, ["b".to_string()].into());
     // ...and node0, without a local endpoint, drops it.
-    let itp = who(&a.ns, "10.96.1.7:80")?;
+    let itp = who(&bed, pa, "10.96.1.7:80")?;
     assert!(itp.starts_with("ERROR"), "ITP Local without a local endpoint answered: {itp}");
 
     // Terminating endpoints: the serving one is used while nothing is ready...
-    wait_until(WAIT, POLL, || Ok(who(&a.ns, "10.96.1.8:80")? == "b"))?;
-    assert_eq!(answers(&a.ns, "10.96.1.8:80", 6)?, ["b".to_string()].into(), "the non-serving one is never used");
+    wait_until(WAIT, POLL, || Ok(who(&bed, pa, "10.96.1.8:80")? == "b"))?;
+    assert_eq!(answers(&bed, pa, "10.96.1.8:80", 6)?, ["b".to_string()].into(), "the non-serving one is never used");
     // ...and never once a ready one exists.
-    apply(&c, &[slice("term", "TCP", &[Ep(&b, &name1, (false, true, true)), ready(&d, &name2)])])?;
-    wait_until(WAIT, POLL, || Ok(who(&a.ns, "10.96.1.8:80")? == "d"))?;
-    assert_eq!(answers(&a.ns, "10.96.1.8:80", 8)?, ["d".to_string()].into());
+    apply(c, &[slice("term", "TCP", &[Ep(&b, &name1, (false, true, true)), ready(&d, &name2)])])?;
+    wait_until(WAIT, POLL, || Ok(who(&bed, pa, "10.96.1.8:80")? == "d"))?;
+    assert_eq!(answers(&bed, pa, "10.96.1.8:80", 8)?, ["d".to_string()].into());
 
     // Hairpin: b reaches itself through its service.
-    wait_until(WAIT, POLL, || Ok(who(&b.ns, "10.96.1.9:80")? == "b"))?;
+    wait_until(WAIT, POLL, || Ok(who(&bed, pb, "10.96.1.9:80")? == "b"))?;
 
     // UDP, and the stale conntrack flush: the same client flow (fixed source port) keeps
     // sending while the endpoint moves from b to d. Without the flush the flow's conntrack
     // entry would keep it on b for as long as it keeps sending.
-    wait_until(WAIT, POLL, || Ok(ask_udp(&a.ns, "10.96.1.10:53", 41000)? == "b"))?;
-    apply(&c, &[slice("dnsish", "UDP", &[ready(&d, &name2)])])?;
-    wait_until(WAIT, POLL, || Ok(ask_udp(&a.ns, "10.96.1.10:53", 41000)? == "d"))?;
+    wait_until(WAIT, POLL, || Ok(ask_udp(&bed, pa, "10.96.1.10:53", 41000)? == "b"))?;
+    apply(c, &[slice("dnsish", "UDP", &[ready(&d, &name2)])])?;
+    wait_until(WAIT, POLL, || Ok(ask_udp(&bed, pa, "10.96.1.10:53", 41000)? == "d"))?;
     Ok(())
 }
 
@@ -250,4 +296,15 @@ fn service_features_with_nftables() -> Result<()> {
 #[test]
 fn service_features_with_iptables() -> Result<()> {
     features("iptables")
+}
+
+/// The same suite on `--proxy-mode ebpf`: the socket load balancer for clients in pods (run in
+/// their node's cgroup), the tc programs for traffic from outside.
+#[test]
+fn service_features_with_ebpf() -> Result<()> {
+    if let Err(why) = netd_ebpf_probe().and_then(|()| netd_ebpf_tc_probe()) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    features("ebpf")
 }
