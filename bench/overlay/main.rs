@@ -2,9 +2,13 @@
 //!
 //! 1. Pod-to-pod TCP throughput (iperf3) and TCP request/response latency
 //!    across two nodes, for netd's VXLAN (with its default flags and with
-//!    `--ip-masq false`), a hand-made kernel VXLAN set up with flannel's
-//!    recipe, and the bare underlay (no encapsulation). Rounds interleave
-//!    the configurations so that drift in machine load hits all alike.
+//!    `--ip-masq false`), netd's udp backend (userspace datapath), a
+//!    hand-made kernel VXLAN set up with flannel's recipe, and the bare
+//!    underlay (no encapsulation). Rounds interleave the configurations so
+//!    that drift in machine load hits all alike. CPU per Gbit/s counts the
+//!    iperf3 client and server, both netd processes (the udp datapath runs
+//!    in them) and all irq/softirq time (where the kernel does VXLAN, veth
+//!    and UDP work) during each iperf3 run.
 //! 2. Convergence: a fake peer's lease is put into etcd while 3 netd nodes
 //!    run; time until the route is on every node (then it is deleted, and
 //!    the time until the route is gone everywhere is measured too).
@@ -30,6 +34,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Anchors the figures are compared with.
 const TARGET_THROUGHPUT_RATIO: f64 = 0.97;
 const TARGET_CONVERGENCE_P99_MS: f64 = 200.0;
+/// udp backend vs kernel VXLAN: throughput at least, RR p50 at most.
+const TARGET_UDP_THROUGHPUT_RATIO: f64 = 0.8;
+const TARGET_UDP_LATENCY_RATIO: f64 = 1.3;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -197,16 +204,24 @@ struct Figures {
     gbps: Vec<f64>,
     retrans: Vec<u64>,
     rtt_us: Vec<f64>,
+    /// Cores busy with the transfer per Gbit/s, per run.
+    cpu_per_gbps: Vec<f64>,
     errors: Vec<String>,
 }
 
 fn throughput(cli: &Cli) -> Result<bool> {
-    let kinds = [Kind::Netd, Kind::NetdNoMasq, Kind::HandVxlan, Kind::Bare];
+    let kinds = [
+        Kind::Netd,
+        Kind::NetdNoMasq,
+        Kind::NetdUdp,
+        Kind::HandVxlan,
+        Kind::Bare,
+    ];
     println!(
         "\n== Pod-to-pod across two nodes: {} runs x {} s iperf3, {} x {} RR ==",
         cli.runs, cli.seconds, cli.runs, cli.rr_count
     );
-    eprintln!("building the 4 configurations ...");
+    eprintln!("building the {} configurations ...", kinds.len());
     let mut setups = Vec::new();
     for kind in kinds {
         checkpoint()?;
@@ -224,16 +239,29 @@ fn throughput(cli: &Cli) -> Result<bool> {
         // measured first (right after the previous round's bare underlay).
         let start = (run as usize - 1) % setups.len();
         setups.rotate_left(start);
-        for (setup, _, fig) in &mut setups {
+        for (setup, servers, fig) in &mut setups {
             checkpoint()?;
             let label = setup.kind.label();
             let b = setup.b.ip.to_string();
             eprint!("run {run}/{}: {label} ... ", cli.runs);
+            let mut pids = vec![servers.0.pid()];
+            pids.extend(setup.cluster.nodes().iter().filter_map(|n| n.netd_pid()));
+            let cpu = || {
+                pids.iter().map(|p| perf::process_cpu(*p)).sum::<f64>()
+                    + perf::children_cpu()
+                    + perf::irq_cpu()
+            };
+            let (cpu0, wall0) = (cpu(), std::time::Instant::now());
             match perf::iperf(&setup.a, &b, cli.seconds) {
                 Ok((gbps, retrans)) => {
-                    eprint!("{gbps:.2} Gbit/s ({retrans} retransmits) ");
+                    let cores = (cpu() - cpu0) / wall0.elapsed().as_secs_f64();
+                    eprint!(
+                        "{gbps:.2} Gbit/s ({retrans} retransmits, {:.2} cores/Gbit/s) ",
+                        cores / gbps
+                    );
                     fig.gbps.push(gbps);
                     fig.retrans.push(retrans);
+                    fig.cpu_per_gbps.push(cores / gbps);
                 }
                 Err(e) => {
                     eprint!("iperf3 FAILED ");
@@ -256,8 +284,8 @@ fn throughput(cli: &Cli) -> Result<bool> {
 
     println!();
     println!(
-        "  {:<28} {:>7} {:>8} {:>9} {:>9} {:>9}   Gbit/s of each run",
-        "configuration", "Gbit/s", "retrans", "RR mean", "RR p50", "RR p99"
+        "  {:<28} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9}   Gbit/s of each run",
+        "configuration", "Gbit/s", "retrans", "RR mean", "RR p50", "RR p99", "CPU/Gbps"
     );
     let mut ok = true;
     for (setup, _, fig) in &setups {
@@ -269,13 +297,14 @@ fn throughput(cli: &Cli) -> Result<bool> {
             .join(" ");
         let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}us"));
         println!(
-            "  {:<28} {:>7} {:>8} {:>9} {:>9} {:>9}   {}",
+            "  {:<28} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9}   {}",
             setup.kind.label(),
             median(&fig.gbps).map_or("-".into(), |g| format!("{g:.2}")),
             fig.retrans.iter().sum::<u64>(),
             us(mean(&fig.rtt_us)),
             us(median(&fig.rtt_us)),
             us(percentile(&fig.rtt_us, 99.0)),
+            median(&fig.cpu_per_gbps).map_or("-".into(), |c| format!("{c:.3}")),
             runs,
         );
         for e in &fig.errors {
@@ -285,13 +314,14 @@ fn throughput(cli: &Cli) -> Result<bool> {
     }
 
     let get = |k: Kind| setups.iter().find(|(s, ..)| s.kind == k).map(|(_, _, f)| f);
-    let (Some(netd), Some(nomasq), Some(hand), Some(bare)) = (
+    let (Some(netd), Some(nomasq), Some(udp), Some(hand), Some(bare)) = (
         get(Kind::Netd),
         get(Kind::NetdNoMasq),
+        get(Kind::NetdUdp),
         get(Kind::HandVxlan),
         get(Kind::Bare),
     ) else {
-        unreachable!("all four configurations were built")
+        unreachable!("all configurations were built")
     };
     println!();
     for (name, f) in [("netd (defaults)", netd), ("netd --ip-masq=false", nomasq)] {
@@ -311,6 +341,28 @@ fn throughput(cli: &Cli) -> Result<bool> {
             ratio(bare).map_or("-".into(), |r| format!("{r:.3}x")),
             lat(hand),
             lat(bare),
+        );
+    }
+    // The udp backend against kernel VXLAN: netd's (same daemon, same
+    // masquerade) and the hand-made one (no nftables at all).
+    let med_ratio = |a: &[f64], b: &[f64]| match (median(a), median(b)) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let x = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.3}x"));
+    for (name, anchor) in [
+        ("netd vxlan (defaults)", netd),
+        ("hand-made kernel vxlan", hand),
+    ] {
+        let tput = med_ratio(&udp.gbps, &anchor.gbps);
+        let lat = med_ratio(&udp.rtt_us, &anchor.rtt_us);
+        println!(
+            "  netd udp vs {name:<22}: throughput {} (target >= {TARGET_UDP_THROUGHPUT_RATIO}: {}), RR p50 {} (target <= {TARGET_UDP_LATENCY_RATIO}: {}), CPU per Gbit/s {}",
+            x(tput),
+            verdict(tput.map(|r| r >= TARGET_UDP_THROUGHPUT_RATIO)),
+            x(lat),
+            verdict(lat.map(|r| r <= TARGET_UDP_LATENCY_RATIO)),
+            x(med_ratio(&udp.cpu_per_gbps, &anchor.cpu_per_gbps)),
         );
     }
     eprintln!("tearing the configurations down ...");
