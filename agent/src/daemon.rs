@@ -599,6 +599,7 @@ impl Daemon {
             // The device outlives netd: a restart adopts it, with its address and route, and
             // traffic resumes as soon as the new datapath runs.
             persist: true,
+            nice: self.args.udp_nice,
             ..Default::default()
         };
         let running = self.udp.as_ref().is_some_and(|dp| dp.local_addr().port() == want.port && dp.local_addr().ip() == &want.local_ip);

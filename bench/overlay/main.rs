@@ -58,6 +58,14 @@ struct Cli {
     /// Measure only this part.
     #[arg(long, value_enum)]
     only: Option<Part>,
+    /// Throughput configurations to measure, comma-separated, from: vxlan,
+    /// vxlan-nomasq, udp, hand, bare (default: all).
+    #[arg(long, value_delimiter = ',')]
+    configs: Vec<String>,
+    /// Extra `netd run` arguments for every netd configuration, e.g.
+    /// `--netd-args=--udp-nice=0` (space-separated).
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    netd_args: String,
     #[command(subcommand)]
     helper: Option<Helper>,
 }
@@ -210,13 +218,11 @@ struct Figures {
 }
 
 fn throughput(cli: &Cli) -> Result<bool> {
-    let kinds = [
-        Kind::Netd,
-        Kind::NetdNoMasq,
-        Kind::NetdUdp,
-        Kind::HandVxlan,
-        Kind::Bare,
-    ];
+    let kinds: Vec<Kind> = Kind::ALL
+        .into_iter()
+        .filter(|k| cli.configs.is_empty() || cli.configs.iter().any(|c| c == k.name()))
+        .collect();
+    let netd_args: Vec<&str> = cli.netd_args.split_whitespace().collect();
     println!(
         "\n== Pod-to-pod across two nodes: {} runs x {} s iperf3, {} x {} RR ==",
         cli.runs, cli.seconds, cli.runs, cli.rr_count
@@ -225,8 +231,8 @@ fn throughput(cli: &Cli) -> Result<bool> {
     let mut setups = Vec::new();
     for kind in kinds {
         checkpoint()?;
-        let setup =
-            Setup::build(kind, 2).with_context(|| format!("setting up {}", kind.label()))?;
+        let setup = Setup::build_with(kind, 2, &netd_args)
+            .with_context(|| format!("setting up {}", kind.label()))?;
         let servers = perf::start_servers(&setup.b)?;
         if let Some(details) = setups::vxlan_details(&setup) {
             println!("  {:<28} {details}", kind.label());
@@ -314,17 +320,15 @@ fn throughput(cli: &Cli) -> Result<bool> {
     }
 
     let get = |k: Kind| setups.iter().find(|(s, ..)| s.kind == k).map(|(_, _, f)| f);
-    let (Some(netd), Some(nomasq), Some(udp), Some(hand), Some(bare)) = (
-        get(Kind::Netd),
-        get(Kind::NetdNoMasq),
-        get(Kind::NetdUdp),
-        get(Kind::HandVxlan),
-        get(Kind::Bare),
-    ) else {
-        unreachable!("all configurations were built")
-    };
     println!();
-    for (name, f) in [("netd (defaults)", netd), ("netd --ip-masq=false", nomasq)] {
+    let vxlans = [
+        ("netd (defaults)", get(Kind::Netd)),
+        ("netd --ip-masq=false", get(Kind::NetdNoMasq)),
+    ];
+    for (name, f, hand, bare) in vxlans
+        .into_iter()
+        .filter_map(|(n, f)| Some((n, f?, get(Kind::HandVxlan)?, get(Kind::Bare)?)))
+    {
         let ratio = |other: &Figures| match (median(&f.gbps), median(&other.gbps)) {
             (Some(a), Some(b)) if b > 0.0 => Some(a / b),
             _ => None,
@@ -350,10 +354,14 @@ fn throughput(cli: &Cli) -> Result<bool> {
         _ => None,
     };
     let x = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.3}x"));
-    for (name, anchor) in [
-        ("netd vxlan (defaults)", netd),
-        ("hand-made kernel vxlan", hand),
-    ] {
+    let anchors = [
+        ("netd vxlan (defaults)", get(Kind::Netd)),
+        ("hand-made kernel vxlan", get(Kind::HandVxlan)),
+    ];
+    for (name, udp, anchor) in anchors
+        .into_iter()
+        .filter_map(|(n, a)| Some((n, get(Kind::NetdUdp)?, a?)))
+    {
         let tput = med_ratio(&udp.gbps, &anchor.gbps);
         let lat = med_ratio(&udp.rtt_us, &anchor.rtt_us);
         println!(

@@ -33,6 +33,25 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Netd,
+        Kind::NetdNoMasq,
+        Kind::NetdUdp,
+        Kind::HandVxlan,
+        Kind::Bare,
+    ];
+
+    /// Short name for `--configs`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Netd => "vxlan",
+            Kind::NetdNoMasq => "vxlan-nomasq",
+            Kind::NetdUdp => "udp",
+            Kind::HandVxlan => "hand",
+            Kind::Bare => "bare",
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Kind::Netd => "netd vxlan (defaults)",
@@ -56,11 +75,16 @@ pub struct Setup {
 impl Setup {
     /// `nodes` >= 2; pods go on node0 and node1.
     pub fn build(kind: Kind, nodes: usize) -> Result<Setup> {
+        Setup::build_with(kind, nodes, &[])
+    }
+
+    /// [`Setup::build`] with extra `netd run` arguments for the netd kinds.
+    pub fn build_with(kind: Kind, nodes: usize, netd_args: &[&str]) -> Result<Setup> {
         let mut cluster = Cluster::new(nodes)?;
         match kind {
             Kind::NetdUdp => {
                 cluster.write_network_config(UDP_NETWORK_CONFIG)?;
-                cluster.start_netd_all(&[])?;
+                cluster.start_netd_all(netd_args)?;
                 for node in cluster.nodes_mut() {
                     node.wait_subnet_env(Duration::from_secs(30))?;
                 }
@@ -70,7 +94,9 @@ impl Setup {
             Kind::Netd | Kind::NetdNoMasq => {
                 cluster.write_network_config(NETWORK_CONFIG)?;
                 let masq = if kind == Kind::Netd { "true" } else { "false" };
-                cluster.start_netd_all(&["--ip-masq", masq])?;
+                let mut args = vec!["--ip-masq", masq];
+                args.extend_from_slice(netd_args);
+                cluster.start_netd_all(&args)?;
                 for node in cluster.nodes_mut() {
                     node.wait_subnet_env(Duration::from_secs(30))?;
                 }

@@ -217,6 +217,11 @@ fn three_nodes_lease_distinct_subnets_in_flannels_format(backend: Backend) -> Re
                 assert!(link.contains("tun type tun") && link.contains("multi_queue") && link.contains("persist on"), "{link}");
                 let sockets = node.ns().run(&["ss", "-uln", "sport", "= :8285"])?;
                 assert!(sockets.contains(&format!("{}:8285", node.ip())), "{sockets}");
+                // The datapath threads run ahead of ordinary work (--udp-nice, default -10).
+                let pid = node.netd_pid().context("netd runs")?.to_string();
+                let threads = node.ns().run(&["ps", "-L", "-o", "comm=,ni=", "-p", &pid])?;
+                let udp: Vec<&str> = threads.lines().filter(|l| l.trim_start().starts_with("udp-")).collect();
+                assert!(!udp.is_empty() && udp.iter().all(|l| l.trim_end().ends_with("-10")), "{threads}");
                 "1472"
             }
         };

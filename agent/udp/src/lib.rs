@@ -118,6 +118,11 @@ pub struct UdpConfig {
     /// Keep the device when the datapath stops, and adopt an existing
     /// device of the same name at start (see the crate docs).
     pub persist: bool,
+    /// Nice value of the worker threads (0: the caller's). The kernel's own
+    /// encapsulation (VXLAN) runs in softirq context, ahead of every task;
+    /// a negative value brings the userspace datapath closer to that on a
+    /// busy node, so a packet does not wait behind unrelated work.
+    pub nice: i32,
 }
 
 impl Default for UdpConfig {
@@ -131,6 +136,7 @@ impl Default for UdpConfig {
             decrement_ttl: false,
             offloads: true,
             persist: false,
+            nice: 0,
         }
     }
 }
@@ -416,6 +422,7 @@ impl UdpDatapath {
                     counters,
                     udp_offload: udp_gso,
                     tun_gro: cfg.offloads,
+                    nice: cfg.nice,
                 };
                 let tname = format!("udp-{dir}{w}");
                 let spawned = std::thread::Builder::new()

@@ -79,6 +79,16 @@ pub fn tun_set_persist(fd: RawFd, persist: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// `setpriority(PRIO_PROCESS, gettid(), nice)`: the nice value of the
+/// calling thread only (Linux applies it per thread).
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority has no memory effects.
+    cvt(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) })?;
+    Ok(())
+}
+
 /// Whether link `name` exists in the caller's namespace.
 pub fn link_exists(name: &str) -> bool {
     let Ok(c) = CString::new(name) else {
