@@ -66,6 +66,11 @@ struct Cli {
     /// `--netd-args=--udp-nice=0` (space-separated).
     #[arg(long, allow_hyphen_values = true, default_value = "")]
     netd_args: String,
+    /// With these (space-separated) `netd run` arguments added, the udp
+    /// backend is measured a second time in the same run ("netd udp
+    /// (variant)"), e.g. `--udp-variant-args=--udp-nice=0`.
+    #[arg(long, allow_hyphen_values = true)]
+    udp_variant_args: Option<String>,
     #[command(subcommand)]
     helper: Option<Helper>,
 }
@@ -221,8 +226,22 @@ fn throughput(cli: &Cli) -> Result<bool> {
     let kinds: Vec<Kind> = Kind::ALL
         .into_iter()
         .filter(|k| cli.configs.is_empty() || cli.configs.iter().any(|c| c == k.name()))
+        .filter(|k| *k != Kind::NetdUdpVariant || cli.udp_variant_args.is_some())
         .collect();
     let netd_args: Vec<&str> = cli.netd_args.split_whitespace().collect();
+    let variant_args: Vec<&str> = netd_args
+        .iter()
+        .copied()
+        .chain(
+            cli.udp_variant_args
+                .as_deref()
+                .unwrap_or("")
+                .split_whitespace(),
+        )
+        .collect();
+    if let Some(v) = &cli.udp_variant_args {
+        println!("  netd udp (variant): netd run {v}");
+    }
     println!(
         "\n== Pod-to-pod across two nodes: {} runs x {} s iperf3, {} x {} RR ==",
         cli.runs, cli.seconds, cli.runs, cli.rr_count
@@ -231,7 +250,12 @@ fn throughput(cli: &Cli) -> Result<bool> {
     let mut setups = Vec::new();
     for kind in kinds {
         checkpoint()?;
-        let setup = Setup::build_with(kind, 2, &netd_args)
+        let args = if kind == Kind::NetdUdpVariant {
+            &variant_args
+        } else {
+            &netd_args
+        };
+        let setup = Setup::build_with(kind, 2, args)
             .with_context(|| format!("setting up {}", kind.label()))?;
         let servers = perf::start_servers(&setup.b)?;
         if let Some(details) = setups::vxlan_details(&setup) {
@@ -358,14 +382,16 @@ fn throughput(cli: &Cli) -> Result<bool> {
         ("netd vxlan (defaults)", get(Kind::Netd)),
         ("hand-made kernel vxlan", get(Kind::HandVxlan)),
     ];
-    for (name, udp, anchor) in anchors
-        .into_iter()
-        .filter_map(|(n, a)| Some((n, get(Kind::NetdUdp)?, a?)))
-    {
+    for (name, kind, udp, anchor) in anchors.into_iter().flat_map(|(n, a)| {
+        [Kind::NetdUdp, Kind::NetdUdpVariant]
+            .into_iter()
+            .filter_map(move |k| Some((n, k, get(k)?, a?)))
+    }) {
         let tput = med_ratio(&udp.gbps, &anchor.gbps);
         let lat = med_ratio(&udp.rtt_us, &anchor.rtt_us);
         println!(
-            "  netd udp vs {name:<22}: throughput {} (target >= {TARGET_UDP_THROUGHPUT_RATIO}: {}), RR p50 {} (target <= {TARGET_UDP_LATENCY_RATIO}: {}), CPU per Gbit/s {}",
+            "  {:<19} vs {name:<22}: throughput {} (target >= {TARGET_UDP_THROUGHPUT_RATIO}: {}), RR p50 {} (target <= {TARGET_UDP_LATENCY_RATIO}: {}), CPU per Gbit/s {}",
+            kind.label().trim_end_matches(" (defaults)"),
             x(tput),
             verdict(tput.map(|r| r >= TARGET_UDP_THROUGHPUT_RATIO)),
             x(lat),

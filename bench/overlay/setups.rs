@@ -24,6 +24,9 @@ pub enum Kind {
     /// netd with the udp backend and its defaults (the same masquerade as
     /// [`Kind::Netd`]): TUN device + the netd-udp datapath, MTU 1472.
     NetdUdp,
+    /// The udp backend again with `--udp-variant-args` added: an A/B of a
+    /// datapath knob in the same run (only measured when asked for).
+    NetdUdpVariant,
     /// `ip link add ... type vxlan` + `ip neigh` + `bridge fdb` +
     /// `ip route ... onlink`, flannel's recipe, MTU 1450.
     HandVxlan,
@@ -33,10 +36,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Netd,
         Kind::NetdNoMasq,
         Kind::NetdUdp,
+        Kind::NetdUdpVariant,
         Kind::HandVxlan,
         Kind::Bare,
     ];
@@ -47,6 +51,7 @@ impl Kind {
             Kind::Netd => "vxlan",
             Kind::NetdNoMasq => "vxlan-nomasq",
             Kind::NetdUdp => "udp",
+            Kind::NetdUdpVariant => "udp-variant",
             Kind::HandVxlan => "hand",
             Kind::Bare => "bare",
         }
@@ -57,6 +62,7 @@ impl Kind {
             Kind::Netd => "netd vxlan (defaults)",
             Kind::NetdNoMasq => "netd vxlan --ip-masq=false",
             Kind::NetdUdp => "netd udp (defaults)",
+            Kind::NetdUdpVariant => "netd udp (variant)",
             Kind::HandVxlan => "hand-made kernel vxlan",
             Kind::Bare => "bare underlay (no encap)",
         }
@@ -82,7 +88,7 @@ impl Setup {
     pub fn build_with(kind: Kind, nodes: usize, netd_args: &[&str]) -> Result<Setup> {
         let mut cluster = Cluster::new(nodes)?;
         match kind {
-            Kind::NetdUdp => {
+            Kind::NetdUdp | Kind::NetdUdpVariant => {
                 cluster.write_network_config(UDP_NETWORK_CONFIG)?;
                 cluster.start_netd_all(netd_args)?;
                 for node in cluster.nodes_mut() {
@@ -219,7 +225,7 @@ pub fn vxlan_details(setup: &Setup) -> Option<String> {
     let dev = match setup.kind {
         Kind::Netd | Kind::NetdNoMasq => "netd.1",
         Kind::HandVxlan => HAND_DEV,
-        Kind::NetdUdp => {
+        Kind::NetdUdp | Kind::NetdUdpVariant => {
             let out = setup
                 .cluster
                 .node(0)
