@@ -645,7 +645,10 @@ impl Daemon {
         }
         if let Some(l) = self.nl.link_by_name(UDP_DEVICE).await? {
             info!(device = UDP_DEVICE, "removing the udp backend's device of the previous config");
-            self.nl.del_link(l.index, &l.name).await?;
+            match self.nl.del_link(l.index, &l.name).await {
+                Err(e) if !e.is_not_found() => return Err(e.into()),
+                _ => {}
+            }
         }
         Ok(())
     }

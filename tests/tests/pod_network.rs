@@ -340,8 +340,9 @@ fn iperf_intervals(json: &str) -> Result<Vec<f64>> {
     Ok(v["intervals"].as_array().context("no intervals")?.iter().map(|i| i["sum"]["bits_per_second"].as_f64().unwrap_or(0.0)).collect())
 }
 
-/// With udp, the TUN device outlives netd (persistent) and the restarted netd adopts it, so the
-/// stream only waits for the new datapath, as it only waits for nothing with the kernel's VXLAN.
+/// With udp, the TUN device outlives netd (persistent, with its address and route) and the
+/// restarted netd adopts it: the stream only pauses until the new datapath runs (TCP retransmits
+/// what was dropped meanwhile), where with VXLAN the kernel carries it throughout.
 fn restarting_netd_keeps_the_subnet_and_a_long_tcp_stream(backend: Backend) -> Result<()> {
     let mut c = start(2, backend.config())?;
     let before: Vec<String> = c.nodes().iter().map(subnet).collect::<Result<_>>()?;
