@@ -30,7 +30,9 @@ pub async fn cleanup(run_dir: &Path, state_dir: &Path, cni_conf_dir: Option<&Pat
     let nl = Netlink::connect()?;
     let mut removed = Removed { routes: nl.del_routes_by_proto().await?, ..Default::default() };
     for l in nl.links().await? {
-        let ours = (l.name.starts_with("netd.") && l.kind.as_deref() == Some("vxlan")) || l.name == bridge;
+        let ours = (l.name.starts_with("netd.") && l.kind.as_deref() == Some("vxlan"))
+            || (l.name == crate::daemon::UDP_DEVICE && l.kind.as_deref() == Some("tun"))
+            || l.name == bridge;
         if ours {
             nl.del_link(l.index, &l.name).await?;
             info!(link = %l.name, "removed");

@@ -124,6 +124,10 @@ pub struct RunArgs {
     /// Lifetime of the subnet lease in etcd (flannel's is 24h). Only for testing renewal.
     #[arg(long, env = "NETD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration, hide = true)]
     pub subnet_lease_ttl: Duration,
+    /// udp backend: nice value of the datapath threads (-20..19; 0 = netd's own). Negative puts
+    /// the encapsulation ahead of ordinary work on a busy node, as the kernel's VXLAN is.
+    #[arg(long, env = "NETD_UDP_NICE", default_value_t = -10, allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub udp_nice: i32,
     /// Masquerade pod traffic that leaves the cluster network.
     #[arg(long, env = "NETD_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
     pub ip_masq: bool,

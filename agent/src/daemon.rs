@@ -100,7 +100,7 @@ fn vxlan_name(vni: u32) -> String {
 }
 
 /// The udp backend's TUN device.
-const UDP_DEVICE: &str = "netd-udp0";
+pub(crate) const UDP_DEVICE: &str = "netd-udp0";
 
 /// Backoff for retries against etcd: quick at first, capped, so a returning etcd is noticed fast.
 struct Backoff(Duration);
@@ -556,10 +556,7 @@ impl Daemon {
     async fn setup_backend(&mut self) -> Result<(), DaemonError> {
         let (index, name, mtu) = match self.cfg.backend.kind {
             BackendKind::Vxlan => {
-                if let Some(dp) = self.udp.take() {
-                    info!(device = dp.tun_name(), "stopping the udp datapath (backend switched to vxlan)");
-                    dp.stop();
-                }
+                self.remove_udp_device().await?;
                 self.setup_vxlan().await?
             }
             BackendKind::Udp => {
@@ -600,6 +597,10 @@ impl Daemon {
             mtu,
             local_ip: self.underlay.iface_ip,
             port: self.cfg.backend.port,
+            // The device outlives netd: a restart adopts it, with its address and route, and
+            // traffic resumes as soon as the new datapath runs.
+            persist: true,
+            nice: self.args.udp_nice,
             ..Default::default()
         };
         let running = self.udp.as_ref().is_some_and(|dp| dp.local_addr().port() == want.port && dp.local_addr().ip() == &want.local_ip);
@@ -613,13 +614,44 @@ impl Daemon {
             if let Some(dp) = self.udp.take() {
                 dp.stop();
             }
-            let dp = netd_udp::UdpDatapath::start(want).map_err(|e| DaemonError::Backend(e.to_string()))?;
+            let dp = match netd_udp::UdpDatapath::start(want.clone()) {
+                Ok(dp) => dp,
+                // A device of that name we cannot attach to (not a multi-queue TUN with our
+                // flags): replace it.
+                Err(netd_udp::UdpError::TunOpen { source, .. }) if link.is_some() => {
+                    let l = link.as_ref().expect("checked");
+                    warn!(device = UDP_DEVICE, error = %source, "cannot attach to the existing device; recreating it");
+                    self.nl.del_link(l.index, &l.name).await?;
+                    netd_udp::UdpDatapath::start(want).map_err(|e| DaemonError::Backend(e.to_string()))?
+                }
+                Err(e) => return Err(DaemonError::Backend(e.to_string())),
+            };
             let f = dp.features();
-            info!(device = UDP_DEVICE, port = self.cfg.backend.port, mtu, workers = f.workers, udp_gso = f.udp_gso, udp_gro = f.udp_gro, "started the udp datapath");
+            let how = if dp.adopted() { "adopted the TUN device" } else { "created the TUN device" };
+            info!(device = UDP_DEVICE, port = self.cfg.backend.port, mtu, workers = f.workers, udp_gso = f.udp_gso, udp_gro = f.udp_gro, "started the udp datapath ({how})");
             self.udp = Some(dp);
         }
         let l = self.nl.link_by_name(UDP_DEVICE).await?.ok_or_else(|| NetlinkError::Other(format!("{UDP_DEVICE} vanished after creation")))?;
         Ok((l.index, UDP_DEVICE.to_string(), mtu))
+    }
+
+    /// Stops the udp datapath and removes its (persistent) device, also one left by an earlier
+    /// netd run (after a switch to vxlan).
+    async fn remove_udp_device(&mut self) -> Result<(), DaemonError> {
+        if let Some(dp) = self.udp.take() {
+            info!(device = dp.tun_name(), "stopping the udp datapath and removing its device (backend switched to vxlan)");
+            if let Err(e) = dp.remove() {
+                warn!(error = %e, "clearing the TUN device's persist flag failed; deleting it instead");
+            }
+        }
+        if let Some(l) = self.nl.link_by_name(UDP_DEVICE).await? {
+            info!(device = UDP_DEVICE, "removing the udp backend's device of the previous config");
+            match self.nl.del_link(l.index, &l.name).await {
+                Err(e) if !e.is_not_found() => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Removes every `netd.*` VXLAN device (after a switch to the udp backend or a VNI change).

@@ -2,9 +2,13 @@
 //!
 //! 1. Pod-to-pod TCP throughput (iperf3) and TCP request/response latency
 //!    across two nodes, for netd's VXLAN (with its default flags and with
-//!    `--ip-masq false`), a hand-made kernel VXLAN set up with flannel's
-//!    recipe, and the bare underlay (no encapsulation). Rounds interleave
-//!    the configurations so that drift in machine load hits all alike.
+//!    `--ip-masq false`), netd's udp backend (userspace datapath), a
+//!    hand-made kernel VXLAN set up with flannel's recipe, and the bare
+//!    underlay (no encapsulation). Rounds interleave the configurations so
+//!    that drift in machine load hits all alike. CPU per Gbit/s counts the
+//!    iperf3 client and server, both netd processes (the udp datapath runs
+//!    in them) and all irq/softirq time (where the kernel does VXLAN, veth
+//!    and UDP work) during each iperf3 run.
 //! 2. Convergence: a fake peer's lease is put into etcd while 3 netd nodes
 //!    run; time until the route is on every node (then it is deleted, and
 //!    the time until the route is gone everywhere is measured too).
@@ -30,6 +34,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Anchors the figures are compared with.
 const TARGET_THROUGHPUT_RATIO: f64 = 0.97;
 const TARGET_CONVERGENCE_P99_MS: f64 = 200.0;
+/// udp backend vs kernel VXLAN: throughput at least, RR p50 at most.
+const TARGET_UDP_THROUGHPUT_RATIO: f64 = 0.8;
+const TARGET_UDP_LATENCY_RATIO: f64 = 1.3;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -51,6 +58,19 @@ struct Cli {
     /// Measure only this part.
     #[arg(long, value_enum)]
     only: Option<Part>,
+    /// Throughput configurations to measure, comma-separated, from: vxlan,
+    /// vxlan-nomasq, udp, hand, bare (default: all).
+    #[arg(long, value_delimiter = ',')]
+    configs: Vec<String>,
+    /// Extra `netd run` arguments for every netd configuration, e.g.
+    /// `--netd-args=--udp-nice=0` (space-separated).
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    netd_args: String,
+    /// With these (space-separated) `netd run` arguments added, the udp
+    /// backend is measured a second time in the same run ("netd udp
+    /// (variant)"), e.g. `--udp-variant-args=--udp-nice=0`.
+    #[arg(long, allow_hyphen_values = true)]
+    udp_variant_args: Option<String>,
     #[command(subcommand)]
     helper: Option<Helper>,
 }
@@ -197,21 +217,46 @@ struct Figures {
     gbps: Vec<f64>,
     retrans: Vec<u64>,
     rtt_us: Vec<f64>,
+    /// Cores busy with the transfer per Gbit/s, per run.
+    cpu_per_gbps: Vec<f64>,
     errors: Vec<String>,
 }
 
 fn throughput(cli: &Cli) -> Result<bool> {
-    let kinds = [Kind::Netd, Kind::NetdNoMasq, Kind::HandVxlan, Kind::Bare];
+    let kinds: Vec<Kind> = Kind::ALL
+        .into_iter()
+        .filter(|k| cli.configs.is_empty() || cli.configs.iter().any(|c| c == k.name()))
+        .filter(|k| *k != Kind::NetdUdpVariant || cli.udp_variant_args.is_some())
+        .collect();
+    let netd_args: Vec<&str> = cli.netd_args.split_whitespace().collect();
+    let variant_args: Vec<&str> = netd_args
+        .iter()
+        .copied()
+        .chain(
+            cli.udp_variant_args
+                .as_deref()
+                .unwrap_or("")
+                .split_whitespace(),
+        )
+        .collect();
+    if let Some(v) = &cli.udp_variant_args {
+        println!("  netd udp (variant): netd run {v}");
+    }
     println!(
         "\n== Pod-to-pod across two nodes: {} runs x {} s iperf3, {} x {} RR ==",
         cli.runs, cli.seconds, cli.runs, cli.rr_count
     );
-    eprintln!("building the 4 configurations ...");
+    eprintln!("building the {} configurations ...", kinds.len());
     let mut setups = Vec::new();
     for kind in kinds {
         checkpoint()?;
-        let setup =
-            Setup::build(kind, 2).with_context(|| format!("setting up {}", kind.label()))?;
+        let args = if kind == Kind::NetdUdpVariant {
+            &variant_args
+        } else {
+            &netd_args
+        };
+        let setup = Setup::build_with(kind, 2, args)
+            .with_context(|| format!("setting up {}", kind.label()))?;
         let servers = perf::start_servers(&setup.b)?;
         if let Some(details) = setups::vxlan_details(&setup) {
             println!("  {:<28} {details}", kind.label());
@@ -224,16 +269,29 @@ fn throughput(cli: &Cli) -> Result<bool> {
         // measured first (right after the previous round's bare underlay).
         let start = (run as usize - 1) % setups.len();
         setups.rotate_left(start);
-        for (setup, _, fig) in &mut setups {
+        for (setup, servers, fig) in &mut setups {
             checkpoint()?;
             let label = setup.kind.label();
             let b = setup.b.ip.to_string();
             eprint!("run {run}/{}: {label} ... ", cli.runs);
+            let mut pids = vec![servers.0.pid()];
+            pids.extend(setup.cluster.nodes().iter().filter_map(|n| n.netd_pid()));
+            let cpu = || {
+                pids.iter().map(|p| perf::process_cpu(*p)).sum::<f64>()
+                    + perf::children_cpu()
+                    + perf::irq_cpu()
+            };
+            let (cpu0, wall0) = (cpu(), std::time::Instant::now());
             match perf::iperf(&setup.a, &b, cli.seconds) {
                 Ok((gbps, retrans)) => {
-                    eprint!("{gbps:.2} Gbit/s ({retrans} retransmits) ");
+                    let cores = (cpu() - cpu0) / wall0.elapsed().as_secs_f64();
+                    eprint!(
+                        "{gbps:.2} Gbit/s ({retrans} retransmits, {:.2} cores/Gbit/s) ",
+                        cores / gbps
+                    );
                     fig.gbps.push(gbps);
                     fig.retrans.push(retrans);
+                    fig.cpu_per_gbps.push(cores / gbps);
                 }
                 Err(e) => {
                     eprint!("iperf3 FAILED ");
@@ -256,8 +314,8 @@ fn throughput(cli: &Cli) -> Result<bool> {
 
     println!();
     println!(
-        "  {:<28} {:>7} {:>8} {:>9} {:>9} {:>9}   Gbit/s of each run",
-        "configuration", "Gbit/s", "retrans", "RR mean", "RR p50", "RR p99"
+        "  {:<28} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9}   Gbit/s of each run",
+        "configuration", "Gbit/s", "retrans", "RR mean", "RR p50", "RR p99", "CPU/Gbps"
     );
     let mut ok = true;
     for (setup, _, fig) in &setups {
@@ -269,13 +327,14 @@ fn throughput(cli: &Cli) -> Result<bool> {
             .join(" ");
         let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}us"));
         println!(
-            "  {:<28} {:>7} {:>8} {:>9} {:>9} {:>9}   {}",
+            "  {:<28} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9}   {}",
             setup.kind.label(),
             median(&fig.gbps).map_or("-".into(), |g| format!("{g:.2}")),
             fig.retrans.iter().sum::<u64>(),
             us(mean(&fig.rtt_us)),
             us(median(&fig.rtt_us)),
             us(percentile(&fig.rtt_us, 99.0)),
+            median(&fig.cpu_per_gbps).map_or("-".into(), |c| format!("{c:.3}")),
             runs,
         );
         for e in &fig.errors {
@@ -285,16 +344,15 @@ fn throughput(cli: &Cli) -> Result<bool> {
     }
 
     let get = |k: Kind| setups.iter().find(|(s, ..)| s.kind == k).map(|(_, _, f)| f);
-    let (Some(netd), Some(nomasq), Some(hand), Some(bare)) = (
-        get(Kind::Netd),
-        get(Kind::NetdNoMasq),
-        get(Kind::HandVxlan),
-        get(Kind::Bare),
-    ) else {
-        unreachable!("all four configurations were built")
-    };
     println!();
-    for (name, f) in [("netd (defaults)", netd), ("netd --ip-masq=false", nomasq)] {
+    let vxlans = [
+        ("netd (defaults)", get(Kind::Netd)),
+        ("netd --ip-masq=false", get(Kind::NetdNoMasq)),
+    ];
+    for (name, f, hand, bare) in vxlans
+        .into_iter()
+        .filter_map(|(n, f)| Some((n, f?, get(Kind::HandVxlan)?, get(Kind::Bare)?)))
+    {
         let ratio = |other: &Figures| match (median(&f.gbps), median(&other.gbps)) {
             (Some(a), Some(b)) if b > 0.0 => Some(a / b),
             _ => None,
@@ -311,6 +369,34 @@ fn throughput(cli: &Cli) -> Result<bool> {
             ratio(bare).map_or("-".into(), |r| format!("{r:.3}x")),
             lat(hand),
             lat(bare),
+        );
+    }
+    // The udp backend against kernel VXLAN: netd's (same daemon, same
+    // masquerade) and the hand-made one (no nftables at all).
+    let med_ratio = |a: &[f64], b: &[f64]| match (median(a), median(b)) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let x = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.3}x"));
+    let anchors = [
+        ("netd vxlan (defaults)", get(Kind::Netd)),
+        ("hand-made kernel vxlan", get(Kind::HandVxlan)),
+    ];
+    for (name, kind, udp, anchor) in anchors.into_iter().flat_map(|(n, a)| {
+        [Kind::NetdUdp, Kind::NetdUdpVariant]
+            .into_iter()
+            .filter_map(move |k| Some((n, k, get(k)?, a?)))
+    }) {
+        let tput = med_ratio(&udp.gbps, &anchor.gbps);
+        let lat = med_ratio(&udp.rtt_us, &anchor.rtt_us);
+        println!(
+            "  {:<19} vs {name:<22}: throughput {} (target >= {TARGET_UDP_THROUGHPUT_RATIO}: {}), RR p50 {} (target <= {TARGET_UDP_LATENCY_RATIO}: {}), CPU per Gbit/s {}",
+            kind.label().trim_end_matches(" (defaults)"),
+            x(tput),
+            verdict(tput.map(|r| r >= TARGET_UDP_THROUGHPUT_RATIO)),
+            x(lat),
+            verdict(lat.map(|r| r <= TARGET_UDP_LATENCY_RATIO)),
+            x(med_ratio(&udp.cpu_per_gbps, &anchor.cpu_per_gbps)),
         );
     }
     eprintln!("tearing the configurations down ...");

@@ -16,6 +16,65 @@ pub const RR_PORT: u16 = 7007;
 /// namespace would kill it too, but not before the pod is dropped).
 pub struct Server(Child);
 
+impl Server {
+    /// Its pid (`ip netns exec` execs the server, so this is the server's).
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+/// CPU seconds (user + system, all threads) process `pid` has used so far,
+/// from `/proc/PID/stat`; 0 if it is gone.
+pub fn process_cpu(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is the
+    // first, utime and stime the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) as f64 / ticks_per_second()
+}
+
+/// irq + softirq seconds of all CPUs so far (`/proc/stat`): where the
+/// kernel accounts VXLAN, veth and much of the UDP work, whatever process
+/// it interrupted.
+pub fn irq_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    (v.get(5).copied().unwrap_or(0) + v.get(6).copied().unwrap_or(0)) as f64 / ticks_per_second()
+}
+
+/// CPU seconds of this process's waited-for children (the iperf3 clients).
+pub fn children_cpu() -> f64 {
+    // SAFETY: getrusage writes one rusage into the zeroed struct.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory effects.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if matches!(self.0.try_wait(), Ok(None)) {

@@ -6,6 +6,8 @@ use netd_tests::{Cluster, Pod};
 use std::time::Duration;
 
 pub const NETWORK_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+/// netd's userspace udp backend (flannel's `udp`, TUN + UDP port 8285).
+const UDP_NETWORK_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 /// flannel's VXLAN MTU on a 1500-byte underlay.
 const VXLAN_MTU: u32 = 1450;
 /// The hand-made device is named like flannel's, so it is never mistaken
@@ -19,6 +21,12 @@ pub enum Kind {
     Netd,
     /// netd `--ip-masq false`: the overlay alone.
     NetdNoMasq,
+    /// netd with the udp backend and its defaults (the same masquerade as
+    /// [`Kind::Netd`]): TUN device + the netd-udp datapath, MTU 1472.
+    NetdUdp,
+    /// The udp backend again with `--udp-variant-args` added: an A/B of a
+    /// datapath knob in the same run (only measured when asked for).
+    NetdUdpVariant,
     /// `ip link add ... type vxlan` + `ip neigh` + `bridge fdb` +
     /// `ip route ... onlink`, flannel's recipe, MTU 1450.
     HandVxlan,
@@ -28,10 +36,33 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Netd,
+        Kind::NetdNoMasq,
+        Kind::NetdUdp,
+        Kind::NetdUdpVariant,
+        Kind::HandVxlan,
+        Kind::Bare,
+    ];
+
+    /// Short name for `--configs`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Netd => "vxlan",
+            Kind::NetdNoMasq => "vxlan-nomasq",
+            Kind::NetdUdp => "udp",
+            Kind::NetdUdpVariant => "udp-variant",
+            Kind::HandVxlan => "hand",
+            Kind::Bare => "bare",
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Kind::Netd => "netd vxlan (defaults)",
             Kind::NetdNoMasq => "netd vxlan --ip-masq=false",
+            Kind::NetdUdp => "netd udp (defaults)",
+            Kind::NetdUdpVariant => "netd udp (variant)",
             Kind::HandVxlan => "hand-made kernel vxlan",
             Kind::Bare => "bare underlay (no encap)",
         }
@@ -50,12 +81,28 @@ pub struct Setup {
 impl Setup {
     /// `nodes` >= 2; pods go on node0 and node1.
     pub fn build(kind: Kind, nodes: usize) -> Result<Setup> {
+        Setup::build_with(kind, nodes, &[])
+    }
+
+    /// [`Setup::build`] with extra `netd run` arguments for the netd kinds.
+    pub fn build_with(kind: Kind, nodes: usize, netd_args: &[&str]) -> Result<Setup> {
         let mut cluster = Cluster::new(nodes)?;
         match kind {
+            Kind::NetdUdp | Kind::NetdUdpVariant => {
+                cluster.write_network_config(UDP_NETWORK_CONFIG)?;
+                cluster.start_netd_all(netd_args)?;
+                for node in cluster.nodes_mut() {
+                    node.wait_subnet_env(Duration::from_secs(30))?;
+                }
+                // Peers are in the datapath's table (one network route, not a
+                // route per peer): the first pings below wait for them.
+            }
             Kind::Netd | Kind::NetdNoMasq => {
                 cluster.write_network_config(NETWORK_CONFIG)?;
                 let masq = if kind == Kind::Netd { "true" } else { "false" };
-                cluster.start_netd_all(&["--ip-masq", masq])?;
+                let mut args = vec!["--ip-masq", masq];
+                args.extend_from_slice(netd_args);
+                cluster.start_netd_all(&args)?;
                 for node in cluster.nodes_mut() {
                     node.wait_subnet_env(Duration::from_secs(30))?;
                 }
@@ -99,7 +146,11 @@ impl Setup {
         }
         let a = cluster.node_mut(0).add_pod("a")?;
         let b = cluster.node_mut(1).add_pod("b")?;
-        if !a.ping(b.ip) {
+        let reach =
+            netd_tests::wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+                Ok(a.ping(b.ip))
+            });
+        if reach.is_err() {
             anyhow::bail!(
                 "{}: pod a ({}) cannot ping pod b ({})",
                 kind.label(),
@@ -174,6 +225,23 @@ pub fn vxlan_details(setup: &Setup) -> Option<String> {
     let dev = match setup.kind {
         Kind::Netd | Kind::NetdNoMasq => "netd.1",
         Kind::HandVxlan => HAND_DEV,
+        Kind::NetdUdp | Kind::NetdUdpVariant => {
+            let out = setup
+                .cluster
+                .node(0)
+                .ns()
+                .ip(&["-d", "link", "show", "netd-udp0"])
+                .ok()?;
+            let line = out
+                .lines()
+                .find(|l| l.trim_start().starts_with("tun"))?
+                .trim();
+            let mtu = out.split(" mtu ").nth(1)?.split_whitespace().next()?;
+            return Some(format!(
+                "mtu {mtu} {}",
+                line.split(" addrgenmode").next().unwrap_or(line)
+            ));
+        }
         Kind::Bare => return None,
     };
     let out = setup

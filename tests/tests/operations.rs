@@ -142,6 +142,29 @@ fn cleanup_removes_everything_netd_created() -> Result<()> {
     Ok(())
 }
 
+/// The udp backend's TUN device is persistent (it outlives netd, so that a restart keeps traffic
+/// flowing): `netd cleanup` removes it like the VXLAN device.
+#[test]
+fn cleanup_removes_the_udp_backends_persistent_device() -> Result<()> {
+    let mut c = Cluster::new(1)?;
+    c.write_network_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#)?;
+    c.start_netd_all(&[])?;
+    c.node_mut(0).wait_subnet_env(WAIT)?;
+    c.node_mut(0).stop_netd()?;
+    let n = c.node(0);
+    assert!(n.ns().run(&["ip", "-d", "link", "show", "netd-udp0"])?.contains("persist on"), "the device outlives netd");
+    let bin = netd_binary()?;
+    let (run, state, conf) = (n.run_dir(), n.state_dir(), n.cni_conf_dir());
+    let out = n.ns().run(&[
+        bin.to_str().unwrap(), "cleanup", "--run-dir", run.to_str().unwrap(), "--state-dir", state.to_str().unwrap(),
+        "--cni-conf-dir", conf.to_str().unwrap(),
+    ])?;
+    assert!(out.contains("netd-udp0"), "{out}");
+    assert!(!n.ns().exec(&["ip", "link", "show", "netd-udp0"])?.status.success());
+    assert_eq!(n.ns().run(&["ip", "route", "show", "proto", "110"])?.trim(), "");
+    Ok(())
+}
+
 #[test]
 fn a_device_brought_down_by_hand_is_brought_back() -> Result<()> {
     let c = two_nodes()?;

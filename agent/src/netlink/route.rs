@@ -107,6 +107,10 @@ impl Netlink {
         }
         let mut msg = b.build();
         msg.header.flags = RouteFlags::empty();
+        // Any scope, as `ip route del` does: the kernel only deletes a route whose scope equals
+        // the request's, and a gateway-less route (udp backend, or one added by hand) has link
+        // scope, not the builder's default universe.
+        msg.header.scope = RouteScope::NoWhere;
         match self.handle.route().del(msg).execute().await.map_err(NetlinkError::op(format!("ip route del {net} via {gw} dev index {index}"))) {
             Err(e) if e.is_not_found() => Ok(()),
             other => other,

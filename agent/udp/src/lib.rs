@@ -12,8 +12,14 @@
 //! to `local_ip:port`, and starts the workers. The caller installs the
 //! address and routes (`ip addr add 10.244.1.0/32 dev netd-udp0`, `ip route
 //! add 10.244.0.0/16 dev netd-udp0`) and keeps the peer table current with
-//! [`UdpDatapath::set_peers`]. The device is not persistent: it disappears,
-//! with its addresses and routes, when the datapath stops.
+//! [`UdpDatapath::set_peers`]. By default the device is not persistent: it
+//! disappears, with its addresses and routes, when the datapath stops. With
+//! [`UdpConfig::persist`] it is made persistent (`TUNSETPERSIST`) and an
+//! existing device of that name is adopted rather than recreated, so a
+//! restarted process finds the device, its addresses and routes as it left
+//! them (packets routed to it while no process holds it are dropped by the
+//! kernel; TCP retransmits them once the next process attaches).
+//! [`UdpDatapath::remove`] stops and removes a persistent device.
 //!
 //! # Performance design
 //! flannel's `udp` backend moves one packet per system call per direction
@@ -109,6 +115,14 @@ pub struct UdpConfig {
     /// coalescing. Off: one packet per read/datagram/write (slow; for
     /// comparison and debugging).
     pub offloads: bool,
+    /// Keep the device when the datapath stops, and adopt an existing
+    /// device of the same name at start (see the crate docs).
+    pub persist: bool,
+    /// Nice value of the worker threads (0: the caller's). The kernel's own
+    /// encapsulation (VXLAN) runs in softirq context, ahead of every task;
+    /// a negative value brings the userspace datapath closer to that on a
+    /// busy node, so a packet does not wait behind unrelated work.
+    pub nice: i32,
 }
 
 impl Default for UdpConfig {
@@ -121,6 +135,8 @@ impl Default for UdpConfig {
             workers: 0,
             decrement_ttl: false,
             offloads: true,
+            persist: false,
+            nice: 0,
         }
     }
 }
@@ -187,6 +203,9 @@ pub struct Features {
 /// workers and closes the TUN queues, which removes the device.
 pub struct UdpDatapath {
     shared: Arc<Shared>,
+    /// Queue 0, kept to clear `IFF_PERSIST` in [`UdpDatapath::remove`].
+    tun0: Arc<std::os::fd::OwnedFd>,
+    adopted: bool,
     counters: Vec<Arc<stats::Counters>>,
     threads: Vec<JoinHandle<()>>,
     local: SocketAddrV4,
@@ -278,13 +297,17 @@ impl UdpDatapath {
             decrement_ttl: cfg.decrement_ttl,
         });
 
-        // TUN queues; the first creates the device.
+        // TUN queues; the first creates the device (or, persisting, attaches
+        // to the one a previous datapath left).
+        let adopted = cfg.persist && sys::link_exists(&name);
         let mut queues = Vec::with_capacity(workers);
         for q in 0..workers {
-            let fd = sys::open_tun_queue(&name, q == 0).map_err(|source| UdpError::TunOpen {
-                name: name.clone(),
-                queue: q,
-                source,
+            let fd = sys::open_tun_queue(&name, q == 0 && !cfg.persist).map_err(|source| {
+                UdpError::TunOpen {
+                    name: name.clone(),
+                    queue: q,
+                    source,
+                }
             })?;
             queues.push(Arc::new(fd));
         }
@@ -379,6 +402,8 @@ impl UdpDatapath {
         };
         let mut dp = UdpDatapath {
             shared,
+            tun0: queues[0].clone(),
+            adopted,
             counters: Vec::new(),
             threads: Vec::new(),
             local,
@@ -397,6 +422,7 @@ impl UdpDatapath {
                     counters,
                     udp_offload: udp_gso,
                     tun_gro: cfg.offloads,
+                    nice: cfg.nice,
                 };
                 let tname = format!("udp-{dir}{w}");
                 let spawned = std::thread::Builder::new()
@@ -420,7 +446,11 @@ impl UdpDatapath {
                 }
             }
         }
-        tracing::info!(device = %name, mtu = cfg.mtu, %local, workers, tun_offload = format!("{tun_offload:#x}"), udp_gso, udp_gro, "UDP datapath started");
+        // Last, so that a start failing earlier leaves no device it created.
+        if cfg.persist {
+            sys::tun_set_persist(dp.tun0.as_raw_fd(), true).map_err(tun_err("TUNSETPERSIST"))?;
+        }
+        tracing::info!(device = %name, mtu = cfg.mtu, %local, workers, adopted, tun_offload = format!("{tun_offload:#x}"), udp_gso, udp_gro, "UDP datapath started");
         Ok(dp)
     }
 
@@ -457,8 +487,28 @@ impl UdpDatapath {
         &self.tun_name
     }
 
-    /// Stops the workers, waits for them, and closes the device.
+    /// Stops the workers, waits for them, and closes the device (which
+    /// stays if it is persistent).
     pub fn stop(self) {}
+
+    /// Stops the workers and removes the device, persistent or not.
+    pub fn remove(self) -> Result<(), UdpError> {
+        let r = sys::tun_set_persist(self.tun0.as_raw_fd(), false).map_err(|source| {
+            UdpError::TunConfig {
+                name: self.tun_name.clone(),
+                what: "TUNSETPERSIST",
+                source,
+            }
+        });
+        drop(self);
+        r
+    }
+
+    /// True when [`UdpConfig::persist`] found the device already there and
+    /// attached to it instead of creating it.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
 
     fn shutdown(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);

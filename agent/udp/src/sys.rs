@@ -71,6 +71,33 @@ pub fn open_tun_queue(name: &str, create: bool) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// `TUNSETPERSIST`: a persistent device outlives its queues (no process
+/// holding it open); clearing the flag makes it vanish with the last queue.
+pub fn tun_set_persist(fd: RawFd, persist: bool) -> io::Result<()> {
+    // SAFETY: TUNSETPERSIST takes its argument by value (an unsigned long).
+    cvt(unsafe { libc::ioctl(fd, libc::TUNSETPERSIST, persist as libc::c_ulong) })?;
+    Ok(())
+}
+
+/// `setpriority(PRIO_PROCESS, gettid(), nice)`: the nice value of the
+/// calling thread only (Linux applies it per thread).
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority has no memory effects.
+    cvt(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) })?;
+    Ok(())
+}
+
+/// Whether link `name` exists in the caller's namespace.
+pub fn link_exists(name: &str) -> bool {
+    let Ok(c) = CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string; if_nametoindex only reads it.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
 /// `TUNSETOFFLOAD`: which offloads (`TUN_F_*`) the kernel may hand us.
 pub fn tun_set_offload(fd: RawFd, flags: libc::c_uint) -> io::Result<()> {
     // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long).

@@ -124,6 +124,22 @@ pub(crate) struct Ctx {
     pub udp_offload: bool,
     /// Coalesce TCP segments into GSO writes to the TUN (RX).
     pub tun_gro: bool,
+    /// Nice value for this thread (0: leave it).
+    pub nice: i32,
+}
+
+/// Applies [`Ctx::nice`] to the calling thread.
+fn set_nice(ctx: &Ctx) {
+    if ctx.nice == 0 {
+        return;
+    }
+    if let Err(e) = sys::set_thread_nice(ctx.nice) {
+        tracing::warn!(
+            worker = ctx.index,
+            nice = ctx.nice,
+            "cannot set the datapath thread's priority: {e}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------- TX
@@ -166,6 +182,7 @@ struct Tx {
 }
 
 pub(crate) fn run_tx(ctx: Ctx) {
+    set_nice(&ctx);
     let peers = PeerView::new(&ctx.shared);
     let log = ErrLog::new("tx", ctx.index);
     let gso = ctx.udp_offload;
@@ -500,6 +517,7 @@ struct Rx {
 }
 
 pub(crate) fn run_rx(ctx: Ctx) {
+    set_nice(&ctx);
     let mut rx = Rx {
         peers: PeerView::new(&ctx.shared),
         local: Local::default(),

@@ -300,6 +300,56 @@ fn device_lifecycle_and_start_errors() -> Result<()> {
     Ok(())
 }
 
+/// A persistent device outlives its datapath with its address and routes,
+/// the next datapath adopts it and carries traffic at once, and `remove`
+/// deletes it.
+#[test]
+fn a_persistent_device_is_adopted_by_the_next_datapath() -> Result<()> {
+    let pair = Pair::new("udp-persist")?;
+    let persist = |local| netd_udp::UdpConfig {
+        persist: true,
+        ..config(local, 2)
+    };
+    let da = start_node(&pair.a, persist(UNDERLAY_A), TUN_ADDR_A)?;
+    assert!(!da.adopted(), "created, not adopted");
+    let db = start_node(&pair.b, config(UNDERLAY_B, 1), TUN_ADDR_B)?;
+    da.set_peers(&[peer(SUBNET_B, UNDERLAY_B)]);
+    db.set_peers(&[peer(SUBNET_A, UNDERLAY_A)]);
+    assert!(ping(&pair.a, TUN_ADDR_B, 1));
+    da.stop();
+    // Still there, with what the caller installed; nobody reads it now.
+    let addr = pair.a.ip(&["-4", "addr", "show", "dev", TUN])?;
+    assert!(addr.contains(&format!("{TUN_ADDR_A}/32")), "{addr}");
+    let route = pair.a.ip(&["route", "show", NETWORK])?;
+    assert!(route.contains(TUN), "{route}");
+    assert!(!ping(&pair.a, TUN_ADDR_B, 1), "no datapath, no traffic");
+
+    let da = in_netns(&pair.a, || UdpDatapath::start(persist(UNDERLAY_A)))?;
+    assert!(da.adopted());
+    assert_ne!(
+        da.features().tun_offload & libc::TUN_F_TSO4,
+        0,
+        "offloads set again"
+    );
+    da.set_peers(&[peer(SUBNET_B, UNDERLAY_B)]);
+    assert!(
+        ping(&pair.a, TUN_ADDR_B, 1),
+        "the adopted device carries traffic"
+    );
+    let r = iperf(&pair.b, &pair.a, TUN_ADDR_B, 1, &[])?;
+    assert!(r.bytes > 0, "{r:?}");
+
+    da.remove()?;
+    assert!(
+        eventually(Duration::from_secs(3), || pair
+            .a
+            .ip(&["link", "show", TUN])
+            .is_err()),
+        "remove deletes a persistent device"
+    );
+    Ok(())
+}
+
 /// xorshift bytes: cheap, deterministic, incompressible.
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
