@@ -1065,64 +1065,87 @@ pub fn observe(sock: &mut Socket, table: &str) -> Result<Observed, NetlinkError>
     for (name, kind) in set_names {
         // Affinity sets hold client addresses that come and go: their elements are not ours.
         let Some(kind) = kind.filter(|k| !matches!(k, SetKind::Affinity { .. })) else { continue };
-        let cname = cstring(&name);
-        let msgs = sock.dump(NFT_MSG_GETSETELEM, |nlh| {
-            // SAFETY: NFTA_SET_ELEM_LIST_TABLE = 1, NFTA_SET_ELEM_LIST_SET = 2.
-            unsafe {
-                attr_strz(nlh, 1, &tname);
-                attr_strz(nlh, 2, &cname);
-            }
-        })?;
-        let entry = obs.sets.get_mut(&name).expect("inserted above");
-        for m in msgs {
-            // SAFETY: as above; iterates the parsed elements and frees everything.
-            unsafe {
-                let s = sys::nftnl_set_alloc();
-                if sys::nftnl_set_elems_nlmsg_parse(m.as_ptr() as *const libc::nlmsghdr, s) >= 0 {
-                    let it = sys::nftnl_set_elems_iter_create(s);
-                    let mut e = sys::nftnl_set_elems_iter_next(it);
-                    while !e.is_null() {
-                        let mut len = 0u32;
-                        let k = sys::nftnl_set_elem_get(e, sys::NFTNL_SET_ELEM_KEY as u16, &mut len) as *const u8;
-                        let key = if k.is_null() { None } else { ElemKey::from_bytes(kind, std::slice::from_raw_parts(k, len as usize)) };
-                        let mut dlen = 0u32;
-                        let d = if sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_DATA as u16) { sys::nftnl_set_elem_get(e, sys::NFTNL_SET_ELEM_DATA as u16, &mut dlen) as *const u8 } else { std::ptr::null() };
-                        let target = if d.is_null() || dlen < 6 {
-                            None
-                        } else {
-                            let d = std::slice::from_raw_parts(d, dlen as usize);
-                            Some(Value::Target(std::net::Ipv4Addr::new(d[0], d[1], d[2], d[3]), u16::from_be_bytes([d[4], d[5]])))
-                        };
-                        let verdict = if sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_VERDICT as u16) {
-                            let code = sys::nftnl_set_elem_get_u32(e, sys::NFTNL_SET_ELEM_VERDICT as u16) as i32;
-                            let chain = if sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_CHAIN as u16) {
-                                CStr::from_ptr(sys::nftnl_set_elem_get_str(e, sys::NFTNL_SET_ELEM_CHAIN as u16)).to_string_lossy().into_owned()
-                            } else {
-                                String::new()
-                            };
-                            Some(Value::Verdict(match code {
-                                NF_ACCEPT => Verdict::Accept,
-                                NF_DROP => Verdict::Drop,
-                                NFT_JUMP => Verdict::Jump(chain),
-                                NFT_GOTO => Verdict::Goto(chain),
-                                _ => Verdict::Return,
-                            }))
-                        } else {
-                            target
-                        };
-                        if let Some(key) = key {
-                            entry.elements.insert(key, verdict);
-                        }
-                        e = sys::nftnl_set_elems_iter_next(it);
-                    }
-                    sys::nftnl_set_elems_iter_destroy(it);
+        // A big set comes in many messages, each resuming the kernel's walk of its hash table
+        // by count. While the kernel grows that table (in the background, after a big insert)
+        // the order changes between messages, and a dump can miss or repeat elements: then it
+        // is taken again until two in a row agree.
+        let (mut elements, parts) = dump_set_elements(sock, &tname, &name, kind)?;
+        if parts > 1 {
+            for _ in 0..8 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                let (again, _) = dump_set_elements(sock, &tname, &name, kind)?;
+                if again == elements {
+                    break;
                 }
-                sys::nftnl_set_free(s);
+                elements = again;
             }
         }
+        obs.sets.get_mut(&name).expect("inserted above").elements = elements;
     }
     Ok(obs)
 }
+
+/// One set's elements, and in how many netlink messages the kernel sent them.
+fn dump_set_elements(sock: &mut Socket, tname: &CStr, name: &str, kind: SetKind) -> Result<(HashMap<ElemKey, Option<Value>>, usize), NetlinkError> {
+    let cname = cstring(name);
+    let msgs = sock.dump(NFT_MSG_GETSETELEM, |nlh| {
+        // SAFETY: NFTA_SET_ELEM_LIST_TABLE = 1, NFTA_SET_ELEM_LIST_SET = 2.
+        unsafe {
+            attr_strz(nlh, 1, &tname);
+            attr_strz(nlh, 2, &cname);
+        }
+    })?;
+    let mut elements = HashMap::new();
+    let parts = msgs.len();
+    for m in msgs {
+        // SAFETY: as above; iterates the parsed elements and frees everything.
+        unsafe {
+            let s = sys::nftnl_set_alloc();
+            if sys::nftnl_set_elems_nlmsg_parse(m.as_ptr() as *const libc::nlmsghdr, s) >= 0 {
+                let it = sys::nftnl_set_elems_iter_create(s);
+                let mut e = sys::nftnl_set_elems_iter_next(it);
+                while !e.is_null() {
+                    let mut len = 0u32;
+                    let k = sys::nftnl_set_elem_get(e, sys::NFTNL_SET_ELEM_KEY as u16, &mut len) as *const u8;
+                    let key = if k.is_null() { None } else { ElemKey::from_bytes(kind, std::slice::from_raw_parts(k, len as usize)) };
+                    let mut dlen = 0u32;
+                    let d = if sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_DATA as u16) { sys::nftnl_set_elem_get(e, sys::NFTNL_SET_ELEM_DATA as u16, &mut dlen) as *const u8 } else { std::ptr::null() };
+                    let target = if d.is_null() || dlen < 6 {
+                        None
+                    } else {
+                        let d = std::slice::from_raw_parts(d, dlen as usize);
+                        Some(Value::Target(std::net::Ipv4Addr::new(d[0], d[1], d[2], d[3]), u16::from_be_bytes([d[4], d[5]])))
+                    };
+                    let verdict = if sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_VERDICT as u16) {
+                        let code = sys::nftnl_set_elem_get_u32(e, sys::NFTNL_SET_ELEM_VERDICT as u16) as i32;
+                        let chain = if sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_CHAIN as u16) {
+                            CStr::from_ptr(sys::nftnl_set_elem_get_str(e, sys::NFTNL_SET_ELEM_CHAIN as u16)).to_string_lossy().into_owned()
+                        } else {
+                            String::new()
+                        };
+                        Some(Value::Verdict(match code {
+                            NF_ACCEPT => Verdict::Accept,
+                            NF_DROP => Verdict::Drop,
+                            NFT_JUMP => Verdict::Jump(chain),
+                            NFT_GOTO => Verdict::Goto(chain),
+                            _ => Verdict::Return,
+                        }))
+                    } else {
+                        target
+                    };
+                    if let Some(key) = key {
+                        elements.insert(key, verdict);
+                    }
+                    e = sys::nftnl_set_elems_iter_next(it);
+                }
+                sys::nftnl_set_elems_iter_destroy(it);
+            }
+            sys::nftnl_set_free(s);
+        }
+    }
+    Ok((elements, parts))
+}
+
 
 /// Appends a NUL-terminated string attribute to a request.
 ///
