@@ -10,7 +10,6 @@
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +21,9 @@ use netd_proxy::{Endpoint, NodeInfo, NsName, Plan, Proto};
 use netd_tests::Netns;
 
 static N: AtomicU32 = AtomicU32::new(0);
+
+mod common;
+use common::{TestBpffs, CLIENT_PY};
 
 const SERVER_PY: &str = r#"
 import socket, sys, socketserver, threading
@@ -40,34 +42,7 @@ socketserver.ThreadingTCPServer.allow_reuse_address = True
 socketserver.ThreadingTCPServer((ip, 8080), H).serve_forever()
 "#;
 
-const CLIENT_PY: &str = r#"
-import socket, sys
-proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-try:
-    if proto == "udp":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.settimeout(2)
-        s.sendto(b"hi", (host, port))
-        d, a = s.recvfrom(100)
-    else:
-        s = socket.socket()
-        s.settimeout(2)
-        s.connect((host, port))
-        a = s.getpeername()
-        d = s.recv(100)
-    print("OK", d.decode(), a[0], a[1])
-except OSError as e:
-    print("ERR", e.errno)
-"#;
 
-struct TestBpffs(PathBuf);
-
-impl Drop for TestBpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
 
 struct Bed {
     // Drop order: the backend (pins) first, then the bpffs, then the namespaces.
@@ -154,11 +129,7 @@ impl Bed {
         std::fs::create_dir_all(&scripts)?;
         std::fs::write(scripts.join("server.py"), SERVER_PY)?;
         std::fs::write(scripts.join("client.py"), CLIENT_PY)?;
-        let mnt = std::env::temp_dir().join(format!("netd-np-bpf-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-        std::fs::create_dir_all(&mnt)?;
-        let st = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&mnt).status()?;
-        anyhow::ensure!(st.success(), "mount bpffs on {}", mnt.display());
-        let bed = Bed { backend: None, bpffs: TestBpffs(mnt), out, node, _pod: pod, _remote: remote, scripts };
+        let bed = Bed { backend: None, bpffs: TestBpffs::new()?, out, node, _pod: pod, _remote: remote, scripts };
         let py = bed.scripts.join("server.py");
         bed._pod.spawn(&["python3", py.to_str().unwrap(), "10.244.1.3", "A"], None)?;
         bed._pod.spawn(&["python3", py.to_str().unwrap(), "10.244.1.4", "B"], None)?;
@@ -175,7 +146,7 @@ impl Bed {
 
     fn config(&self) -> EbpfConfig {
         EbpfConfig {
-            bpffs_dir: self.bpffs.0.join("netd"),
+            bpffs_dir: self.bpffs.dir(),
             mount_bpffs: false,
             cgroup: None,
             external_devices: vec!["d0".into()],
@@ -283,7 +254,7 @@ fn a_restart_swaps_the_tc_programs_in_place_and_removal_detaches_them() -> Resul
     let r = bed.backend().sync_plan(&web(), true)?;
     assert!(r.observed && !r.changed, "adopted as is: {r:?}");
     assert_eq!(bed.client("tcp", "198.18.0.10", 30080)?, "OK A 198.18.0.1 198.18.0.10 30080");
-    let links: Vec<String> = std::fs::read_dir(bed.bpffs.0.join("netd/links"))?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let links: Vec<String> = std::fs::read_dir(bed.bpffs.dir().join("links"))?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert!(links.contains(&"tc-ingress-d0".to_string()) && links.contains(&"tc-egress-d0".to_string()), "{links:?}");
     // Removal unpins the links: the port is the stack's again.
     bed.backend().remove_all()?;
@@ -335,7 +306,7 @@ fn node_port_to_a_remote_backend_is_snated_and_its_reply_reverse_natted_on_the_o
     assert_eq!(bed.client("udp", "198.18.0.10", 30053)?, "OK R 10.244.1.0 198.18.0.10 30053");
     // Closed TCP connections mark their SNAT entries closing (their ports are reusable soon);
     // SNAT ports come from the configured range.
-    let map = aya::maps::MapData::from_pin(bed.bpffs.0.join("netd/netd_ct"))?;
+    let map = aya::maps::MapData::from_pin(bed.bpffs.dir().join("netd_ct"))?;
     let ct: aya::maps::HashMap<_, netd_ebpf::maps::CtKey, netd_ebpf::maps::CtValue> = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map))?;
     let replies: Vec<(netd_ebpf::maps::CtKey, netd_ebpf::maps::CtValue)> =
         ct.iter().filter_map(|r| r.ok()).filter(|(k, _)| k.dir == netd_ebpf::maps::CT_REPLY && k.proto == 6).collect();

@@ -22,6 +22,9 @@ use netd_tests::Netns;
 
 static N: AtomicU32 = AtomicU32::new(0);
 
+mod common;
+use common::{TestBpffs, CLIENT_PY};
+
 const SERVER_PY: &str = r#"
 import socket, sys, socketserver
 proto, ip, port, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -39,25 +42,6 @@ else:
     socketserver.ThreadingTCPServer((ip, port), H).serve_forever()
 "#;
 
-const CLIENT_PY: &str = r#"
-import socket, sys
-proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-try:
-    if proto == "udp":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.settimeout(5)
-        s.sendto(b"hi", (host, port))
-        d, a = s.recvfrom(100)
-    else:
-        s = socket.socket()
-        s.settimeout(5)
-        s.connect((host, port))
-        a = s.getpeername()
-        d = s.recv(100)
-    print("OK", d.decode(), a[0], a[1])
-except OSError as e:
-    print("ERR", e.errno)
-"#;
 
 /// A cgroup v2 child created for one test; processes are moved out and it is removed on drop.
 struct TestCgroup {
@@ -88,30 +72,6 @@ impl Drop for TestCgroup {
     }
 }
 
-/// A private bpffs instance on a temp dir, unmounted and removed on drop.
-struct TestBpffs {
-    mnt: PathBuf,
-}
-
-impl TestBpffs {
-    fn new() -> Result<TestBpffs> {
-        let mnt = std::env::temp_dir().join(format!("netd-ebpf-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-        std::fs::create_dir_all(&mnt)?;
-        let st = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&mnt).status()?;
-        anyhow::ensure!(st.success(), "mount bpffs on {}", mnt.display());
-        Ok(TestBpffs { mnt })
-    }
-    fn dir(&self) -> PathBuf {
-        self.mnt.join("netd")
-    }
-}
-
-impl Drop for TestBpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        let _ = std::fs::remove_dir(&self.mnt);
-    }
-}
 
 struct Bed {
     // Field order is drop order: the backend (pins) first, then bpffs, cgroup, namespaces.
