@@ -9,6 +9,7 @@
 #
 # Same topology and data as run.sh (ntb-<pid>-* namespaces, 1000 + 100 services).
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 export LC_ALL=C
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BIN=${NETD_DNS:-$ROOT/target/release/netd-dns-standalone}
@@ -50,30 +51,7 @@ ip -n "$SRV" link set v0 up
 ip -n "$CLI" addr add 198.18.9.1/24 dev eth0
 ip -n "$CLI" link set eth0 up
 "$BIN" bench-data --out "$WORK" --services 1000 --headless 100 >/dev/null
-mkdir -p "$WORK/knot/db"
-cp "$WORK/cluster.local.zone" "$WORK/knot/"
-cat >"$WORK/knot/knot.conf" <<EOC
-server:
-  rundir: "$WORK/knot"
-  listen: $ADDR@53
-  udp-workers: 1
-  tcp-workers: 1
-  background-workers: 1
-log:
-  - target: stderr
-    any: warning
-database:
-  storage: "$WORK/knot/db"
-template:
-  - id: default
-    storage: "$WORK/knot"
-    file: "%s.zone"
-    semantic-checks: off
-    journal-content: none
-    zonefile-sync: -1
-zone:
-  - domain: cluster.local
-EOC
+write_knot_conf "$WORK" "$ADDR"
 
 ticks() {
     local t=0 p

@@ -32,6 +32,7 @@
 # Needs: root, iproute2, dnsperf, knot (knotd), nsd, bind9-dnsutils (dig), and the release
 # build of netd-dns-standalone (built here if missing).
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 export LC_ALL=C
 
 DURATION=${DURATION:-10}
@@ -85,31 +86,9 @@ ip -n "$CLI" link set eth0 up
 
 "$BIN" bench-data --out "$WORK" --services "$SERVICES" --headless "$HEADLESS"
 
-mkdir -p "$WORK/knot/db" "$WORK/nsd"
-cp "$WORK/cluster.local.zone" "$WORK/knot/"
+mkdir -p "$WORK/nsd"
 cp "$WORK/cluster.local.zone" "$WORK/nsd/"
-cat >"$WORK/knot/knot.conf" <<EOF
-server:
-  rundir: "$WORK/knot"
-  listen: $ADDR@53
-  udp-workers: 1
-  tcp-workers: 1
-  background-workers: 1
-log:
-  - target: stderr
-    any: warning
-database:
-  storage: "$WORK/knot/db"
-template:
-  - id: default
-    storage: "$WORK/knot"
-    file: "%s.zone"
-    semantic-checks: off
-    journal-content: none
-    zonefile-sync: -1
-zone:
-  - domain: cluster.local
-EOF
+write_knot_conf "$WORK" "$ADDR"
 cat >"$WORK/nsd/nsd.conf" <<EOF
 server:
   ip-address: $ADDR
