@@ -58,31 +58,10 @@ if [[ -z ${NETD_DNS:-} ]]; then
     (cd "$ROOT" && cargo build --release -q -p netd-dns --bin netd-dns-standalone)
 fi
 
-stop_server() {
-    local p
-    for p in $(ip netns pids "$SRV" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
-    for _ in $(seq 50); do [[ -z $(ip netns pids "$SRV" 2>/dev/null) ]] && return; sleep 0.1; done
-    for p in $(ip netns pids "$SRV" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
-    sleep 0.2
-}
 
-cleanup() {
-    stop_server
-    ip netns del "$SRV" 2>/dev/null || true
-    ip netns del "$CLI" 2>/dev/null || true
-    rm -rf "$WORK"
-}
 trap cleanup EXIT
 
-ip netns add "$SRV"
-ip netns add "$CLI"
-ip -n "$SRV" link set lo up
-ip -n "$CLI" link set lo up
-ip -n "$SRV" link add v0 type veth peer name eth0 netns "$CLI"
-ip -n "$SRV" addr add $ADDR/24 dev v0
-ip -n "$SRV" link set v0 up
-ip -n "$CLI" addr add 198.18.9.1/24 dev eth0
-ip -n "$CLI" link set eth0 up
+make_pair
 
 "$BIN" bench-data --out "$WORK" --services "$SERVICES" --headless "$HEADLESS"
 

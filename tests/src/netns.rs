@@ -93,6 +93,21 @@ impl Netns {
         check(&mut command("ip", &full))
     }
 
+    /// Wires `pod` to this (node) namespace the way routed CNIs do, with no bridge: a veth
+    /// `host_if` here and `eth0` in the pod, the pod's `ip`/32 routed to `host_if`, proxy ARP on
+    /// it, and the pod's default route via 169.254.1.1. The benchmarks' minimal pods.
+    pub fn add_routed_pod(&self, pod: &Netns, ip: &str, host_if: &str) -> Result<()> {
+        self.ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", pod.name()])?;
+        self.ip(&["link", "set", host_if, "up"])?;
+        self.run(&["sysctl", "-q", "-w", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")])?;
+        self.ip(&["route", "add", &format!("{ip}/32"), "dev", host_if])?;
+        pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        pod.ip(&["link", "set", "eth0", "up"])?;
+        pod.ip(&["route", "add", "169.254.1.1", "dev", "eth0"])?;
+        pod.ip(&["route", "add", "default", "via", "169.254.1.1"])?;
+        Ok(())
+    }
+
     /// Starts `args` inside the namespace in the background; stdout and
     /// stderr are appended to `log` if given, else discarded. The process
     /// is killed when this namespace is dropped, whoever holds the `Child`.

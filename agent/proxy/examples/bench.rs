@@ -211,16 +211,8 @@ fn conn_bed() -> Result<ConnBed> {
     node.ip(&["addr", "add", "198.18.0.10/24", "dev", "d0"])?;
     node.ip(&["link", "set", "d0", "up"])?;
     node.ip(&["route", "add", "default", "dev", "d0"])?;
-    for (pod, ip, hif) in [(&client, "10.244.1.2", "vc"), (&server, "10.244.1.3", "vs")] {
-        node.ip(&["link", "add", hif, "type", "veth", "peer", "name", "eth0", "netns", pod.name()])?;
-        node.ip(&["link", "set", hif, "up"])?;
-        node.run(&["sysctl", "-q", "-w", &format!("net.ipv4.conf.{hif}.proxy_arp=1")])?;
-        node.ip(&["route", "add", &format!("{ip}/32"), "dev", hif])?;
-        pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-        pod.ip(&["link", "set", "eth0", "up"])?;
-        pod.ip(&["route", "add", "169.254.1.1", "dev", "eth0"])?;
-        pod.ip(&["route", "add", "default", "via", "169.254.1.1"])?;
-    }
+    node.add_routed_pod(&client, "10.244.1.2", "vc")?;
+    node.add_routed_pod(&server, "10.244.1.3", "vs")?;
     // The server: accept and close, forever (the process exit ends it).
     let path = format!("/run/netns/{}", server.name());
     std::thread::spawn(move || {

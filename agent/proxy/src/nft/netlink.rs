@@ -213,6 +213,34 @@ fn bitwise(len: u32, mask: &[u8], xor: &[u8]) -> Raw {
         .data(sys::NFTNL_EXPR_BITWISE_XOR, xor)
 }
 
+/// `ip daddr . meta l4proto . th dport` into NFT_REG_1 (12 bytes, each part 4-aligned): the
+/// key layout of `ElemKey::AddrProtoPort`.
+fn dest_key() -> [Raw; 3] {
+    [
+        payload(NFT_PAYLOAD_NETWORK_HEADER, 16, 4, NFT_REG_1),
+        meta_load(NFT_META_L4PROTO, NFT_REG32_01),
+        payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_02),
+    ]
+}
+
+/// With a frontend key in NFT_REG_1: `. numgen random mod N` as its slot, the endpoint looked up
+/// in `set`, and `dnat` to it.
+fn numgen_dnat(set: &str, n: u32) -> [Raw; 3] {
+    [
+        Raw::new(c"numgen")
+            .u32(sys::NFTNL_EXPR_NG_DREG, NFT_REG32_03)
+            .u32(sys::NFTNL_EXPR_NG_MODULUS, n)
+            .u32(sys::NFTNL_EXPR_NG_TYPE, NFT_NG_RANDOM)
+            .u32(sys::NFTNL_EXPR_NG_OFFSET, 0),
+        lookup(set, None, false).u32(sys::NFTNL_EXPR_LOOKUP_DREG, NFT_REG_1),
+        Raw::new(c"nat")
+            .u32(sys::NFTNL_EXPR_NAT_TYPE, NFT_NAT_DNAT)
+            .u32(sys::NFTNL_EXPR_NAT_FAMILY, libc::NFPROTO_IPV4 as u32)
+            .u32(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN, NFT_REG_1)
+            .u32(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN, NFT_REG32_01),
+    ]
+}
+
 fn lookup(set: &str, set_id: Option<u32>, verdict: bool) -> Raw {
     let mut r = Raw::new(c"lookup").u32(sys::NFTNL_EXPR_LOOKUP_SREG, NFT_REG_1).str(sys::NFTNL_EXPR_LOOKUP_SET, set);
     if let Some(id) = set_id {
@@ -290,12 +318,11 @@ fn encode_stmt(s: &Stmt, next_set_id: &mut u32) -> (Vec<Raw>, Option<AnonMap>) {
             bitwise(4, &ne(u32::MAX), &ne(*b)),
             Raw::new(c"meta").u32(sys::NFTNL_EXPR_META_KEY, NFT_META_MARK).u32(sys::NFTNL_EXPR_META_SREG, NFT_REG_1),
         ],
-        Stmt::VmapAddrProtoPort(m) => vec![
-            payload(NFT_PAYLOAD_NETWORK_HEADER, 16, 4, NFT_REG_1),
-            meta_load(NFT_META_L4PROTO, NFT_REG32_01),
-            payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_02),
-            lookup(m, None, true),
-        ],
+        Stmt::VmapAddrProtoPort(m) => {
+            let mut v = Vec::from(dest_key());
+            v.push(lookup(m, None, true));
+            v
+        }
         Stmt::VmapProtoPort(m) => vec![
             meta_load(NFT_META_L4PROTO, NFT_REG_1),
             payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_01),
@@ -333,37 +360,17 @@ fn encode_stmt(s: &Stmt, next_set_id: &mut u32) -> (Vec<Raw>, Option<AnonMap>) {
             Raw::new(c"ct").u32(sys::NFTNL_EXPR_CT_KEY, NFT_CT_PROTO_DST).u32(sys::NFTNL_EXPR_CT_DIR, IP_CT_DIR_ORIGINAL).u32(sys::NFTNL_EXPR_CT_DREG, NFT_REG32_03),
             lookup(set, None, false),
         ],
-        Stmt::DnatNumgenMap { set, frontend: (a, p, port), n } => vec![
-            Raw::new(c"immediate").u32(sys::NFTNL_EXPR_IMM_DREG, NFT_REG_1).data(sys::NFTNL_EXPR_IMM_DATA, &ElemKey::AddrProtoPort(*a, *p, *port).bytes()),
-            Raw::new(c"numgen")
-                .u32(sys::NFTNL_EXPR_NG_DREG, NFT_REG32_03)
-                .u32(sys::NFTNL_EXPR_NG_MODULUS, *n)
-                .u32(sys::NFTNL_EXPR_NG_TYPE, NFT_NG_RANDOM)
-                .u32(sys::NFTNL_EXPR_NG_OFFSET, 0),
-            lookup(set, None, false).u32(sys::NFTNL_EXPR_LOOKUP_DREG, NFT_REG_1),
-            Raw::new(c"nat")
-                .u32(sys::NFTNL_EXPR_NAT_TYPE, NFT_NAT_DNAT)
-                .u32(sys::NFTNL_EXPR_NAT_FAMILY, libc::NFPROTO_IPV4 as u32)
-                .u32(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN, NFT_REG_1)
-                .u32(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN, NFT_REG32_01),
-        ],
-        Stmt::DnatNumgenMapByDest { set, n } => vec![
-            // The key as `VmapAddrProtoPort` builds it, then the slot, then the lookup.
-            payload(NFT_PAYLOAD_NETWORK_HEADER, 16, 4, NFT_REG_1),
-            meta_load(NFT_META_L4PROTO, NFT_REG32_01),
-            payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_02),
-            Raw::new(c"numgen")
-                .u32(sys::NFTNL_EXPR_NG_DREG, NFT_REG32_03)
-                .u32(sys::NFTNL_EXPR_NG_MODULUS, *n)
-                .u32(sys::NFTNL_EXPR_NG_TYPE, NFT_NG_RANDOM)
-                .u32(sys::NFTNL_EXPR_NG_OFFSET, 0),
-            lookup(set, None, false).u32(sys::NFTNL_EXPR_LOOKUP_DREG, NFT_REG_1),
-            Raw::new(c"nat")
-                .u32(sys::NFTNL_EXPR_NAT_TYPE, NFT_NAT_DNAT)
-                .u32(sys::NFTNL_EXPR_NAT_FAMILY, libc::NFPROTO_IPV4 as u32)
-                .u32(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN, NFT_REG_1)
-                .u32(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN, NFT_REG32_01),
-        ],
+        Stmt::DnatNumgenMap { set, frontend: (a, p, port), n } => {
+            let key = Raw::new(c"immediate").u32(sys::NFTNL_EXPR_IMM_DREG, NFT_REG_1).data(sys::NFTNL_EXPR_IMM_DATA, &ElemKey::AddrProtoPort(*a, *p, *port).bytes());
+            let mut v = vec![key];
+            v.extend(numgen_dnat(set, *n));
+            v
+        }
+        Stmt::DnatNumgenMapByDest { set, n } => {
+            let mut v = Vec::from(dest_key());
+            v.extend(numgen_dnat(set, *n));
+            v
+        }
         Stmt::UpdateSaddr(set) => vec![
             payload(NFT_PAYLOAD_NETWORK_HEADER, 12, 4, NFT_REG_1),
             Raw::new(c"dynset")
