@@ -13,6 +13,8 @@ pub enum CleanupError {
     Netlink(#[from] crate::netlink::NetlinkError),
     #[error(transparent)]
     Masq(#[from] crate::masq::MasqError),
+    #[error("removing the udp overlay's eBPF programs: {0}")]
+    Ebpf(#[from] netd_ebpf::EbpfError),
     #[error("removing {path}: {source}")]
     File { path: String, source: std::io::Error },
 }
@@ -24,11 +26,18 @@ pub struct Removed {
     pub routes: usize,
     pub files: Vec<String>,
     pub nft_table: bool,
+    pub udp_fast_path: bool,
 }
 
-pub async fn cleanup(run_dir: &Path, state_dir: &Path, cni_conf_dir: Option<&Path>, bridge: &str) -> Result<Removed, CleanupError> {
+pub async fn cleanup(run_dir: &Path, state_dir: &Path, cni_conf_dir: Option<&Path>, bridge: &str, bpffs: &Path) -> Result<Removed, CleanupError> {
     let nl = Netlink::connect()?;
     let mut removed = Removed { routes: nl.del_routes_by_proto().await?, ..Default::default() };
+    // Before the TUN device goes: its encapsulation program is pinned there.
+    if netd_ebpf::UdpOverlay::is_pinned(bpffs) {
+        netd_ebpf::UdpOverlay::remove(bpffs)?;
+        info!(bpffs = %bpffs.display(), "removed the udp overlay's eBPF programs and maps");
+        removed.udp_fast_path = true;
+    }
     for l in nl.links().await? {
         let ours = (l.name.starts_with("netd.") && l.kind.as_deref() == Some("vxlan"))
             || (l.name == crate::daemon::UDP_DEVICE && l.kind.as_deref() == Some("tun"))

@@ -22,6 +22,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the udp backend encapsulates packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UdpDatapath {
+    /// In the kernel when it can (tc eBPF, Linux >= 6.6), else in userspace.
+    Auto,
+    /// In the kernel; netd fails to start the backend when it cannot.
+    Ebpf,
+    /// Only netd's userspace threads (TUN + UDP sockets), as flannel does.
+    Userspace,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node daemon: lease this node's pod subnet and keep the overlay programmed.
@@ -59,6 +70,9 @@ pub struct CleanupArgs {
     /// The pod bridge netd-cni created.
     #[arg(long, env = "NETD_CNI_BRIDGE", default_value = "netd0")]
     pub cni_bridge: String,
+    /// Where netd pinned its eBPF programs and maps.
+    #[arg(long, env = "NETD_EBPF_BPFFS", default_value = "/sys/fs/bpf/netd")]
+    pub ebpf_bpffs: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -128,6 +142,12 @@ pub struct RunArgs {
     /// the encapsulation ahead of ordinary work on a busy node, as the kernel's VXLAN is.
     #[arg(long, env = "NETD_UDP_NICE", default_value_t = -10, allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
     pub udp_nice: i32,
+    /// udp backend: encapsulate in the kernel (tc eBPF programs on the TUN device and the
+    /// underlay: no copy to userspace, no thread wake-up per packet) or in userspace. The
+    /// userspace datapath always runs too, for what the kernel path leaves to it (packets
+    /// without a peer, datagrams from strangers, UDP GRO batches) and as the fallback.
+    #[arg(long, env = "NETD_UDP_DATAPATH", value_enum, default_value_t = UdpDatapath::Auto)]
+    pub udp_datapath: UdpDatapath,
     /// Masquerade pod traffic that leaves the cluster network.
     #[arg(long, env = "NETD_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
     pub ip_masq: bool,

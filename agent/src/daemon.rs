@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::alloc::{self, Choice, Taken};
-use crate::cli::RunArgs;
+use crate::cli::{RunArgs, UdpDatapath};
 use crate::lease::{LeaseAttrs, Mac, VxlanData};
 use crate::masq::{MasqSpec, Masquerade};
 use crate::netconf::{BackendKind, NetworkConfig};
@@ -90,6 +90,14 @@ pub struct Daemon {
     /// The udp backend's userspace datapath, while that backend is in use.
     udp: Option<netd_udp::UdpDatapath>,
     udp_seen: netd_udp::UdpStats,
+    /// The udp backend's kernel fast path (tc eBPF), while it runs.
+    udp_fast: Option<netd_ebpf::UdpOverlay>,
+    udp_fast_seen: netd_ebpf::UdpOverlayStats,
+    /// What the fast path was last started for (config, TUN ifindex, underlay ifindex), also
+    /// when starting it failed: it is tried again only when that changes.
+    udp_fast_for: Option<(netd_ebpf::UdpOverlayConfig, u32, u32)>,
+    /// Where the udp backend's packets are encapsulated, for the status.
+    udp_datapath: Option<String>,
     masq: Masquerade,
     last_skipped: Vec<String>,
     shared: Arc<Shared>,
@@ -151,7 +159,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
             (None, cfg, held, snap, Some(rx))
         }
     };
-    let mut d = Daemon { args, nl, reg, underlay, cfg, held, dev_index: 0, udp: None, udp_seen: Default::default(), masq: Masquerade::new(), last_skipped: Vec::new(), shared };
+    let mut d = Daemon { args, nl, reg, underlay, cfg, held, dev_index: 0, udp: None, udp_seen: Default::default(), udp_fast: None, udp_fast_seen: Default::default(), udp_fast_for: None, udp_datapath: None, masq: Masquerade::new(), last_skipped: Vec::new(), shared };
     d.setup_backend().await?;
     d.sync_host_rules()?;
     d.write_subnet_env()?;
@@ -287,7 +295,7 @@ async fn kube_subnets(
     if !cfg.network.contains(&subnet.network()) {
         return Err(DaemonError::Kube(format!("node {node}'s podCIDR {subnet} is outside the network {}", cfg.network)));
     }
-    let attrs = our_attrs(&cfg, underlay);
+    let attrs = our_attrs(&cfg, underlay, args);
     let names = netd_kube::Annotations::new(&args.kube.kube_annotation_prefix).map_err(kube_err)?;
     let node_attrs = netd_kube::NodeAttrs {
         public_ip: underlay.public_ip,
@@ -418,13 +426,28 @@ fn previous_subnet(args: &RunArgs) -> Option<Ipv4Net> {
         .map(|e| e.subnet)
 }
 
-fn our_attrs(cfg: &NetworkConfig, underlay: &Underlay) -> LeaseAttrs {
+/// Whether this node will decapsulate udp-backend traffic in the kernel (said in its lease):
+/// `--udp-datapath` allows it and the fast path's programs load here (probed once, in a
+/// throwaway bpffs, before the lease is written).
+fn udp_kernel_decap(args: &RunArgs) -> bool {
+    static PROBE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    if args.udp_datapath == UdpDatapath::Userspace {
+        return false;
+    }
+    let r = PROBE.get_or_init(netd_ebpf::udp::probe);
+    if let Err(e) = r {
+        debug!(error = %e, "udp fast path probe");
+    }
+    r.is_ok()
+}
+
+fn our_attrs(cfg: &NetworkConfig, underlay: &Underlay, args: &RunArgs) -> LeaseAttrs {
     match cfg.backend.kind {
         BackendKind::Vxlan => {
             let mac = Mac::for_vtep(underlay.public_ip, cfg.backend.vni);
             LeaseAttrs::vxlan(underlay.public_ip, &VxlanData { vni: cfg.backend.vni, vtep_mac: mac })
         }
-        BackendKind::Udp => LeaseAttrs::udp(underlay.public_ip),
+        BackendKind::Udp => LeaseAttrs::udp(underlay.public_ip, udp_kernel_decap(args)),
     }
 }
 
@@ -438,7 +461,7 @@ fn renew_deadline(ttl: Option<i64>, margin_min: u32) -> Option<Instant> {
 /// Acquires our subnet: our existing lease or reservation, else the previous subnet, else a random
 /// free one; each new key is created in a create-if-absent transaction and retried on a race.
 async fn acquire(reg: &EtcdRegistry, cfg: &NetworkConfig, underlay: &Underlay, args: &RunArgs, first: &Snapshot, shared: &Shared) -> Result<Held, DaemonError> {
-    let attrs = our_attrs(cfg, underlay);
+    let attrs = our_attrs(cfg, underlay, args);
     let previous = previous_subnet(args);
     let mut snap = first.clone();
     let mut backoff = Backoff::new();
@@ -574,7 +597,7 @@ impl Daemon {
             self.nl.del_addr(index, *stale).await?;
         }
         self.dev_index = index;
-        let (cfg, underlay) = (&self.cfg, &self.underlay);
+        let (cfg, underlay, datapath) = (&self.cfg, &self.underlay, &self.udp_datapath);
         self.shared.update(|s| {
             s.backend = Some(status::BackendStatus {
                 kind: cfg.backend.kind.as_str().into(),
@@ -584,6 +607,7 @@ impl Daemon {
                 port: cfg.backend.port,
                 mtu,
                 underlay: underlay.name.clone(),
+                datapath: (cfg.backend.kind == BackendKind::Udp).then(|| datapath.clone()).flatten(),
             })
         });
         Ok(())
@@ -632,12 +656,72 @@ impl Daemon {
             self.udp = Some(dp);
         }
         let l = self.nl.link_by_name(UDP_DEVICE).await?.ok_or_else(|| NetlinkError::Other(format!("{UDP_DEVICE} vanished after creation")))?;
+        self.setup_udp_fast(l.index)?;
         Ok((l.index, UDP_DEVICE.to_string(), mtu))
+    }
+
+    /// Starts the kernel fast path of the udp backend (`--udp-datapath`) unless it runs for
+    /// the same devices and parameters. With `auto`, a kernel that cannot run it leaves the
+    /// userspace datapath doing everything, and the status says why.
+    fn setup_udp_fast(&mut self, tun_index: u32) -> Result<(), DaemonError> {
+        let bpffs = self.args.ebpf_bpffs.clone();
+        if self.args.udp_datapath == UdpDatapath::Userspace {
+            self.udp_fast = None;
+            self.udp_fast_for = None;
+            if netd_ebpf::UdpOverlay::is_pinned(&bpffs) {
+                info!("removing the udp backend's kernel fast path (--udp-datapath userspace)");
+                netd_ebpf::UdpOverlay::remove(&bpffs).map_err(|e| DaemonError::Backend(e.to_string()))?;
+            }
+            self.udp_datapath = Some("userspace (--udp-datapath userspace)".into());
+            return Ok(());
+        }
+        let want = netd_ebpf::UdpOverlayConfig {
+            bpffs_dir: bpffs.clone(),
+            mount_bpffs: true,
+            tun_device: UDP_DEVICE.into(),
+            underlay_device: self.underlay.name.clone(),
+            local_ip: self.underlay.iface_ip,
+            port: self.cfg.backend.port,
+        };
+        let key = (want.clone(), tun_index, self.underlay.index);
+        if self.udp_fast_for.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        self.udp_fast = None;
+        self.udp_fast_for = Some(key);
+        match netd_ebpf::UdpOverlay::start(want) {
+            Ok(fast) => {
+                info!(device = UDP_DEVICE, underlay = %self.underlay.name, "udp backend: packets are encapsulated in the kernel (tc eBPF); the userspace datapath takes the rest");
+                // The pinned counters outlive netd: count from here.
+                self.udp_fast_seen = fast.stats().unwrap_or_default();
+                self.udp_fast = Some(fast);
+                self.udp_datapath = Some("kernel (tc eBPF), userspace for the rest".into());
+                Ok(())
+            }
+            Err(e) if self.args.udp_datapath == UdpDatapath::Auto => {
+                warn!(error = %e, "udp backend: the kernel fast path cannot run here; the userspace datapath carries everything");
+                // Whatever a partial start (or an older netd) left pinned would encapsulate
+                // with stale settings.
+                if let Err(e) = netd_ebpf::UdpOverlay::remove(&bpffs) {
+                    warn!(error = %e, "removing the udp fast path's pins");
+                }
+                self.udp_datapath = Some(format!("userspace (kernel fast path unavailable: {e})"));
+                Ok(())
+            }
+            Err(e) => Err(DaemonError::Backend(format!("--udp-datapath ebpf: {e}"))),
+        }
     }
 
     /// Stops the udp datapath and removes its (persistent) device, also one left by an earlier
     /// netd run (after a switch to vxlan).
     async fn remove_udp_device(&mut self) -> Result<(), DaemonError> {
+        self.udp_fast = None;
+        self.udp_fast_for = None;
+        self.udp_datapath = None;
+        if netd_ebpf::UdpOverlay::is_pinned(&self.args.ebpf_bpffs) {
+            info!("removing the udp backend's kernel fast path (backend switched to vxlan)");
+            netd_ebpf::UdpOverlay::remove(&self.args.ebpf_bpffs).map_err(|e| DaemonError::Backend(e.to_string()))?;
+        }
         if let Some(dp) = self.udp.take() {
             info!(device = dp.tun_name(), "stopping the udp datapath and removing its device (backend switched to vxlan)");
             if let Err(e) = dp.remove() {
@@ -859,7 +943,7 @@ impl Daemon {
         info!(backend = cfg.backend.kind.as_str(), network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config changed");
         let lease_fits = cfg.allows(&self.held.subnet);
         self.cfg = cfg;
-        self.held.attrs = our_attrs(&self.cfg, &self.underlay);
+        self.held.attrs = our_attrs(&self.cfg, &self.underlay, &self.args);
         if lease_fits {
             // Publish the new attributes (VNI) and adjust the device.
             if let Some(reg) = &self.reg {
@@ -939,6 +1023,21 @@ impl Daemon {
                 let (want, peers, skipped) = overlay::desired_udp(&self.local_node(), self.cfg.network, &leases);
                 if let Some(dp) = &self.udp {
                     dp.set_peers(&peers);
+                }
+                if let Some(fast) = &mut self.udp_fast {
+                    let kernel: std::collections::HashSet<Ipv4Net> = leases.iter().filter(|l| l.attrs.udp_kernel_decap()).map(|l| l.subnet).collect();
+                    let entries: Vec<_> = peers.iter().map(|(net, ip)| netd_ebpf::udp::UdpPeerEntry { net: net.network(), prefix_len: net.prefix_len(), ip: *ip, kernel_decap: kernel.contains(net) }).collect();
+                    if let Err(e) = fast.set_peers(&entries) {
+                        // The userspace datapath has the new peers; the kernel's may be stale.
+                        // Hand everything to userspace until the next start succeeds.
+                        warn!(error = %e, "udp fast path: updating the peers failed; removing it, the userspace datapath carries everything");
+                        self.shared.metrics.sync_errors.inc();
+                        self.udp_fast = None;
+                        if let Err(e) = netd_ebpf::UdpOverlay::remove(&self.args.ebpf_bpffs) {
+                            warn!(error = %e, "removing the udp fast path's pins");
+                        }
+                        self.udp_datapath = Some(format!("userspace (kernel fast path removed: {e})"));
+                    }
                 }
                 self.record_udp_stats();
                 (want, skipped)
@@ -1062,6 +1161,21 @@ impl Daemon {
         m.udp_drop("malformed", d(now.dropped_malformed, was.dropped_malformed));
         m.udp_drop("ttl", d(now.dropped_ttl, was.dropped_ttl));
         m.udp_drop("error", d(now.errors, was.errors));
+        if let Some(fast) = &self.udp_fast {
+            match fast.stats() {
+                Ok(now) => {
+                    let was = std::mem::replace(&mut self.udp_fast_seen, now);
+                    m.udp_kernel("packets", "out", d(now.encap_packets, was.encap_packets));
+                    m.udp_kernel("bytes", "out", d(now.encap_bytes, was.encap_bytes));
+                    m.udp_kernel("packets", "in", d(now.decap_packets, was.decap_packets));
+                    m.udp_kernel("bytes", "in", d(now.decap_bytes, was.decap_bytes));
+                    m.udp_kernel("packets", "passed_out", d(now.encap_passed, was.encap_passed));
+                    m.udp_kernel("packets", "passed_in", d(now.decap_passed, was.decap_passed));
+                    m.udp_drop("kernel_error", d(now.encap_errors, was.encap_errors));
+                }
+                Err(e) => debug!(error = %e, "reading the udp fast path's counters"),
+            }
+        }
     }
 }
 

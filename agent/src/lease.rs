@@ -96,6 +96,9 @@ pub struct LeaseAttrs {
     pub backend_v6_data: Option<serde_json::Value>,
 }
 
+/// `BackendData` key of a udp lease: see [`LeaseAttrs::udp`].
+pub const UDP_KERNEL_DECAP: &str = "NetdKernelDecap";
+
 impl LeaseAttrs {
     pub fn vxlan(public_ip: Ipv4Addr, data: &VxlanData) -> Self {
         LeaseAttrs {
@@ -107,8 +110,20 @@ impl LeaseAttrs {
         }
     }
 
-    pub fn udp(public_ip: Ipv4Addr) -> Self {
-        LeaseAttrs { public_ip, public_ipv6: None, backend_type: "udp".into(), backend_data: None, backend_v6_data: None }
+    /// A udp-backend lease. `kernel_decap`: this node decapsulates in the kernel (the eBPF
+    /// fast path), including UDP-tunnel GSO super-packets, which a virtual underlay (veth)
+    /// hands over unsegmented: only to such peers does a sender's kernel fast path send them.
+    /// Said in `BackendData` (`{"NetdKernelDecap":true}`), which flannel's udp backend ignores;
+    /// without it (flanneld, netd in userspace mode) a peer gets everything from the sender's
+    /// userspace datapath, which sends proper datagrams.
+    pub fn udp(public_ip: Ipv4Addr, kernel_decap: bool) -> Self {
+        let backend_data = kernel_decap.then(|| serde_json::json!({ UDP_KERNEL_DECAP: true }));
+        LeaseAttrs { public_ip, public_ipv6: None, backend_type: "udp".into(), backend_data, backend_v6_data: None }
+    }
+
+    /// Whether the lease says its node decapsulates udp-backend traffic in the kernel.
+    pub fn udp_kernel_decap(&self) -> bool {
+        self.backend_data.as_ref().and_then(|d| d.get(UDP_KERNEL_DECAP)).and_then(|v| v.as_bool()).unwrap_or(false)
     }
 
     pub fn to_json(&self) -> String {

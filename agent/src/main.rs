@@ -56,12 +56,13 @@ fn main() -> anyhow::Result<()> {
         Command::Services(cmd) => rt.block_on(netd_proxy::registry::cli::run_cli(cmd))?,
         Command::Cleanup(args) => {
             let conf = (!args.cni_conf_dir.as_os_str().is_empty()).then_some(args.cni_conf_dir.as_path());
-            let r = rt.block_on(netd::cleanup::cleanup(&args.run_dir, &args.state_dir, conf, &args.cni_bridge))?;
+            let r = rt.block_on(netd::cleanup::cleanup(&args.run_dir, &args.state_dir, conf, &args.cni_bridge, &args.ebpf_bpffs))?;
             println!(
-                "removed: links [{}], {} route(s), nftables table: {}, files [{}]",
+                "removed: links [{}], {} route(s), nftables table: {}, udp eBPF fast path: {}, files [{}]",
                 r.links.join(", "),
                 r.routes,
                 if r.nft_table { "yes" } else { "absent" },
+                if r.udp_fast_path { "yes" } else { "absent" },
                 r.files.join(", ")
             );
             println!("the subnet lease in etcd is left to expire (24 h) or can be deleted by hand");

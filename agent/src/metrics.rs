@@ -26,6 +26,7 @@ pub struct Metrics {
     pub ready: Gauge,
     pub udp_traffic: Family<Labels, Counter>,
     pub udp_dropped: Family<Labels, Counter>,
+    pub udp_kernel: Family<Labels, Counter>,
     pub dns_requests: Family<Labels, Counter>,
     pub dns_cache: Family<Labels, Counter>,
     pub dns_forwards: Family<Labels, Counter>,
@@ -57,6 +58,7 @@ impl Metrics {
             ready: Gauge::default(),
             udp_traffic: Family::default(),
             udp_dropped: Family::default(),
+            udp_kernel: Family::default(),
             dns_requests: Family::default(),
             dns_cache: Family::default(),
             dns_forwards: Family::default(),
@@ -84,6 +86,11 @@ impl Metrics {
         r.register("cni_pods", "Pods netd-cni has set up on this node (addresses in use)", m.cni_pods.clone());
         r.register("cni_addresses_free", "Pod addresses still free in this node's subnet", m.cni_addresses_free.clone());
         r.register("udp_dropped", "udp backend: packets dropped, by reason (unknown_source: not from a peer's public IP)", m.udp_dropped.clone());
+        r.register(
+            "udp_kernel",
+            "udp backend: what the kernel fast path (tc eBPF) did, by unit (packets: a GSO super-packet counts once; bytes: inner) and direction (out: encapsulated, in: decapsulated, passed_out/passed_in: left to the userspace datapath)",
+            m.udp_kernel.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -99,6 +106,10 @@ impl Metrics {
 
     pub fn udp(&self, unit: &'static str, dir: &'static str, n: u64) {
         self.udp_traffic.get_or_create(&vec![("unit", unit.to_string()), ("dir", dir.to_string())]).inc_by(n);
+    }
+
+    pub fn udp_kernel(&self, unit: &'static str, dir: &'static str, n: u64) {
+        self.udp_kernel.get_or_create(&vec![("unit", unit.to_string()), ("dir", dir.to_string())]).inc_by(n);
     }
 
     pub fn udp_drop(&self, reason: &'static str, n: u64) {

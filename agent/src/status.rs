@@ -68,6 +68,10 @@ pub struct BackendStatus {
     pub port: u16,
     pub mtu: u32,
     pub underlay: String,
+    /// udp backend: where packets are encapsulated ("kernel (tc eBPF), userspace for the
+    /// rest", or "userspace" with the reason the kernel path does not run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -332,6 +336,9 @@ pub fn render(s: &NodeStatus, color: bool) -> String {
     }
     if let Some(b) = &s.backend {
         let _ = writeln!(out, "backend   {} on {} (VNI {}, port {}, MTU {}) via {} — device {}", b.kind, b.device, b.vni, b.port, b.mtu, b.underlay, ok(b.device_present));
+        if let Some(d) = &b.datapath {
+            let _ = writeln!(out, "datapath  {d}");
+        }
     }
     let programmed = s.peers.iter().filter(|p| p.programmed).count();
     let _ = writeln!(out, "peers     {programmed}/{} programmed", s.peers.len());
@@ -404,7 +411,7 @@ mod tests {
                 last_renewal: None,
                 acquired_at: 999_000,
             }),
-            backend: Some(BackendStatus { kind: "vxlan".into(), device: "netd.1".into(), device_present: true, vni: 1, port: 8472, mtu: 1450, underlay: "eth0".into() }),
+            backend: Some(BackendStatus { kind: "vxlan".into(), device: "netd.1".into(), device_present: true, vni: 1, port: 8472, mtu: 1450, underlay: "eth0".into(), datapath: None }),
             peers: vec![PeerStatus { subnet: "10.244.4.0/24".into(), public_ip: "198.18.0.11".into(), programmed: true, skipped: None }],
             malformed_keys: vec![],
             etcd: EtcdStatus { endpoints: vec!["http://198.18.0.1:2379".into()], connected: true, last_ok: Some(1_000_000), last_error: None, revision: 42 },

@@ -45,7 +45,7 @@ pub struct EbpfBackend {
     _tc: Ebpf,
 }
 
-fn err(what: &str, e: impl std::fmt::Display + std::fmt::Debug) -> EbpfError {
+pub(crate) fn err(what: &str, e: impl std::fmt::Display + std::fmt::Debug) -> EbpfError {
     // aya's errors keep the errno in `source`; Debug shows it.
     EbpfError::Kernel(format!("{what}: {e} ({e:?})"))
 }
@@ -287,7 +287,7 @@ fn tc_pin_name(dev: &str, ingress: bool) -> String {
 /// Attaches `prog` to `dev` (TCX, kernel >= 6.6) through a link pinned at `pin`, or swaps it
 /// into the pinned link atomically when netd restarted. A pinned link whose device went away
 /// (and came back: a recreated VXLAN device) is defunct; it is replaced by a new one.
-fn attach_tc(prog: &mut SchedClassifier, name: &str, dev: &str, ingress: bool, pin: &Path) -> Result<(), EbpfError> {
+pub(crate) fn attach_tc(prog: &mut SchedClassifier, name: &str, dev: &str, ingress: bool, pin: &Path) -> Result<(), EbpfError> {
     if pin.exists() {
         let link = sys::obj_get(pin).map_err(|e| err(&format!("opening pinned link {}", pin.display()), e))?;
         let fd = prog.fd().map_err(|e| err(name, e))?;

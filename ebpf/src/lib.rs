@@ -25,16 +25,21 @@ pub mod backend;
 pub mod maps;
 pub mod render;
 mod sys;
+pub mod udp;
 
 use std::path::PathBuf;
 
 pub use backend::EbpfBackend;
 pub use render::{render, MapState};
+pub use udp::{UdpOverlay, UdpOverlayConfig, UdpOverlayStats, UdpPeerEntry};
 
 /// The socket LB object (`bpf/sock.c`).
 pub static SOCK_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock.o"));
 /// The tc NodePort/externalIP object (`bpf/nodeport.c`).
 pub static NODEPORT_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport.o"));
+
+/// The udp overlay fast path object (`bpf/udp_overlay.c`), see [`udp`].
+pub static UDP_OVERLAY_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udp_overlay.o"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -96,18 +101,7 @@ pub fn probe() -> Result<(), String> {
     if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err("kernel without BTF (/sys/kernel/btf/vmlinux)".into());
     }
-    // Maps are pinned by name; probe against a private, throwaway bpffs instance.
-    let dir = std::env::temp_dir().join(format!("netd-ebpf-probe-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-    let r = sys::mount_bpffs(&dir)
-        .map_err(|e| format!("cannot mount a bpf filesystem (needs CAP_SYS_ADMIN): {e}"))
-        .and_then(|()| {
-            let r = probe_load(&dir);
-            sys::umount(&dir);
-            r
-        });
-    let _ = std::fs::remove_dir(&dir);
-    r
+    with_probe_bpffs("sock", probe_load)
 }
 
 /// Whether this kernel can run the tc NodePort programs: TCX links (Linux >= 6.6) and the
@@ -117,12 +111,18 @@ pub fn probe_tc() -> Result<(), String> {
     if aya::util::KernelVersion::current().map_or(true, |v| v < tcx) {
         return Err("the tc NodePort programs need TCX links (Linux >= 6.6)".into());
     }
-    let dir = std::env::temp_dir().join(format!("netd-ebpf-probe-tc-{}", std::process::id()));
+    with_probe_bpffs("tc", probe_load_tc)
+}
+
+/// Runs `f` with a private, throwaway bpffs instance (maps are pinned by name: a probe must not
+/// meet the live ones).
+pub(crate) fn with_probe_bpffs(what: &str, f: impl FnOnce(&std::path::Path) -> Result<(), String>) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("netd-ebpf-probe-{what}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
     let r = sys::mount_bpffs(&dir)
         .map_err(|e| format!("cannot mount a bpf filesystem (needs CAP_SYS_ADMIN): {e}"))
         .and_then(|()| {
-            let r = probe_load_tc(&dir);
+            let r = f(&dir);
             sys::umount(&dir);
             r
         });

@@ -1,4 +1,4 @@
-//! Map keys and values: the Rust side of `bpf/maps.h` (the one definition; `tests` in this
+//! Map keys and values: the Rust side of `bpf/maps.h` and `bpf/udp_overlay.h` (the one definition; `tests` in this
 //! module compile the header with the host C compiler and compare every size and offset).
 //!
 //! Addresses and ports are in network byte order, as the BPF programs see them.
@@ -169,7 +169,51 @@ macro_rules! pod {
         unsafe impl aya::Pod for $t {}
     )*};
 }
-pod!(SvcKey, SvcValue, SlotKey, BackendValue, AffinityKey, AffinityValue, RevnatKey, RevnatValue, CtKey, CtValue, CfgValue);
+/// `struct netd_udp_cfg` (`bpf/udp_overlay.h`): the udp overlay fast path's settings.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UdpCfg {
+    pub local_ip: u32,
+    pub port: u16,
+    pub enabled: u16,
+    pub underlay_ifindex: u32,
+    pub tun_ifindex: u32,
+}
+
+/// `struct netd_udp_peer_key`: aya's `lpm_trie::Key<u32>` has this layout (prefix length,
+/// then the address in network byte order); kept here for the layout test.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UdpPeerKey {
+    pub prefixlen: u32,
+    pub addr: u32,
+}
+
+/// `struct netd_udp_peer`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UdpPeer {
+    pub ip: u32,
+    pub flags: u32,
+}
+
+pub const UDP_PEER_F_KERNEL: u32 = 1 << 0;
+
+pub const MAP_UDP_CFG: &str = "netd_udp_cfg";
+pub const MAP_UDP_PEERS: &str = "netd_udp_peers";
+pub const MAP_UDP_SRCS: &str = "netd_udp_srcs";
+pub const MAP_UDP_STATS: &str = "netd_udp_stats";
+
+pub const UDP_ENCAP_PACKETS: u32 = 0;
+pub const UDP_ENCAP_BYTES: u32 = 1;
+pub const UDP_DECAP_PACKETS: u32 = 2;
+pub const UDP_DECAP_BYTES: u32 = 3;
+pub const UDP_ENCAP_PASSED: u32 = 4;
+pub const UDP_DECAP_PASSED: u32 = 5;
+pub const UDP_ENCAP_ERRORS: u32 = 6;
+pub const UDP_STATS: u32 = 8;
+
+pod!(SvcKey, SvcValue, SlotKey, BackendValue, AffinityKey, AffinityValue, RevnatKey, RevnatValue, CtKey, CtValue, CfgValue, UdpCfg, UdpPeer);
 
 /// An address as the BPF programs store it (network byte order in a host-order load).
 pub fn ip_be(ip: Ipv4Addr) -> u32 {
@@ -206,6 +250,9 @@ mod tests {
         layout!("netd_ct_key", CtKey, [saddr, daddr, sport, dport, proto, dir, pad]);
         layout!("netd_ct_value", CtValue, [last_ns, saddr, daddr, sport, dport, flags]);
         layout!("netd_cfg", CfgValue, [snat_ip, snat_port_min, snat_port_max]);
+        layout!("netd_udp_cfg", UdpCfg, [local_ip, port, enabled, underlay_ifindex, tun_ifindex]);
+        layout!("netd_udp_peer_key", UdpPeerKey, [prefixlen, addr]);
+        layout!("netd_udp_peer", UdpPeer, [ip, flags]);
         for (c, r) in [
             ("NETD_SCOPE_INTERNAL", SCOPE_INTERNAL as usize),
             ("NETD_SCOPE_EXTERNAL", SCOPE_EXTERNAL as usize),
@@ -218,6 +265,16 @@ mod tests {
             ("NETD_CT_F_CLOSING", CT_F_CLOSING as usize),
             ("NETD_SNAT_PORT_MIN", SNAT_PORT_MIN as usize),
             ("NETD_SNAT_PORT_MAX", SNAT_PORT_MAX as usize),
+            ("NETD_UDP_ENCAP_PACKETS", UDP_ENCAP_PACKETS as usize),
+            ("NETD_UDP_ENCAP_BYTES", UDP_ENCAP_BYTES as usize),
+            ("NETD_UDP_DECAP_PACKETS", UDP_DECAP_PACKETS as usize),
+            ("NETD_UDP_DECAP_BYTES", UDP_DECAP_BYTES as usize),
+            ("NETD_UDP_ENCAP_PASSED", UDP_ENCAP_PASSED as usize),
+            ("NETD_UDP_DECAP_PASSED", UDP_DECAP_PASSED as usize),
+            ("NETD_UDP_ENCAP_ERRORS", UDP_ENCAP_ERRORS as usize),
+            ("NETD_UDP_STATS", UDP_STATS as usize),
+            ("NETD_UDP_PEER_F_KERNEL", UDP_PEER_F_KERNEL as usize),
+            ("sizeof(struct netd_udp_peer_key)", std::mem::size_of::<aya::maps::lpm_trie::Key<u32>>()),
         ] {
             v.push(((c.to_string()), r));
         }
@@ -230,7 +287,7 @@ mod tests {
         let layout = rust_layout();
         let dir = std::env::temp_dir().join(format!("netd-ebpf-layout-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut src = String::from("#include <stdio.h>\n#include <stddef.h>\n#include \"maps.h\"\nint main(void) {\n");
+        let mut src = String::from("#include <stdio.h>\n#include <stddef.h>\n#include \"maps.h\"\n#include \"udp_overlay.h\"\nint main(void) {\n");
         for (expr, _) in &layout {
             src.push_str(&format!("  printf(\"%zu\\n\", (size_t)({expr}));\n"));
         }

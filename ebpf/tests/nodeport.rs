@@ -8,7 +8,6 @@
 //! address is kept, replies get the NodePort back as their source on d0's egress.
 
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -23,7 +22,7 @@ use netd_tests::Netns;
 static N: AtomicU32 = AtomicU32::new(0);
 
 mod common;
-use common::{TestBpffs, CLIENT_PY};
+use common::{in_ns, TestBpffs, CLIENT_PY};
 
 const SERVER_PY: &str = r#"
 import socket, sys, socketserver, threading
@@ -66,19 +65,6 @@ impl Drop for Bed {
         }
         let _ = std::fs::remove_dir_all(&self.scripts);
     }
-}
-
-/// Runs `f` on a thread inside `ns` (tc attaches by device name, in the caller's namespace).
-fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{}", ns.name());
-    std::thread::spawn(move || {
-        let f0 = std::fs::File::open(&path).expect("open netns");
-        // SAFETY: setns(2) on a descriptor we own; only this thread moves.
-        assert_eq!(unsafe { libc::setns(f0.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
-        f()
-    })
-    .join()
-    .expect("thread in namespace panicked")
 }
 
 fn skip() -> Option<String> {

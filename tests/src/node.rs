@@ -14,6 +14,22 @@ use std::process::{Child, ExitStatus};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+thread_local! {
+    static NETD_ENV: std::cell::RefCell<Vec<(String, String)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The value [`set_thread_netd_env`] gave `key` on this thread.
+pub fn thread_netd_env(key: &str) -> Option<String> {
+    NETD_ENV.with(|e| e.borrow().iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()))
+}
+
+/// Environment variables every netd started *from this thread* gets, after the standard ones
+/// (a test runs on its own thread: this varies one setting, e.g. `NETD_UDP_DATAPATH`, across
+/// a whole scenario without threading it through every call).
+pub fn set_thread_netd_env(vars: &[(&str, &str)]) {
+    NETD_ENV.with(|e| *e.borrow_mut() = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+}
+
 /// Test bridge pods are attached to. Not `cni0`, so it can never be
 /// confused with what a CNI plugin (or netd) creates.
 const POD_BRIDGE: &str = "tbr0";
@@ -176,6 +192,11 @@ impl Node {
         let log = self.log_path();
         let mut command = self.ns.command(&args);
         command.env("NETD_LOG", "netd=debug,info").env("RUST_BACKTRACE", "1");
+        NETD_ENV.with(|e| {
+            for (k, v) in e.borrow().iter() {
+                command.env(k, v);
+            }
+        });
         // A marker line separates runs in the appended log.
         writeln!(
             cmd::append_file(&log)?,

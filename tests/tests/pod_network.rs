@@ -61,7 +61,9 @@ impl Backend {
     }
 }
 
-/// One `#[test]` per backend for each scenario `fn NAME(backend: Backend) -> Result<()>`.
+/// One `#[test]` per backend for each scenario `fn NAME(backend: Backend) -> Result<()>`; the
+/// udp backend twice, with its default datapath (the kernel fast path where the kernel can run
+/// it, as on this machine) and with `--udp-datapath userspace` (`udp_userspace`).
 macro_rules! for_both_backends {
     ($($scenario:ident),* $(,)?) => {$(
         mod $scenario {
@@ -71,6 +73,11 @@ macro_rules! for_both_backends {
             }
             #[test]
             fn udp() -> anyhow::Result<()> {
+                super::$scenario(super::Backend::Udp)
+            }
+            #[test]
+            fn udp_userspace() -> anyhow::Result<()> {
+                netd_tests::set_thread_netd_env(&[("NETD_UDP_DATAPATH", "userspace")]);
                 super::$scenario(super::Backend::Udp)
             }
         }
@@ -196,8 +203,15 @@ fn three_nodes_lease_distinct_subnets_in_flannels_format(backend: Backend) -> Re
                 let dev = node.ns().run(&["cat", "/sys/class/net/netd.1/address"])?;
                 assert_eq!(dev.trim(), mac, "lease MAC is the device's MAC");
             }
-            // flanneld's udp backend writes no BackendData (omitempty).
-            Backend::Udp => assert_eq!(obj.keys().cloned().collect::<Vec<_>>(), ["BackendType", "PublicIP", "PublicIPv6"]),
+            // flanneld's udp backend writes no BackendData (omitempty) and ignores it: netd says
+            // there whether it decapsulates in the kernel, and nothing else.
+            Backend::Udp if netd_tests::thread_netd_env("NETD_UDP_DATAPATH").as_deref() == Some("userspace") => {
+                assert_eq!(obj.keys().cloned().collect::<Vec<_>>(), ["BackendType", "PublicIP", "PublicIPv6"])
+            }
+            Backend::Udp => {
+                assert_eq!(obj.keys().cloned().collect::<Vec<_>>(), ["BackendData", "BackendType", "PublicIP", "PublicIPv6"]);
+                assert_eq!(v["BackendData"], serde_json::json!({"NetdKernelDecap": true}));
+            }
         }
         // Bound to a 24 h etcd lease.
         let kv = c.etcd().ctl(&["get", &key_of(&s), "-w", "json"])?;
@@ -754,20 +768,33 @@ fn netd_cni_pods_on_three_nodes_reach_each_other(backend: Backend) -> Result<()>
 
 /// What is particular to the udp backend's datapath: a bulk transfer through it, and datagrams
 /// from an address that holds no lease dropped and counted (flannel accepts them from anyone).
-#[test]
-fn udp_carries_a_bulk_transfer_and_drops_strangers() -> Result<()> {
+/// Run with the kernel fast path (the default here: this kernel has TCX) and with
+/// `--udp-datapath userspace`; each checks that its datapath, not the other, carried the bytes.
+fn udp_carries_a_bulk_transfer_and_drops_strangers(kernel: bool) -> Result<()> {
+    if !kernel {
+        netd_tests::set_thread_netd_env(&[("NETD_UDP_DATAPATH", "userspace")]);
+    }
     let mut c = start(2, UDP)?;
     let a = c.node_mut(0).add_cni_pod("a")?;
     let b = c.node_mut(1).add_cni_pod("b")?;
     wait_ping(&a, b.ip)?;
+    let bin = netd_tests::netd_binary()?;
+    let status = c.node(1).ns().run(&[bin.to_str().unwrap(), "status", "--run-dir", c.node(1).run_dir().to_str().unwrap()])?;
+    let want = if kernel { "datapath  kernel (tc eBPF)" } else { "datapath  userspace (--udp-datapath userspace)" };
+    assert!(status.contains(want), "expected {want:?} in the status:\n{status}");
     let _iperf = b.spawn(&["iperf3", "-s", "-1"], None)?;
     std::thread::sleep(Duration::from_millis(300));
     let out = a.ns.command(&["iperf3", "-c", &b.ip.to_string(), "-t", "2", "-J"]).output()?;
     let intervals = iperf_intervals(&String::from_utf8_lossy(&out.stdout))?;
     assert!(intervals.iter().all(|bps| *bps > 0.0), "{intervals:?}");
-    // Counted on the way in (the counters reach Prometheus at each resync).
+    // Counted on the way in (the counters reach Prometheus at each resync), by the datapath
+    // that carried them; the other one saw next to nothing.
     let n1 = c.node(1);
-    wait_until(WAIT, POLL, || Ok(metric(n1, r#"netd_udp_traffic_total{unit="bytes",dir="in"}"#)? > 1e6))?;
+    let (carried, other) = (r#"netd_udp_kernel_total{unit="bytes",dir="in"}"#, r#"netd_udp_traffic_total{unit="bytes",dir="in"}"#);
+    let (carried, other) = if kernel { (carried, other) } else { (other, carried) };
+    wait_until(WAIT, POLL, || Ok(metric(n1, carried)? > 1e6))?;
+    let seen_by_other = metric(n1, other).unwrap_or(0.0);
+    assert!(seen_by_other < 1e5, "{other} = {seen_by_other}: the bulk transfer went through the wrong datapath");
 
     // A datagram to port 8285 from an address that holds no lease is dropped and counted.
     let stranger = c.add_node()?;
@@ -776,6 +803,16 @@ fn udp_carries_a_bulk_transfer_and_drops_strangers() -> Result<()> {
     let n0 = c.node(0);
     wait_until(WAIT, POLL, || Ok(metric(n0, r#"netd_udp_dropped_total{reason="unknown_source"}"#)? > 0.0))?;
     Ok(())
+}
+
+#[test]
+fn udp_kernel_datapath_carries_a_bulk_transfer_and_drops_strangers() -> Result<()> {
+    udp_carries_a_bulk_transfer_and_drops_strangers(true)
+}
+
+#[test]
+fn udp_userspace_datapath_carries_a_bulk_transfer_and_drops_strangers() -> Result<()> {
+    udp_carries_a_bulk_transfer_and_drops_strangers(false)
 }
 
 /// A node set up by hand the way flanneld's udp backend sets one up: a TUN device `flannel0` with

@@ -194,7 +194,7 @@ fn features(mode: &str) -> Result<()> {
 
     let none = json!({});
     apply(
-        &c,
+        c,
         &[
             // An external IP and a load-balancer ingress IP, backends on another node.
             service("ext", "10.96.1.1", "TCP", 80, json!({"externalIPs": ["198.18.0.200"]}), none.clone()),

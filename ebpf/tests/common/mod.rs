@@ -1,11 +1,16 @@
-//! What both eBPF root test files need: the Python client run inside test namespaces, and a
+//! What the eBPF root test files need: the Python client run inside test namespaces, and a
 //! private bpffs mount.
 
+// Each test binary uses part of this module.
+#![allow(dead_code)]
+
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::Result;
+use netd_tests::Netns;
 
 static N: AtomicU32 = AtomicU32::new(0);
 
@@ -54,4 +59,17 @@ impl Drop for TestBpffs {
         let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
         let _ = std::fs::remove_dir(&self.mnt);
     }
+}
+
+/// Runs `f` on a thread inside `ns` (tc attaches by device name, in the caller's namespace).
+pub fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{}", ns.name());
+    std::thread::spawn(move || {
+        let f0 = std::fs::File::open(&path).expect("open netns");
+        // SAFETY: setns(2) on a descriptor we own; only this thread moves.
+        assert_eq!(unsafe { libc::setns(f0.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
+        f()
+    })
+    .join()
+    .expect("thread in namespace panicked")
 }

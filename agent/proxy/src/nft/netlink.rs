@@ -1098,7 +1098,7 @@ fn dump_set_elements(sock: &mut Socket, tname: &CStr, name: &str, kind: SetKind)
     let msgs = sock.dump(NFT_MSG_GETSETELEM, |nlh| {
         // SAFETY: NFTA_SET_ELEM_LIST_TABLE = 1, NFTA_SET_ELEM_LIST_SET = 2.
         unsafe {
-            attr_strz(nlh, 1, &tname);
+            attr_strz(nlh, 1, tname);
             attr_strz(nlh, 2, &cname);
         }
     })?;

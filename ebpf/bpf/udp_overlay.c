@@ -1,0 +1,206 @@
+// SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
+/*
+ * netd udp overlay fast path: flannel's `udp` backend wire format (the inner IPv4 packet as the
+ * payload of a UDP datagram between the nodes' public IPs, port 8285 by default), encapsulated
+ * and decapsulated in the kernel, on tc hooks, instead of by the userspace datapath.
+ *
+ *   netd_udp_encap  tc egress of the TUN device (an L3 device: the packet starts at the IP
+ *                   header). A packet for a peer's pod subnet gets the outer IPv4 + UDP header
+ *                   (bpf_skb_adjust_room with the ENCAP flags, so a GSO super-packet stays one
+ *                   and is segmented as a UDP tunnel packet further down), a link-layer header,
+ *                   and leaves through the underlay device (bpf_redirect_neigh: route and
+ *                   neighbour of the peer's public IP). It never reaches the TUN queue.
+ *   netd_udp_decap  tc ingress of the underlay device. A datagram to this node's public IP and
+ *                   the overlay port, from a peer's public IP in the current leases, holding
+ *                   exactly one inner IPv4 packet, loses its outer headers and is received on
+ *                   the TUN device (bpf_redirect with BPF_F_INGRESS), as if the userspace
+ *                   datapath had written it there.
+ *
+ * Everything else is left to the userspace datapath (TC_ACT_OK), which keeps its own rules and
+ * counters: no peer for the destination (dropped and counted there), a peer that does not
+ * decapsulate in the kernel (see NETD_UDP_PEER_F_KERNEL), a source that is not a
+ * peer (dropped and counted there), fragments, IP options, and datagrams that UDP GRO has
+ * already merged for the userspace socket (one skb holding many inner packets: the userspace
+ * path coalesces those better than a per-packet decap would). Datagrams of other ports or
+ * addresses are not ours and pass untouched.
+ *
+ * The outer header: DF set (it fits the underlay MTU: the TUN MTU is the underlay's minus 28),
+ * TTL 64, the inner DSCP (not ECN: nobody would carry an outer CE mark back into the inner
+ * header), UDP checksum 0 (allowed for IPv4; the inner packet has its own checksums), source
+ * and destination port both the overlay port, as flannel's socket bound to it sends.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/udp.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "udp_overlay.h"
+
+#define OUTER_LEN (sizeof(struct iphdr) + sizeof(struct udphdr))
+#define IP_DF 0x4000
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct netd_udp_cfg);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} netd_udp_cfg SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct netd_udp_peer_key);
+	__type(value, struct netd_udp_peer);
+	__uint(max_entries, NETD_UDP_MAX_PEERS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} netd_udp_peers SEC(".maps");
+
+/* Public IPs inbound datagrams are accepted from (value unused). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, __u8);
+	__uint(max_entries, NETD_UDP_MAX_PEERS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} netd_udp_srcs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, NETD_UDP_STATS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} netd_udp_stats SEC(".maps");
+
+static __always_inline void count(__u32 idx, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&netd_udp_stats, &idx);
+
+	if (v)
+		*v += n;
+}
+
+static __always_inline struct netd_udp_cfg *config(void)
+{
+	__u32 zero = 0;
+	struct netd_udp_cfg *cfg = bpf_map_lookup_elem(&netd_udp_cfg, &zero);
+
+	return cfg && cfg->enabled ? cfg : 0;
+}
+
+static __always_inline __u16 ip_checksum(struct iphdr *ip)
+{
+	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0);
+
+	if (sum < 0)
+		return 0;
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return ~sum;
+}
+
+struct outer {
+	struct ethhdr eth;
+	struct iphdr ip;
+	struct udphdr udp;
+} __attribute__((packed));
+
+SEC("classifier")
+int netd_udp_encap(struct __sk_buff *skb)
+{
+	struct netd_udp_cfg *cfg = config();
+	struct netd_udp_peer_key key = { .prefixlen = 32 };
+	struct netd_udp_peer *peer;
+	struct iphdr inner;
+	struct outer o = {};
+	struct iphdr ip = {};
+	__u32 len = skb->len;
+
+	if (!cfg)
+		return TC_ACT_OK;
+	if (skb->protocol != bpf_htons(ETH_P_IP) || bpf_skb_load_bytes(skb, 0, &inner, sizeof(inner)) < 0 ||
+	    inner.version != 4 || len > 0xffff - OUTER_LEN)
+		goto pass;
+	key.addr = inner.daddr;
+	peer = bpf_map_lookup_elem(&netd_udp_peers, &key);
+	if (!peer || !(peer->flags & NETD_UDP_PEER_F_KERNEL))
+		goto pass;
+	/* Room for the outer IP + UDP header in front of the inner packet (the skb has no
+	 * link-layer header here). On failure nothing changed: userspace takes it. FIXED_GSO:
+	 * the inner MSS already fits (TUN MTU = underlay MTU - 28). */
+	if (bpf_skb_adjust_room(skb, OUTER_LEN, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+					BPF_F_ADJ_ROOM_ENCAP_L4_UDP) < 0)
+		goto pass;
+	/* A link-layer header for bpf_redirect_neigh, which fills in the addresses. */
+	if (bpf_skb_change_head(skb, sizeof(struct ethhdr), 0) < 0)
+		goto drop;
+	ip.version = 4;
+	ip.ihl = 5;
+	ip.tos = inner.tos & 0xfc;
+	ip.tot_len = bpf_htons(len + OUTER_LEN);
+	ip.frag_off = bpf_htons(IP_DF);
+	ip.ttl = 64;
+	ip.protocol = IPPROTO_UDP;
+	ip.saddr = cfg->local_ip;
+	ip.daddr = peer->ip;
+	ip.check = ip_checksum(&ip);
+	o.eth.h_proto = bpf_htons(ETH_P_IP);
+	o.ip = ip;
+	o.udp.source = cfg->port;
+	o.udp.dest = cfg->port;
+	o.udp.len = bpf_htons(len + sizeof(struct udphdr));
+	if (bpf_skb_store_bytes(skb, 0, &o, sizeof(o), 0) < 0)
+		goto drop;
+	count(NETD_UDP_ENCAP_PACKETS, 1);
+	count(NETD_UDP_ENCAP_BYTES, len);
+	return bpf_redirect_neigh(cfg->underlay_ifindex, 0, 0, 0);
+pass:
+	count(NETD_UDP_ENCAP_PASSED, 1);
+	return TC_ACT_OK;
+drop:
+	count(NETD_UDP_ENCAP_ERRORS, 1);
+	return TC_ACT_SHOT;
+}
+
+struct encapsulated {
+	struct iphdr ip;
+	struct udphdr udp;
+	struct iphdr inner;
+} __attribute__((packed));
+
+SEC("classifier")
+int netd_udp_decap(struct __sk_buff *skb)
+{
+	struct netd_udp_cfg *cfg = config();
+	struct encapsulated h;
+	__u32 inner_len;
+
+	if (!cfg || skb->protocol != bpf_htons(ETH_P_IP) ||
+	    bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &h, sizeof(h)) < 0)
+		return TC_ACT_OK;
+	if (h.ip.version != 4 || h.ip.protocol != IPPROTO_UDP || h.ip.daddr != cfg->local_ip ||
+	    h.udp.dest != cfg->port)
+		return TC_ACT_OK; /* not overlay traffic */
+	inner_len = skb->len - sizeof(struct ethhdr) - OUTER_LEN;
+	if (h.ip.ihl != 5 || (h.ip.frag_off & bpf_htons(0x3fff)) ||
+	    bpf_ntohs(h.ip.tot_len) != skb->len - sizeof(struct ethhdr) ||
+	    h.inner.version != 4 || bpf_ntohs(h.inner.tot_len) != inner_len)
+		goto pass;
+	if (!bpf_map_lookup_elem(&netd_udp_srcs, &h.ip.saddr))
+		goto pass;
+	if (bpf_skb_adjust_room(skb, -(__s32)OUTER_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO) < 0)
+		goto pass;
+	count(NETD_UDP_DECAP_PACKETS, 1);
+	count(NETD_UDP_DECAP_BYTES, inner_len);
+	return bpf_redirect(cfg->tun_ifindex, BPF_F_INGRESS);
+pass:
+	count(NETD_UDP_DECAP_PASSED, 1);
+	return TC_ACT_OK;
+}
+
+char _license[] SEC("license") = "GPL";

@@ -1,0 +1,230 @@
+//! Root tests of the udp overlay fast path (`bpf/udp_overlay.c`) on the kernel, in namespaces
+//! and a private bpffs. Skipped, with a message, when not root or without TCX (Linux < 6.6).
+//!
+//! Bed: nodes `a` (198.18.0.1) and `b` (198.18.0.2) on one veth pair (the underlay `u0`), each
+//! with a TUN device `t0` (persistent, no process attached: no userspace datapath at all, so
+//! whatever arrives went through the programs), the overlay address 10.244.N.0/32 on it, the
+//! route 10.244.0.0/16 via it, and a "pod" address 10.244.N.5 on `lo`.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use netd_ebpf::{UdpOverlay, UdpOverlayConfig, UdpPeerEntry};
+use netd_tests::Netns;
+
+mod common;
+use common::{in_ns, TestBpffs};
+
+const PORT: u16 = 8285;
+
+struct Node {
+    // Drop order: the fast path's pins, the bpffs, then the namespace.
+    fast: Option<UdpOverlay>,
+    bpffs: TestBpffs,
+    ns: Netns,
+    ip: &'static str,
+    pod: &'static str,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.fast = None;
+        if let Err(e) = UdpOverlay::remove(&self.bpffs.dir()) {
+            eprintln!("removing the udp fast path: {e}");
+        }
+    }
+}
+
+impl Node {
+    fn new(role: &str, n: u8, ip: &'static str, pod: &'static str) -> Result<Node> {
+        let ns = Netns::new(role)?;
+        ns.ip(&["tuntap", "add", "mode", "tun", "name", "t0"])?;
+        ns.ip(&["link", "set", "t0", "mtu", "1472", "up"])?;
+        ns.ip(&["addr", "add", &format!("10.244.{n}.0/32"), "dev", "t0"])?;
+        ns.ip(&["route", "add", "10.244.0.0/16", "dev", "t0"])?;
+        ns.ip(&["addr", "add", &format!("{pod}/32"), "dev", "lo"])?;
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(Node { fast: None, bpffs: TestBpffs::new()?, ns, ip, pod })
+    }
+
+    fn config(&self) -> UdpOverlayConfig {
+        UdpOverlayConfig {
+            bpffs_dir: self.bpffs.dir(),
+            mount_bpffs: false,
+            tun_device: "t0".into(),
+            underlay_device: "u0".into(),
+            local_ip: self.ip.parse().unwrap(),
+            port: PORT,
+        }
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let cfg = self.config();
+        self.fast = Some(in_ns(&self.ns, move || UdpOverlay::start(cfg))?);
+        Ok(())
+    }
+
+    fn fast(&mut self) -> &mut UdpOverlay {
+        self.fast.as_mut().expect("started")
+    }
+
+    fn ping(&self, to: &str) -> bool {
+        self.ns.run(&["ping", "-c", "1", "-W", "1", "-I", self.pod, to]).is_ok()
+    }
+}
+
+fn skip() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root".into());
+    }
+    let tcx = aya::util::KernelVersion::new(6, 6, 0);
+    aya::util::KernelVersion::current().map_or(true, |v| v < tcx).then(|| "kernel without TCX (Linux < 6.6)".into())
+}
+
+fn bed() -> Result<Option<(Node, Node)>> {
+    if let Some(why) = skip() {
+        eprintln!("SKIPPED: udp overlay fast path test needs root and TCX: {why}");
+        return Ok(None);
+    }
+    let a = Node::new("udpf-a", 1, "198.18.0.1", "10.244.1.5")?;
+    let b = Node::new("udpf-b", 2, "198.18.0.2", "10.244.2.5")?;
+    a.ns.ip(&["link", "add", "u0", "type", "veth", "peer", "name", "u0", "netns", b.ns.name()])?;
+    for n in [&a, &b] {
+        n.ns.ip(&["addr", "add", &format!("{}/24", n.ip), "dev", "u0"])?;
+        n.ns.ip(&["link", "set", "u0", "up"])?;
+    }
+    Ok(Some((a, b)))
+}
+
+/// `of` as a peer that decapsulates in the kernel.
+fn peers(of: &Node) -> Vec<UdpPeerEntry> {
+    let n: u8 = if of.ip.ends_with(".1") { 1 } else { 2 };
+    vec![UdpPeerEntry { net: [10, 244, n, 0].into(), prefix_len: 24, ip: of.ip.parse().unwrap(), kernel_decap: true }]
+}
+
+#[test]
+fn carries_ping_and_tcp_both_ways_then_survives_a_restart() -> Result<()> {
+    let Some((mut a, mut b)) = bed()? else { return Ok(()) };
+    assert!(!a.ping(b.pod), "no datapath yet, yet a ping went through");
+    a.start()?;
+    b.start()?;
+    let (pa, pb) = (peers(&b), peers(&a));
+    assert_eq!(a.fast().set_peers(&pa)?, 2, "one peer, one source");
+    assert_eq!(b.fast().set_peers(&pb)?, 2);
+    assert_eq!(a.fast().set_peers(&pa)?, 0, "setting the same peers again writes nothing");
+    assert!(a.ping(b.pod), "ping a -> b over the fast path");
+    assert!(b.ping(a.pod), "ping b -> a over the fast path");
+    let (sa, sb) = (a.fast().stats()?, b.fast().stats()?);
+    assert!(sa.encap_packets >= 2 && sa.decap_packets >= 2, "a's counters: {sa:?}");
+    assert!(sb.encap_packets >= 2 && sb.decap_packets >= 2, "b's counters: {sb:?}");
+
+    // Bulk TCP: GSO super-packets encapsulated whole, segmented as UDP tunnel packets; the
+    // receiver checks every byte.
+    let recv = format!(
+        "import socket, hashlib\ns = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{}', 9000)); s.listen(1); s.settimeout(20); c, _ = s.accept(); c.settimeout(20); h = hashlib.sha256(); n = 0\n\
+         while True:\n    d = c.recv(1 << 20)\n    if not d: break\n    h.update(d); n += len(d)\nprint(n, h.hexdigest())",
+        b.pod
+    );
+    let send = format!(
+        "import socket, hashlib, time\nblock = bytes(range(256)) * 4096\nh = hashlib.sha256()\nfor _ in range(50): h.update(block)\n\
+         s = socket.create_connection(('{}', 9000), timeout=20, source_address=('{}', 0))\nt = time.time()\n\
+         for _ in range(50): s.sendall(block)\ns.close()\nprint(50 * len(block), h.hexdigest())",
+        b.pod, a.pod
+    );
+    let server = b.ns.command(&["python3", "-c", &recv]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = a.ns.run(&["python3", "-c", &send]).context("bulk TCP sender over the fast path")?;
+    let got = server.wait_with_output()?;
+    let got_s = String::from_utf8_lossy(&got.stdout);
+    assert_eq!(got_s.trim(), sent.trim(), "bulk TCP: received (len, sha256) vs sent; stderr {}", String::from_utf8_lossy(&got.stderr));
+    let s = a.fast().stats()?;
+    eprintln!("after the bulk transfer, a: {s:?} ({} inner bytes per encapsulation)", s.encap_bytes / s.encap_packets.max(1));
+    assert_eq!(s.encap_errors, 0);
+
+    // Restart: the programs stay attached while nobody holds them, and a new start adopts
+    // the pinned maps and links.
+    a.fast = None;
+    assert!(a.ping(b.pod), "traffic must flow while netd is away");
+    a.start()?;
+    assert_eq!(a.fast().set_peers(&pa)?, 0, "the pinned peers were adopted");
+    assert!(a.ping(b.pod), "after the restart");
+    let links = std::fs::read_dir(a.bpffs.dir().join("links"))?.count();
+    assert_eq!(links, 2, "one encap and one decap link, not one more per start");
+
+    // Removal hands everything back to the (here absent) userspace datapath.
+    a.fast = None;
+    UdpOverlay::remove(&a.bpffs.dir())?;
+    assert!(!UdpOverlay::is_pinned(&a.bpffs.dir()));
+    assert!(!a.ping(b.pod), "the fast path was removed, yet a ping went through");
+    Ok(())
+}
+
+#[test]
+fn unknown_sources_and_destinations_are_left_to_userspace() -> Result<()> {
+    let Some((mut a, mut b)) = bed()? else { return Ok(()) };
+    a.start()?;
+    b.start()?;
+    // b knows a's subnet, but a does not accept b as a source.
+    b.fast().set_peers(&peers(&a))?;
+    a.fast().set_peers(&[])?;
+    let before = a.fast().stats()?;
+    assert!(!b.ping(a.pod), "a must not decapsulate from a source that is not a peer");
+    let after = a.fast().stats()?;
+    assert!(after.decap_passed > before.decap_passed, "the datagram was left to userspace: {after:?}");
+    assert_eq!(after.decap_packets, before.decap_packets);
+    // A peer that does not decapsulate in the kernel (flanneld): everything to it goes
+    // through the userspace datapath (absent here), nothing through the programs.
+    let mut flannel_like = peers(&a);
+    flannel_like[0].kernel_decap = false;
+    b.fast().set_peers(&flannel_like)?;
+    let before = b.fast().stats()?;
+    assert!(!b.ping(a.pod));
+    let after = b.fast().stats()?;
+    assert!(after.encap_passed > before.encap_passed && after.encap_packets == before.encap_packets, "{after:?}");
+    b.fast().set_peers(&peers(&a))?;
+    // No peer for the destination: left to the TUN queue (userspace drops and counts it).
+    let before = a.fast().stats()?;
+    assert!(!a.ping("10.244.9.9"));
+    let after = a.fast().stats()?;
+    assert!(after.encap_passed > before.encap_passed, "{after:?}");
+    assert_eq!(after.encap_packets, before.encap_packets);
+    // A peer removed by set_peers stops being one.
+    a.fast().set_peers(&peers(&b))?;
+    assert!(b.ping(a.pod));
+    a.fast().set_peers(&[])?;
+    assert!(!b.ping(a.pod), "a peer removed from the leases is still accepted");
+    Ok(())
+}
+
+/// flannel's wire format: a plain UDP socket on the peer's port 8285 receives the inner IPv4
+/// packet as the whole payload, from source port 8285.
+#[test]
+fn wire_format_is_flannel_udp() -> Result<()> {
+    let Some((mut a, b)) = bed()? else { return Ok(()) };
+    a.start()?;
+    a.fast().set_peers(&peers(&b))?;
+    let py = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("198.18.0.2", 8285))
+s.settimeout(5)
+d, src = s.recvfrom(65535)
+print(src[0], src[1], len(d), d[0] >> 4, (d[2] << 8) | d[3], d[9], ".".join(map(str, d[12:16])), ".".join(map(str, d[16:20])))
+"#;
+    let child = b.ns.command(&["python3", "-c", py]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = a.ping(b.pod);
+    let out = child.wait_with_output()?;
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let f: Vec<&str> = line.split(' ').collect();
+    assert_eq!(f.len(), 8, "receiver printed {line:?}, stderr {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(&f[..2], ["198.18.0.1", "8285"], "outer source address and port");
+    assert_eq!(f[2], f[4], "the payload is exactly one inner packet (its total length)");
+    assert_eq!(&f[3..4], ["4"]);
+    assert_eq!(f[5], "1", "ICMP inside");
+    assert_eq!(&f[6..], ["10.244.1.5", "10.244.2.5"]);
+    Ok(())
+}
