@@ -295,7 +295,7 @@ async fn kube_subnets(
     if !cfg.network.contains(&subnet.network()) {
         return Err(DaemonError::Kube(format!("node {node}'s podCIDR {subnet} is outside the network {}", cfg.network)));
     }
-    let attrs = our_attrs(&cfg, underlay, args);
+    let attrs = our_attrs(&cfg, underlay);
     let names = netd_kube::Annotations::new(&args.kube.kube_annotation_prefix).map_err(kube_err)?;
     let node_attrs = netd_kube::NodeAttrs {
         public_ip: underlay.public_ip,
@@ -426,28 +426,13 @@ fn previous_subnet(args: &RunArgs) -> Option<Ipv4Net> {
         .map(|e| e.subnet)
 }
 
-/// Whether this node will decapsulate udp-backend traffic in the kernel (said in its lease):
-/// `--udp-datapath` allows it and the fast path's programs load here (probed once, in a
-/// throwaway bpffs, before the lease is written).
-fn udp_kernel_decap(args: &RunArgs) -> bool {
-    static PROBE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    if args.udp_datapath == UdpDatapath::Userspace {
-        return false;
-    }
-    let r = PROBE.get_or_init(netd_ebpf::udp::probe);
-    if let Err(e) = r {
-        debug!(error = %e, "udp fast path probe");
-    }
-    r.is_ok()
-}
-
-fn our_attrs(cfg: &NetworkConfig, underlay: &Underlay, args: &RunArgs) -> LeaseAttrs {
+fn our_attrs(cfg: &NetworkConfig, underlay: &Underlay) -> LeaseAttrs {
     match cfg.backend.kind {
         BackendKind::Vxlan => {
             let mac = Mac::for_vtep(underlay.public_ip, cfg.backend.vni);
             LeaseAttrs::vxlan(underlay.public_ip, &VxlanData { vni: cfg.backend.vni, vtep_mac: mac })
         }
-        BackendKind::Udp => LeaseAttrs::udp(underlay.public_ip, udp_kernel_decap(args)),
+        BackendKind::Udp => LeaseAttrs::udp(underlay.public_ip),
     }
 }
 
@@ -461,7 +446,7 @@ fn renew_deadline(ttl: Option<i64>, margin_min: u32) -> Option<Instant> {
 /// Acquires our subnet: our existing lease or reservation, else the previous subnet, else a random
 /// free one; each new key is created in a create-if-absent transaction and retried on a race.
 async fn acquire(reg: &EtcdRegistry, cfg: &NetworkConfig, underlay: &Underlay, args: &RunArgs, first: &Snapshot, shared: &Shared) -> Result<Held, DaemonError> {
-    let attrs = our_attrs(cfg, underlay, args);
+    let attrs = our_attrs(cfg, underlay);
     let previous = previous_subnet(args);
     let mut snap = first.clone();
     let mut backoff = Backoff::new();
@@ -943,7 +928,7 @@ impl Daemon {
         info!(backend = cfg.backend.kind.as_str(), network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config changed");
         let lease_fits = cfg.allows(&self.held.subnet);
         self.cfg = cfg;
-        self.held.attrs = our_attrs(&self.cfg, &self.underlay, &self.args);
+        self.held.attrs = our_attrs(&self.cfg, &self.underlay);
         if lease_fits {
             // Publish the new attributes (VNI) and adjust the device.
             if let Some(reg) = &self.reg {
@@ -1025,8 +1010,8 @@ impl Daemon {
                     dp.set_peers(&peers);
                 }
                 if let Some(fast) = &mut self.udp_fast {
-                    let kernel: std::collections::HashSet<Ipv4Net> = leases.iter().filter(|l| l.attrs.udp_kernel_decap()).map(|l| l.subnet).collect();
-                    let entries: Vec<_> = peers.iter().map(|(net, ip)| netd_ebpf::udp::UdpPeerEntry { net: net.network(), prefix_len: net.prefix_len(), ip: *ip, kernel_decap: kernel.contains(net) }).collect();
+                    let takes_super: std::collections::HashSet<Ipv4Net> = leases.iter().filter(|l| l.attrs.udp_super_packets()).map(|l| l.subnet).collect();
+                    let entries: Vec<_> = peers.iter().map(|(net, ip)| netd_ebpf::udp::UdpPeerEntry { net: net.network(), prefix_len: net.prefix_len(), ip: *ip, super_packets: takes_super.contains(net) }).collect();
                     if let Err(e) = fast.set_peers(&entries) {
                         // The userspace datapath has the new peers; the kernel's may be stale.
                         // Hand everything to userspace until the next start succeeds.

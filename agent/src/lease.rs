@@ -97,7 +97,7 @@ pub struct LeaseAttrs {
 }
 
 /// `BackendData` key of a udp lease: see [`LeaseAttrs::udp`].
-pub const UDP_KERNEL_DECAP: &str = "NetdKernelDecap";
+pub const UDP_SUPER_PACKETS: &str = "NetdSuperPackets";
 
 impl LeaseAttrs {
     pub fn vxlan(public_ip: Ipv4Addr, data: &VxlanData) -> Self {
@@ -110,20 +110,20 @@ impl LeaseAttrs {
         }
     }
 
-    /// A udp-backend lease. `kernel_decap`: this node decapsulates in the kernel (the eBPF
-    /// fast path), including UDP-tunnel GSO super-packets, which a virtual underlay (veth)
-    /// hands over unsegmented: only to such peers does a sender's kernel fast path send them.
-    /// Said in `BackendData` (`{"NetdKernelDecap":true}`), which flannel's udp backend ignores;
-    /// without it (flanneld, netd in userspace mode) a peer gets everything from the sender's
-    /// userspace datapath, which sends proper datagrams.
-    pub fn udp(public_ip: Ipv4Addr, kernel_decap: bool) -> Self {
-        let backend_data = kernel_decap.then(|| serde_json::json!({ UDP_KERNEL_DECAP: true }));
+    /// A udp-backend lease, as flanneld writes one, plus `BackendData`
+    /// `{"NetdSuperPackets":true}` (flanneld's udp backend ignores `BackendData`): this node
+    /// takes a datagram holding one TCP super-packet (up to 64 KiB, longer than the MTU),
+    /// which is what a peer's kernel fast path sends when a virtual underlay (veth) hands
+    /// UDP-tunnel GSO packets over unsegmented. Peers that do not say so (flanneld, older
+    /// netd) get everything from the sender's userspace datapath: proper datagrams.
+    pub fn udp(public_ip: Ipv4Addr) -> Self {
+        let backend_data = Some(serde_json::json!({ UDP_SUPER_PACKETS: true }));
         LeaseAttrs { public_ip, public_ipv6: None, backend_type: "udp".into(), backend_data, backend_v6_data: None }
     }
 
-    /// Whether the lease says its node decapsulates udp-backend traffic in the kernel.
-    pub fn udp_kernel_decap(&self) -> bool {
-        self.backend_data.as_ref().and_then(|d| d.get(UDP_KERNEL_DECAP)).and_then(|v| v.as_bool()).unwrap_or(false)
+    /// Whether the lease says its node takes TCP super-packets in one datagram (see [`Self::udp`]).
+    pub fn udp_super_packets(&self) -> bool {
+        self.backend_data.as_ref().and_then(|d| d.get(UDP_SUPER_PACKETS)).and_then(|v| v.as_bool()).unwrap_or(false)
     }
 
     pub fn to_json(&self) -> String {

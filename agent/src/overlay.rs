@@ -269,7 +269,7 @@ mod tests {
         let mut broken = vx("10.244.7.0/24", "198.18.0.17", "0e:00:00:00:00:07");
         broken.attrs.backend_data = Some(serde_json::json!({"VNI": 1}));
         let mut udp = vx("10.244.8.0/24", "198.18.0.18", "0e:00:00:00:00:08");
-        udp.attrs = LeaseAttrs::udp("198.18.0.18".parse().unwrap(), false);
+        udp.attrs = LeaseAttrs::udp("198.18.0.18".parse().unwrap());
         let leases = [
             vx("10.244.2.0/24", "198.18.0.11", "0e:00:00:00:00:02"),
             vx("10.244.1.0/25", "198.18.0.13", "0e:00:00:00:00:04"), // overlaps ours
@@ -294,7 +294,7 @@ mod tests {
         let mut flannel_udp = vx("10.244.4.0/24", "198.18.0.14", "0e:00:00:00:00:04");
         flannel_udp.attrs = LeaseAttrs::from_json(&flannel_udp.subnet, br#"{"PublicIP":"198.18.0.14","PublicIPv6":null}"#).unwrap();
         let mut netd_udp = vx("10.244.2.0/24", "198.18.0.11", "0e:00:00:00:00:02");
-        netd_udp.attrs = LeaseAttrs::udp("198.18.0.11".parse().unwrap(), true);
+        netd_udp.attrs = LeaseAttrs::udp("198.18.0.11".parse().unwrap());
         let vxlan_peer = vx("10.244.3.0/24", "198.18.0.12", "0e:00:00:00:00:03");
         let (s, peers, skipped) = desired_udp(&local(), "10.244.0.0/16".parse().unwrap(), &[netd_udp, flannel_udp, vxlan_peer]);
         assert_eq!(s.routes.len(), 1);

@@ -18,11 +18,15 @@
  *
  * Everything else is left to the userspace datapath (TC_ACT_OK), which keeps its own rules and
  * counters: no peer for the destination (dropped and counted there), a peer that does not
- * decapsulate in the kernel (see NETD_UDP_PEER_F_KERNEL), a source that is not a
- * peer (dropped and counted there), fragments, IP options, and datagrams that UDP GRO has
- * already merged for the userspace socket (one skb holding many inner packets: the userspace
- * path coalesces those better than a per-packet decap would). Datagrams of other ports or
- * addresses are not ours and pass untouched.
+ * take super-packets (flanneld: see NETD_UDP_PEER_F_SUPER), a source that is not a peer
+ * (dropped and counted there), fragments, IP options, and bulk on receive (see bulk()).
+ * Datagrams of other ports or addresses are not ours and pass untouched.
+ *
+ * To a peer that says it takes them (every netd: NETD_UDP_PEER_F_SUPER), a GSO super-packet goes
+ * out as one skb; a real NIC (or the kernel's GSO) cuts it into proper datagrams, a veth hands it
+ * over whole and the receiver's userspace datapath writes it to its TUN device as a GSO packet.
+ * Over a veth, the inner checksum may also stay partial (CHECKSUM_PARTIAL crosses namespaces),
+ * which the kernel decap keeps as such and the userspace datapath knows how to complete.
  *
  * The outer header: DF set (it fits the underlay MTU: the TUN MTU is the underlay's minus 28),
  * TTL 64, the inner DSCP (not ECN: nobody would carry an outer CE mark back into the inner
@@ -67,6 +71,14 @@ struct {
 	__uint(max_entries, NETD_UDP_MAX_PEERS);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } netd_udp_srcs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct netd_udp_flow);
+	__type(value, __u64);
+	__uint(max_entries, NETD_UDP_MAX_BULK_FLOWS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} netd_udp_bulk SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -127,7 +139,7 @@ int netd_udp_encap(struct __sk_buff *skb)
 		goto pass;
 	key.addr = inner.daddr;
 	peer = bpf_map_lookup_elem(&netd_udp_peers, &key);
-	if (!peer || !(peer->flags & NETD_UDP_PEER_F_KERNEL))
+	if (!peer || !(peer->flags & NETD_UDP_PEER_F_SUPER))
 		goto pass;
 	/* Room for the outer IP + UDP header in front of the inner packet (the skb has no
 	 * link-layer header here). On failure nothing changed: userspace takes it. FIXED_GSO:
@@ -173,6 +185,73 @@ struct encapsulated {
 	struct iphdr inner;
 } __attribute__((packed));
 
+#define INNER_OFF (sizeof(struct ethhdr) + OUTER_LEN)
+#define MAX_GRO_SEGS 64
+
+/* The flow of the inner packet at `off` (ports 0 when it has none: not TCP/UDP, a fragment). */
+static __always_inline int inner_flow(struct __sk_buff *skb, __u32 off, struct netd_udp_flow *f)
+{
+	struct iphdr ip;
+	__u16 ports[2] = {};
+
+	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0 || ip.version != 4)
+		return 0;
+	if ((ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP) && !(ip.frag_off & bpf_htons(0x3fff)) &&
+	    bpf_skb_load_bytes(skb, off + ip.ihl * 4, ports, sizeof(ports)) < 0)
+		return 0;
+	f->saddr = ip.saddr;
+	f->daddr = ip.daddr;
+	f->sport = ports[0];
+	f->dport = ports[1];
+	f->proto = ip.protocol;
+	return 1;
+}
+
+static __always_inline void mark_bulk(struct __sk_buff *skb, __u32 off, __u64 now)
+{
+	struct netd_udp_flow f;
+
+	if (inner_flow(skb, off, &f))
+		bpf_map_update_elem(&netd_udp_bulk, &f, &now, BPF_ANY);
+}
+
+/*
+ * Bulk on receive. Two kinds of skb hold more than one inner packet's worth, and only the
+ * userspace datapath can take them apart well: a UDP GRO batch (datagrams of one peer merged
+ * for the userspace socket, which has UDP_GRO) and a super-packet (one TCP packet of up to
+ * 64 KiB a peer's kernel encapsulated whole and a veth underlay delivered unsegmented: after a
+ * decap here it would keep skb->encapsulation, and the pod bridge, without tunnel offloads,
+ * would cut it into MTU-sized packets; Linux < 6.19 has no adjust_room flag to clear it).
+ * Their flows are remembered, and their single datagrams follow them to userspace for
+ * NETD_UDP_BULK_STICKY_MS after the last bulk skb: were a flow's small packets decapsulated
+ * here while its bulk waits in the userspace queue, TCP would see them reordered.
+ */
+static __always_inline int bulk(struct __sk_buff *skb, __u32 inner_len, __u16 inner_tot_len)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct netd_udp_flow f;
+	__u64 *seen;
+
+	if (skb->gso_segs > 1 || inner_tot_len != inner_len) {
+		mark_bulk(skb, INNER_OFF, now);
+		/* A GRO batch: the other inner packets start every gso_size bytes. */
+		if (inner_tot_len != inner_len && skb->gso_size) {
+			for (__u32 i = 1; i < MAX_GRO_SEGS; i++) {
+				__u32 off = i * skb->gso_size;
+
+				if (off >= inner_len)
+					break;
+				mark_bulk(skb, INNER_OFF + off, now);
+			}
+		}
+		return 1;
+	}
+	if (!inner_flow(skb, INNER_OFF, &f))
+		return 0;
+	seen = bpf_map_lookup_elem(&netd_udp_bulk, &f);
+	return seen && now - *seen < NETD_UDP_BULK_STICKY_MS * 1000000ULL;
+}
+
 SEC("classifier")
 int netd_udp_decap(struct __sk_buff *skb)
 {
@@ -186,13 +265,16 @@ int netd_udp_decap(struct __sk_buff *skb)
 	if (h.ip.version != 4 || h.ip.protocol != IPPROTO_UDP || h.ip.daddr != cfg->local_ip ||
 	    h.udp.dest != cfg->port)
 		return TC_ACT_OK; /* not overlay traffic */
-	inner_len = skb->len - sizeof(struct ethhdr) - OUTER_LEN;
+	inner_len = skb->len - INNER_OFF;
 	if (h.ip.ihl != 5 || (h.ip.frag_off & bpf_htons(0x3fff)) ||
-	    bpf_ntohs(h.ip.tot_len) != skb->len - sizeof(struct ethhdr) ||
-	    h.inner.version != 4 || bpf_ntohs(h.inner.tot_len) != inner_len)
+	    bpf_ntohs(h.ip.tot_len) != skb->len - sizeof(struct ethhdr) || h.inner.version != 4)
 		goto pass;
 	if (!bpf_map_lookup_elem(&netd_udp_srcs, &h.ip.saddr))
 		goto pass;
+	if (bulk(skb, inner_len, bpf_ntohs(h.inner.tot_len))) {
+		count(NETD_UDP_DECAP_BULK, 1);
+		goto pass;
+	}
 	if (bpf_skb_adjust_room(skb, -(__s32)OUTER_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO) < 0)
 		goto pass;
 	count(NETD_UDP_DECAP_PACKETS, 1);

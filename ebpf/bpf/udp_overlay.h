@@ -32,11 +32,23 @@ struct netd_udp_peer {
 };
 
 /* netd_udp_peer.flags */
-/* The peer decapsulates in the kernel too (its lease says so): it takes anything, also GSO
- * super-packets a virtual underlay (veth) hands over unsegmented. Other peers (flanneld, netd
- * in userspace mode) get everything from the userspace datapath, whose datagrams are proper
- * ones; all of a flow takes the same path, so nothing is reordered. */
-#define NETD_UDP_PEER_F_KERNEL (1u << 0)
+/* The peer takes a TCP super-packet in one datagram (its lease says so; every netd does): what
+ * a virtual underlay (veth) hands over when it gets a UDP-tunnel GSO packet. Other peers
+ * (flanneld) get everything from the userspace datapath, whose datagrams are proper ones; all
+ * of a flow takes the same path, so nothing is reordered. */
+#define NETD_UDP_PEER_F_SUPER (1u << 0)
+
+/* netd_udp_bulk: inner flows seen in bulk on receive, and when last. */
+struct netd_udp_flow {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u32 proto;
+};
+
+#define NETD_UDP_BULK_STICKY_MS 100
+#define NETD_UDP_MAX_BULK_FLOWS 65536
 
 /* netd_udp_stats (per-CPU array) indexes. */
 #define NETD_UDP_ENCAP_PACKETS 0 /* encapsulated in the kernel (GSO super-packets count once) */
@@ -46,6 +58,7 @@ struct netd_udp_peer {
 #define NETD_UDP_ENCAP_PASSED  4 /* left to userspace: no peer route, or not encapsulable */
 #define NETD_UDP_DECAP_PASSED  5 /* left to userspace: unknown source, GRO batch, fragment... */
 #define NETD_UDP_ENCAP_ERRORS  6 /* dropped half-way (the packet was already changed) */
+#define NETD_UDP_DECAP_BULK    7 /* left to userspace as part of a bulk flow (subset of PASSED) */
 #define NETD_UDP_STATS         8
 
 #define NETD_UDP_MAX_PEERS 65536

@@ -197,7 +197,18 @@ pub struct UdpPeer {
     pub flags: u32,
 }
 
-pub const UDP_PEER_F_KERNEL: u32 = 1 << 0;
+pub const UDP_PEER_F_SUPER: u32 = 1 << 0;
+
+/// `struct netd_udp_flow` (only the programs use it; here for the layout test).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UdpFlow {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u32,
+}
 
 pub const MAP_UDP_CFG: &str = "netd_udp_cfg";
 pub const MAP_UDP_PEERS: &str = "netd_udp_peers";
@@ -211,7 +222,12 @@ pub const UDP_DECAP_BYTES: u32 = 3;
 pub const UDP_ENCAP_PASSED: u32 = 4;
 pub const UDP_DECAP_PASSED: u32 = 5;
 pub const UDP_ENCAP_ERRORS: u32 = 6;
+pub const UDP_DECAP_BULK: u32 = 7;
 pub const UDP_STATS: u32 = 8;
+pub const MAP_UDP_BULK: &str = "netd_udp_bulk";
+/// How long a flow seen in bulk (super-packets, UDP GRO batches) keeps being left to the
+/// userspace datapath on receive (`NETD_UDP_BULK_STICKY_MS`).
+pub const UDP_BULK_STICKY_MS: u64 = 100;
 
 pod!(SvcKey, SvcValue, SlotKey, BackendValue, AffinityKey, AffinityValue, RevnatKey, RevnatValue, CtKey, CtValue, CfgValue, UdpCfg, UdpPeer);
 
@@ -253,6 +269,7 @@ mod tests {
         layout!("netd_udp_cfg", UdpCfg, [local_ip, port, enabled, underlay_ifindex, tun_ifindex]);
         layout!("netd_udp_peer_key", UdpPeerKey, [prefixlen, addr]);
         layout!("netd_udp_peer", UdpPeer, [ip, flags]);
+        layout!("netd_udp_flow", UdpFlow, [saddr, daddr, sport, dport, proto]);
         for (c, r) in [
             ("NETD_SCOPE_INTERNAL", SCOPE_INTERNAL as usize),
             ("NETD_SCOPE_EXTERNAL", SCOPE_EXTERNAL as usize),
@@ -272,8 +289,10 @@ mod tests {
             ("NETD_UDP_ENCAP_PASSED", UDP_ENCAP_PASSED as usize),
             ("NETD_UDP_DECAP_PASSED", UDP_DECAP_PASSED as usize),
             ("NETD_UDP_ENCAP_ERRORS", UDP_ENCAP_ERRORS as usize),
+            ("NETD_UDP_DECAP_BULK", UDP_DECAP_BULK as usize),
             ("NETD_UDP_STATS", UDP_STATS as usize),
-            ("NETD_UDP_PEER_F_KERNEL", UDP_PEER_F_KERNEL as usize),
+            ("NETD_UDP_PEER_F_SUPER", UDP_PEER_F_SUPER as usize),
+            ("NETD_UDP_BULK_STICKY_MS", UDP_BULK_STICKY_MS as usize),
             ("sizeof(struct netd_udp_peer_key)", std::mem::size_of::<aya::maps::lpm_trie::Key<u32>>()),
         ] {
             v.push(((c.to_string()), r));

@@ -7,7 +7,8 @@
 //!         otherwise ─► TUN queue ─► userspace datapath (drops and counts "no route")
 //!  peer ─► underlay tc ingress (netd_udp_decap):
 //!         to us, our port, a known peer, one inner packet? strip, received on netd-udp0
-//!         otherwise ─► UDP socket ─► userspace datapath (its source check, GRO batches)
+//!         otherwise ─► UDP socket ─► userspace datapath (its source check; bulk: UDP GRO
+//!         batches, TCP super-packets, and for 100 ms the rest of their flows)
 //! ```
 //!
 //! The userspace datapath keeps running beside it, for what the programs leave to it, and
@@ -34,7 +35,7 @@ use crate::{EbpfError, UDP_OVERLAY_OBJ};
 
 /// The tc programs of `bpf/udp_overlay.c`.
 pub const UDP_PROGRAMS: [&str; 2] = ["netd_udp_encap", "netd_udp_decap"];
-const UDP_MAPS: [&str; 4] = [MAP_UDP_CFG, MAP_UDP_PEERS, MAP_UDP_SRCS, MAP_UDP_STATS];
+const UDP_MAPS: [&str; 5] = [MAP_UDP_CFG, MAP_UDP_PEERS, MAP_UDP_SRCS, MAP_UDP_STATS, MAP_UDP_BULK];
 /// Pinned links of this fast path start with this (`links/udp-encap-<tun>`,
 /// `links/udp-decap-<underlay>`); the service dataplane's are `tc-*`.
 const LINK_PREFIX: &str = "udp-";
@@ -64,9 +65,10 @@ pub struct UdpPeerEntry {
     pub prefix_len: u8,
     /// The peer's public IP.
     pub ip: Ipv4Addr,
-    /// The peer decapsulates in the kernel too (its lease says so): packets to it are
-    /// encapsulated here; to other peers they go through the userspace datapath.
-    pub kernel_decap: bool,
+    /// The peer takes a TCP super-packet in one datagram (its lease says so: every netd
+    /// does): packets to it are encapsulated here, GSO ones whole; to other peers (flanneld)
+    /// everything goes through the userspace datapath, which sends proper datagrams.
+    pub super_packets: bool,
 }
 
 /// The programs' counters, summed over CPUs.
@@ -85,6 +87,9 @@ pub struct UdpOverlayStats {
     pub decap_passed: u64,
     /// Packets dropped half-way through the encapsulation (out of memory).
     pub encap_errors: u64,
+    /// Of `decap_passed`: bulk (UDP GRO batches, super-packets, and the single datagrams of
+    /// flows seen in bulk in the last 100 ms) left to the userspace datapath on purpose.
+    pub decap_bulk: u64,
 }
 
 /// The loaded and attached fast path. Dropping it leaves the pinned programs running (a
@@ -203,7 +208,7 @@ impl UdpOverlay {
             }
             let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
             let net = Ipv4Addr::from(u32::from(p.net) & mask);
-            let flags = if p.kernel_decap { UDP_PEER_F_KERNEL } else { 0 };
+            let flags = if p.super_packets { UDP_PEER_F_SUPER } else { 0 };
             want.entry((ip_be(net), len)).or_insert(UdpPeer { ip: ip_be(p.ip), flags });
         }
         let want_srcs: BTreeSet<u32> = want.values().map(|p| p.ip).collect();
@@ -255,6 +260,7 @@ impl UdpOverlay {
             encap_passed: get(UDP_ENCAP_PASSED)?,
             decap_passed: get(UDP_DECAP_PASSED)?,
             encap_errors: get(UDP_ENCAP_ERRORS)?,
+            decap_bulk: get(UDP_DECAP_BULK)?,
         })
     }
 

@@ -36,6 +36,6 @@ pub use cluster::{Cluster, DEFAULT_ETCD_PREFIX, UNDERLAY_GATEWAY};
 pub use etcd::{Etcd, TlsFiles};
 pub use netd_bin::{fake_apiserver_binary, netd_binary, netd_cni_binary};
 pub use netns::{namespace_prefix, reap_stale_namespaces, Netns};
-pub use node::{set_thread_netd_env, thread_netd_env, Node};
+pub use node::{set_thread_netd_env, Node};
 pub use pod::Pod;
 pub use wait::wait_until;

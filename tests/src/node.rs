@@ -18,11 +18,6 @@ thread_local! {
     static NETD_ENV: std::cell::RefCell<Vec<(String, String)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The value [`set_thread_netd_env`] gave `key` on this thread.
-pub fn thread_netd_env(key: &str) -> Option<String> {
-    NETD_ENV.with(|e| e.borrow().iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()))
-}
-
 /// Environment variables every netd started *from this thread* gets, after the standard ones
 /// (a test runs on its own thread: this varies one setting, e.g. `NETD_UDP_DATAPATH`, across
 /// a whole scenario without threading it through every call).

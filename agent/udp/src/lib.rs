@@ -42,6 +42,20 @@
 //! * **No lock, no allocation per packet.** The peer table is swapped
 //!   atomically and checked once per batch; buffers are per thread.
 //!
+//! # Beside the kernel fast path
+//! netd runs tc eBPF programs (`netd-ebpf`, `bpf/udp_overlay.c`) on the TUN device and the
+//! underlay where the kernel allows; they encapsulate and decapsulate most traffic and leave
+//! the rest to this datapath. Two kinds of received datagram exist only because of them, and are
+//! handled here:
+//! * **TCP super-packets.** A peer's programs encapsulate a GSO packet whole; a veth underlay
+//!   hands it over unsegmented: one datagram, one inner TCP packet of up to 64 KiB. It is
+//!   written to the TUN device as a GSO packet (segment size: the TUN MTU minus the headers, the
+//!   MSS the sender used) for the kernel to cut up.
+//! * **Partial checksums.** What a peer's kernel sent over a veth underlay may still carry only
+//!   the pseudo-header sum in its TCP/UDP checksum field (`CHECKSUM_PARTIAL`: the NIC would
+//!   have completed it). Such a packet is written with `VIRTIO_NET_HDR_F_NEEDS_CSUM`, so the
+//!   kernel completes the checksum instead of dropping the packet.
+//!
 //! # Policy choices
 //! * Inbound datagrams whose source IP is not a current peer's public IP
 //!   are dropped and counted (flannel accepts any source).
@@ -295,6 +309,7 @@ impl UdpDatapath {
             stop_fd,
             port: cfg.port,
             decrement_ttl: cfg.decrement_ttl,
+            mtu: cfg.mtu as usize,
         });
 
         // TUN queues; the first creates the device (or, persisting, attaches

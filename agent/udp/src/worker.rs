@@ -9,6 +9,7 @@
 use crate::gro::{finalize_head, Gro, Push, SegRef};
 use crate::gso::{self, Seg};
 use crate::packet;
+use crate::{checksum, vnet};
 use crate::peers::PeerTable;
 use crate::stats::{Counters, Local, C};
 use crate::sys::{self, CmsgBuf};
@@ -50,6 +51,9 @@ pub(crate) struct Shared {
     pub stop_fd: OwnedFd,
     pub port: u16,
     pub decrement_ttl: bool,
+    /// The TUN device's MTU: an inner packet longer than that is a TCP super-packet a peer's
+    /// kernel encapsulated whole (see [`super_packet_header`]).
+    pub mtu: usize,
 }
 
 /// A thread's copy of the current peer table.
@@ -639,6 +643,27 @@ impl Rx {
             off,
             len: ip.total_len,
         };
+        if ip.total_len > self.ctx.shared.mtu {
+            // One datagram, one inner packet longer than the MTU: a TCP super-packet a peer's
+            // kernel fast path encapsulated whole, handed over unsegmented by a virtual
+            // underlay (veth). Written as what it is, a GSO packet the kernel cuts up.
+            // Packets held for coalescing came first: out before it (TCP would see them
+            // reordered).
+            while let Some(k) = self.gro.oldest() {
+                self.write_item(k);
+            }
+            match super_packet_header(&mut self.bufs[m][off..off + ip.total_len], self.ctx.shared.mtu) {
+                Some(vh) => {
+                    let vh = vh.to_bytes();
+                    self.wiov.clear();
+                    self.wiov.push(sys::iovec(&vh));
+                    self.wiov.push(sys::iovec(&self.bufs[m][off..off + seg.len]));
+                    self.write(1, seg.len);
+                }
+                None => self.local.add(C::DroppedMalformed, 1),
+            }
+            return;
+        }
         if !self.ctx.tun_gro {
             self.write_single(seg);
             return;
@@ -656,8 +681,9 @@ impl Rx {
     }
 
     fn write_single(&mut self, seg: SegRef) {
+        let vh = partial_checksum_header(&self.bufs[seg.buf][seg.off..seg.off + seg.len]).map(|h| h.to_bytes());
         self.wiov.clear();
-        self.wiov.push(sys::iovec(&ZERO_VNET));
+        self.wiov.push(sys::iovec(vh.as_ref().unwrap_or(&ZERO_VNET)));
         self.wiov
             .push(sys::iovec(&self.bufs[seg.buf][seg.off..seg.off + seg.len]));
         self.write(1, seg.len);
@@ -708,5 +734,118 @@ impl Rx {
                 }
             }
         }
+    }
+}
+
+/// A packet whose TCP/UDP checksum field holds only the pseudo-header sum: what a sender's
+/// kernel leaves for the NIC to complete (`CHECKSUM_PARTIAL`), and what a veth underlay hands
+/// over as is when a peer's kernel fast path encapsulated it. Written with this header, the
+/// kernel completes the checksum; written plainly, it would drop the packet as corrupt. (A
+/// complete checksum that happens to equal the pseudo-header sum is recomputed to the same
+/// value: no harm.) `None`: a plain write.
+pub(crate) fn partial_checksum_header(pkt: &[u8]) -> Option<VirtioNetHdr> {
+    let ip = packet::ipv4(pkt)?;
+    let csum_offset = match ip.proto {
+        packet::PROTO_TCP => 16,
+        packet::PROTO_UDP => 6,
+        _ => return None,
+    };
+    // Fragments carry no (or a partial) L4 header.
+    if packet::be16(pkt, 6) & 0x3fff != 0 || ip.total_len < ip.header_len + csum_offset + 2 {
+        return None;
+    }
+    let l4_len = ip.total_len - ip.header_len;
+    let ps = checksum::fold(checksum::pseudo_header(packet::addr(pkt, 12), packet::addr(pkt, 16), ip.proto, l4_len as u16));
+    let at = ip.header_len + csum_offset;
+    (packet::be16(pkt, at) == ps && ps != 0).then_some(VirtioNetHdr {
+        flags: vnet::F_NEEDS_CSUM,
+        gso_type: vnet::GSO_NONE,
+        hdr_len: 0,
+        gso_size: 0,
+        csum_start: ip.header_len as u16,
+        csum_offset: csum_offset as u16,
+    })
+}
+
+/// The virtio header for writing `pkt`, one IPv4 TCP packet longer than `mtu`, to the TUN
+/// device as a GSO packet: segments of `mtu` minus the IP and TCP headers (the MSS the
+/// sender's TCP used: its device had this MTU too), checksum completed by the kernel (the
+/// field is set to the pseudo-header sum, as `F_NEEDS_CSUM` wants). `None` for anything else
+/// (not TCP, truncated headers): such a packet cannot be cut up without knowing its segment
+/// size.
+pub(crate) fn super_packet_header(pkt: &mut [u8], mtu: usize) -> Option<VirtioNetHdr> {
+    let ip = packet::ipv4(pkt)?;
+    if ip.proto != packet::PROTO_TCP || ip.total_len != pkt.len() || pkt.len() < ip.header_len + 20 {
+        return None;
+    }
+    let tcphl = usize::from(pkt[ip.header_len + 12] >> 4) * 4;
+    let hl = ip.header_len + tcphl;
+    if tcphl < 20 || pkt.len() <= hl || mtu <= hl {
+        return None;
+    }
+    let tcp_len = pkt.len() - ip.header_len;
+    let ps = checksum::pseudo_header(packet::addr(pkt, 12), packet::addr(pkt, 16), packet::PROTO_TCP, tcp_len as u16);
+    let c = ip.header_len + 16;
+    pkt[c..c + 2].copy_from_slice(&checksum::fold(ps).to_be_bytes());
+    Some(VirtioNetHdr {
+        flags: vnet::F_NEEDS_CSUM,
+        gso_type: vnet::GSO_TCPV4,
+        hdr_len: hl as u16,
+        gso_size: (mtu - hl) as u16,
+        csum_start: ip.header_len as u16,
+        csum_offset: 16,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gso::tests::{assert_valid, materialize, tcp_packet, tso_hdr};
+
+    /// A 60 KB TCP super-packet as a peer's kernel encapsulates it: the header says GSO with
+    /// the MSS of a 1472-byte MTU, and cutting it up by that header gives valid packets that
+    /// fit the MTU and carry every byte.
+    #[test]
+    fn super_packet_becomes_a_gso_write() {
+        let mut pkt = tcp_packet(60_000, 7, 0x18, 9);
+        let want_check = [pkt[36], pkt[37]];
+        pkt[36..38].copy_from_slice(&[0xde, 0xad]); // whatever the sender left there
+        let vh = super_packet_header(&mut pkt, 1472).expect("a TCP super-packet");
+        assert_eq!(vh, tso_hdr(1472 - 52));
+        assert_eq!([pkt[36], pkt[37]], want_check, "the checksum field holds the pseudo-header sum");
+        let (mut hdrs, mut segs) = (Vec::new(), Vec::new());
+        gso::segment(&pkt, &vh, &mut hdrs, &mut segs).unwrap();
+        let out = materialize(&pkt, &hdrs, &segs);
+        assert_eq!(out.len(), 60_000usize.div_ceil(1420));
+        for p in &out {
+            assert!(p.len() <= 1472);
+            assert_valid(p);
+        }
+        assert_eq!(out.iter().map(|p| p.len() - 52).sum::<usize>(), 60_000);
+    }
+
+    /// A packet fresh from a sender's kernel (checksum field = pseudo-header sum) is written
+    /// for the kernel to complete; a packet with a complete checksum is written as it is.
+    #[test]
+    fn partial_checksums_are_completed_by_the_kernel_complete_ones_left_alone() {
+        let mut pkt = tcp_packet(1000, 1, 0x18, 1);
+        let vh = partial_checksum_header(&pkt).expect("partial");
+        assert_eq!((vh.flags, vh.gso_type, vh.csum_start, vh.csum_offset), (vnet::F_NEEDS_CSUM, vnet::GSO_NONE, 20, 16));
+        gso::complete_checksum(&mut pkt, 20, 16).unwrap();
+        assert_valid(&pkt);
+        assert_eq!(partial_checksum_header(&pkt), None, "a complete checksum");
+        let mut frag = tcp_packet(1000, 1, 0x18, 1);
+        frag[6] |= 0x20; // more fragments
+        assert_eq!(partial_checksum_header(&frag), None);
+    }
+
+    #[test]
+    fn only_tcp_super_packets_get_a_gso_header() {
+        let mut udp = tcp_packet(3000, 1, 0x10, 1);
+        udp[9] = 17;
+        assert_eq!(super_packet_header(&mut udp, 1472), None);
+        let mut short = tcp_packet(3000, 1, 0x10, 1);
+        short.truncate(40);
+        assert_eq!(super_packet_header(&mut short, 1472), None, "truncated: total length beyond the slice");
     }
 }
