@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PACKAGES := build-essential pkg-config protobuf-compiler clang libbpf-dev \
 	iproute2 iputils-ping nftables iptables etcd-server etcd-client \
 	iperf3 socat curl jq openssl xxd dnsutils containernetworking-plugins \
-	libnftnl-dev libmnl-dev conntrack knot
+	libnftnl-dev libmnl-dev conntrack knot ethtool python3
 
 # What only the benchmarks use (the anchors they are measured against).
 BENCH_PACKAGES := dnsperf nsd
