@@ -22,8 +22,8 @@
 #   4. latency at half the SERVER's maximum: its one-core capacity (blast q/s over the server's
 #      CPU share) halved, offered paced by blast, which times every response (p50, p99). Half
 #      of dnsperf's maximum would be half of the client's maximum on this machine.
-#      Measured $LAT_RUNS times; the run in which the server and the client waited least for
-#      their cores (run-queue wait, /proc/<tid>/schedstat) is reported, with that wait: on a
+#      Measured $LAT_RUNS times; the run in which the server's busiest thread and the client
+#      waited least for their cores (run-queue wait, /proc/<tid>/schedstat) is reported: on a
 #      shared machine another task on either core for a few ms shows in the p99 as if the
 #      server were slow (see README.md).
 # On a 2-core machine the client has one core: dnsperf, not the server, usually sets the
@@ -148,16 +148,25 @@ cpu_ticks() { # utime+stime of every process in the server namespace
     echo $t
 }
 
-# Run-queue wait of every thread in the server namespace (ns): time runnable but not running,
-# i.e. time another task held the server's core while it had work.
-srv_wait_ns() {
-    local p t w=0
+# Per thread of every process in the server namespace: "task-path exec-ns run-delay-ns"
+# (/proc/<pid>/task/<tid>/schedstat: CPU time, and time runnable but not running).
+srv_sched() {
+    local p t
     for p in $(ip netns pids "$SRV"); do
-        for t in /proc/"$p"/task/*/schedstat; do
-            w=$((w + $(cut -d' ' -f2 "$t" 2>/dev/null || echo 0)))
+        for t in /proc/"$p"/task/*; do
+            echo "$t $(cut -d' ' -f1,2 "$t/schedstat" 2>/dev/null)"
         done
     done
-    echo $w
+}
+
+# Of two srv_sched snapshots: the run-queue wait (ms) of the thread that used the most CPU in
+# between, the one answering the queries (netd's UDP worker, Knot's UDP worker, NSD's child):
+# time another task held the server's core while it had work, plus a few µs per wake-up.
+# (The server's other threads wait behind that one; their wait is not the server's.)
+srv_wait_ms() {
+    awk 'NR == FNR {e[$1] = $2; d[$1] = $3; next}
+        ($1 in e) && $2 - e[$1] > best {best = $2 - e[$1]; w = $3 - d[$1]}
+        END {printf "%.1f", w / 1e6}' "$1" "$2"
 }
 
 HZ=$(getconf CLK_TCK)
@@ -206,11 +215,11 @@ for mix in $MIXES; do
         # wait, never on the latency, and the same way for every server.
         lat="" best=""
         for run in $(seq "$LAT_RUNS"); do
-            w0=$(srv_wait_ns)
+            srv_sched >"$WORK/sched0"
             client "$BIN" blast --server $ADDR:53 --queries "$(qfile "$mix")" --seconds "$DURATION" --rate "$half" --window 4096 --sockets 4 >"$OUT" 2>&1 || true
-            w1=$(srv_wait_ns)
-            one=$(awk -v sw=$(((w1 - w0) / 1000)) '{for (i = 1; i < NF; i++) if ($i == "qps") q = $(i + 1); else if ($i == "p50_us") a = $(i + 1); else if ($i == "p99_us") b = $(i + 1); else if ($i == "p99_all_us") c = $(i + 1); else if ($i == "lost") l = $(i + 1); else if ($i == "wait_us") w = $(i + 1)}
-                END {printf "%.0f %s %s %s %s %.1f %s", q, (a == "" ? "-" : a), (b == "" ? "-" : b), (c == "" ? "-" : c), (l == "" ? "-" : l), sw / 1000, (w == "" || w == "-" ? "-" : sprintf("%.1f", w / 1000))}' "$OUT")
+            srv_sched >"$WORK/sched1"
+            one=$(awk -v sw="$(srv_wait_ms "$WORK/sched0" "$WORK/sched1")" '{for (i = 1; i < NF; i++) if ($i == "qps") q = $(i + 1); else if ($i == "p50_us") a = $(i + 1); else if ($i == "p99_us") b = $(i + 1); else if ($i == "p99_all_us") c = $(i + 1); else if ($i == "lost") l = $(i + 1); else if ($i == "wait_us") w = $(i + 1)}
+                END {printf "%.0f %s %s %s %s %s %s", q, (a == "" ? "-" : a), (b == "" ? "-" : b), (c == "" ? "-" : c), (l == "" ? "-" : l), sw, (w == "" || w == "-" ? "-" : sprintf("%.1f", w / 1000))}' "$OUT")
             echo "    $mix $s latency run $run: achieved q/s, p50/p99/p99+lost us, lost, wait ms server/client: $one" >&2
             # Total wait (a missing client figure counts as 0).
             tw=$(awk '{print $6 + ($7 == "-" ? 0 : $7)}' <<<"$one")
@@ -234,5 +243,5 @@ echo "q/s/core: rate / server CPU share; us/query: server CPU time per query at 
 echo "half q/s: half the server's one-core capacity (blast q/s/core / 2), or half the client's maximum if lower, offered"
 echo "paced by blast; achieved: the rate answered; p50/p99 over the answered queries; p99+lost: over every query sent,"
 echo "the lost ones (unanswered after 1 s) counted as slowest (inf: over 1% lost); lost: blast's count;"
-echo "wait ms s/c: how long the server's and the client's threads waited for their cores while runnable during that"
-echo "run (other tasks on them), the least of $LAT_RUNS runs (the run reported)"
+echo "wait ms s/c: how long the server's busiest thread and the client waited for their cores while runnable during"
+echo "that run (other tasks on them; a few us per wake-up besides), the least of $LAT_RUNS runs (the run reported)"
