@@ -22,6 +22,10 @@
 #   4. latency at half the SERVER's maximum: its one-core capacity (blast q/s over the server's
 #      CPU share) halved, offered paced by blast, which times every response (p50, p99). Half
 #      of dnsperf's maximum would be half of the client's maximum on this machine.
+#      Measured $LAT_RUNS times; the run in which the server's busiest thread and the client
+#      waited least for their cores (run-queue wait, /proc/<tid>/schedstat) is reported: on a
+#      shared machine another task on either core for a few ms shows in the p99 as if the
+#      server were slow (see README.md).
 # On a 2-core machine the client has one core: dnsperf, not the server, usually sets the
 # maximum, hence the CPU-normalized figure.
 #
@@ -43,6 +47,7 @@ CLIENT_CPU=${CLIENT_CPU:-0}
 SERVERS=${SERVERS:-"netd knot nsd"}
 MIXES=${MIXES:-"A NX SRV"}
 FIXED_RATE=${FIXED_RATE:-30000}
+LAT_RUNS=${LAT_RUNS:-3}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BIN=${NETD_DNS:-$ROOT/target/release/netd-dns-standalone}
 P="ntb-$$-"
@@ -143,6 +148,27 @@ cpu_ticks() { # utime+stime of every process in the server namespace
     echo $t
 }
 
+# Per thread of every process in the server namespace: "task-path exec-ns run-delay-ns"
+# (/proc/<pid>/task/<tid>/schedstat: CPU time, and time runnable but not running).
+srv_sched() {
+    local p t
+    for p in $(ip netns pids "$SRV"); do
+        for t in /proc/"$p"/task/*; do
+            echo "$t $(cut -d' ' -f1,2 "$t/schedstat" 2>/dev/null)"
+        done
+    done
+}
+
+# Of two srv_sched snapshots: the run-queue wait (ms) of the thread that used the most CPU in
+# between, the one answering the queries (netd's UDP worker, Knot's UDP worker, NSD's child):
+# time another task held the server's core while it had work, plus a few µs per wake-up.
+# (The server's other threads wait behind that one; their wait is not the server's.)
+srv_wait_ms() {
+    awk 'NR == FNR {e[$1] = $2; d[$1] = $3; next}
+        ($1 in e) && $2 - e[$1] > best {best = $2 - e[$1]; w = $3 - d[$1]}
+        END {printf "%.1f", w / 1e6}' "$1" "$2"
+}
+
 HZ=$(getconf CLK_TCK)
 # Runs "$@" and prints the server's CPU share (%) over it; the command's output goes to $OUT.
 with_cpu() {
@@ -182,24 +208,40 @@ for mix in $MIXES; do
         # When the client cannot offer that much (its maximum, blast q/s, is lower), half of the
         # client's maximum is used instead: a lighter load, so this is then a lower bound.
         half=$(awk -v q="$bqps" -v c="$bcpu" 'BEGIN {c = (c > 1) ? c : 1; h = q / (c / 100) / 2; if (h > q / 2) h = q / 2; printf "%.0f", h}')
-        client "$BIN" blast --server $ADDR:53 --queries "$(qfile "$mix")" --seconds "$DURATION" --rate "$half" --window 4096 --sockets 4 >"$OUT" 2>&1 || true
-        lat=$(awk '{for (i = 1; i < NF; i++) if ($i == "qps") q = $(i + 1); else if ($i == "p50_us") a = $(i + 1); else if ($i == "p99_us") b = $(i + 1); else if ($i == "p99_all_us") c = $(i + 1); else if ($i == "lost") l = $(i + 1)}
-            END {printf "%.0f %s %s %s %s", q, (a == "" ? "-" : a), (b == "" ? "-" : b), (c == "" ? "-" : c), (l == "" ? "-" : l)}' "$OUT")
+        # Another task holding the server's or the client's core for a few ms (the VM's own
+        # agent at nice -10 does, about once a second; builds and tests of other users) delays
+        # every query in flight meanwhile: LAT_RUNS runs, and the one in which server and client
+        # waited least for their cores is kept, with that wait shown. The choice is made on the
+        # wait, never on the latency, and the same way for every server.
+        lat="" best=""
+        for run in $(seq "$LAT_RUNS"); do
+            srv_sched >"$WORK/sched0"
+            client "$BIN" blast --server $ADDR:53 --queries "$(qfile "$mix")" --seconds "$DURATION" --rate "$half" --window 4096 --sockets 4 >"$OUT" 2>&1 || true
+            srv_sched >"$WORK/sched1"
+            one=$(awk -v sw="$(srv_wait_ms "$WORK/sched0" "$WORK/sched1")" '{for (i = 1; i < NF; i++) if ($i == "qps") q = $(i + 1); else if ($i == "p50_us") a = $(i + 1); else if ($i == "p99_us") b = $(i + 1); else if ($i == "p99_all_us") c = $(i + 1); else if ($i == "lost") l = $(i + 1); else if ($i == "wait_us") w = $(i + 1)}
+                END {printf "%.0f %s %s %s %s %s %s", q, (a == "" ? "-" : a), (b == "" ? "-" : b), (c == "" ? "-" : c), (l == "" ? "-" : l), sw, (w == "" || w == "-" ? "-" : sprintf("%.1f", w / 1000))}' "$OUT")
+            echo "    $mix $s latency run $run: achieved q/s, p50/p99/p99+lost us, lost, wait ms server/client: $one" >&2
+            # Total wait (a missing client figure counts as 0).
+            tw=$(awk '{print $6 + ($7 == "-" ? 0 : $7)}' <<<"$one")
+            if [[ -z $best ]] || awk -v a="$tw" -v b="$best" 'BEGIN {exit !(a < b)}'; then best=$tw lat=$one; fi
+        done
         check_placement "$s"
         stop_server
         printf '%s %s %s %s %s %s %s %s %s %s\n' "$mix" "$s" "$qps" "$cpu" "$bqps" "$bcpu" "$fus" "$half" "$lat" "$rc" >>"$RESULTS"
-        echo "  $mix $s: dnsperf ${qps} q/s (server CPU ${cpu}%), blast ${bqps} q/s (${bcpu}%), ${fus} us CPU/query at ${FIXED_RATE} q/s, at half the server's max (${half} q/s offered) achieved q/s, p50/p99/p99-with-lost us, lost: $lat, $rc (dnsperf lost $lost)" >&2
+        echo "  $mix $s: dnsperf ${qps} q/s (server CPU ${cpu}%), blast ${bqps} q/s (${bcpu}%), ${fus} us CPU/query at ${FIXED_RATE} q/s, at half the server's max (${half} q/s offered) achieved q/s, p50/p99/p99-with-lost us, lost, wait ms server/client: $lat, $rc (dnsperf lost $lost)" >&2
     done
 done
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "cluster.local zone: $SERVICES ClusterIP + $HEADLESS headless services; servers on CPU $SERVER_CPU, client on CPU $CLIENT_CPU; ${DURATION}s per measurement"
-printf '%-4s %-5s %11s %6s %9s %10s %6s %9s %9s %9s %9s %8s %8s %8s %6s  %s\n' mix server "dnsperf q/s" "cpu%" "q/s/core" "blast q/s" "cpu%" "q/s/core" "us/query" "half q/s" "achieved" "p50 us" "p99 us" "p99+lost" "lost" "rcode"
+printf '%-4s %-5s %11s %6s %9s %10s %6s %9s %9s %9s %9s %8s %8s %8s %6s %11s  %s\n' mix server "dnsperf q/s" "cpu%" "q/s/core" "blast q/s" "cpu%" "q/s/core" "us/query" "half q/s" "achieved" "p50 us" "p99 us" "p99+lost" "lost" "wait ms s/c" "rcode"
 awk '{
     pc = ($4 > 0) ? $3 / ($4 / 100) : 0; bc = ($6 > 0) ? $5 / ($6 / 100) : 0;
-    printf "%-4s %-5s %11d %6.1f %9d %10d %6.1f %9d %9s %9s %9s %8s %8s %8s %6s  %s\n", $1, $2, $3, $4, pc, $5, $6, bc, $7, $8, $9, $10, $11, $12, $13, $14
+    printf "%-4s %-5s %11d %6.1f %9d %10d %6.1f %9d %9s %9s %9s %8s %8s %8s %6s %11s  %s\n", $1, $2, $3, $4, pc, $5, $6, bc, $7, $8, $9, $10, $11, $12, $13, $14 "/" $15, $16
 }' "$RESULTS"
 echo "q/s/core: rate / server CPU share; us/query: server CPU time per query at $FIXED_RATE q/s (blast, paced);"
 echo "half q/s: half the server's one-core capacity (blast q/s/core / 2), or half the client's maximum if lower, offered"
 echo "paced by blast; achieved: the rate answered; p50/p99 over the answered queries; p99+lost: over every query sent,"
-echo "the lost ones (unanswered after 1 s) counted as slowest (inf: over 1% lost); lost: blast's count"
+echo "the lost ones (unanswered after 1 s) counted as slowest (inf: over 1% lost); lost: blast's count;"
+echo "wait ms s/c: how long the server's busiest thread and the client waited for their cores while runnable during"
+echo "that run (other tasks on them; a few us per wake-up besides), the least of $LAT_RUNS runs (the run reported)"

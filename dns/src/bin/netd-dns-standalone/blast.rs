@@ -27,6 +27,17 @@ pub struct Report {
     /// answer quickly does not look faster than one that answers late.
     pub p99_all_us: f64,
     pub mean_us: f64,
+    /// Time this (single-threaded) client spent runnable but waiting for its CPU during the
+    /// measured period (`run_delay` of /proc/thread-self/schedstat), in µs; `None` where the
+    /// kernel does not account it. Another task on the client's core delays both the queries
+    /// due and the reading of answers, and shows in the percentiles as if the server were slow.
+    pub wait_us: Option<f64>,
+}
+
+/// This thread's time spent runnable but not running, in ns (the second field of
+/// /proc/thread-self/schedstat, kept by the scheduler when CONFIG_SCHED_INFO is set).
+pub fn run_delay_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat").ok()?.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn qtype(s: &str) -> Result<u16> {
@@ -124,13 +135,14 @@ pub fn run(server: SocketAddr, queries: &[Vec<u8>], seconds: f64, window: usize,
     let mut slots: Vec<Vec<u64>> = vec![vec![u64::MAX; 65536]; nsock];
     let mut next_id = vec![0u16; nsock];
     let mut hist = vec![0u64; HIST_US + 1];
-    let mut rep = Report { sent: 0, received: 0, lost: 0, qps: 0.0, rcodes: [0; 16], p50_us: 0.0, p99_us: 0.0, p999_us: 0.0, p99_all_us: 0.0, mean_us: 0.0 };
+    let mut rep = Report { sent: 0, received: 0, lost: 0, qps: 0.0, rcodes: [0; 16], p50_us: 0.0, p99_us: 0.0, p999_us: 0.0, p99_all_us: 0.0, mean_us: 0.0, wait_us: None };
     let (mut qi, mut outstanding, mut sum_us) = (0usize, 0usize, 0f64);
     let start = Instant::now();
     let end = Duration::from_secs_f64(seconds);
     let warmup = Duration::from_secs_f64((seconds * 0.1).min(1.0));
     let mut measured_from: Option<(Instant, u64)> = None;
     let mut lost_before = 0u64;
+    let mut wait_before = None;
     let mut last_reap = Instant::now();
     let mut turn = 0usize;
     loop {
@@ -141,6 +153,7 @@ pub fn run(server: SocketAddr, queries: &[Vec<u8>], seconds: f64, window: usize,
         if measured_from.is_none() && now >= warmup {
             measured_from = Some((Instant::now(), rep.received));
             lost_before = rep.lost;
+            wait_before = run_delay_ns();
             hist.iter_mut().for_each(|h| *h = 0);
             sum_us = 0.0;
         }
@@ -239,6 +252,9 @@ pub fn run(server: SocketAddr, queries: &[Vec<u8>], seconds: f64, window: usize,
                 unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 1) };
             }
         }
+    }
+    if let (Some(a), Some(b)) = (wait_before, run_delay_ns()) {
+        rep.wait_us = Some(b.saturating_sub(a) as f64 / 1000.0);
     }
     let (t0, r0) = measured_from.unwrap_or((start, 0));
     let measured = rep.received - r0;

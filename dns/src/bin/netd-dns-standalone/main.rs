@@ -278,8 +278,9 @@ fn main() -> Result<()> {
             let r = blast::run(server, &qs, seconds, window, rate, sockets)?;
             let rc: Vec<String> = r.rcodes.iter().enumerate().filter(|(_, c)| **c > 0).map(|(i, c)| format!("rcode{i}={c}")).collect();
             println!(
-                "qps {:.0} sent {} received {} lost {} p50_us {:.0} p99_us {:.0} p999_us {:.0} p99_all_us {:.0} mean_us {:.1} {}",
-                r.qps, r.sent, r.received, r.lost, r.p50_us, r.p99_us, r.p999_us, r.p99_all_us, r.mean_us, rc.join(" ")
+                "qps {:.0} sent {} received {} lost {} p50_us {:.0} p99_us {:.0} p999_us {:.0} p99_all_us {:.0} mean_us {:.1} wait_us {} {}",
+                r.qps, r.sent, r.received, r.lost, r.p50_us, r.p99_us, r.p999_us, r.p99_all_us, r.mean_us,
+                r.wait_us.map_or("-".to_string(), |w| format!("{w:.0}")), rc.join(" ")
             );
             Ok(())
         }
