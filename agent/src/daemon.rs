@@ -618,6 +618,9 @@ impl Daemon {
         if let (true, Some(l)) = (running, &link) {
             if !up {
                 self.nl.set_link(l.index, mtu, None).await?;
+                if let Some(dp) = &self.udp {
+                    dp.set_mtu(mtu);
+                }
             }
         } else {
             if let Some(dp) = self.udp.take() {
@@ -693,7 +696,12 @@ impl Daemon {
                 self.udp_datapath = Some(format!("userspace (kernel fast path unavailable: {e})"));
                 Ok(())
             }
-            Err(e) => Err(DaemonError::Backend(format!("--udp-datapath ebpf: {e}"))),
+            Err(e) => {
+                // Tried again at the next sync: `ebpf` insists.
+                self.udp_fast_for = None;
+                self.udp_datapath = Some(format!("userspace (--udp-datapath ebpf, but the kernel fast path failed: {e})"));
+                Err(DaemonError::Backend(format!("--udp-datapath ebpf: {e}")))
+            }
         }
     }
 
@@ -1014,10 +1022,12 @@ impl Daemon {
                     let entries: Vec<_> = peers.iter().map(|(net, ip)| netd_ebpf::udp::UdpPeerEntry { net: net.network(), prefix_len: net.prefix_len(), ip: *ip, super_packets: takes_super.contains(net) }).collect();
                     if let Err(e) = fast.set_peers(&entries) {
                         // The userspace datapath has the new peers; the kernel's may be stale.
-                        // Hand everything to userspace until the next start succeeds.
+                        // Hand everything to userspace until the next sync starts it again.
                         warn!(error = %e, "udp fast path: updating the peers failed; removing it, the userspace datapath carries everything");
                         self.shared.metrics.sync_errors.inc();
                         self.udp_fast = None;
+                        // Started anew at the next sync.
+                        self.udp_fast_for = None;
                         if let Err(e) = netd_ebpf::UdpOverlay::remove(&self.args.ebpf_bpffs) {
                             warn!(error = %e, "removing the udp fast path's pins");
                         }

@@ -18,6 +18,8 @@
  *   netd_to_outside_{l2,l3}    tc egress of the external device: replies of local backends
  *                              (not SNATed, routed by the stack) get the frontend back as source.
  *
+ * Packets that are not ours return TC_ACT_UNSPEC (TCX_NEXT), not TC_ACT_OK: on a TCX hook, OK
+ * ends the chain, and the udp overlay's decapsulation may be attached to the same device.
  * A frontend without any endpoint is left to the stack, which refuses it (TCP reset / ICMP
  * port unreachable: nothing listens there); one with a Local policy and no local endpoint drops.
  * IPv4 TCP/UDP only; fragments and everything else pass untouched.
@@ -220,7 +222,7 @@ static __always_inline int from_outside(struct __sk_buff *skb, __u32 l3off)
 {
 	struct pkt p;
 	if (!parse(skb, l3off, &p))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	__u64 now = bpf_ktime_get_ns();
 
 	/* 1. The reply of a connection we SNATed. */
@@ -265,7 +267,7 @@ static __always_inline int from_outside(struct __sk_buff *skb, __u32 l3off)
 		sk.vip = 0; /* NodePort on every node address */
 		svc = bpf_map_lookup_elem(&netd_svc, &sk);
 		if (!svc || !is_local(skb, p.daddr))
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 	}
 	if (svc->count == 0)
 		return svc->flags & NETD_SVC_F_REJECT ? TC_ACT_OK : TC_ACT_SHOT;
@@ -303,13 +305,13 @@ static __always_inline int to_outside(struct __sk_buff *skb, __u32 l3off)
 {
 	struct pkt p;
 	if (!parse(skb, l3off, &p))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	struct netd_ct_key k = {
 		.saddr = p.saddr, .daddr = p.daddr, .sport = p.sport, .dport = p.dport, .proto = p.proto, .dir = NETD_CT_REPLY,
 	};
 	struct netd_ct_value *v = bpf_map_lookup_elem(&netd_ct, &k);
 	if (!v || (v->flags & NETD_CT_F_SNAT))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	touch(v, bpf_ktime_get_ns());
 	if (rewrite(skb, l3off, &p, v->saddr, v->sport, v->daddr, v->dport) < 0)
 		return TC_ACT_SHOT;

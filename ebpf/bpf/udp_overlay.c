@@ -16,7 +16,9 @@
  *                   the TUN device (bpf_redirect with BPF_F_INGRESS), as if the userspace
  *                   datapath had written it there.
  *
- * Everything else is left to the userspace datapath (TC_ACT_OK), which keeps its own rules and
+ * Everything else is left to the userspace datapath (TC_ACT_UNSPEC: TCX_NEXT, so that other
+ * programs on the hook, netd's NodePort translation on the underlay, still see it; TC_ACT_OK
+ * would end the chain), which keeps its own rules and
  * counters: no peer for the destination (dropped and counted there), a peer that does not
  * take super-packets (flanneld: see NETD_UDP_PEER_F_SUPER), a source that is not a peer
  * (dropped and counted there), fragments, IP options, and bulk on receive (see bulk()).
@@ -133,9 +135,13 @@ int netd_udp_encap(struct __sk_buff *skb)
 	__u32 len = skb->len;
 
 	if (!cfg)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (skb->protocol != bpf_htons(ETH_P_IP) || bpf_skb_load_bytes(skb, 0, &inner, sizeof(inner)) < 0 ||
 	    inner.version != 4 || len > 0xffff - OUTER_LEN)
+		goto pass;
+	/* adjust_room and change_head refuse a non-GSO skb over SKB_MAX_ALLOC (16 KiB with 4 KiB
+	 * pages): keep such packets (TUN MTU over 16 KiB) away from the half-way failure. */
+	if (!skb->gso_size && len + sizeof(struct outer) > 16 * 1024 - 512)
 		goto pass;
 	key.addr = inner.daddr;
 	peer = bpf_map_lookup_elem(&netd_udp_peers, &key);
@@ -173,7 +179,7 @@ int netd_udp_encap(struct __sk_buff *skb)
 	return bpf_redirect_neigh(cfg->underlay_ifindex, 0, 0, 0);
 pass:
 	count(NETD_UDP_ENCAP_PASSED, 1);
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC;
 drop:
 	count(NETD_UDP_ENCAP_ERRORS, 1);
 	return TC_ACT_SHOT;
@@ -261,10 +267,10 @@ int netd_udp_decap(struct __sk_buff *skb)
 
 	if (!cfg || skb->protocol != bpf_htons(ETH_P_IP) ||
 	    bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &h, sizeof(h)) < 0)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (h.ip.version != 4 || h.ip.protocol != IPPROTO_UDP || h.ip.daddr != cfg->local_ip ||
 	    h.udp.dest != cfg->port)
-		return TC_ACT_OK; /* not overlay traffic */
+		return TC_ACT_UNSPEC; /* not overlay traffic */
 	inner_len = skb->len - INNER_OFF;
 	if (h.ip.ihl != 5 || (h.ip.frag_off & bpf_htons(0x3fff)) ||
 	    bpf_ntohs(h.ip.tot_len) != skb->len - sizeof(struct ethhdr) || h.inner.version != 4)
@@ -282,7 +288,7 @@ int netd_udp_decap(struct __sk_buff *skb)
 	return bpf_redirect(cfg->tun_ifindex, BPF_F_INGRESS);
 pass:
 	count(NETD_UDP_DECAP_PASSED, 1);
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC;
 }
 
 char _license[] SEC("license") = "GPL";

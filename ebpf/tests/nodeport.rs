@@ -225,6 +225,32 @@ fn node_port_reaches_a_local_backend_keeping_the_client_address() -> Result<()> 
     Ok(())
 }
 
+/// The udp backend's decapsulation attached to the same device first (netd sets up the overlay
+/// before the services): packets that are not its own go on to the NodePort program (a program
+/// returning TC_ACT_OK would end the TCX chain there).
+#[test]
+fn node_port_works_behind_the_udp_fast_path_on_the_same_device() -> Result<()> {
+    let mut bed = bed_or_skip!();
+    bed.node.ip(&["tuntap", "add", "mode", "tun", "name", "t0"])?;
+    bed.node.ip(&["link", "set", "t0", "up"])?;
+    let cfg = netd_ebpf::UdpOverlayConfig {
+        bpffs_dir: bed.bpffs.dir(),
+        mount_bpffs: false,
+        tun_device: "t0".into(),
+        underlay_device: "d0".into(),
+        local_ip: Ipv4Addr::new(198, 18, 0, 10),
+        port: 8285,
+    };
+    let fast = in_ns(&bed.node, move || netd_ebpf::UdpOverlay::start(cfg))?;
+    bed.start()?;
+    bed.backend().sync_plan(&web(), false)?;
+    assert_eq!(bed.client("tcp", "198.18.0.10", 30080)?, "OK A 198.18.0.1 198.18.0.10 30080");
+    assert_eq!(bed.client("udp", "198.18.0.10", 30053)?, "OK A 198.18.0.1 198.18.0.10 30053");
+    drop(fast);
+    netd_ebpf::UdpOverlay::remove(&bed.bpffs.dir())?;
+    Ok(())
+}
+
 #[test]
 fn a_restart_swaps_the_tc_programs_in_place_and_removal_detaches_them() -> Result<()> {
     let mut bed = bed_or_skip!();

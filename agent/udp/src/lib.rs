@@ -85,7 +85,7 @@ use ipnet::Ipv4Net;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use worker::{Ctx, Shared};
@@ -309,7 +309,7 @@ impl UdpDatapath {
             stop_fd,
             port: cfg.port,
             decrement_ttl: cfg.decrement_ttl,
-            mtu: cfg.mtu as usize,
+            mtu: AtomicUsize::new(cfg.mtu as usize),
         });
 
         // TUN queues; the first creates the device (or, persisting, attaches
@@ -467,6 +467,12 @@ impl UdpDatapath {
         }
         tracing::info!(device = %name, mtu = cfg.mtu, %local, workers, adopted, tun_offload = format!("{tun_offload:#x}"), udp_gso, udp_gro, "UDP datapath started");
         Ok(dp)
+    }
+
+    /// Tells the workers the TUN device's MTU changed (the caller changed it): received inner
+    /// packets longer than that are handled as TCP super-packets.
+    pub fn set_mtu(&self, mtu: u32) {
+        self.shared.mtu.store(mtu as usize, Ordering::Relaxed);
     }
 
     /// Replaces the peer table: `(peer subnet, peer public IP)` pairs. Takes

@@ -17,7 +17,7 @@ use crate::vnet::{VirtioNetHdr, GSO_NONE, GSO_TCPV4, GSO_UDP_L4, VNET_HDR_LEN};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -52,8 +52,8 @@ pub(crate) struct Shared {
     pub port: u16,
     pub decrement_ttl: bool,
     /// The TUN device's MTU: an inner packet longer than that is a TCP super-packet a peer's
-    /// kernel encapsulated whole (see [`super_packet_header`]).
-    pub mtu: usize,
+    /// kernel encapsulated whole (see [`super_packet_header`]). Follows MTU changes.
+    pub mtu: AtomicUsize,
 }
 
 /// A thread's copy of the current peer table.
@@ -643,7 +643,8 @@ impl Rx {
             off,
             len: ip.total_len,
         };
-        if ip.total_len > self.ctx.shared.mtu {
+        let mtu = self.ctx.shared.mtu.load(Ordering::Relaxed);
+        if ip.total_len > mtu && ip.proto == packet::PROTO_TCP {
             // One datagram, one inner packet longer than the MTU: a TCP super-packet a peer's
             // kernel fast path encapsulated whole, handed over unsegmented by a virtual
             // underlay (veth). Written as what it is, a GSO packet the kernel cuts up.
@@ -652,16 +653,17 @@ impl Rx {
             while let Some(k) = self.gro.oldest() {
                 self.write_item(k);
             }
-            match super_packet_header(&mut self.bufs[m][off..off + ip.total_len], self.ctx.shared.mtu) {
-                Some(vh) => {
-                    let vh = vh.to_bytes();
-                    self.wiov.clear();
-                    self.wiov.push(sys::iovec(&vh));
-                    self.wiov.push(sys::iovec(&self.bufs[m][off..off + seg.len]));
-                    self.write(1, seg.len);
-                }
-                None => self.local.add(C::DroppedMalformed, 1),
+            if let Some(vh) = super_packet_header(&mut self.bufs[m][off..off + ip.total_len], mtu) {
+                let vh = vh.to_bytes();
+                self.wiov.clear();
+                self.wiov.push(sys::iovec(&vh));
+                self.wiov.push(sys::iovec(&self.bufs[m][off..off + seg.len]));
+                self.write(1, seg.len);
+                return;
             }
+            // Not one we can cut up (a peer with a larger MTU sent it as one packet): written
+            // as it is; the kernel fragments it or answers "fragmentation needed".
+            self.write_single(seg);
             return;
         }
         if !self.ctx.tun_gro {
