@@ -13,7 +13,7 @@ pub enum CleanupError {
     Netlink(#[from] crate::netlink::NetlinkError),
     #[error(transparent)]
     Masq(#[from] crate::masq::MasqError),
-    #[error("removing the udp overlay's eBPF programs: {0}")]
+    #[error("removing netd's eBPF programs: {0}")]
     Ebpf(#[from] netd_ebpf::EbpfError),
     #[error("removing {path}: {source}")]
     File { path: String, source: std::io::Error },
@@ -27,6 +27,7 @@ pub struct Removed {
     pub files: Vec<String>,
     pub nft_table: bool,
     pub udp_fast_path: bool,
+    pub ebpf_services: bool,
 }
 
 pub async fn cleanup(run_dir: &Path, state_dir: &Path, cni_conf_dir: Option<&Path>, bridge: &str, bpffs: &Path) -> Result<Removed, CleanupError> {
@@ -37,6 +38,12 @@ pub async fn cleanup(run_dir: &Path, state_dir: &Path, cni_conf_dir: Option<&Pat
         netd_ebpf::UdpOverlay::remove(bpffs)?;
         info!(bpffs = %bpffs.display(), "removed the udp overlay's eBPF programs and maps");
         removed.udp_fast_path = true;
+    }
+    // The eBPF service dataplane (--proxy-mode ebpf): its socket programs on the cgroup and tc
+    // programs on the devices are held by pinned links.
+    removed.ebpf_services = netd_ebpf::EbpfBackend::remove_pins(bpffs)?;
+    if removed.ebpf_services {
+        info!(bpffs = %bpffs.display(), "removed the eBPF service dataplane's programs and maps");
     }
     for l in nl.links().await? {
         let ours = (l.name.starts_with("netd.") && l.kind.as_deref() == Some("vxlan"))

@@ -230,33 +230,41 @@ impl EbpfBackend {
     /// Detaches the programs (unpins the links) and removes the pinned maps and directory.
     pub fn remove_all(&mut self) -> Result<(), EbpfError> {
         self.last = None;
-        let dir = &self.cfg.bpffs_dir;
+        Self::remove_pins(&self.cfg.bpffs_dir).map(|_| ())
+    }
+
+    /// What [`Self::remove_all`] does, without a running backend (`netd cleanup`): unpins the
+    /// service dataplane's links (which detaches its programs) and maps under `dir`, and removes
+    /// the directory when nothing else is left in it. Returns whether anything was pinned.
+    pub fn remove_pins(dir: &Path) -> Result<bool, EbpfError> {
         let links = dir.join("links");
         let mut pins: Vec<String> = SOCK_PROGRAMS.iter().map(|s| s.to_string()).collect();
         if let Ok(rd) = std::fs::read_dir(&links) {
             pins.extend(rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("tc-")));
         }
+        let mut any = false;
         for name in pins {
-            match std::fs::remove_file(links.join(&name)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(err(&format!("unpinning link {name}"), e)),
-            }
+            any |= unpin(&links.join(&name), &format!("unpinning link {name}"))?;
         }
         for m in MAPS {
-            match std::fs::remove_file(dir.join(m)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(err(&format!("unpinning map {m}"), e)),
-            }
+            any |= unpin(&dir.join(m), &format!("unpinning map {m}"))?;
         }
         let _ = std::fs::remove_dir(&links);
         let _ = std::fs::remove_dir(dir);
-        Ok(())
+        Ok(any)
     }
 
     pub fn bpffs_dir(&self) -> &Path {
         &self.cfg.bpffs_dir
+    }
+}
+
+/// Removes the pin at `path`; `Ok(false)` when there was none.
+pub(crate) fn unpin(path: &Path, what: &str) -> Result<bool, EbpfError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(err(what, e)),
     }
 }
 

@@ -29,7 +29,7 @@ use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
 use tracing::info;
 
-use crate::backend::{attach_tc, err, prepare_bpffs};
+use crate::backend::{attach_tc, err, prepare_bpffs, unpin};
 use crate::maps::*;
 use crate::{EbpfError, UDP_OVERLAY_OBJ};
 
@@ -277,11 +277,7 @@ impl UdpOverlay {
             }
         }
         for m in UDP_MAPS {
-            match std::fs::remove_file(bpffs_dir.join(m)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(err(&format!("unpinning map {m}"), e)),
-            }
+            unpin(&bpffs_dir.join(m), &format!("unpinning map {m}"))?;
         }
         // Empty now unless the service dataplane uses it too.
         let _ = std::fs::remove_dir(&links);
