@@ -185,32 +185,42 @@ drop:
 	return TC_ACT_SHOT;
 }
 
+/* 20 + 8 + 20 bytes, 4-byte aligned: no padding, no need to pack it. */
 struct encapsulated {
 	struct iphdr ip;
 	struct udphdr udp;
 	struct iphdr inner;
-} __attribute__((packed));
+};
+_Static_assert(sizeof(struct encapsulated) == 48, "encapsulated headers are 48 bytes");
 
 #define INNER_OFF (sizeof(struct ethhdr) + OUTER_LEN)
 #define MAX_GRO_SEGS 64
 
-/* The flow of the inner packet at `off` (ports 0 when it has none: not TCP/UDP, a fragment). */
+/* The flow of the inner packet `ip` found at `off` (ports 0 when it has none: not TCP/UDP, a
+ * fragment). */
+static __always_inline int flow_of(struct __sk_buff *skb, __u32 off, const struct iphdr *ip, struct netd_udp_flow *f)
+{
+	__u16 ports[2] = {};
+
+	if ((ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP) && !(ip->frag_off & bpf_htons(0x3fff)) &&
+	    bpf_skb_load_bytes(skb, off + ip->ihl * 4, ports, sizeof(ports)) < 0)
+		return 0;
+	f->saddr = ip->saddr;
+	f->daddr = ip->daddr;
+	f->sport = ports[0];
+	f->dport = ports[1];
+	f->proto = ip->protocol;
+	return 1;
+}
+
+/* The flow of the inner packet at `off`, which is yet to be read. */
 static __always_inline int inner_flow(struct __sk_buff *skb, __u32 off, struct netd_udp_flow *f)
 {
 	struct iphdr ip;
-	__u16 ports[2] = {};
 
 	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0 || ip.version != 4)
 		return 0;
-	if ((ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP) && !(ip.frag_off & bpf_htons(0x3fff)) &&
-	    bpf_skb_load_bytes(skb, off + ip.ihl * 4, ports, sizeof(ports)) < 0)
-		return 0;
-	f->saddr = ip.saddr;
-	f->daddr = ip.daddr;
-	f->sport = ports[0];
-	f->dport = ports[1];
-	f->proto = ip.protocol;
-	return 1;
+	return flow_of(skb, off, &ip, f);
 }
 
 static __always_inline void mark_bulk(struct __sk_buff *skb, __u32 off, __u64 now)
@@ -232,14 +242,17 @@ static __always_inline void mark_bulk(struct __sk_buff *skb, __u32 off, __u64 no
  * NETD_UDP_BULK_STICKY_MS after the last bulk skb: were a flow's small packets decapsulated
  * here while its bulk waits in the userspace queue, TCP would see them reordered.
  */
-static __always_inline int bulk(struct __sk_buff *skb, __u32 inner_len, __u16 inner_tot_len)
+static __always_inline int bulk(struct __sk_buff *skb, __u32 inner_len, const struct iphdr *inner)
 {
+	__u16 inner_tot_len = bpf_ntohs(inner->tot_len);
 	__u64 now = bpf_ktime_get_ns();
 	struct netd_udp_flow f;
 	__u64 *seen;
+	int have = flow_of(skb, INNER_OFF, inner, &f);
 
 	if (skb->gso_segs > 1 || inner_tot_len != inner_len) {
-		mark_bulk(skb, INNER_OFF, now);
+		if (have)
+			bpf_map_update_elem(&netd_udp_bulk, &f, &now, BPF_ANY);
 		/* A GRO batch: the other inner packets start every gso_size bytes. */
 		if (inner_tot_len != inner_len && skb->gso_size) {
 			for (__u32 i = 1; i < MAX_GRO_SEGS; i++) {
@@ -252,7 +265,7 @@ static __always_inline int bulk(struct __sk_buff *skb, __u32 inner_len, __u16 in
 		}
 		return 1;
 	}
-	if (!inner_flow(skb, INNER_OFF, &f))
+	if (!have)
 		return 0;
 	seen = bpf_map_lookup_elem(&netd_udp_bulk, &f);
 	return seen && now - *seen < NETD_UDP_BULK_STICKY_MS * 1000000ULL;
@@ -277,7 +290,7 @@ int netd_udp_decap(struct __sk_buff *skb)
 		goto pass;
 	if (!bpf_map_lookup_elem(&netd_udp_srcs, &h.ip.saddr))
 		goto pass;
-	if (bulk(skb, inner_len, bpf_ntohs(h.inner.tot_len))) {
+	if (bulk(skb, inner_len, &h.inner)) {
 		count(NETD_UDP_DECAP_BULK, 1);
 		goto pass;
 	}

@@ -107,11 +107,16 @@ pub fn probe() -> Result<(), String> {
 /// Whether this kernel can run the tc NodePort programs: TCX links (Linux >= 6.6) and the
 /// programs pass the verifier. Same throwaway bpffs as [`probe`].
 pub fn probe_tc() -> Result<(), String> {
-    let tcx = aya::util::KernelVersion::new(6, 6, 0);
-    if aya::util::KernelVersion::current().map_or(true, |v| v < tcx) {
+    if !has_tcx() {
         return Err("the tc NodePort programs need TCX links (Linux >= 6.6)".into());
     }
     with_probe_bpffs("tc", probe_load_tc)
+}
+
+/// Whether this kernel has TCX links (Linux >= 6.6), which every tc program here is attached
+/// with.
+pub fn has_tcx() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
 }
 
 /// Runs `f` with a private, throwaway bpffs instance (maps are pinned by name: a probe must not

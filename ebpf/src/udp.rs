@@ -103,23 +103,6 @@ pub struct UdpOverlay {
     _obj: Ebpf,
 }
 
-/// Whether the fast path can run here: TCX (Linux >= 6.6) and the programs pass the verifier
-/// (loaded in a throwaway bpffs; nothing attached). `Err`: why not.
-pub fn probe() -> Result<(), String> {
-    let tcx = aya::util::KernelVersion::new(6, 6, 0);
-    if aya::util::KernelVersion::current().map_or(true, |v| v < tcx) {
-        return Err("the udp overlay fast path needs TCX links (Linux >= 6.6)".into());
-    }
-    crate::with_probe_bpffs("udp", |dir| {
-        let mut obj = EbpfLoader::new().default_map_pin_directory(dir).load(UDP_OVERLAY_OBJ).map_err(|e| format!("cannot load the udp overlay object: {e}"))?;
-        for name in UDP_PROGRAMS {
-            let prog: &mut SchedClassifier = obj.program_mut(name).ok_or_else(|| format!("{name} missing"))?.try_into().map_err(|e| format!("{name}: {e}"))?;
-            prog.load().map_err(|e| format!("kernel rejects {name}: {e:?}"))?;
-        }
-        Ok(())
-    })
-}
-
 fn ifindex(dev: &str) -> Result<u32, EbpfError> {
     let c = std::ffi::CString::new(dev).map_err(|e| err(&format!("device name {dev:?}"), e))?;
     // SAFETY: a valid NUL-terminated string; if_nametoindex only reads it.
@@ -143,8 +126,7 @@ impl UdpOverlay {
     /// the TUN device's egress and the underlay's ingress, or swaps them into the links a
     /// previous netd pinned. Peers already in the pinned maps stay until [`Self::set_peers`].
     pub fn start(cfg: UdpOverlayConfig) -> Result<Self, EbpfError> {
-        let tcx = aya::util::KernelVersion::new(6, 6, 0);
-        if aya::util::KernelVersion::current().map_or(true, |v| v < tcx) {
+        if !crate::has_tcx() {
             return Err(EbpfError::Unsupported("the udp overlay fast path needs TCX links (Linux >= 6.6)".into()));
         }
         prepare_bpffs(&cfg.bpffs_dir, cfg.mount_bpffs)?;
@@ -189,10 +171,6 @@ impl UdpOverlay {
         let stats = PerCpuArray::try_from(take(&mut obj, MAP_UDP_STATS)?).map_err(|e| err(MAP_UDP_STATS, e))?;
         info!(tun = %cfg.tun_device, underlay = %cfg.underlay_device, port = cfg.port, "udp overlay fast path (tc) attached");
         Ok(UdpOverlay { cfg, peers, srcs, stats, _obj: obj })
-    }
-
-    pub fn config(&self) -> &UdpOverlayConfig {
-        &self.cfg
     }
 
     /// Makes the maps say exactly `peers`: subnets to encapsulate for, and the sources to

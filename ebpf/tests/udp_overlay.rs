@@ -90,8 +90,7 @@ fn skip() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root".into());
     }
-    let tcx = aya::util::KernelVersion::new(6, 6, 0);
-    aya::util::KernelVersion::current().map_or(true, |v| v < tcx).then(|| "kernel without TCX (Linux < 6.6)".into())
+    (!netd_ebpf::has_tcx()).then(|| "kernel without TCX (Linux < 6.6)".into())
 }
 
 fn bed(userspace: bool) -> Result<Option<(Node, Node)>> {

@@ -119,6 +119,16 @@ fn status_and_readiness_while_waiting_for_config_and_when_not_running() -> Resul
     Ok(())
 }
 
+/// `netd cleanup` on `n`, with its directories; its output.
+fn cleanup(n: &Node) -> Result<String> {
+    let bin = netd_binary()?;
+    let (run, state, conf) = (n.run_dir(), n.state_dir(), n.cni_conf_dir());
+    n.ns().run(&[
+        bin.to_str().unwrap(), "cleanup", "--run-dir", run.to_str().unwrap(), "--state-dir", state.to_str().unwrap(),
+        "--cni-conf-dir", conf.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn cleanup_removes_everything_netd_created() -> Result<()> {
     let mut c = two_nodes()?;
@@ -126,17 +136,12 @@ fn cleanup_removes_everything_netd_created() -> Result<()> {
     wait_until(WAIT, POLL, || Ok(!n.ns().run(&["ip", "route", "show", "proto", "110"])?.trim().is_empty()))?;
     c.node_mut(0).stop_netd()?;
     let n = c.node(0);
-    let bin = netd_binary()?;
-    let (run, state, conf) = (n.run_dir(), n.state_dir(), n.cni_conf_dir());
-    let out = n.ns().run(&[
-        bin.to_str().unwrap(), "cleanup", "--run-dir", run.to_str().unwrap(), "--state-dir", state.to_str().unwrap(),
-        "--cni-conf-dir", conf.to_str().unwrap(),
-    ])?;
+    let out = cleanup(n)?;
     assert!(out.contains("netd.1") && out.contains("nftables table: yes"), "{out}");
     assert_eq!(n.ns().run(&["ip", "route", "show", "proto", "110"])?.trim(), "");
     assert!(!n.ns().exec(&["ip", "link", "show", "netd.1"])?.status.success());
     assert!(!n.ns().exec(&["nft", "list", "table", "ip", "netd"])?.status.success());
-    assert!(!run.join("subnet.env").exists() && !conf.join("10-netd.conflist").exists());
+    assert!(!n.run_dir().join("subnet.env").exists() && !n.cni_conf_dir().join("10-netd.conflist").exists());
     // Nothing else was touched: the underlay still works.
     n.ns().run(&["ping", "-c", "1", "-W", "2", "198.18.0.11"])?;
     Ok(())
@@ -153,12 +158,7 @@ fn cleanup_removes_the_udp_backends_persistent_device() -> Result<()> {
     c.node_mut(0).stop_netd()?;
     let n = c.node(0);
     assert!(n.ns().run(&["ip", "-d", "link", "show", "netd-udp0"])?.contains("persist on"), "the device outlives netd");
-    let bin = netd_binary()?;
-    let (run, state, conf) = (n.run_dir(), n.state_dir(), n.cni_conf_dir());
-    let out = n.ns().run(&[
-        bin.to_str().unwrap(), "cleanup", "--run-dir", run.to_str().unwrap(), "--state-dir", state.to_str().unwrap(),
-        "--cni-conf-dir", conf.to_str().unwrap(),
-    ])?;
+    let out = cleanup(n)?;
     assert!(out.contains("netd-udp0"), "{out}");
     assert!(!n.ns().exec(&["ip", "link", "show", "netd-udp0"])?.status.success());
     assert_eq!(n.ns().run(&["ip", "route", "show", "proto", "110"])?.trim(), "");
