@@ -15,6 +15,10 @@ use crate::Pod;
 /// remounts /sys and so hides /sys/fs/cgroup. Everything is unmounted and removed on drop.
 pub struct EbpfSandbox {
     dir: tempfile::TempDir,
+    /// `ntb-<pid>-ebpf<n>`: the cgroup2 hierarchy is one for the whole host, whatever dir it is
+    /// mounted on, so two sandboxes of one test process must not share a cgroup name (dropping
+    /// one would kill the other's clients and remove its cgroup under a running netd).
+    tag: String,
     /// Per-node cgroups (`new_for_nodes`), removed on drop like the shared one.
     node_cgroups: Vec<std::path::PathBuf>,
 }
@@ -28,7 +32,9 @@ impl EbpfSandbox {
         anyhow::ensure!(st.success(), "mounting cgroup2 on {}", mnt.display());
         // netd mounts its own bpffs on the pin directory's parent.
         std::fs::create_dir_all(dir.path().join("bpf"))?;
-        let sandbox = EbpfSandbox { dir, node_cgroups: Vec::new() };
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let tag = format!("{}ebpf{}", crate::namespace_prefix(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let sandbox = EbpfSandbox { dir, tag, node_cgroups: Vec::new() };
         std::fs::create_dir_all(sandbox.cgroup())?;
         Ok(sandbox)
     }
@@ -38,7 +44,7 @@ impl EbpfSandbox {
     pub fn new_for_nodes(n: usize) -> Result<EbpfSandbox> {
         let mut sandbox = EbpfSandbox::new()?;
         for i in 0..n {
-            let cg = sandbox.dir.path().join("cg").join(format!("{}ebpf-node{i}", crate::namespace_prefix()));
+            let cg = sandbox.dir.path().join("cg").join(format!("{}-node{i}", sandbox.tag));
             std::fs::create_dir_all(&cg)?;
             sandbox.node_cgroups.push(cg);
             std::fs::create_dir_all(sandbox.dir.path().join(format!("bpf{i}")))?;
@@ -55,7 +61,7 @@ impl EbpfSandbox {
     }
 
     pub fn cgroup(&self) -> std::path::PathBuf {
-        self.dir.path().join("cg").join(format!("{}ebpf", crate::namespace_prefix()))
+        self.dir.path().join("cg").join(&self.tag)
     }
 
     pub fn pins(&self) -> std::path::PathBuf {
