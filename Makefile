@@ -5,15 +5,32 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Everything the build, the tests and the demo use.
-DEB_PACKAGES := build-essential pkg-config protobuf-compiler clang libbpf-dev \
+DEB_PACKAGES := build-essential pkg-config protobuf-compiler libprotobuf-dev clang libbpf-dev \
 	iproute2 iputils-ping nftables iptables etcd-server etcd-client \
 	iperf3 socat curl jq openssl xxd dnsutils containernetworking-plugins \
 	libnftnl-dev libmnl-dev conntrack knot ethtool python3
 
+# What `make deps` proves is there once it has installed: each entry is `path-or-command:package`.
+# A file that only a *recommended* package brings (descriptor.proto comes from libprotobuf-dev,
+# which protobuf-compiler merely recommends) is missing on a fresh machine, since deps installs
+# with --no-install-recommends; this list makes that fail here, naming the package, instead of
+# deep inside a build script.
+DEB_REQUIRES := cc:build-essential pkg-config:pkg-config protoc:protobuf-compiler \
+	/usr/include/google/protobuf/descriptor.proto:libprotobuf-dev \
+	/usr/include/google/protobuf/struct.proto:libprotobuf-dev \
+	clang:clang /usr/include/bpf/bpf_helpers.h:libbpf-dev \
+	ip:iproute2 ping:iputils-ping nft:nftables iptables-restore:iptables \
+	etcd:etcd-server etcdctl:etcd-client iperf3:iperf3 socat:socat curl:curl jq:jq \
+	openssl:openssl xxd:xxd dig:dnsutils /usr/lib/cni/bridge:containernetworking-plugins \
+	/usr/lib/cni/portmap:containernetworking-plugins \
+	/usr/include/libnftnl/expr.h:libnftnl-dev /usr/include/libmnl/libmnl.h:libmnl-dev \
+	conntrack:conntrack knotd:knot ethtool:ethtool python3:python3 nsenter:util-linux
+BENCH_REQUIRES := dnsperf:dnsperf nsd:nsd
+
 # What only the benchmarks use (the anchors they are measured against).
 BENCH_PACKAGES := dnsperf nsd
 
-.PHONY: all deps bench-deps build release test lint demo bench clean-netns
+.PHONY: all deps bench-deps check-deps build release test lint demo bench clean-netns
 
 all: build
 
@@ -25,6 +42,15 @@ deps:
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@$(MAKE) --no-print-directory check-deps REQUIRES="$(DEB_REQUIRES)"
+
+# Fails naming every command or file that is missing and the Debian package to add for it.
+check-deps:
+	@bad=0; for req in $(REQUIRES); do \
+		what=$${req%%:*}; pkg=$${req##*:}; \
+		case $$what in /*) [ -e "$$what" ] ;; *) command -v "$$what" >/dev/null 2>&1 ;; esac \
+			|| { echo "make deps: $$what is missing: add Debian package '$$pkg' to the Makefile" >&2; bad=1; }; \
+	done; exit $$bad
 
 bench-deps: deps
 	@missing=""; for p in $(BENCH_PACKAGES); do \
@@ -33,6 +59,7 @@ bench-deps: deps
 	if [ -n "$$missing" ]; then \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@$(MAKE) --no-print-directory check-deps REQUIRES="$(BENCH_REQUIRES)"
 
 build: deps
 	$(CARGO) build --workspace --bins
