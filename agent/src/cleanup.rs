@@ -1,4 +1,6 @@
-//! `netd cleanup`: removes everything netd created on this node, for uninstall. The etcd lease is
+//! `netd cleanup`: removes everything netd created on this node, for uninstall: routes, devices,
+//! the masquerade table, the service rules of every proxy mode, eBPF pins, the DNS addresses on
+//! lo, the files netd wrote and netd-cni's address records. The etcd lease is
 //! left to expire (or delete `<prefix>/subnets/<subnet>` by hand) so that cleanup needs no etcd.
 
 use std::path::Path;
@@ -15,6 +17,10 @@ pub enum CleanupError {
     Masq(#[from] crate::masq::MasqError),
     #[error("removing netd's eBPF programs: {0}")]
     Ebpf(#[from] netd_ebpf::EbpfError),
+    #[error("removing the service rules: {0}")]
+    Services(#[from] netd_proxy::dataplane::DataplaneError),
+    #[error("removing the DNS addresses from lo: {0}")]
+    Dns(#[from] netd_dns::DnsError),
     #[error("removing {path}: {source}")]
     File { path: String, source: std::io::Error },
 }
@@ -28,6 +34,10 @@ pub struct Removed {
     pub nft_table: bool,
     pub udp_fast_path: bool,
     pub ebpf_services: bool,
+    /// The service dataplanes whose rules were there (`nftables`, `iptables`).
+    pub service_rules: Vec<&'static str>,
+    /// The DNS listen addresses netd had put on lo.
+    pub lo_addresses: Vec<std::net::IpAddr>,
 }
 
 pub async fn cleanup(run_dir: &Path, state_dir: &Path, cni_conf_dir: Option<&Path>, bridge: &str, bpffs: &Path) -> Result<Removed, CleanupError> {
@@ -56,6 +66,10 @@ pub async fn cleanup(run_dir: &Path, state_dir: &Path, cni_conf_dir: Option<&Pat
         }
     }
     removed.nft_table = crate::masq::remove_if_present()?;
+    // Every mode's service rules, whichever mode ran last.
+    removed.service_rules = netd_proxy::dataplane::remove_leftovers(None, "iptables-restore")?;
+    // A cluster DNS IP left on lo would black-hole the next cluster DNS.
+    removed.lo_addresses = netd_dns::lo::remove_ours_from_lo().await?;
     let mut files = vec![run_dir.join("subnet.env"), run_dir.join("netd.sock"), state_dir.join("subnet.env")];
     if let Some(dir) = cni_conf_dir {
         files.push(dir.join(crate::cniconf::CONFLIST_NAME));
@@ -66,6 +80,13 @@ pub async fn cleanup(run_dir: &Path, state_dir: &Path, cni_conf_dir: Option<&Pat
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(CleanupError::File { path: f.display().to_string(), source }),
         }
+    }
+    // netd-cni's address records (the conflist netd writes puts them under <state-dir>/cni).
+    let ipam = state_dir.join("cni");
+    match std::fs::remove_dir_all(&ipam) {
+        Ok(()) => removed.files.push(ipam.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(CleanupError::File { path: ipam.display().to_string(), source }),
     }
     Ok(removed)
 }

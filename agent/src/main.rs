@@ -58,12 +58,14 @@ fn main() -> anyhow::Result<()> {
             let conf = (!args.cni_conf_dir.as_os_str().is_empty()).then_some(args.cni_conf_dir.as_path());
             let r = rt.block_on(netd::cleanup::cleanup(&args.run_dir, &args.state_dir, conf, &args.cni_bridge, &args.ebpf_bpffs))?;
             println!(
-                "removed: links [{}], {} route(s), nftables table: {}, udp eBPF fast path: {}, eBPF service dataplane: {}, files [{}]",
+                "removed: links [{}], {} route(s), nftables table: {}, udp eBPF fast path: {}, eBPF service dataplane: {}, service rules [{}], lo addresses [{}], files [{}]",
                 r.links.join(", "),
                 r.routes,
                 if r.nft_table { "yes" } else { "absent" },
                 if r.udp_fast_path { "yes" } else { "absent" },
                 if r.ebpf_services { "yes" } else { "absent" },
+                r.service_rules.join(", "),
+                r.lo_addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
                 r.files.join(", ")
             );
             println!("the subnet lease in etcd is left to expire (24 h) or can be deleted by hand");

@@ -71,6 +71,31 @@ pub async fn start_kube_source(client: kube::Client, shared: Arc<Shared>) -> wat
     rx
 }
 
+/// Removes what the service dataplanes other than `mode`'s left on this node (a switch of
+/// `--proxy-mode`, or `none` after netd proxied services): stale rules of another mode would
+/// keep answering for Services beside the new one. Blocking (netlink, iptables-save/restore),
+/// so it runs off the async runtime; failures are reported and do not stop the proxy.
+pub async fn remove_other_modes(mode: ProxyMode, bpffs: std::path::PathBuf, shared: Arc<Shared>) {
+    let cfg = ProxyConfig::new(NodeInfo::default(), mode);
+    let removed = tokio::task::spawn_blocking(move || {
+        let mut removed = netd_proxy::dataplane::remove_leftovers(Some(mode), &cfg.iptables_restore).map_err(|e| e.to_string())?;
+        if mode != ProxyMode::Ebpf && netd_ebpf::EbpfBackend::remove_pins(&bpffs).map_err(|e| e.to_string())? {
+            removed.push("eBPF");
+        }
+        Ok::<_, String>(removed)
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("task failed: {e}")));
+    match removed {
+        Ok(r) if r.is_empty() => {}
+        Ok(r) => info!("removed the {} service rules a previous --proxy-mode left", r.join(" and ")),
+        Err(e) => {
+            error!("cannot remove the service rules of a previous --proxy-mode: {e}");
+            shared.update(|s| s.problems.push(format!("service rules of a previous --proxy-mode not removed: {e}")));
+        }
+    }
+}
+
 /// Runs the proxy on `snapshots` and mirrors its status into `netd status`, metrics and readiness.
 pub fn spawn_proxy(
     mode: ProxyMode,

@@ -270,7 +270,7 @@ impl DnsServer {
     }
 
     /// Addresses this server added to `lo` at start (left there on stop: the kernel keeps
-    /// netd's state across restarts; `lo::remove_from_lo` is for cleanup).
+    /// netd's state across restarts; `lo::remove_ours_from_lo` is for cleanup).
     pub fn added_to_lo(&self) -> &[IpAddr] {
         &self.added_to_lo
     }

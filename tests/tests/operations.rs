@@ -147,6 +147,55 @@ fn cleanup_removes_everything_netd_created() -> Result<()> {
     Ok(())
 }
 
+/// A switch of `--proxy-mode` removes the previous mode's rules (two modes must never answer for
+/// the same Service), and `netd cleanup` removes the service rules of every mode, the DNS
+/// addresses netd put on lo (a cluster DNS IP left there black-holes the next cluster DNS) and
+/// netd-cni's address records, and nothing of the operator's.
+#[test]
+fn proxy_mode_switch_and_cleanup_leave_no_service_rules_dns_addresses_or_ipam_state() -> Result<()> {
+    let mut c = Cluster::new(1)?;
+    c.write_network_config(VXLAN)?;
+    let dns_ip = ["--cluster-dns-ip", "10.96.0.10"];
+    c.node_mut(0).start_netd(&[&["--proxy-mode", "iptables"][..], &dns_ip].concat())?;
+    c.node_mut(0).wait_subnet_env(WAIT)?;
+    let n = c.node(0);
+    let netd_chains = |n: &Node| -> Result<usize> {
+        let rules = n.ns().run(&["iptables-save", "-t", "nat"])? + &n.ns().run(&["iptables-save", "-t", "filter"])?;
+        Ok(rules.lines().filter(|l| l.contains("NETD-")).count())
+    };
+    let has_proxy_table = |n: &Node| -> Result<bool> { Ok(n.ns().exec(&["nft", "list", "table", "ip", "netd-proxy"])?.status.success()) };
+    wait_until(WAIT, POLL, || Ok(netd_chains(n)? > 0))?;
+    assert!(!has_proxy_table(n)?);
+    let lo = |n: &Node| n.ns().run(&["ip", "-4", "addr", "show", "dev", "lo"]);
+    wait_until(WAIT, POLL, || Ok(lo(n)?.contains("169.254.20.10/32") && lo(n)?.contains("10.96.0.10/32")))?;
+    assert!(lo(n)?.contains("lo:netd"), "netd's lo addresses carry its label: {}", lo(n)?);
+    // An address the operator put on lo is not netd's.
+    n.ns().run(&["ip", "addr", "add", "169.254.99.1/32", "dev", "lo"])?;
+    wait_until(WAIT, POLL, || Ok(c.node(0).cni_conf_dir().join("10-netd.conflist").exists()))?;
+    c.node_mut(0).add_cni_pod("p0")?;
+    let ipam = c.node(0).state_dir().join("cni");
+    assert!(ipam.exists(), "netd-cni keeps its records under {}", ipam.display());
+
+    // iptables → nftables: the iptables rules go before the nftables ones are relied on.
+    c.node_mut(0).stop_netd()?;
+    c.node_mut(0).start_netd(&[&["--proxy-mode", "nftables"][..], &dns_ip].concat())?;
+    let n = c.node(0);
+    wait_until(WAIT, POLL, || Ok(has_proxy_table(n)? && netd_chains(n)? == 0))?;
+
+    c.node_mut(0).stop_netd()?;
+    let n = c.node(0);
+    let out = cleanup(n)?;
+    assert!(out.contains("service rules [nftables]"), "{out}");
+    assert!(out.contains("169.254.20.10") && out.contains("10.96.0.10"), "{out}");
+    assert!(!has_proxy_table(n)?);
+    assert_eq!(netd_chains(n)?, 0);
+    let left = lo(n)?;
+    assert!(!left.contains("169.254.20.10") && !left.contains("10.96.0.10"), "{left}");
+    assert!(left.contains("169.254.99.1/32"), "the operator's address stays: {left}");
+    assert!(!ipam.exists(), "netd-cni's records are removed: {out}");
+    Ok(())
+}
+
 /// The udp backend's TUN device is persistent (it outlives netd, so that a restart keeps traffic
 /// flowing): `netd cleanup` removes it like the VXLAN device.
 #[test]

@@ -53,7 +53,8 @@ impl Dataplane for Nftables {
         Ok(ApplyReport { changed: r.ops > 0, size: r.ops, observed: r.observed })
     }
     fn remove(&mut self) -> Result<(), DataplaneError> {
-        Ok(Nftables::remove(self)?)
+        Nftables::remove(self)?;
+        Ok(())
     }
 }
 
@@ -70,7 +71,8 @@ impl Dataplane for Iptables {
         Ok(ApplyReport { changed: r.bytes > 0, size: r.bytes, observed: r.observed })
     }
     fn remove(&mut self) -> Result<(), DataplaneError> {
-        Ok(Iptables::remove(self)?)
+        Iptables::remove(self)?;
+        Ok(())
     }
 }
 
@@ -106,5 +108,33 @@ impl<D: Dataplane> Backend for Rendered<D> {
     fn remove(&mut self) -> Result<(), DataplaneError> {
         self.last = None;
         self.dataplane.remove()
+    }
+}
+
+/// Removes what the nftables and iptables dataplanes programmed, except `keep`'s: what a switch
+/// of `--proxy-mode` leaves behind (as kube-proxy cleans up its other modes' rules at start), and
+/// all of it for `netd cleanup` (`keep: None`). Returns the names of the dataplanes whose rules
+/// were there. Both are tried even when one fails; the first error is returned.
+pub fn remove_leftovers(keep: Option<crate::ProxyMode>, iptables_restore: &str) -> Result<Vec<&'static str>, DataplaneError> {
+    use crate::ProxyMode;
+    let mut removed = Vec::new();
+    let mut first_err = None;
+    if keep != Some(ProxyMode::Nftables) {
+        match Nftables::new().remove() {
+            Ok(true) => removed.push("nftables"),
+            Ok(false) => {}
+            Err(e) => first_err = first_err.or(Some(DataplaneError::from(e))),
+        }
+    }
+    if keep != Some(ProxyMode::Iptables) {
+        match Iptables::new(iptables_restore).remove() {
+            Ok(true) => removed.push("iptables"),
+            Ok(false) => {}
+            Err(e) => first_err = first_err.or(Some(DataplaneError::from(e))),
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(removed),
     }
 }

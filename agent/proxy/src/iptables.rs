@@ -464,9 +464,19 @@ impl Iptables {
         Ok(report)
     }
 
-    /// Removes every chain and hook of ours.
-    pub fn remove(&mut self) -> Result<(), IptablesError> {
-        let obs = self.observe()?;
+    /// Removes every chain and hook of ours. Returns whether there was any. An absent
+    /// `iptables-save` (no iptables on the node) means there is nothing of ours.
+    pub fn remove(&mut self) -> Result<bool, IptablesError> {
+        self.last = None;
+        let obs = match self.observe() {
+            Ok(obs) => obs,
+            Err(IptablesError::Spawn { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let hooked = hooks().into_iter().any(|(t, chain, rule)| obs.builtin.get(&(t, chain.to_string())).is_some_and(|rs| rs.contains(&rule)));
+        if obs.chains.is_empty() && !hooked {
+            return Ok(false);
+        }
         let mut input = String::new();
         for table in [Table::Nat, Table::Filter] {
             let _ = writeln!(input, "*{}", table.name());
@@ -484,8 +494,7 @@ impl Iptables {
             input.push_str("COMMIT\n");
         }
         run(&self.restore, &["--noflush", "--wait"], Some(&input))?;
-        self.last = None;
-        Ok(())
+        Ok(true)
     }
 }
 

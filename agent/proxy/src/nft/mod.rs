@@ -372,8 +372,10 @@ impl Nftables {
         Ok(report)
     }
 
-    /// Removes our table (for `netd cleanup` and tests).
-    pub fn remove(&mut self) -> Result<(), NftError> {
+    /// Removes our table (for `netd cleanup`, a switch of `--proxy-mode`, and tests). Returns
+    /// whether it was there.
+    pub fn remove(&mut self) -> Result<bool, NftError> {
+        self.last = None;
         let obs = self.observe()?;
         if obs.table {
             let mut b = BatchBuilder::new(&self.table);
@@ -381,8 +383,7 @@ impl Nftables {
             let batch = b.finish();
             self.sock()?.send_batch(&batch, |_| "delete table".into())?;
         }
-        self.last = None;
-        Ok(())
+        Ok(obs.table)
     }
 }
 
