@@ -100,6 +100,10 @@ fn daemonset_configmap_and_rbac_agree_with_the_binary() {
     let net_conf = docs.iter().find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == cm_name).expect("net-conf ConfigMap");
     let text = net_conf["data"][file].as_str().unwrap_or_else(|| panic!("no key {file}"));
     netd::netconf::NetworkConfig::parse(text).unwrap();
+    // netd takes its upstreams from the pod's resolv.conf: it must be the node's, not one naming
+    // the cluster DNS IP that netd itself answers (no upstream at all).
+    assert_eq!(pod["dnsPolicy"], "Default");
+    assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux");
     // The init container installs netd-cni where runtimes look for plugins.
     let init = &pod["initContainers"][0];
     assert!(init["command"][2].as_str().unwrap().contains("/opt/cni/bin/netd-cni"));
