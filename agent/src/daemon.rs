@@ -15,13 +15,13 @@ use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::alloc::{self, Choice, Taken};
+use crate::alloc::{self, Choice};
 use crate::cli::{RunArgs, UdpDatapath};
 use crate::lease::{LeaseAttrs, Mac, VxlanData};
 use crate::masq::{MasqSpec, Masquerade};
 use crate::netconf::{BackendKind, NetworkConfig};
 use crate::netlink::{self, Netlink, NetlinkError, VxlanSpec};
-use crate::overlay::{self, LocalNode, Op, OverlayState, Via};
+use crate::overlay::{self, LocalNode, Op, OtherRoutes, OverlayState, RouteConflict, Via};
 use crate::registry::{EtcdOptions, EtcdRegistry, Entry, RegistryError, Snapshot};
 use crate::server::{self, unix_now, Shared};
 use crate::status::{self, NodeStatus, Phase};
@@ -346,7 +346,8 @@ async fn kube_subnets(
                     backend_data: l.backend_data.clone(),
                     backend_v6_data: None,
                 };
-                (format!("node/{}", l.node), Entry::Lease(crate::lease::Lease { subnet: l.subnet, attrs, etcd_lease: None, mod_revision: 0 }))
+                let key = format!("node/{}", l.node);
+                (key.clone(), Entry::Lease(crate::lease::Lease { key, subnet: l.subnet, attrs, etcd_lease: None, mod_revision: 0 }))
             })
             .collect();
         Snapshot { config: Some(text.clone()), subnets, revision: 0 }
@@ -467,17 +468,9 @@ async fn acquire(reg: &EtcdRegistry, cfg: &NetworkConfig, underlay: &Underlay, a
             return Err(DaemonError::Acquire("lost the create race 50 times in a row".into()));
         }
         for (key, reason) in snap.malformed() {
-            warn!(%key, %reason, "skipping malformed subnet key (its subnet stays taken)");
+            warn!(%key, %reason, "skipping malformed subnet key");
         }
-        let taken: Vec<Taken> = snap
-            .subnets
-            .values()
-            .filter_map(|e| match e {
-                Entry::Lease(l) => Some(Taken { subnet: l.subnet, public_ip: Some(l.attrs.public_ip), reservation: l.is_reservation() }),
-                Entry::Malformed { subnet: Some(s), .. } => Some(Taken { subnet: *s, public_ip: None, reservation: false }),
-                Entry::Malformed { subnet: None, .. } => None,
-            })
-            .collect();
+        let taken = snap.taken();
         let plan = alloc::choose(cfg, &taken, underlay.public_ip, previous, &mut rand::thread_rng())?;
         for stale in &plan.stale_own {
             warn!(subnet = %stale, "deleting our old lease: it does not fit the network config any more");
@@ -536,6 +529,8 @@ impl Daemon {
             subnet: self.held.subnet,
             public_ip: self.underlay.public_ip,
             vni: self.cfg.backend.vni,
+            network: self.cfg.network,
+            subnet_len: self.cfg.subnet_len,
             direct_routing: self.cfg.backend.direct_routing,
             underlay_prefixes: self.underlay.prefixes.clone(),
         }
@@ -1001,12 +996,12 @@ impl Daemon {
         }
     }
 
-    async fn observe(&self) -> Result<OverlayState, DaemonError> {
-        Ok(OverlayState {
-            neighs: self.nl.permanent_neighs(self.dev_index).await?,
-            fdb: self.nl.fdb_entries(self.dev_index).await?,
-            routes: self.nl.netd_routes(self.dev_index, self.underlay.index).await?,
-        })
+    /// netd's overlay state as the kernel has it, and the other routes of the main table.
+    async fn observe(&self) -> Result<(OverlayState, OtherRoutes), DaemonError> {
+        let (routes, others) = self.nl.main_routes(self.dev_index, self.underlay.index).await?;
+        let neighs = self.nl.permanent_neighs(self.dev_index).await?;
+        let fdb = self.nl.fdb_entries(self.dev_index).await?;
+        Ok((OverlayState { neighs, fdb, routes }, others))
     }
 
     async fn sync_overlay(&mut self, snap: &Snapshot) -> Result<(), DaemonError> {
@@ -1015,7 +1010,7 @@ impl Daemon {
         let (want, skipped) = match self.cfg.backend.kind {
             BackendKind::Vxlan => overlay::desired(&self.local_node(), &leases),
             BackendKind::Udp => {
-                let (want, peers, skipped) = overlay::desired_udp(&self.local_node(), self.cfg.network, &leases);
+                let (want, peers, skipped) = overlay::desired_udp(&self.local_node(), &leases);
                 if let Some(dp) = &self.udp {
                     dp.set_peers(&peers);
                 }
@@ -1043,24 +1038,13 @@ impl Daemon {
         let udp_peers: Vec<Ipv4Net> = match self.cfg.backend.kind {
             BackendKind::Udp => leases
                 .iter()
-                .filter(|l| l.subnet != self.held.subnet && !skipped.iter().any(|s| s.subnet == l.subnet))
+                .filter(|l| l.subnet != self.held.subnet && !skipped.iter().any(|s| s.key == l.key))
                 .map(|l| l.subnet)
                 .collect(),
             BackendKind::Vxlan => Vec::new(),
         };
         let malformed = snap.malformed();
-        let report: Vec<String> = skipped
-            .iter()
-            .map(|s| format!("{}: {}", s.subnet, s.reason))
-            .chain(malformed.iter().map(|(k, r)| format!("{k}: {r}")))
-            .collect();
-        if report != self.last_skipped {
-            for r in &report {
-                warn!("skipping peer {r}");
-            }
-            self.last_skipped = report;
-        }
-        let have = match self.observe().await {
+        let (have, others) = match self.observe().await {
             Ok(h) => h,
             Err(DaemonError::Netlink(e)) if e.is_not_found() => {
                 warn!("VXLAN device is gone; recreating it");
@@ -1069,7 +1053,21 @@ impl Daemon {
             }
             Err(e) => return Err(e),
         };
-        let ops = overlay::diff(&want, &have);
+        let overlay::Changes { ops, conflicts } = overlay::diff(&want, &have, &others);
+        let conflicts = self.describe_conflicts(&conflicts).await;
+        // Logged once per change (a resync that finds the same leases and routes says nothing).
+        let report: Vec<String> = skipped
+            .iter()
+            .map(|s| format!("skipping subnet key {} ({}): {}", s.key, s.subnet, s.reason))
+            .chain(malformed.iter().map(|(k, r)| format!("skipping malformed subnet key {k}: {r}")))
+            .chain(conflicts.iter().map(|c| format!("not programming the route to {}: {}", c.subnet, c.reason)))
+            .collect();
+        if report != self.last_skipped {
+            for r in &report {
+                warn!("{r}");
+            }
+            self.last_skipped = report;
+        }
         let mut failed: Vec<(&Op, String)> = Vec::new();
         for op in &ops {
             match self.apply(op).await {
@@ -1087,44 +1085,68 @@ impl Daemon {
         // A peer counts as programmed unless a change for its route, neighbor or FDB entry failed.
         let failed_for = |net: &Ipv4Net, gw: Ipv4Addr| {
             failed.iter().any(|(op, _)| match op {
-                Op::SetRoute(n, _) => n == net,
+                Op::AddRoute(n, _) | Op::SetRoute(n, _) => n == net,
                 Op::SetNeigh(ip, _) => *ip == gw,
                 Op::SetFdb(mac, _) => want.neighs.get(&gw) == Some(mac),
                 _ => false,
             })
         };
+        let conflicted = |net: &Ipv4Net| conflicts.iter().any(|c| c.subnet == net.to_string());
         let mut peers: Vec<status::PeerStatus> = leases
             .iter()
             .filter(|l| l.subnet != self.held.subnet)
             .map(|l| {
-                let skip = skipped.iter().find(|s| s.subnet == l.subnet).map(|s| s.reason.clone());
+                let skip = skipped.iter().find(|s| s.key == l.key).map(|s| s.reason.clone());
                 let programmed = match want.routes.get(&l.subnet) {
-                    Some(r) => !failed_for(&l.subnet, r.gateway),
+                    Some(r) => !failed_for(&l.subnet, r.gateway) && !conflicted(&l.subnet),
                     // udp: the peer is in the datapath's table, reached through the network route.
-                    None => udp_peers.contains(&l.subnet) && !failed_for(&self.cfg.network, Ipv4Addr::UNSPECIFIED),
+                    None => udp_peers.contains(&l.subnet) && !failed_for(&self.cfg.network, Ipv4Addr::UNSPECIFIED) && !conflicted(&self.cfg.network),
                 };
-                status::PeerStatus { subnet: l.subnet.to_string(), public_ip: l.attrs.public_ip.to_string(), programmed, skipped: skip }
+                status::PeerStatus { key: l.key.clone(), subnet: l.subnet.to_string(), public_ip: l.attrs.public_ip.to_string(), programmed, skipped: skip }
             })
             .collect();
         peers.sort_by(|a, b| a.subnet.cmp(&b.subnet));
         let elapsed = started.elapsed();
         let m = &self.shared.metrics;
         m.sync_duration.observe(elapsed.as_secs_f64());
-        let peer_count = if self.cfg.backend.kind == BackendKind::Udp { udp_peers.len() } else { want.routes.len() };
+        let peer_count = if self.cfg.backend.kind == BackendKind::Udp { udp_peers.len() } else { want.routes.len().saturating_sub(conflicts.len()) };
         m.peers.set(peer_count as i64);
         m.peers_skipped.set(skipped.len() as i64);
         m.malformed_keys.set(malformed.len() as i64);
+        m.route_conflicts.set(conflicts.len() as i64);
         let errors: Vec<String> = failed.iter().map(|(op, e)| format!("{op:?}: {e}")).collect();
         let changes = ops.len();
         self.shared.update(|s| {
             s.peers = peers;
             s.malformed_keys = malformed;
+            s.route_conflicts = conflicts;
             if let Some(b) = &mut s.backend {
                 b.device_present = true;
             }
             s.last_sync = Some(status::SyncStatus { at: unix_now(), duration_ms: elapsed.as_secs_f64() * 1000.0, changes, errors });
         });
         Ok(())
+    }
+
+    /// The conflicts as `netd status` reports them, naming the routes that are in the way by
+    /// their interfaces' names.
+    async fn describe_conflicts(&self, conflicts: &[RouteConflict]) -> Vec<status::RouteConflictStatus> {
+        if conflicts.is_empty() {
+            return Vec::new();
+        }
+        // Names only help the operator; without them the routes are named by interface index.
+        let links = self.nl.links().await.unwrap_or_default();
+        let name = |i: u32| links.iter().find(|l| l.index == i).map(|l| l.name.clone());
+        conflicts
+            .iter()
+            .map(|c| {
+                let existing: Vec<String> = c.existing.iter().map(|r| r.describe(c.net, name)).collect();
+                status::RouteConflictStatus {
+                    subnet: c.net.to_string(),
+                    reason: format!("{} is there and netd did not create it (netd never replaces or removes such a route)", existing.join("; ")),
+                }
+            })
+            .collect()
     }
 
     async fn apply(&self, op: &Op) -> Result<(), NetlinkError> {
@@ -1136,7 +1158,8 @@ impl Daemon {
             Op::DelFdb(mac, dst) => self.nl.del_fdb(dev, mac, dst).await,
             Op::SetNeigh(ip, mac) => self.nl.set_neigh(dev, ip, mac).await,
             Op::SetFdb(mac, dst) => self.nl.set_fdb(dev, mac, dst).await,
-            Op::SetRoute(net, spec) => self.nl.set_route(net, spec.gateway, index(spec.via), spec.via == Via::Overlay).await,
+            Op::AddRoute(net, spec) => self.nl.set_route(net, spec.gateway, index(spec.via), spec.via == Via::Overlay, false).await,
+            Op::SetRoute(net, spec) => self.nl.set_route(net, spec.gateway, index(spec.via), spec.via == Via::Overlay, true).await,
         }
     }
 }
@@ -1183,6 +1206,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::DelFdb(..) => "del_fdb",
         Op::SetNeigh(..) => "set_neigh",
         Op::SetFdb(..) => "set_fdb",
+        Op::AddRoute(..) => "add_route",
         Op::SetRoute(..) => "set_route",
     }
 }

@@ -12,6 +12,11 @@ use serde::{Deserialize, Serialize};
 pub enum LeaseError {
     #[error("subnet key {key:?}: {reason}")]
     Key { key: String, reason: String },
+    /// `10.244.5.7-24`: a key that is not a subnet's canonical name. It still names a subnet
+    /// (`subnet`, the address with its host bits cleared), which the caller may want to keep from
+    /// being handed out.
+    #[error("subnet key {key:?}: address has host bits set (the subnet would be {subnet})")]
+    HostBits { key: String, subnet: Ipv4Net },
     #[error("lease value for {subnet}: {reason}")]
     Value { subnet: String, reason: String },
 }
@@ -154,6 +159,9 @@ impl LeaseAttrs {
 /// One lease as read from the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
+    /// Where it was read from (the etcd key, or `node/<name>` with Node-based subnets): what
+    /// reports name, so an operator can find and fix it.
+    pub key: String,
     pub subnet: Ipv4Net,
     pub attrs: LeaseAttrs,
     /// etcd lease ID the key is bound to; `None` for a reservation (a key without an etcd lease).
@@ -184,7 +192,7 @@ pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, LeaseError> {
     let len: u8 = len.parse().map_err(|_| bad("not a prefix length after '-'"))?;
     let net = Ipv4Net::new(ip, len).map_err(|_| bad("prefix length above 32"))?;
     if net.network() != ip {
-        return Err(bad("address has host bits set"));
+        return Err(LeaseError::HostBits { key: key.to_string(), subnet: net.trunc() });
     }
     Ok(net)
 }
@@ -227,6 +235,11 @@ mod tests {
         for bad in ["x/garbage", "x/10.244.1.0", "x/10.244.1.5-24", "x/10.244.1.0-40", "x/a.b.c.d-24"] {
             assert!(parse_subnet_key(bad).is_err(), "{bad}");
         }
+        // Host bits: refused, but the error names the subnet the key would stand for.
+        assert_eq!(
+            parse_subnet_key("x/10.244.5.7-24"),
+            Err(LeaseError::HostBits { key: "x/10.244.5.7-24".into(), subnet: "10.244.5.0/24".parse().unwrap() })
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub peers: Gauge,
     pub peers_skipped: Gauge,
     pub malformed_keys: Gauge,
+    pub route_conflicts: Gauge,
     pub sync_duration: Histogram,
     pub sync_errors: Counter,
     pub overlay_changes: Family<Labels, Counter>,
@@ -50,6 +51,7 @@ impl Metrics {
             peers: Gauge::default(),
             peers_skipped: Gauge::default(),
             malformed_keys: Gauge::default(),
+            route_conflicts: Gauge::default(),
             sync_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             sync_errors: Counter::default(),
             overlay_changes: Family::default(),
@@ -71,8 +73,9 @@ impl Metrics {
         r.register("lease_acquisitions", "Subnet leases acquired (more than one means the lease was lost or the config changed)", m.lease_acquisitions.clone());
         r.register("lease_renewals", "Subnet lease renewals by result", m.lease_renewals.clone());
         r.register("peers", "Peer subnets programmed into the overlay", m.peers.clone());
-        r.register("peers_skipped", "Peer leases skipped (bad data, other backend, conflicts)", m.peers_skipped.clone());
+        r.register("peers_skipped", "Peer leases skipped (outside the network, bad data, other backend, overlaps)", m.peers_skipped.clone());
         r.register("malformed_keys", "Keys under <prefix>/subnets/ that could not be parsed", m.malformed_keys.clone());
+        r.register("route_conflicts", "Peer routes not programmed because a route netd did not create has their destination", m.route_conflicts.clone());
         r.register("sync_duration_seconds", "Time to reconcile the dataplane with the desired state", m.sync_duration.clone());
         r.register("sync_errors", "Dataplane changes that failed", m.sync_errors.clone());
         r.register("overlay_changes", "Overlay changes applied, by operation", m.overlay_changes.clone());

@@ -7,7 +7,8 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchStream};
 use ipnet::Ipv4Net;
 
-use crate::lease::{parse_subnet_key, subnet_key_name, Lease, LeaseAttrs};
+use crate::alloc::Taken;
+use crate::lease::{parse_subnet_key, subnet_key_name, Lease, LeaseAttrs, LeaseError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -31,8 +32,9 @@ pub type EtcdOptions = netd_proxy::registry::RegistryOptions;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     Lease(Lease),
-    /// The key or the value is malformed: skipped for routing, reported, and its subnet (if the
-    /// key parses) still counts as taken.
+    /// The key or the value is malformed: skipped for routing, reported, and its subnet still
+    /// counts as taken when the key names one (a well-formed key with a bad value, or a key with
+    /// host bits set such as `10.244.5.7-24`, which keeps 10.244.5.0/24).
     Malformed { subnet: Option<Ipv4Net>, reason: String },
 }
 
@@ -49,12 +51,59 @@ impl Snapshot {
         self.subnets.values().filter_map(|e| if let Entry::Lease(l) = e { Some(l.clone()) } else { None }).collect()
     }
 
+    /// Malformed keys with why, and what that means for allocation: a key that names a subnet
+    /// keeps it taken, one that names none reserves nothing (reports must not claim otherwise).
     pub fn malformed(&self) -> Vec<(String, String)> {
         self.subnets
             .iter()
-            .filter_map(|(k, e)| if let Entry::Malformed { reason, .. } = e { Some((k.clone(), reason.clone())) } else { None })
+            .filter_map(|(k, e)| match e {
+                Entry::Malformed { subnet: Some(s), reason } => Some((k.clone(), format!("{reason}; skipped, and {s} stays taken (never handed out while the key exists)"))),
+                Entry::Malformed { subnet: None, reason } => Some((k.clone(), format!("{reason}; skipped, and it names no subnet, so it reserves none"))),
+                Entry::Lease(_) => None,
+            })
             .collect()
     }
+
+    /// What allocation must not hand out: every lease and reservation, and the subnet of every
+    /// malformed key that names one (it is somebody's, just unreadable).
+    pub fn taken(&self) -> Vec<Taken> {
+        self.subnets
+            .values()
+            .filter_map(|e| match e {
+                Entry::Lease(l) => Some(Taken { subnet: l.subnet, public_ip: Some(l.attrs.public_ip), reservation: l.is_reservation() }),
+                Entry::Malformed { subnet: Some(s), .. } => Some(Taken { subnet: *s, public_ip: None, reservation: false }),
+                Entry::Malformed { subnet: None, .. } => None,
+            })
+            .collect()
+    }
+}
+
+/// Folds one key's new state (`None` = deleted) under `prefix` into a snapshot. Pure, so the key
+/// and value parsing is unit-tested without etcd.
+fn apply_key(prefix: &str, snap: &mut Snapshot, key: &[u8], value: Option<(&[u8], i64, i64)>) {
+    let key = String::from_utf8_lossy(key).into_owned();
+    if key == format!("{prefix}/config") {
+        snap.config = value.map(|(v, _, _)| String::from_utf8_lossy(v).into_owned());
+        return;
+    }
+    if !key.starts_with(&format!("{prefix}/subnets/")) {
+        return;
+    }
+    let Some((value, lease_id, mod_revision)) = value else {
+        snap.subnets.remove(&key);
+        return;
+    };
+    let entry = match parse_subnet_key(&key) {
+        // `10.244.5.7-24` stands for 10.244.5.0/24 to whoever wrote it: never a peer, but its
+        // subnet stays taken, as for any other malformed key that names one.
+        Err(e @ LeaseError::HostBits { subnet, .. }) => Entry::Malformed { subnet: Some(subnet), reason: e.to_string() },
+        Err(e) => Entry::Malformed { subnet: None, reason: e.to_string() },
+        Ok(subnet) => match LeaseAttrs::from_json(&subnet, value) {
+            Err(e) => Entry::Malformed { subnet: Some(subnet), reason: e.to_string() },
+            Ok(attrs) => Entry::Lease(Lease { key: key.clone(), subnet, attrs, etcd_lease: (lease_id != 0).then_some(lease_id), mod_revision }),
+        },
+    };
+    snap.subnets.insert(key, entry);
 }
 
 /// The result of writing our lease.
@@ -118,26 +167,7 @@ impl EtcdRegistry {
 
     /// Applies one key's new state (`None` = deleted) to a snapshot.
     fn apply(&self, snap: &mut Snapshot, key: &[u8], value: Option<(&[u8], i64, i64)>) {
-        let key = String::from_utf8_lossy(key).into_owned();
-        if key == self.config_key() {
-            snap.config = value.map(|(v, _, _)| String::from_utf8_lossy(v).into_owned());
-            return;
-        }
-        if !key.starts_with(&self.subnets_prefix()) {
-            return;
-        }
-        let Some((value, lease_id, mod_revision)) = value else {
-            snap.subnets.remove(&key);
-            return;
-        };
-        let entry = match parse_subnet_key(&key) {
-            Err(e) => Entry::Malformed { subnet: None, reason: e.to_string() },
-            Ok(subnet) => match LeaseAttrs::from_json(&subnet, value) {
-                Err(e) => Entry::Malformed { subnet: Some(subnet), reason: e.to_string() },
-                Ok(attrs) => Entry::Lease(Lease { subnet, attrs, etcd_lease: (lease_id != 0).then_some(lease_id), mod_revision }),
-            },
-        };
-        snap.subnets.insert(key, entry);
+        apply_key(&self.prefix, snap, key, value);
     }
 
     /// Creates our lease key if and only if it does not exist (one transaction, so two nodes that
@@ -238,4 +268,66 @@ fn tls_options(opts: &EtcdOptions) -> Result<etcd_client::TlsOptions, RegistryEr
         Shared::TlsFile { path, source } => RegistryError::TlsFile { path, source },
         other => RegistryError::Tls(other.to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netconf::NetworkConfig;
+    use rand::SeedableRng;
+
+    const P: &str = "/coreos.com/network";
+    const VALUE: &[u8] = br#"{"PublicIP":"198.18.0.50","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:32"}}"#;
+
+    fn put(snap: &mut Snapshot, name: &str, value: &[u8]) {
+        apply_key(P, snap, format!("{P}/subnets/{name}").as_bytes(), Some((value, 7, 3)));
+    }
+
+    #[test]
+    fn keys_and_values_are_read_into_leases_or_malformed_entries() {
+        let mut snap = Snapshot::default();
+        apply_key(P, &mut snap, format!("{P}/config").as_bytes(), Some((b"{}", 0, 1)));
+        put(&mut snap, "10.244.1.0-24", VALUE);
+        put(&mut snap, "10.244.2.0-24", b"{not json");
+        put(&mut snap, "garbage", VALUE);
+        apply_key(P, &mut snap, b"/elsewhere/subnets/10.244.3.0-24", Some((VALUE, 7, 3)));
+        assert_eq!(snap.config.as_deref(), Some("{}"));
+        assert_eq!(snap.subnets.len(), 3);
+        let leases = snap.leases();
+        assert_eq!(leases.len(), 1);
+        assert_eq!(leases[0].key, format!("{P}/subnets/10.244.1.0-24"));
+        assert_eq!(leases[0].etcd_lease, Some(7));
+        apply_key(P, &mut snap, format!("{P}/subnets/10.244.1.0-24").as_bytes(), None);
+        assert!(snap.leases().is_empty());
+    }
+
+    /// A key with host bits set is malformed: never a lease (so never a peer), reported, and the
+    /// subnet it stands for stays taken, which the report says (and no more than that).
+    #[test]
+    fn a_key_with_host_bits_is_malformed_and_keeps_its_subnet_taken() {
+        let mut snap = Snapshot::default();
+        put(&mut snap, "10.244.2.7-24", VALUE);
+        put(&mut snap, "garbage", VALUE);
+        assert!(snap.leases().is_empty());
+        let m = snap.malformed();
+        assert_eq!(m.len(), 2);
+        let (key, why) = &m[0];
+        assert_eq!(key, &format!("{P}/subnets/10.244.2.7-24"));
+        assert!(why.contains("host bits set") && why.contains("10.244.2.0/24 stays taken"), "{why}");
+        let (key, why) = &m[1];
+        assert_eq!(key, &format!("{P}/subnets/garbage"));
+        assert!(why.contains("reserves none") && !why.contains("stays taken"), "{why}");
+        let taken = snap.taken();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].subnet, "10.244.2.0/24".parse::<Ipv4Net>().unwrap());
+
+        // Allocation honours it: of .1 .2 .3, with .1 leased, only .3 is ever handed out.
+        put(&mut snap, "10.244.1.0-24", VALUE);
+        let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/22","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#).unwrap();
+        for seed in 0..20 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let plan = crate::alloc::choose(&cfg, &snap.taken(), "198.18.0.10".parse().unwrap(), None, &mut rng).unwrap();
+            assert_eq!(plan.choice, crate::alloc::Choice::New("10.244.3.0/24".parse().unwrap()));
+        }
+    }
 }

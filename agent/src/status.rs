@@ -19,6 +19,9 @@ pub struct NodeStatus {
     pub peers: Vec<PeerStatus>,
     /// Keys under `<prefix>/subnets/` that could not be read, with why.
     pub malformed_keys: Vec<(String, String)>,
+    /// Peer routes left out because a route netd did not create has their destination.
+    #[serde(default)]
+    pub route_conflicts: Vec<RouteConflictStatus>,
     pub etcd: EtcdStatus,
     pub last_sync: Option<SyncStatus>,
     pub files: FilesStatus,
@@ -76,12 +79,23 @@ pub struct BackendStatus {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerStatus {
+    /// The lease's key (`<prefix>/subnets/10.244.4.0-24`, or `node/<name>`).
+    #[serde(default)]
+    pub key: String,
     pub subnet: String,
     pub public_ip: String,
     /// Whether the kernel has the route (and neighbor/FDB entries) for it after the last sync.
     pub programmed: bool,
     /// Why it is not programmed, when it was skipped on purpose.
     pub skipped: Option<String>,
+}
+
+/// A route netd wants but does not program: its destination has a route netd did not create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteConflictStatus {
+    pub subnet: String,
+    /// The route(s) in the way, as `ip route` shows them, and what netd does about it.
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -232,13 +246,24 @@ pub fn verdict(s: &NodeStatus) -> (Health, Vec<String>) {
         let why = s.etcd.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
         warn.push(format!("etcd unreachable{since}{why}; the dataplane keeps its last known state"));
     }
-    let unprogrammed: Vec<&PeerStatus> = s.peers.iter().filter(|p| !p.programmed && p.skipped.is_none()).collect();
+    // A conflict leaves a peer unreachable: as bad as a route that failed, and said with why.
+    for c in &s.route_conflicts {
+        bad.push(format!("route to {} not programmed: {}", c.subnet, c.reason));
+    }
+    let unprogrammed: Vec<&PeerStatus> = s
+        .peers
+        .iter()
+        .filter(|p| !p.programmed && p.skipped.is_none() && !s.route_conflicts.iter().any(|c| c.subnet == p.subnet))
+        .collect();
     if !unprogrammed.is_empty() {
         let list: Vec<&str> = unprogrammed.iter().map(|p| p.subnet.as_str()).collect();
         bad.push(format!("{} peer route(s) not programmed: {}", unprogrammed.len(), list.join(", ")));
     }
+    // A skipped lease is no peer this node can use; the node itself is fine, but the key needs
+    // an operator (removing it, or fixing the config), so it is never HEALTHY.
     for p in s.peers.iter().filter(|p| p.skipped.is_some()) {
-        warn.push(format!("peer {} skipped: {}", p.subnet, p.skipped.as_deref().unwrap_or("")));
+        let key = if p.key.is_empty() { String::new() } else { format!(" (key {})", p.key) };
+        warn.push(format!("peer {}{key} skipped: {}", p.subnet, p.skipped.as_deref().unwrap_or("")));
     }
     for (k, r) in &s.malformed_keys {
         warn.push(format!("malformed key {k}: {r}"));
@@ -345,6 +370,7 @@ pub fn render(s: &NodeStatus, color: bool) -> String {
     for p in &s.peers {
         let state = match (&p.skipped, p.programmed) {
             (Some(why), _) => paint("33", &format!("skipped: {why}")),
+            (None, _) if s.route_conflicts.iter().any(|c| c.subnet == p.subnet) => paint("31", "route NOT PROGRAMMED (conflict)"),
             (None, true) => paint("32", "route ok"),
             (None, false) => paint("31", "route MISSING"),
         };
@@ -412,8 +438,9 @@ mod tests {
                 acquired_at: 999_000,
             }),
             backend: Some(BackendStatus { kind: "vxlan".into(), device: "netd.1".into(), device_present: true, vni: 1, port: 8472, mtu: 1450, underlay: "eth0".into(), datapath: None }),
-            peers: vec![PeerStatus { subnet: "10.244.4.0/24".into(), public_ip: "198.18.0.11".into(), programmed: true, skipped: None }],
+            peers: vec![PeerStatus { key: "/coreos.com/network/subnets/10.244.4.0-24".into(), subnet: "10.244.4.0/24".into(), public_ip: "198.18.0.11".into(), programmed: true, skipped: None }],
             malformed_keys: vec![],
+            route_conflicts: vec![],
             etcd: EtcdStatus { endpoints: vec!["http://198.18.0.1:2379".into()], connected: true, last_ok: Some(1_000_000), last_error: None, revision: 42 },
             last_sync: Some(SyncStatus { at: 999_999, duration_ms: 1.5, changes: 0, errors: vec![] }),
             files: FilesStatus { subnet_env: Some("/run/netd/subnet.env".into()), cni_conflist: Some("/etc/cni/net.d/10-netd.conflist".into()) },
@@ -468,12 +495,35 @@ mod tests {
     #[test]
     fn skipped_peers_and_sync_errors_are_reported() {
         let mut s = healthy();
-        s.peers.push(PeerStatus { subnet: "10.244.9.0/24".into(), public_ip: "198.18.0.19".into(), programmed: false, skipped: Some("VNI 2 differs from ours (1)".into()) });
+        s.peers.push(PeerStatus { key: "/coreos.com/network/subnets/10.244.9.0-24".into(), subnet: "10.244.9.0/24".into(), public_ip: "198.18.0.19".into(), programmed: false, skipped: Some("VNI 2 differs from ours (1)".into()) });
         s.last_sync.as_mut().unwrap().errors.push("ip route replace ...: permission denied".into());
         s.malformed_keys.push(("/coreos.com/network/subnets/junk".into(), "bad key".into()));
         let (h, why) = verdict(&s);
         assert_eq!(h, Health::Degraded);
         assert_eq!(why.len(), 3, "{why:?}");
+        assert_eq!(why[0], "peer 10.244.9.0/24 (key /coreos.com/network/subnets/10.244.9.0-24) skipped: VNI 2 differs from ours (1)");
+        assert_eq!(h.exit_code(), 1);
+    }
+
+    /// A peer route not programmed because a route netd did not create has its destination
+    /// leaves that peer unreachable: UNHEALTHY, saying which route is in the way, once (not
+    /// again in the generic "not programmed" line).
+    #[test]
+    fn route_conflicts_are_unhealthy_and_name_the_route() {
+        let mut s = healthy();
+        s.peers[0].programmed = false;
+        let reason = "10.244.4.0/24 via 198.18.0.1 dev eth0 proto static is there and netd did not create it (netd never replaces or removes such a route)";
+        s.route_conflicts.push(RouteConflictStatus { subnet: "10.244.4.0/24".into(), reason: reason.into() });
+        let (h, why) = verdict(&s);
+        assert_eq!(h, Health::Unhealthy);
+        assert_eq!(h.exit_code(), 2);
+        assert_eq!(why, [format!("route to 10.244.4.0/24 not programmed: {reason}")]);
+        let text = render(&s, false);
+        assert!(text.starts_with("UNHEALTHY  node0: route to 10.244.4.0/24 not programmed: 10.244.4.0/24 via 198.18.0.1"), "{text}");
+        assert!(text.contains("10.244.4.0/24      via 198.18.0.11     route NOT PROGRAMMED (conflict)"), "{text}");
+        let j = serde_json::to_value(&s).unwrap();
+        assert_eq!(j["route_conflicts"][0]["subnet"], "10.244.4.0/24");
+        assert_eq!(j["peers"][0]["key"], "/coreos.com/network/subnets/10.244.4.0-24");
     }
 
     #[test]

@@ -206,6 +206,17 @@ impl Node {
         Ok(())
     }
 
+    /// Runs `netd status [args]` against this node's netd (its run dir), in its namespace:
+    /// (exit code, stdout).
+    pub fn netd_status(&self, args: &[&str]) -> Result<(i32, String)> {
+        let bin = netd_binary()?;
+        let run = self.run_dir();
+        let mut cmd = vec![bin.to_str().context("non-UTF-8 netd path")?, "status", "--run-dir", run.to_str().context("non-UTF-8 temp dir")?];
+        cmd.extend_from_slice(args);
+        let out = self.ns.exec(&cmd)?;
+        Ok((out.status.code().context("netd status killed by a signal")?, String::from_utf8_lossy(&out.stdout).into_owned()))
+    }
+
     /// True while the netd started by [`Node::start_netd`] is running.
     pub fn netd_running(&mut self) -> bool {
         matches!(self.netd.as_mut().map(|c| c.try_wait()), Some(Ok(None)))

@@ -12,12 +12,7 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// Runs `netd status [args]` in the node's namespace: (exit code, stdout).
 fn status(node: &Node, args: &[&str]) -> Result<(i32, String)> {
-    let bin = netd_binary()?;
-    let run = node.run_dir();
-    let mut cmd = vec![bin.to_str().unwrap(), "status", "--run-dir", run.to_str().unwrap()];
-    cmd.extend_from_slice(args);
-    let out = node.ns().exec(&cmd)?;
-    Ok((out.status.code().context("killed by a signal")?, String::from_utf8_lossy(&out.stdout).into_owned()))
+    node.netd_status(args)
 }
 
 /// Two nodes with netd running and their subnets leased.

@@ -52,6 +52,19 @@ impl Backend {
         }
     }
 
+    /// A well-formed lease of this backend for a node at `public_ip` (a VtepMAC of its own per
+    /// address), as flanneld or netd writes it.
+    fn lease_json(self, public_ip: Ipv4Addr) -> String {
+        match self {
+            Backend::Vxlan => {
+                let o = public_ip.octets();
+                let mac = format!("0e:6e:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+                format!(r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#)
+            }
+            Backend::Udp => format!(r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"udp"}}"#),
+        }
+    }
+
     /// What the log says when netd creates the overlay device (a restart must not).
     fn created_device_log(self) -> &'static str {
         match self {
@@ -91,6 +104,7 @@ for_both_backends!(
     restarting_netd_keeps_the_subnet_and_a_long_tcp_stream,
     etcd_outage_interrupts_nothing_and_new_nodes_converge_after,
     malformed_keys_are_skipped_reported_and_never_handed_out,
+    leases_outside_the_network_are_skipped_and_cut_no_node_off,
     drift_is_repaired_by_the_periodic_resync,
     a_revoked_lease_is_reacquired_loudly,
     missing_and_invalid_config_are_waited_out_with_a_clear_message,
@@ -134,9 +148,8 @@ fn wait_converged(c: &Cluster) -> Result<()> {
 
 /// The peer subnets `netd status --json` on a node reports as programmed.
 fn programmed_peers(node: &Node) -> Result<BTreeSet<String>> {
-    let bin = netd_tests::netd_binary()?;
-    let out = node.ns().exec(&[bin.to_str().unwrap(), "status", "--json", "--run-dir", node.run_dir().to_str().unwrap()])?;
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return Ok(BTreeSet::new()) };
+    let (_, out) = node.netd_status(&["--json"])?;
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&out) else { return Ok(BTreeSet::new()) };
     Ok(v["status"]["peers"]
         .as_array()
         .map(|peers| {
@@ -427,16 +440,20 @@ fn malformed_keys_are_skipped_reported_and_never_handed_out(backend: Backend) ->
     etcd.put(&format!("{SUBNETS}10.244.1.0-24"), "{not json")?;
     // Well-formed JSON this backend cannot use.
     let (unusable, why) = match backend {
-        Backend::Vxlan => (r#"{"PublicIP":"198.18.0.99","BackendType":"vxlan"}"#, "10.244.2.0/24: vxlan lease without BackendData"),
-        Backend::Udp => (r#"{"PublicIP":"198.18.0.99","BackendType":"host-gw"}"#, r#"10.244.2.0/24: backend "host-gw" is not udp"#),
+        Backend::Vxlan => (r#"{"PublicIP":"198.18.0.99","BackendType":"vxlan"}"#, "(10.244.2.0/24): vxlan lease without BackendData"),
+        Backend::Udp => (r#"{"PublicIP":"198.18.0.99","BackendType":"host-gw"}"#, r#"(10.244.2.0/24): backend "host-gw" is not udp"#),
     };
     etcd.put(&format!("{SUBNETS}10.244.2.0-24"), unusable)?;
     etcd.put(&format!("{SUBNETS}garbage"), "{}")?;
+    // Host bits set: not a subnet's name, so no peer; but it stands for 10.244.3.0/24, which
+    // stays taken (as the report says).
+    etcd.put(&format!("{SUBNETS}10.244.3.9-24"), &backend.lease_json(Ipv4Addr::new(198, 18, 0, 98)))?;
     c.start_netd_all(&[])?;
     for i in 0..3 {
         c.node_mut(i).wait_subnet_env(WAIT)?;
         let s = subnet(c.node(i))?;
-        assert!(s != "10.244.1.0/24" && s != "10.244.2.0/24", "node{i} got the malformed key's subnet {s}");
+        assert!(!["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"].contains(&s.as_str()), "node{i} got the malformed key's subnet {s}");
+        assert_eq!(route(c.node(i), "10.244.3.0/24")?, "", "a key with host bits is no peer");
     }
     let a = c.node_mut(0).add_pod("a")?;
     let b = c.node_mut(2).add_pod("b")?;
@@ -450,8 +467,129 @@ fn malformed_keys_are_skipped_reported_and_never_handed_out(backend: Backend) ->
         let log = c.node(i).log();
         assert!(log.contains("10.244.1.0-24") && log.contains("garbage"), "malformed keys are reported:\n{log}");
         assert!(log.contains(why), "{log}");
+        assert!(log.contains("10.244.3.9-24\": address has host bits set (the subnet would be 10.244.3.0/24); skipped, and 10.244.3.0/24 stays taken"), "{log}");
+        assert!(log.contains("garbage\": expected <ip>-<prefix length>; skipped, and it names no subnet, so it reserves none"), "{log}");
+        let (code, text) = c.node(i).netd_status(&[])?;
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains("10.244.3.9-24") && text.contains("10.244.3.0/24 stays taken"), "{text}");
         wait_until(WAIT, POLL, || Ok(c.node(i).log().contains("10.244.9.0-24")))?;
     }
+    Ok(())
+}
+
+/// A lease key for the underlay's own prefix, or for any range outside `Network` (here the
+/// service range), is no peer: every node keeps the kernel's connected route to the underlay as
+/// it was and still reaches etcd, the other nodes and their pods, while `netd status` is DEGRADED
+/// and names the keys; once they are deleted the status is HEALTHY again, the route unchanged.
+fn leases_outside_the_network_are_skipped_and_cut_no_node_off(backend: Backend) -> Result<()> {
+    let mut c = start(2, backend.config())?;
+    let a = c.node_mut(0).add_pod("a")?;
+    let b = c.node_mut(1).add_pod("b")?;
+    wait_ping(&a, b.ip)?;
+    for n in c.nodes() {
+        wait_until(WAIT, POLL, || Ok(n.netd_status(&[])?.0 == 0))?;
+    }
+    let underlay = "198.18.0.0/24";
+    let connected: Vec<String> = c.nodes().iter().map(|n| route(n, underlay)).collect::<Result<_>>()?;
+    for (n, r) in c.nodes().iter().zip(&connected) {
+        assert_eq!(*r, format!("{underlay} dev eth0 proto kernel scope link src {}", n.ip()));
+    }
+
+    let bogus = ["10.96.0.0/12", underlay];
+    for (k, ip) in bogus.iter().zip([98, 99]) {
+        c.etcd().put(&key_of(k), &backend.lease_json(Ipv4Addr::new(198, 18, 0, ip)))?;
+    }
+    for n in c.nodes() {
+        let reported = || -> Result<bool> {
+            let (code, text) = n.netd_status(&[])?;
+            Ok(code == 1 && bogus.iter().all(|k| text.contains(&key_of(k))))
+        };
+        wait_until(WAIT, POLL, reported).with_context(|| format!("{} status:\n{}", n.name(), n.netd_status(&[]).map(|s| s.1).unwrap_or_default()))?;
+        let (_, text) = n.netd_status(&[])?;
+        assert!(text.starts_with("DEGRADED"), "{text}");
+        for k in bogus {
+            let line = format!("peer {k} (key {}) skipped: outside the pod network 10.244.0.0/16 (Network in the network config)", key_of(k));
+            assert!(text.contains(&line), "{line} in:\n{text}");
+        }
+        let (code, json) = n.netd_status(&["--json"])?;
+        assert_eq!(code, 1);
+        let v: serde_json::Value = serde_json::from_str(&json)?;
+        let skipped: Vec<&str> = v["status"]["peers"]
+            .as_array()
+            .context("peers")?
+            .iter()
+            .filter(|p| p["skipped"].is_string())
+            .filter_map(|p| p["key"].as_str())
+            .collect();
+        assert_eq!(skipped, bogus.map(key_of));
+
+        // The kernel's route to the underlay is untouched, and nothing of netd's goes there.
+        assert_eq!(route(n, underlay)?, connected[n.index()]);
+        let ours = n.ns().run(&["ip", "route", "show", "proto", "110"])?;
+        assert!(!ours.contains("198.18.") && !ours.contains("10.96."), "{ours}");
+        // etcd (on the underlay gateway) and the other node answer.
+        for ip in [netd_tests::UNDERLAY_GATEWAY, c.node(1 - n.index()).ip()] {
+            assert!(n.ns().exec(&["ping", "-c", "1", "-W", "2", &ip.to_string()])?.status.success(), "{} cannot reach {ip}", n.name());
+        }
+        // Reported once, not at every resync.
+        let log = last_run_log(n);
+        for k in bogus {
+            let said = format!("skipping subnet key {} ({k}): outside the pod network", key_of(k));
+            assert!((1..=2).contains(&log.matches(&said).count()), "{said} in:\n{log}");
+        }
+    }
+    assert!(a.ping(b.ip) && b.ping(a.ip));
+
+    for k in bogus {
+        assert_eq!(c.etcd().del(&key_of(k))?, 1);
+    }
+    for n in c.nodes() {
+        wait_until(WAIT, POLL, || Ok(n.netd_status(&[])?.0 == 0))?;
+        assert!(n.netd_status(&[])?.1.starts_with("HEALTHY"));
+        assert_eq!(route(n, underlay)?, connected[n.index()]);
+    }
+    assert!(a.ping(b.ip));
+    Ok(())
+}
+
+/// A route netd did not create at a peer's destination (here a static route on node0 to a
+/// peer subnet) is neither replaced nor removed: node0 reports the conflict, naming the subnet
+/// and the route, as UNHEALTHY, and programs everything else; node1 programs the peer as usual.
+/// Once the lease goes, node0 is HEALTHY again and the static route is still there.
+#[test]
+fn a_route_netd_did_not_create_is_never_replaced_or_removed() -> Result<()> {
+    let mut c = start(2, VXLAN)?;
+    let a = c.node_mut(0).add_pod("a")?;
+    let b = c.node_mut(1).add_pod("b")?;
+    let (n0, n1) = (c.node(0), c.node(1));
+    let peer = "10.244.200.0/24";
+    n0.ns().run(&["ip", "route", "add", peer, "via", "198.18.0.1", "dev", "eth0", "proto", "static"])?;
+    let theirs = format!("{peer} via 198.18.0.1 dev eth0 proto static");
+    assert_eq!(route(n0, peer)?, theirs);
+    c.etcd().put(&key_of(peer), &Backend::Vxlan.lease_json(Ipv4Addr::new(198, 18, 0, 99)))?;
+
+    wait_until(WAIT, POLL, || Ok(route(n1, peer)?.contains("dev netd.1")))?;
+    let conflict = format!("route to {peer} not programmed: {peer} via 198.18.0.1 dev eth0 proto static is there and netd did not create it");
+    wait_until(WAIT, POLL, || Ok(n0.netd_status(&[])?.1.contains(&conflict)))
+        .with_context(|| format!("node0 status:\n{}", n0.netd_status(&[]).map(|s| s.1).unwrap_or_default()))?;
+    let (code, text) = n0.netd_status(&[])?;
+    assert_eq!(code, 2, "{text}");
+    assert!(text.starts_with("UNHEALTHY"), "{text}");
+    let (_, json) = n0.netd_status(&["--json"])?;
+    let v: serde_json::Value = serde_json::from_str(&json)?;
+    assert_eq!(v["status"]["route_conflicts"][0]["subnet"], peer, "{json}");
+    assert_eq!(route(n0, peer)?, theirs);
+    // Everything else is programmed: the pods on the two nodes reach each other.
+    wait_ping(&a, b.ip)?;
+    // Still not touched after resyncs (one per second in the test bed).
+    let syncs = last_run_log(n0).matches("reconciled").count();
+    wait_until(WAIT, POLL, || Ok(last_run_log(n0).matches("reconciled").count() >= syncs + 3))?;
+    assert_eq!(route(n0, peer)?, theirs);
+
+    assert_eq!(c.etcd().del(&key_of(peer))?, 1);
+    wait_until(WAIT, POLL, || Ok(route(n1, peer)?.is_empty()))?;
+    wait_until(WAIT, POLL, || Ok(n0.netd_status(&[])?.0 == 0))?;
+    assert_eq!(route(n0, peer)?, theirs);
     Ok(())
 }
 

@@ -1,17 +1,19 @@
 //! Routes to peer subnets:
 //! `ip route replace SUBNET via GW dev DEV onlink proto 110` (overlay) or
-//! `ip route replace SUBNET via PUBLIC_IP dev UNDERLAY proto 110` (DirectRouting).
+//! `ip route replace SUBNET via PUBLIC_IP dev UNDERLAY proto 110` (DirectRouting);
+//! `ip route add` instead of `replace` where netd has no route yet, so that a route netd did not
+//! create is never overwritten.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::RouteMessageBuilder;
 
 use super::{Netlink, NetlinkError};
-use crate::overlay::{RouteSpec, Via};
+use crate::overlay::{ForeignRoute, OtherRoutes, RouteSpec, Via};
 
 /// The routing protocol number netd tags its routes with (`ip route show proto 110`), so that it
 /// can tell its own routes from everyone else's after a restart and never touches the others.
@@ -25,40 +27,51 @@ impl Netlink {
         self.handle.route().get(msg).execute().try_collect().await.map_err(NetlinkError::op(op))
     }
 
-    /// `ip -4 route show table main proto 110`, keeping only routes through `overlay_index` or
-    /// `underlay_index` (the only ones netd creates). A route without a gateway through the
-    /// overlay device is the udp backend's `Via::Tun` route.
-    pub async fn netd_routes(&self, overlay_index: u32, underlay_index: u32) -> Result<BTreeMap<Ipv4Net, RouteSpec>, NetlinkError> {
-        let routes = self.routes_v4("ip -4 route show proto 110").await?;
+    /// `ip -4 route show table main`, split: netd's routes (proto 110) through `overlay_index`
+    /// or `underlay_index` (the only ones netd creates), and everything else in the table, which
+    /// netd must not touch. A route without a gateway through the overlay device is the udp
+    /// backend's `Via::Tun` route.
+    pub async fn main_routes(&self, overlay_index: u32, underlay_index: u32) -> Result<(BTreeMap<Ipv4Net, RouteSpec>, OtherRoutes), NetlinkError> {
+        let routes = self.routes_v4("ip -4 route show table main").await?;
         let mut out = BTreeMap::new();
+        let mut others = OtherRoutes::default();
         for r in routes {
-            if r.header.table != MAIN_TABLE || r.header.protocol != RouteProtocol::Other(RTPROT_NETD) {
+            if r.header.table != MAIN_TABLE {
                 continue;
             }
-            let mut dst = None;
+            let mut dst = Ipv4Addr::UNSPECIFIED; // absent for a default route
             let mut gw = None;
             let mut oif = None;
+            let mut metric = 0;
             for a in &r.attributes {
                 match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
                     RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
                     RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Priority(p) => metric = *p,
                     _ => {}
                 }
             }
-            let (Some(dst), Some(oif)) = (dst, oif) else { continue };
             let Ok(net) = Ipv4Net::new(dst, r.header.destination_prefix_length) else { continue };
-            let via = match gw {
-                None if oif == overlay_index => Via::Tun,
-                None => continue,
-                Some(_) if oif == overlay_index => Via::Overlay,
-                Some(_) if oif == underlay_index => Via::Underlay,
-                Some(_) => continue,
+            if r.header.protocol != RouteProtocol::Other(RTPROT_NETD) {
+                let kind = (r.header.kind != RouteType::Unicast).then(|| format!("{:?}", r.header.kind).to_lowercase());
+                let protocol = u8::from(r.header.protocol);
+                others.foreign.entry(net).or_default().push(ForeignRoute { kind, gateway: gw, oif, protocol, metric });
+                continue;
+            }
+            let via = match (gw, oif) {
+                (None, Some(o)) if o == overlay_index => Via::Tun,
+                (Some(_), Some(o)) if o == overlay_index => Via::Overlay,
+                (Some(_), Some(o)) if o == underlay_index => Via::Underlay,
+                _ => {
+                    others.netd_elsewhere.insert(net);
+                    continue;
+                }
             };
             let gw = gw.unwrap_or(Ipv4Addr::UNSPECIFIED);
             out.insert(net, RouteSpec { gateway: gw, via });
         }
-        Ok(out)
+        Ok((out, others))
     }
 
     /// `ip route flush proto 110`: removes every route netd created. Returns how many.
@@ -76,8 +89,10 @@ impl Netlink {
     }
 
     /// `ip route replace NET via GW dev INDEX [onlink] proto 110`, or without a gateway
-    /// (`GW` unspecified) `ip route replace NET dev INDEX scope link proto 110`.
-    pub async fn set_route(&self, net: Ipv4Net, gw: Ipv4Addr, index: u32, onlink: bool) -> Result<(), NetlinkError> {
+    /// (`GW` unspecified) `ip route replace NET dev INDEX scope link proto 110`. With `replace`
+    /// false `ip route add`: fails (EEXIST) rather than overwrite a route already there, which
+    /// may not be netd's.
+    pub async fn set_route(&self, net: Ipv4Net, gw: Ipv4Addr, index: u32, onlink: bool, replace: bool) -> Result<(), NetlinkError> {
         let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(net.network(), net.prefix_len())
             .output_interface(index)
@@ -87,13 +102,11 @@ impl Netlink {
             b = b.onlink();
         }
         let o = if onlink { " onlink" } else { "" };
-        self.handle
-            .route()
-            .add(b.build())
-            .replace()
-            .execute()
-            .await
-            .map_err(NetlinkError::op(format!("ip route replace {net} via {gw} dev index {index}{o} proto {RTPROT_NETD}")))
+        let req = self.handle.route().add(b.build());
+        // Without `replace` the request carries NLM_F_EXCL: the kernel refuses to touch an
+        // existing route with the same destination and metric.
+        let (req, cmd) = if replace { (req.replace(), "replace") } else { (req, "add") };
+        req.execute().await.map_err(NetlinkError::op(format!("ip route {cmd} {net} via {gw} dev index {index}{o} proto {RTPROT_NETD}")))
     }
 
     /// `ip route del NET via GW dev INDEX proto 110` (absent is fine).
