@@ -30,7 +30,14 @@ BENCH_REQUIRES := dnsperf:dnsperf nsd:nsd
 # What only the benchmarks use (the anchors they are measured against).
 BENCH_PACKAGES := dnsperf nsd
 
+# What only `make image` uses: mmdebstrap makes the image's root filesystem from Debian's packages,
+# umoci unpacks the finished archive for the check, `file` and readelf (binutils) prove netd-cni static.
+IMAGE_PACKAGES := mmdebstrap umoci file
+IMAGE_REQUIRES := mmdebstrap:mmdebstrap umoci:umoci file:file readelf:binutils update-alternatives:dpkg \
+	dpkg-deb:dpkg unshare:util-linux jq:jq
+
 .PHONY: all deps bench-deps check-deps build release test lint demo bench clean-netns
+.PHONY: image-deps image netd-cni-static
 
 all: build
 
@@ -61,6 +68,15 @@ bench-deps: deps
 	fi
 	@$(MAKE) --no-print-directory check-deps REQUIRES="$(BENCH_REQUIRES)"
 
+image-deps: deps
+	@missing=""; for p in $(IMAGE_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@$(MAKE) --no-print-directory check-deps REQUIRES="$(IMAGE_REQUIRES)"
+
 build: deps
 	$(CARGO) build --workspace --bins
 
@@ -88,6 +104,22 @@ bench: release bench-deps
 	$(CARGO) run --release -p netd-ebpf --example sync_bench
 	$(CARGO) run --release -p netd-ebpf --example conn_bench -- --services 10000 --endpoints 10
 	bash bench/dns/run.sh
+
+# netd-cni runs on the host (the DaemonSet's init container copies it to /opt/cni/bin), whose libc
+# may be older than the image's: it is linked statically (glibc static-pie; it makes no name
+# lookups, so glibc's NSS, which a static binary cannot load, is never needed). The explicit
+# --target keeps RUSTFLAGS off build scripts and proc-macros, and puts it in target/<triple>/release.
+HOST_TRIPLE = $(shell rustc -vV | sed -n 's/^host: //p')
+netd-cni-static: deps
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p netd-cni --target $(HOST_TRIPLE)
+
+# The OCI image (an oci-archive in target/image/, no registry or container tool needed): a minimal
+# Debian root filesystem with netd, netd-cni and what they exec and load. Not part of `make test`
+# (it downloads Debian packages). See deploy/image/build.sh; deploy/image/Containerfile is the same
+# image for your own tools and base.
+image: release netd-cni-static image-deps
+	NETD=$(CURDIR)/target/release/netd NETD_CNI=$(CURDIR)/target/$(HOST_TRIPLE)/release/netd-cni \
+		OUT=$(CURDIR)/target/image bash deploy/image/build.sh
 
 # Removes namespaces left by a test run that was killed (the harness also does this itself).
 clean-netns:

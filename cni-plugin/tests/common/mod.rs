@@ -16,7 +16,11 @@ use std::sync::Once;
 use netd_tests::Netns;
 use serde_json::{json, Value};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_netd-cni");
+/// The plugin under test: `$NETD_CNI_BIN` when set (e.g. the static build the image ships,
+/// `target/<triple>/release/netd-cni`), else the one cargo built for these tests.
+pub fn bin() -> String {
+    std::env::var("NETD_CNI_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_netd-cni").to_string())
+}
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 pub const SUBNET_ENV: &str =
     "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
@@ -157,7 +161,7 @@ pub fn run_with_stdin(mut cmd: Command, env: &Env, stdin: &[u8]) -> Outcome {
 /// Runs the plugin outside any namespace of ours: only for invocations that
 /// fail (or answer) before touching the network.
 pub fn run_bare(env: &Env, stdin: &str) -> Outcome {
-    run_with_stdin(Command::new(BIN), env, stdin.as_bytes())
+    run_with_stdin(Command::new(bin()), env, stdin.as_bytes())
 }
 
 /// A "node": its own namespace, a temp dir with subnet.env and IPAM data.
@@ -224,7 +228,7 @@ impl Node {
 
     /// Runs netd-cni inside the node namespace.
     pub fn cni(&self, env: &Env, conf: &Value) -> Outcome {
-        self.run_program(BIN, env, conf)
+        self.run_program(&bin(), env, conf)
     }
 
     /// Runs a Debian reference plugin inside the node namespace.
