@@ -825,8 +825,9 @@ impl Daemon {
                     info!(path = %path.display(), "wrote CNI config");
                 }
                 self.shared.update(|s| s.files.cni_conflist = Some(path.display().to_string()));
-                // netd-cni keeps its IPAM state in <dataDir>/<network name>/state.json.
-                let state = conf.data_dir.join("netd").join("state.json");
+                // netd-cni keeps one IPAM record store per node, for every network name:
+                // <dataDir>/_node/state.json.
+                let state = conf.data_dir.join("_node").join("state.json");
                 *self.shared.cni_state.write().unwrap_or_else(|p| p.into_inner()) = Some((state, self.held.subnet.prefix_len()));
                 self.shared.set_ready(|r| r.cni_config = Some(true));
             }

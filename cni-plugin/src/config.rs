@@ -3,7 +3,9 @@
 //! function) so it is unit-tested without a process around it.
 
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -17,6 +19,26 @@ pub const DEFAULT_SUBNET_FILE: &str = "/run/netd/subnet.env";
 pub const DEFAULT_BRIDGE: &str = "netd0";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/netd/cni";
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+/// How long ADD waits for the IPAM lock before answering "try again later".
+/// The lock is held only for a read-modify-write of a small file, so a long
+/// wait means a stuck or hostile holder, not load.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(15);
+const MAX_LOCK_TIMEOUT_SECS: f64 = 600.0;
+
+/// `CNI_ARGS` keys netd-cni understands: the address and MAC requests (the
+/// `IP=`/`MAC=` convention of host-local, static, bridge and tuning, which
+/// `podman run --ip/--mac-address` uses) and the pod identity Kubernetes
+/// runtimes send. Others are refused unless `IgnoreUnknown=1`, as the
+/// reference plugins do.
+const KNOWN_ARGS: [&str; 7] = [
+    "IgnoreUnknown",
+    "IP",
+    "MAC",
+    "K8S_POD_NAMESPACE",
+    "K8S_POD_NAME",
+    "K8S_POD_INFRA_CONTAINER_ID",
+    "K8S_POD_UID",
+];
 
 /// Longest Linux interface name (IFNAMSIZ - 1).
 const MAX_IFNAME: usize = 15;
@@ -68,6 +90,10 @@ pub struct CniEnv {
     /// `CNI_ARGS` split into pairs, in order.
     pub args: Vec<(String, String)>,
     pub path: Option<String>,
+    /// `IP=` of `CNI_ARGS` (ADD only; empty otherwise).
+    pub ip_requests: Vec<Requested<IpRequest>>,
+    /// `MAC=` of `CNI_ARGS` (ADD only).
+    pub mac_requests: Vec<Requested<Mac>>,
 }
 
 /// Reads `CNI_COMMAND` alone (needed before anything else).
@@ -118,6 +144,33 @@ impl CniEnv {
             Some(raw) => parse_cni_args(&raw)?,
             None => Vec::new(),
         };
+        // DEL must clean up whatever the arguments say; only the commands
+        // that act on them refuse what they do not understand.
+        let (mut ip_requests, mut mac_requests) = (Vec::new(), Vec::new());
+        if matches!(command, Command::Add | Command::Check) {
+            check_unknown_args(&args)?;
+        }
+        if command == Command::Add {
+            for (k, v) in &args {
+                let bad = |r: String| CniError::invalid_env("CNI_ARGS", format!("{k}={v}: {r}"));
+                match k.as_str() {
+                    // An empty value asks for nothing (runtimes template these).
+                    "IP" => {
+                        for one in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                            ip_requests.push(Requested {
+                                value: IpRequest::parse(one).map_err(bad)?,
+                                source: Source::CniArgs("IP"),
+                            });
+                        }
+                    }
+                    "MAC" if !v.is_empty() => mac_requests.push(Requested {
+                        value: Mac::parse(v).map_err(bad)?,
+                        source: Source::CniArgs("MAC"),
+                    }),
+                    _ => {}
+                }
+            }
+        }
         let path = var("CNI_PATH");
         if command == Command::Gc && path.is_none() {
             return Err(CniError::invalid_env(
@@ -132,6 +185,8 @@ impl CniEnv {
             ifname,
             args,
             path,
+            ip_requests,
+            mac_requests,
         })
     }
 
@@ -211,6 +266,233 @@ pub fn parse_cni_args(raw: &str) -> Result<Vec<(String, String)>, CniError> {
     Ok(out)
 }
 
+/// `IgnoreUnknown`'s value, as the reference plugins read it.
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" => Some(true),
+        "0" | "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// Refuses `CNI_ARGS` keys we do not understand unless `IgnoreUnknown` is
+/// true, and a key we act on given twice with different values.
+fn check_unknown_args(args: &[(String, String)]) -> Result<(), CniError> {
+    let mut ignore = false;
+    for (k, v) in args.iter().filter(|(k, _)| k == "IgnoreUnknown") {
+        ignore = parse_bool(v).ok_or_else(|| {
+            CniError::invalid_env(
+                "CNI_ARGS",
+                format!("{k}={v}: expected 1, true, 0 or false"),
+            )
+        })?;
+    }
+    for key in ["IP", "MAC"] {
+        let mut values = args.iter().filter(|(k, _)| k == key).map(|(_, v)| v);
+        if let Some(first) = values.next() {
+            if let Some(other) = values.find(|v| *v != first) {
+                return Err(CniError::invalid_env(
+                    "CNI_ARGS",
+                    format!("{key} is given twice ({key}={first}, {key}={other})"),
+                ));
+            }
+        }
+    }
+    let unknown: Vec<&str> = args
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| !KNOWN_ARGS.contains(k))
+        .collect();
+    if unknown.is_empty() || ignore {
+        return Ok(());
+    }
+    Err(CniError::invalid_env(
+        "CNI_ARGS",
+        format!(
+            "unknown keys {} (netd-cni understands {}; add IgnoreUnknown=1 to ignore the others)",
+            unknown.join(", "),
+            KNOWN_ARGS[1..].join(", ")
+        ),
+    ))
+}
+
+/// Where a requested address or MAC came from: named in errors, and it
+/// decides the error code (a bad `CNI_ARGS` is code 4, a bad config 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `CNI_ARGS` key.
+    CniArgs(&'static str),
+    /// A path in the config: `runtimeConfig.ips`, `args.cni.mac`, ...
+    Config(&'static str),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::CniArgs(k) => write!(f, "CNI_ARGS {k}"),
+            Source::Config(path) => f.write_str(path),
+        }
+    }
+}
+
+/// A value the runtime asked for, with where it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Requested<T> {
+    pub value: T,
+    pub source: Source,
+}
+
+impl<T: fmt::Display> Requested<T> {
+    /// An error about this request, with the code its source calls for.
+    pub fn error(&self, reason: impl fmt::Display) -> CniError {
+        match self.source {
+            Source::CniArgs(k) => {
+                CniError::invalid_env("CNI_ARGS", format!("{k}={}: {reason}", self.value))
+            }
+            Source::Config(path) => {
+                CniError::InvalidConfig(format!("field \"{path}\": {reason}"))
+            }
+        }
+    }
+}
+
+/// A requested address: `10.244.7.9` or `10.244.7.9/24` (the static-IP
+/// convention carries the prefix length; it must then be the node subnet's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRequest {
+    pub addr: Ipv4Addr,
+    pub prefix_len: Option<u8>,
+}
+
+impl IpRequest {
+    pub fn parse(s: &str) -> Result<IpRequest, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        if addr.contains(':') {
+            return Err(format!(
+                "\"{s}\" is an IPv6 address; netd-cni assigns IPv4 addresses only"
+            ));
+        }
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("\"{s}\" is not an IPv4 address"))?;
+        let prefix_len = match len {
+            None => None,
+            Some(l) => Some(
+                l.parse::<u8>()
+                    .ok()
+                    .filter(|l| *l <= 32)
+                    .ok_or_else(|| format!("\"{s}\" has an invalid prefix length"))?,
+            ),
+        };
+        Ok(IpRequest { addr, prefix_len })
+    }
+}
+
+impl fmt::Display for IpRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.prefix_len {
+            Some(l) => write!(f, "{}/{l}", self.addr),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
+/// A unicast Ethernet address for the pod's interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// `aa:bb:cc:dd:ee:ff` (or with `-`), case-insensitive.
+    pub fn parse(s: &str) -> Result<Mac, String> {
+        let bad = || {
+            format!("\"{s}\" is not a MAC address (want six hex octets like 0a:58:0a:f4:07:09)")
+        };
+        let sep = if s.contains('-') { '-' } else { ':' };
+        let parts: Vec<&str> = s.split(sep).collect();
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        let mut mac = [0u8; 6];
+        for (b, p) in mac.iter_mut().zip(&parts) {
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if mac[0] & 1 == 1 {
+            return Err(format!(
+                "\"{s}\" is a multicast address; an interface needs a unicast one"
+            ));
+        }
+        if mac == [0; 6] {
+            return Err(format!("\"{s}\" is the all-zero address"));
+        }
+        Ok(Mac(mac))
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+/// What ADD was asked to assign, from every source at once: `CNI_ARGS`
+/// (`IP=`, `MAC=`), `args.cni.{ips,mac}` and `runtimeConfig.{ips,mac}`
+/// (capabilities `ips`/`mac`). The sources must agree: the pod gets one
+/// interface with one IPv4 address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Requests {
+    pub ip: Option<Requested<IpRequest>>,
+    pub mac: Option<Requested<Mac>>,
+}
+
+impl Requests {
+    pub fn merge(env: &CniEnv, conf: &NetConf) -> Result<Requests, CniError> {
+        let ips = env.ip_requests.iter().chain(&conf.ip_requests);
+        let mut ip: Option<Requested<IpRequest>> = None;
+        for r in ips {
+            match &mut ip {
+                None => ip = Some(*r),
+                Some(first) if first.value.addr != r.value.addr => {
+                    return Err(r.error(format!(
+                        "{} conflicts with {} {} (a pod interface gets one IPv4 address)",
+                        r.value, first.source, first.value
+                    )))
+                }
+                Some(first) => match (first.value.prefix_len, r.value.prefix_len) {
+                    (Some(a), Some(b)) if a != b => {
+                        return Err(r.error(format!(
+                            "{} conflicts with {} {}",
+                            r.value, first.source, first.value
+                        )))
+                    }
+                    (None, Some(_)) => *first = *r,
+                    _ => {}
+                },
+            }
+        }
+        let mut mac: Option<Requested<Mac>> = None;
+        for r in env.mac_requests.iter().chain(&conf.mac_requests) {
+            match &mac {
+                None => mac = Some(*r),
+                Some(first) if first.value != r.value => {
+                    return Err(r.error(format!(
+                        "{} conflicts with {} {}",
+                        r.value, first.source, first.value
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(Requests { ip, mac })
+    }
+}
+
 /// The config's `dns` block.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default)]
@@ -244,6 +526,12 @@ pub struct NetConf {
     /// be in either result layout.
     pub prev_result: Option<Value>,
     pub valid_attachments: Option<Vec<Attachment>>,
+    /// How long to wait for the IPAM lock (`lockTimeoutSeconds`).
+    pub lock_timeout: Duration,
+    /// `runtimeConfig.ips` and `args.cni.ips` (ADD only).
+    pub ip_requests: Vec<Requested<IpRequest>>,
+    /// `runtimeConfig.mac` and `args.cni.mac` (ADD only).
+    pub mac_requests: Vec<Requested<Mac>>,
 }
 
 /// Stdin as a JSON object. Syntax errors (and non-objects) are code 6.
@@ -332,6 +620,52 @@ impl NetConf {
             }
         };
         let valid_attachments = field(obj, "cni.dev/valid-attachments")?;
+        let lock_timeout = match field::<f64>(obj, "lockTimeoutSeconds")? {
+            None => DEFAULT_LOCK_TIMEOUT,
+            Some(s) if s > 0.0 && s <= MAX_LOCK_TIMEOUT_SECS => Duration::from_secs_f64(s),
+            Some(s) => {
+                return Err(CniError::InvalidConfig(format!(
+                    "field \"lockTimeoutSeconds\": {s} is not in (0, {MAX_LOCK_TIMEOUT_SECS}]"
+                )))
+            }
+        };
+        let (mut ip_requests, mut mac_requests) = (Vec::new(), Vec::new());
+        if cmd == Command::Add {
+            for (outer, inner, path_ips, path_mac) in [
+                ("args", Some("cni"), "args.cni.ips", "args.cni.mac"),
+                ("runtimeConfig", None, "runtimeConfig.ips", "runtimeConfig.mac"),
+            ] {
+                let mut section = obj.get(outer);
+                if let Some(inner) = inner {
+                    section = section.and_then(|v| v.get(inner));
+                }
+                let Some(Value::Object(section)) = section else {
+                    continue;
+                };
+                let bad = |path: &str, r: String| {
+                    CniError::InvalidConfig(format!("field \"{path}\": {r}"))
+                };
+                if let Some(ips) = field::<Vec<String>>(section, "ips")
+                    .map_err(|_| bad(path_ips, "expected an array of strings".into()))?
+                {
+                    for ip in ips {
+                        ip_requests.push(Requested {
+                            value: IpRequest::parse(&ip).map_err(|r| bad(path_ips, r))?,
+                            source: Source::Config(path_ips),
+                        });
+                    }
+                }
+                if let Some(mac) = field::<String>(section, "mac")
+                    .map_err(|_| bad(path_mac, "expected a string".into()))?
+                    .filter(|m| !m.is_empty())
+                {
+                    mac_requests.push(Requested {
+                        value: Mac::parse(&mac).map_err(|r| bad(path_mac, r))?,
+                        source: Source::Config(path_mac),
+                    });
+                }
+            }
+        }
         Ok(NetConf {
             cni_version,
             name,
@@ -342,6 +676,9 @@ impl NetConf {
             cluster_domain,
             prev_result,
             valid_attachments,
+            lock_timeout,
+            ip_requests,
+            mac_requests,
         })
     }
 }
@@ -494,6 +831,149 @@ mod tests {
         assert_eq!(e.code(), 4);
         assert!(e.to_string().contains("CNI_ARGS") && e.to_string().contains("oops"));
         assert_eq!(parse_cni_args("=1").unwrap_err().code(), 4);
+    }
+
+    fn add_env(args: &str) -> Result<CniEnv, CniError> {
+        let mut pairs: Vec<_> = FULL
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != "CNI_ARGS")
+            .collect();
+        pairs.push(("CNI_ARGS", args));
+        CniEnv::from_lookup(Command::Add, &env_of(&pairs))
+    }
+
+    #[test]
+    fn unknown_cni_args_need_ignore_unknown() {
+        // What Kubernetes runtimes send is understood without it.
+        add_env("K8S_POD_NAMESPACE=a;K8S_POD_NAME=b;K8S_POD_INFRA_CONTAINER_ID=c;K8S_POD_UID=d")
+            .unwrap();
+        let e = add_env("K8S_POD_NAME=b;FOO=1;BAR=2").unwrap_err();
+        assert_eq!(e.code(), 4);
+        let m = e.to_string();
+        assert!(
+            m.contains("CNI_ARGS") && m.contains("FOO, BAR") && m.contains("IgnoreUnknown=1"),
+            "{m}"
+        );
+        for yes in ["1", "true", "TRUE", "True"] {
+            add_env(&format!("FOO=1;IgnoreUnknown={yes}")).unwrap();
+        }
+        for no in ["0", "false"] {
+            assert_eq!(add_env(&format!("IgnoreUnknown={no};FOO=1")).unwrap_err().code(), 4);
+        }
+        let e = add_env("IgnoreUnknown=yes").unwrap_err();
+        assert!(e.to_string().contains("IgnoreUnknown=yes"), "{e}");
+        // DEL cleans up whatever the arguments say.
+        let pairs: Vec<_> = FULL
+            .iter()
+            .copied()
+            .map(|(k, v)| if k == "CNI_ARGS" { (k, "FOO=1") } else { (k, v) })
+            .collect();
+        CniEnv::from_lookup(Command::Del, &env_of(&pairs)).unwrap();
+    }
+
+    #[test]
+    fn ip_and_mac_from_cni_args() {
+        let env = add_env("IP=10.244.7.9;MAC=0A:58:0a:f4:07:09").unwrap();
+        assert_eq!(
+            env.ip_requests,
+            vec![Requested {
+                value: IpRequest {
+                    addr: Ipv4Addr::new(10, 244, 7, 9),
+                    prefix_len: None
+                },
+                source: Source::CniArgs("IP")
+            }]
+        );
+        assert_eq!(env.mac_requests[0].value, Mac([0x0a, 0x58, 10, 244, 7, 9]));
+        assert_eq!(
+            add_env("IP=10.244.7.9/24").unwrap().ip_requests[0].value.prefix_len,
+            Some(24)
+        );
+        // Empty values ask for nothing.
+        let env = add_env("IP=;MAC=").unwrap();
+        assert!(env.ip_requests.is_empty() && env.mac_requests.is_empty());
+        for (args, needle) in [
+            ("IP=10.244.7", "not an IPv4 address"),
+            ("IP=fd00::5", "IPv6"),
+            ("IP=10.244.7.9/33", "prefix length"),
+            ("MAC=0a:58:0a:f4:07", "not a MAC"),
+            ("MAC=01:00:5e:00:00:01", "multicast"),
+            ("MAC=00:00:00:00:00:00", "all-zero"),
+            ("MAC=0a:58:0a:f4:07:0g", "not a MAC"),
+            ("IP=10.244.7.9;IP=10.244.7.10", "given twice"),
+        ] {
+            let e = add_env(args).unwrap_err();
+            assert_eq!(e.code(), 4, "{args}");
+            assert!(e.to_string().contains(needle), "{args}: {e}");
+            assert!(e.to_string().contains("CNI_ARGS"), "{args}: {e}");
+        }
+    }
+
+    #[test]
+    fn ips_and_mac_from_runtime_config_and_args() {
+        let c = NetConf::from_object(
+            &obj(r#"{"cniVersion":"1.1.0","name":"n",
+                "capabilities":{"ips":true,"mac":true},
+                "runtimeConfig":{"ips":["10.244.7.9/24"],"mac":"0a:58:0a:f4:07:09"},
+                "args":{"cni":{"ips":["10.244.7.9"]}}}"#),
+            Command::Add,
+        )
+        .unwrap();
+        assert_eq!(c.ip_requests.len(), 2);
+        assert_eq!(c.ip_requests[0].source, Source::Config("args.cni.ips"));
+        assert_eq!(c.mac_requests[0].source, Source::Config("runtimeConfig.mac"));
+        let env = add_env("IgnoreUnknown=1").unwrap();
+        let r = Requests::merge(&env, &c).unwrap();
+        // The request that carries the prefix length is kept (it is checked).
+        assert_eq!(r.ip.unwrap().value.to_string(), "10.244.7.9/24");
+        assert_eq!(r.mac.unwrap().value.to_string(), "0a:58:0a:f4:07:09");
+        // Disagreeing sources are an error naming both.
+        let env = add_env("IP=10.244.7.10").unwrap();
+        let e = Requests::merge(&env, &c).unwrap_err();
+        assert_eq!(e.code(), 7, "{e}");
+        let m = e.to_string();
+        assert!(
+            m.contains("args.cni.ips") && m.contains("CNI_ARGS IP 10.244.7.10"),
+            "{m}"
+        );
+        let env = add_env("MAC=0a:58:0a:f4:07:10").unwrap();
+        let m = Requests::merge(&env, &c).unwrap_err().to_string();
+        assert!(m.contains("runtimeConfig.mac") && m.contains("CNI_ARGS MAC"), "{m}");
+        // Bad values in the config are code 7 naming the field.
+        for (json, field) in [
+            (r#""runtimeConfig":{"ips":"10.244.7.9"}"#, "runtimeConfig.ips"),
+            (r#""runtimeConfig":{"ips":["x"]}"#, "runtimeConfig.ips"),
+            (r#""runtimeConfig":{"mac":"zz"}"#, "runtimeConfig.mac"),
+            (r#""args":{"cni":{"ips":["fd00::1/64"]}}"#, "args.cni.ips"),
+            (r#""args":{"cni":{"mac":5}}"#, "args.cni.mac"),
+        ] {
+            let text = format!(r#"{{"cniVersion":"1.1.0","name":"n",{json}}}"#);
+            let e = NetConf::from_object(&obj(&text), Command::Add).unwrap_err();
+            assert_eq!(e.code(), 7, "{json}");
+            assert!(e.to_string().contains(field), "{json}: {e}");
+            // Only ADD looks at them: DEL must not fail on them.
+            NetConf::from_object(&obj(&text), Command::Del).unwrap();
+        }
+    }
+
+    #[test]
+    fn lock_timeout() {
+        let c = |extra: &str| {
+            NetConf::from_object(
+                &obj(&format!(r#"{{"cniVersion":"1.1.0","name":"n"{extra}}}"#)),
+                Command::Add,
+            )
+        };
+        assert_eq!(c("").unwrap().lock_timeout, DEFAULT_LOCK_TIMEOUT);
+        assert_eq!(
+            c(r#","lockTimeoutSeconds":0.5"#).unwrap().lock_timeout,
+            Duration::from_millis(500)
+        );
+        for bad in ["0", "-1", "100000", "\"5\""] {
+            let e = c(&format!(r#","lockTimeoutSeconds":{bad}"#)).unwrap_err();
+            assert!(e.to_string().contains("lockTimeoutSeconds"), "{bad}: {e}");
+        }
     }
 
     fn obj(json: &str) -> Map<String, Value> {

@@ -11,10 +11,11 @@
 //! | 5    | I/O failure (stdin, IPAM state files) |
 //! | 6    | failed to decode content (stdin is not a JSON object) |
 //! | 7    | invalid network config (message names the field) |
-//! | 11   | try again later (subnet.env missing, address pool exhausted) |
+//! | 11   | try again later (subnet.env missing, address pool exhausted, IPAM lock busy) |
 //! | 50   | plugin not available (STATUS) |
 //! | 100  | attachment already exists (ADD twice, interface already in the netns) |
 //! | 101  | CHECK found the attachment not as expected |
+//! | 102  | the requested address or MAC is held by another attachment |
 //! | 999  | internal error (a netlink operation failed) |
 
 use serde::Serialize;
@@ -48,6 +49,9 @@ pub enum CniError {
     /// Code 101.
     #[error("check failed: {0}")]
     CheckFailed(String),
+    /// Code 102.
+    #[error("address in use: {0}")]
+    AddressInUse(String),
     /// Code 999.
     #[error("{0}")]
     Internal(String),
@@ -62,6 +66,7 @@ pub const ERR_TRY_AGAIN_LATER: u32 = 11;
 pub const ERR_NOT_AVAILABLE: u32 = 50;
 pub const ERR_ALREADY_EXISTS: u32 = 100;
 pub const ERR_CHECK_FAILED: u32 = 101;
+pub const ERR_ADDRESS_IN_USE: u32 = 102;
 pub const ERR_INTERNAL: u32 = 999;
 
 impl CniError {
@@ -76,6 +81,7 @@ impl CniError {
             CniError::NotAvailable(_) => ERR_NOT_AVAILABLE,
             CniError::AlreadyExists(_) => ERR_ALREADY_EXISTS,
             CniError::CheckFailed(_) => ERR_CHECK_FAILED,
+            CniError::AddressInUse(_) => ERR_ADDRESS_IN_USE,
             CniError::Internal(_) => ERR_INTERNAL,
         }
     }
@@ -93,7 +99,26 @@ impl CniError {
             CniError::NotAvailable(_) => "plugin not available",
             CniError::AlreadyExists(_) => "already exists",
             CniError::CheckFailed(_) => "check failed",
+            CniError::AddressInUse(_) => "address in use",
             CniError::Internal(_) => "internal error",
+        }
+    }
+
+    /// The specific problem without the code's summary (the spec's
+    /// `details`).
+    fn details(&self) -> String {
+        match self {
+            CniError::InvalidEnv { var, reason } => format!("{var}: {reason}"),
+            CniError::Decode { what, reason } => format!("{what}: {reason}"),
+            CniError::IncompatibleVersion(s)
+            | CniError::Io(s)
+            | CniError::InvalidConfig(s)
+            | CniError::TryAgainLater(s)
+            | CniError::NotAvailable(s)
+            | CniError::AlreadyExists(s)
+            | CniError::CheckFailed(s)
+            | CniError::AddressInUse(s)
+            | CniError::Internal(s) => s.clone(),
         }
     }
 
@@ -106,8 +131,9 @@ impl CniError {
 
     /// The error result JSON (one line, no trailing newline).
     ///
-    /// `msg` is the full one-line message (it names what was wrong, which is
-    /// what runtimes show in events); `details` says what the code means.
+    /// As the spec says: `msg` is the short message (the code's summary),
+    /// `details` the longer one naming what was wrong. Runtimes print
+    /// `msg; details` (libcni's `Error()`), so neither repeats the other.
     pub fn to_json(&self, cni_version: &str) -> String {
         #[derive(Serialize)]
         #[serde(rename_all = "camelCase")]
@@ -120,8 +146,8 @@ impl CniError {
         let wire = Wire {
             cni_version,
             code: self.code(),
-            msg: self.to_string(),
-            details: format!("CNI error code {}: {}", self.code(), self.summary()),
+            msg: self.summary().to_string(),
+            details: self.details(),
         };
         // Serializing a struct of strings and integers cannot fail.
         serde_json::to_string(&wire).unwrap_or_else(|_| {
@@ -143,14 +169,30 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&e.to_json("1.1.0")).unwrap();
         assert_eq!(v["cniVersion"], "1.1.0");
         assert_eq!(v["code"], 4);
+        assert_eq!(v["msg"], "invalid environment variable");
+        assert_eq!(v["details"], "CNI_CONTAINERID: is missing");
+    }
+
+    #[test]
+    fn msg_is_short_and_details_long_as_in_the_spec() {
+        // The spec's example error, rebuilt from our type.
+        let e =
+            CniError::InvalidConfig("Network 192.168.0.0/31 too small to allocate from.".into());
+        let v: serde_json::Value = serde_json::from_str(&e.to_json("1.1.0")).unwrap();
         assert_eq!(
-            v["msg"],
-            "invalid environment variable CNI_CONTAINERID: is missing"
+            v,
+            serde_json::json!({
+                "cniVersion": "1.1.0",
+                "code": 7,
+                "msg": "invalid network config",
+                "details": "Network 192.168.0.0/31 too small to allocate from."
+            })
         );
-        assert_eq!(
-            v["details"],
-            "CNI error code 4: invalid environment variable"
-        );
+        // What a runtime prints (`msg; details`) says "try again later" once.
+        let e = CniError::TryAgainLater("no free address in 10.244.7.0/30 (1 in use)".into());
+        let v: serde_json::Value = serde_json::from_str(&e.to_json("1.1.0")).unwrap();
+        let shown = format!("{}; {}", v["msg"].as_str().unwrap(), v["details"].as_str().unwrap());
+        assert_eq!(shown.matches("try again later").count(), 1, "{shown}");
     }
 
     #[test]
@@ -171,6 +213,7 @@ mod tests {
             (CniError::NotAvailable(String::new()), 50),
             (CniError::AlreadyExists(String::new()), 100),
             (CniError::CheckFailed(String::new()), 101),
+            (CniError::AddressInUse(String::new()), 102),
             (CniError::Internal(String::new()), 999),
         ];
         for (e, code) in cases {
@@ -182,6 +225,6 @@ mod tests {
     fn messages_are_escaped_json() {
         let e = CniError::InvalidConfig("name \"a\\b\" is invalid".into());
         let v: serde_json::Value = serde_json::from_str(&e.to_json("0.4.0")).unwrap();
-        assert_eq!(v["msg"], "invalid network config: name \"a\\b\" is invalid");
+        assert_eq!(v["details"], "name \"a\\b\" is invalid");
     }
 }

@@ -7,15 +7,30 @@
 //!   "subnetFile": "/run/netd/subnet.env",   // optional, this default
 //!   "bridge": "netd0",                      // optional, this default
 //!   "dataDir": "/var/lib/netd/cni",         // optional, IPAM state
+//!   "lockTimeoutSeconds": 15,               // optional, wait for the IPAM lock
 //!   "dns": {"nameservers": ["10.96.0.10"]}, // optional
 //!   "clusterDomain": "cluster.local"        // optional
 //! }
 //! ```
 //!
 //! ADD puts the pod on the node bridge (address = `FLANNEL_SUBNET`'s) with a
-//! veth, an address from the node's subnet and a default route via the
-//! bridge. The result (or the spec's error object) goes to stdout; logs go
-//! to stderr.
+//! veth, an address from the node's subnet and, for the pod's first
+//! interface, a default route via the bridge (a second interface into the
+//! same pod, as multus adds, gets an address but leaves the route alone).
+//! The result (or the spec's error object) goes to stdout; logs go to
+//! stderr.
+//!
+//! A specific address or MAC for the pod's interface can be asked for with
+//! `CNI_ARGS` `IP=10.244.7.9` (or `/24`) and `MAC=0a:58:0a:f4:07:09` (what
+//! `podman run --ip/--mac-address` send), `args.cni.ips`/`args.cni.mac`, or
+//! `runtimeConfig.ips`/`runtimeConfig.mac` (capabilities `ips` and `mac`).
+//! The address must be a free host address of the node's subnet; a taken
+//! address or MAC is error 102 naming its holder. Other `CNI_ARGS` keys than
+//! those and Kubernetes' `K8S_POD_*` are refused unless `IgnoreUnknown=1`,
+//! as the reference plugins do.
+//!
+//! IPAM records live in one store per node, `<dataDir>/_node/` (0700, only
+//! root can open its lock), shared by every network name: see [`ipam`].
 
 mod config;
 mod error;

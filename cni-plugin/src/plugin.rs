@@ -5,6 +5,8 @@
 //!   node ns:  netd0 (bridge) 10.244.7.1/24, MTU from subnet.env
 //!               └─ vethXXXXXXXXXXX (hairpin on)  ── pod ns: eth0 10.244.7.N/24
 //!                                                   default via 10.244.7.1
+//!               └─ vethYYYYYYYYYYY (hairpin on)  ── pod ns: net1 10.244.7.M/24
+//!                                                   (no second default route)
 //! ```
 //! The host end's name is derived from `(containerID, ifname)` and recorded
 //! in the IPAM state, so DEL and GC find it without the pod's namespace.
@@ -18,9 +20,9 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::link::InfoKind;
 use serde_json::Value;
 
-use crate::config::{result_dns, CniEnv, NetConf};
+use crate::config::{result_dns, CniEnv, NetConf, Requests};
 use crate::error::CniError;
-use crate::ipam::{AllocError, State, Store};
+use crate::ipam::{mac_for_ip, AllocError, Request, State, Store};
 use crate::net::{fmt_mac, Link, NetError, Nl, VethEnd};
 use crate::result::{CniResult, Interface, IpConfig, Route};
 use crate::subnet::NodeSubnet;
@@ -52,13 +54,6 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
 fn host_veth_mac(container_id: &str, ifname: &str) -> [u8; 6] {
     let b = fnv1a(&[container_id, ifname, "mac"]).to_be_bytes();
     [(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]]
-}
-
-/// `0a:58:` + the IPv4 address (the convention of several CNI plugins): a
-/// reused address keeps its MAC, so neighbours' ARP caches stay right.
-pub fn mac_for_ip(ip: Ipv4Addr) -> [u8; 6] {
-    let o = ip.octets();
-    [0x0a, 0x58, o[0], o[1], o[2], o[3]]
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
@@ -138,11 +133,11 @@ async fn ensure_bridge(nl: &Nl, name: &str, node: &NodeSubnet) -> Result<Link, C
 struct Plumbed {
     bridge: Link,
     host_mac: [u8; 6],
-    pod_mac: [u8; 6],
+    /// Whether this interface got the pod's default route (only the first
+    /// interface into a pod does).
+    default_route: bool,
 }
 
-/// Everything netlink for ADD. On failure after the veth exists, the veth
-/// is deleted again (which removes both ends).
 /// One attachment being set up.
 struct Attach<'a> {
     netns_path: &'a Path,
@@ -151,8 +146,11 @@ struct Attach<'a> {
     ifname: &'a str,
     host_name: &'a str,
     ip: Ipv4Addr,
+    pod_mac: [u8; 6],
 }
 
+/// Everything netlink for ADD. On failure after the veth exists, the veth
+/// is deleted again (which removes both ends).
 async fn plumb(conf: &NetConf, node: &NodeSubnet, at: &Attach<'_>) -> Result<Plumbed, CniError> {
     let Attach {
         netns_path,
@@ -161,13 +159,13 @@ async fn plumb(conf: &NetConf, node: &NodeSubnet, at: &Attach<'_>) -> Result<Plu
         ifname,
         host_name,
         ip,
+        pod_mac,
     } = *at;
     let host = Nl::current()?;
     let pod = enter_netns(netns_path, netns)?;
     let bridge = ensure_bridge(&host, &conf.bridge, node).await?;
 
     let host_mac = host_veth_mac(container_id, ifname);
-    let pod_mac = mac_for_ip(ip);
     let host_end = VethEnd {
         name: host_name,
         mac: host_mac,
@@ -186,7 +184,7 @@ async fn plumb(conf: &NetConf, node: &NodeSubnet, at: &Attach<'_>) -> Result<Plu
         Err(e) if e.is_exists() => {
             if pod.link(ifname).await?.is_some() {
                 return Err(CniError::AlreadyExists(format!(
-                    "interface {ifname} already exists in {}",
+                    "interface {ifname} is already in {}",
                     netns_path.display()
                 )));
             }
@@ -209,8 +207,18 @@ async fn plumb(conf: &NetConf, node: &NodeSubnet, at: &Attach<'_>) -> Result<Plu
         })?;
         pod.set_up(link.index).await?;
         pod.add_addr(link.index, addr, false).await?;
-        pod.add_default_route(link.index, node.gateway).await?;
-        Ok::<(), NetError>(())
+        // Only the pod's first interface gets the default route: a second
+        // one (multus' net1, ...) finds it there, whoever made it. EEXIST
+        // covers two ADDs into one pod racing past the check.
+        let routes = pod.routes_v4().await?;
+        if routes.iter().any(|(dst, _, _)| dst.prefix_len() == 0) {
+            return Ok(false);
+        }
+        match pod.add_default_route(link.index, node.gateway).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_exists() => Ok(false),
+            Err(e) => Err(e),
+        }
     };
     let hairpin = async {
         let link = host
@@ -219,16 +227,19 @@ async fn plumb(conf: &NetConf, node: &NodeSubnet, at: &Attach<'_>) -> Result<Plu
             .ok_or_else(|| NetError::Other(format!("{host_name} vanished after creation")))?;
         host.set_hairpin(link.index).await
     };
-    if let Err(e) = futures::try_join!(configure_pod, hairpin) {
-        if let Err(del) = host.del_link(host_name).await {
-            eprintln!("netd-cni: rollback: cannot delete {host_name}: {del}");
+    let default_route = match futures::try_join!(configure_pod, hairpin) {
+        Ok((default_route, ())) => default_route,
+        Err(e) => {
+            if let Err(del) = host.del_link(host_name).await {
+                eprintln!("netd-cni: rollback: cannot delete {host_name}: {del}");
+            }
+            return Err(e.into());
         }
-        return Err(e.into());
-    }
+    };
     Ok(Plumbed {
         bridge,
         host_mac,
-        pod_mac,
+        default_route,
     })
 }
 
@@ -239,13 +250,22 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         .as_ref()
         .map(CniResult::parse)
         .transpose()?;
+    let requests = Requests::merge(env, conf)?;
     let node = node_subnet_for_add(conf)?;
     let (netns_path, netns) = pod_netns(env)?;
     let host_name = host_veth_name(cid, ifname);
 
-    let store = Store::new(&conf.data_dir, &conf.name);
-    let ip = store
-        .update(|s| s.allocate(node.subnet, node.gateway, cid, ifname, &host_name))?
+    let store = Store::new(&conf.data_dir, conf.lock_timeout);
+    let request = Request {
+        network: &conf.name,
+        container_id: cid,
+        ifname,
+        host_veth: &host_name,
+        ip: requests.ip.map(|r| r.value),
+        mac: requests.mac.map(|r| r.value),
+    };
+    let (ip, pod_mac) = store
+        .update(|s| s.allocate(node.subnet, node.gateway, &request))?
         .map_err(|e| match e {
             AllocError::AlreadyExists(a) => CniError::AlreadyExists(format!(
                 "container {cid} interface {ifname} already has address {} (ADD twice without DEL?)",
@@ -253,6 +273,27 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
             )),
             AllocError::Exhausted { subnet, in_use } => CniError::TryAgainLater(format!(
                 "no free address in {subnet} ({in_use} in use)"
+            )),
+            AllocError::Unusable(why) => match requests.ip {
+                Some(r) => r.error(why),
+                None => CniError::Internal(why),
+            },
+            AllocError::IpHeld(a) => CniError::AddressInUse(format!(
+                "{} (asked for by {}) is held by {}",
+                a.ip,
+                requests
+                    .ip
+                    .map_or_else(|| "this ADD".to_string(), |r| r.source.to_string()),
+                a.holder()
+            )),
+            AllocError::MacHeld(a) => CniError::AddressInUse(format!(
+                "MAC {} ({}) is held by {}",
+                fmt_mac(&a.pod_mac()),
+                requests.mac.map_or_else(
+                    || "derived from the address".to_string(),
+                    |r| format!("asked for by {}", r.source)
+                ),
+                a.holder()
             )),
         })?;
 
@@ -263,6 +304,7 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         ifname,
         host_name: &host_name,
         ip,
+        pod_mac,
     };
     let plumbed = runtime()?.block_on(plumb(conf, &node, &attach));
     let plumbed = match plumbed {
@@ -293,7 +335,7 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
             },
             Interface {
                 name: ifname.to_string(),
-                mac: Some(fmt_mac(&plumbed.pod_mac)),
+                mac: Some(fmt_mac(&pod_mac)),
                 mtu,
                 sandbox: Some(netns_path.display().to_string()),
                 ..Default::default()
@@ -305,11 +347,15 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
             interface: Some(2),
             ..Default::default()
         }],
-        routes: vec![Route {
-            dst: "0.0.0.0/0".into(),
-            gw: Some(node.gateway.to_string()),
-            ..Default::default()
-        }],
+        routes: if plumbed.default_route {
+            vec![Route {
+                dst: "0.0.0.0/0".into(),
+                gw: Some(node.gateway.to_string()),
+                ..Default::default()
+            }]
+        } else {
+            Vec::new()
+        },
         dns: result_dns(
             &conf.dns,
             &conf.cluster_domain,
@@ -325,7 +371,7 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
 
 pub fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let (cid, ifname) = (env.container_id(), env.ifname());
-    let store = Store::new(&conf.data_dir, &conf.name);
+    let store = Store::new(&conf.data_dir, conf.lock_timeout);
     let record = store.read()?.find(cid, ifname).cloned();
     let host_name = record
         .as_ref()
@@ -337,9 +383,10 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         let nl = Nl::current()?;
         nl.del_link(&host_name).await
     })?;
-    if record.is_some() {
-        store.update(|s| s.release(cid, ifname))?;
-    }
+    // Under the lock whether or not the unlocked read found a record: a read
+    // racing the one-time migration of old per-network records can miss
+    // one, and the release must not.
+    store.update(|s| s.release(cid, ifname))?;
     Ok(())
 }
 
@@ -353,7 +400,7 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let fail = |m: String| CniError::CheckFailed(m);
     let node = NodeSubnet::read(&conf.subnet_file)
         .map_err(|e| CniError::TryAgainLater(format!("{e} (is netd running on this node?)")))?;
-    let record = Store::new(&conf.data_dir, &conf.name)
+    let record = Store::new(&conf.data_dir, conf.lock_timeout)
         .read()?
         .find(cid, ifname)
         .cloned()
@@ -459,7 +506,7 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
 pub fn status(conf: &NetConf) -> Result<(), CniError> {
     let node = NodeSubnet::read(&conf.subnet_file)
         .map_err(|e| CniError::NotAvailable(format!("{e} (is netd running on this node?)")))?;
-    let state = Store::new(&conf.data_dir, &conf.name)
+    let state = Store::new(&conf.data_dir, conf.lock_timeout)
         .read()
         .map_err(|e| CniError::NotAvailable(e.to_string()))?;
     let used = state.used_in(node.subnet).len();
@@ -482,9 +529,9 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
         .iter()
         .map(|a| (a.container_id.clone(), a.ifname.clone()))
         .collect();
-    let store = Store::new(&conf.data_dir, &conf.name);
+    let store = Store::new(&conf.data_dir, conf.lock_timeout);
     let mut state = store.read()?;
-    let stale = state.retain_valid(&valid);
+    let stale = state.retain_valid(&conf.name, &valid);
     if stale.is_empty() {
         return Ok(());
     }

@@ -259,3 +259,68 @@ fn unknown_fields_are_tolerated() {
     assert_eq!(r["cniVersion"], "1.1.0");
     node.cni(&pod.env("DEL"), &conf).ok();
 }
+
+#[test]
+fn error_msg_is_short_and_details_say_what_was_wrong() {
+    // The spec: "msg": short error message, "details": longer error message.
+    let env = Env::attach("ADD", "c1", "/var/run/netns/none", "eth0");
+    let out = run_bare(
+        &Env {
+            container_id: None,
+            ..env
+        },
+        &conf("1.1.0"),
+    );
+    out.err(4);
+    let v = out.json();
+    assert_eq!(v["msg"], "invalid environment variable");
+    assert_eq!(v["details"], "CNI_CONTAINERID: is not set");
+
+    // What a runtime prints for code 11 says "try again later" once.
+    let node = Node::new();
+    let pod = Pod::new("c-errjson");
+    std::fs::remove_file(node.subnet_file()).unwrap();
+    let out = node.cni(&pod.env("ADD"), &node.conf("1.1.0"));
+    let shown = out.err(11);
+    assert_eq!(out.json()["msg"], "try again later");
+    assert_eq!(shown.matches("try again later").count(), 1, "{shown}");
+    assert!(shown.contains("subnet.env"), "{shown}");
+}
+
+#[test]
+fn unknown_cni_args_are_refused_unless_ignore_unknown() {
+    let node = Node::new();
+    let conf = node.conf("1.1.0");
+    let pod = Pod::new("c-args");
+    let msg = node
+        .cni(&pod.env("ADD").with_args("K8S_POD_NAME=x;FROB=1"), &conf)
+        .err(4);
+    assert!(
+        msg.contains("CNI_ARGS") && msg.contains("FROB") && msg.contains("IgnoreUnknown=1"),
+        "{msg}"
+    );
+    assert!(node.allocated().is_empty());
+    // The reference plugins refuse them too.
+    let ipam = json!({"cniVersion": "1.0.0", "name": "ref", "type": "host-local",
+        "ipam": {"type": "host-local", "subnet": "10.244.99.0/24",
+                 "dataDir": node.dir.path().join("host-local")}});
+    let reference = node.reference("host-local", &pod.env("ADD").with_args("FROB=1"), &ipam);
+    assert!(!reference.success(), "{reference:?}");
+    assert!(reference.stdout.contains("unknown args"), "{reference:?}");
+    // With IgnoreUnknown=1 (what runtimes send) they are ignored; the
+    // Kubernetes keys need no such flag.
+    let r = node
+        .cni(&pod.env("ADD").with_args("IgnoreUnknown=1;FROB=1"), &conf)
+        .ok();
+    node.cni(&pod.env("DEL").with_args("FROB=1"), &conf).ok();
+    let r2 = node
+        .cni(
+            &pod.env("ADD").with_args(
+                "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b;K8S_POD_INFRA_CONTAINER_ID=c;K8S_POD_UID=d",
+            ),
+            &conf,
+        )
+        .ok();
+    assert_eq!(r["cniVersion"], r2["cniVersion"]);
+    node.cni(&pod.env("DEL"), &conf).ok();
+}

@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
+use std::path::Path;
 
 use common::{first_ip, with, Env, Node, Pod, GATEWAY};
 use serde_json::{json, Value};
@@ -375,4 +376,294 @@ fn netns_given_as_proc_pid_path() {
     node.cni(&env.with_command("DEL"), &conf).ok();
     let _ = holder.kill();
     let _ = holder.wait();
+}
+
+/// The pod interface's MAC as the kernel has it.
+fn kernel_mac(pod: &Pod, ifname: &str) -> String {
+    let link = pod.ip(&["-o", "link", "show", ifname]);
+    let after = link.split("link/ether ").nth(1).expect("link/ether");
+    after.split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn ip_and_mac_from_cni_args_are_honoured() {
+    let node = Node::new();
+    let conf = node.conf("1.1.0");
+    let a = Pod::new("c-static-a");
+    let env = a
+        .env("ADD")
+        .with_args("IgnoreUnknown=1;K8S_POD_NAME=a;IP=10.244.7.77;MAC=0A:11:22:33:44:55");
+    let r = node.cni(&env, &conf).ok();
+    assert_eq!(r["ips"][0]["address"], "10.244.7.77/24", "{r:#}");
+    assert_eq!(r["interfaces"][2]["mac"], "0a:11:22:33:44:55");
+    assert!(a
+        .ip(&["-4", "-o", "addr", "show", "eth0"])
+        .contains("10.244.7.77/24"));
+    assert_eq!(kernel_mac(&a, "eth0"), "0a:11:22:33:44:55");
+    assert!(a.ping(GATEWAY));
+    assert_eq!(node.allocated(), vec!["10.244.7.77".to_string()]);
+    node.cni(&a.env("CHECK"), &with(&conf, json!({"prevResult": r})))
+        .ok();
+
+    // The address and the MAC are a's: another pod asking for either is
+    // told who holds them, and gets nothing.
+    let b = Pod::new("c-static-b");
+    let msg = node
+        .cni(&b.env("ADD").with_args("IP=10.244.7.77"), &conf)
+        .err(102);
+    assert!(
+        msg.contains("10.244.7.77") && msg.contains("c-static-a") && msg.contains("CNI_ARGS"),
+        "{msg}"
+    );
+    let msg = node
+        .cni(&b.env("ADD").with_args("MAC=0a:11:22:33:44:55"), &conf)
+        .err(102);
+    assert!(msg.contains("c-static-a"), "{msg}");
+    // Outside the node's subnet, the gateway, a malformed MAC: clear errors.
+    for (args, needle) in [
+        ("IP=10.244.8.5", "10.244.7.0/24"),
+        ("IP=10.244.7.1", "gateway"),
+        ("IP=10.244.7.80/16", "/16"),
+        ("MAC=0a:11:22", "not a MAC address"),
+    ] {
+        let msg = node.cni(&b.env("ADD").with_args(args), &conf).err(4);
+        assert!(msg.contains(needle) && msg.contains("CNI_ARGS"), "{args}: {msg}");
+    }
+    assert_eq!(node.allocated().len(), 1, "failed ADDs must not keep an address");
+    assert!(b.ip(&["-o", "link"]).lines().count() == 1, "only lo in b");
+
+    // DEL frees the address for the next pod that asks.
+    node.cni(&a.env("DEL"), &conf).ok();
+    assert!(node.allocated().is_empty());
+    let r = node
+        .cni(&b.env("ADD").with_args("IP=10.244.7.77/24"), &conf)
+        .ok();
+    assert_eq!(first_ip(&r), "10.244.7.77");
+    // A dynamic pod never gets a requested address.
+    let c = Pod::new("c-static-c");
+    assert_ne!(first_ip(&node.cni(&c.env("ADD"), &conf).ok()), "10.244.7.77");
+    node.cni(&b.env("DEL"), &conf).ok();
+    node.cni(&c.env("DEL"), &conf).ok();
+    assert!(node.allocated().is_empty());
+}
+
+#[test]
+fn ips_and_mac_capabilities_are_honoured() {
+    let node = Node::new();
+    let pod = Pod::new("c-caps");
+    // What a runtime passes for `"capabilities": {"ips": true, "mac": true}`.
+    let conf = with(
+        &node.conf("1.1.0"),
+        json!({
+            "capabilities": {"ips": true, "mac": true},
+            "runtimeConfig": {"ips": ["10.244.7.99/24"], "mac": "0a:22:33:44:55:66"}
+        }),
+    );
+    let r = node.cni(&pod.env("ADD"), &conf).ok();
+    assert_eq!(r["ips"][0]["address"], "10.244.7.99/24");
+    assert_eq!(kernel_mac(&pod, "eth0"), "0a:22:33:44:55:66");
+    // CNI_ARGS disagreeing with runtimeConfig is an error, not a guess.
+    let other = Pod::new("c-caps2");
+    let msg = node
+        .cni(&other.env("ADD").with_args("IP=10.244.7.98"), &conf)
+        .err(7);
+    assert!(msg.contains("runtimeConfig.ips") && msg.contains("10.244.7.98"), "{msg}");
+    node.cni(&pod.env("DEL"), &conf).ok();
+    assert!(node.allocated().is_empty());
+}
+
+#[test]
+fn second_interface_into_a_pod() {
+    let node = Node::new();
+    let conf = node.conf("1.1.0");
+    let pod = Pod::new("c-multi");
+    let r0 = node.cni(&pod.env("ADD"), &conf).ok();
+    // What multus does for an additional network.
+    let net1 = Env::attach("ADD", &pod.id, &pod.netns_path(), "net1");
+    let r1 = node.cni(&net1, &conf).ok();
+    assert_eq!(r1["interfaces"][2]["name"], "net1");
+    assert_eq!(r1["ips"][0]["interface"], 2);
+    let ip1 = first_ip(&r1);
+    assert_ne!(ip1, first_ip(&r0));
+    assert!(
+        r1.get("routes").is_none(),
+        "net1 did not get the default route, so its result lists none: {r1:#}"
+    );
+    assert!(pod
+        .ip(&["-4", "-o", "addr", "show", "net1"])
+        .contains(&format!("{ip1}/24")));
+    let default = pod.ip(&["-4", "route", "show", "default"]);
+    assert_eq!(default.lines().count(), 1, "{default}");
+    assert!(
+        default.starts_with(&format!("default via {GATEWAY} dev eth0 ")),
+        "one default route, via the first interface: {default}"
+    );
+    for (env, r) in [(pod.env("CHECK"), &r0), (net1.clone().with_command("CHECK"), &r1)] {
+        node.cni(&env, &with(&conf, json!({"prevResult": r})))
+            .ok();
+    }
+
+    // DEL of net1 leaves eth0 as it was.
+    node.cni(&net1.clone().with_command("DEL"), &conf).ok();
+    assert!(pod
+        .ns
+        .exec(&["ip", "link", "show", "net1"])
+        .map(|o| !o.status.success())
+        .unwrap());
+    assert_eq!(node.allocated(), vec![first_ip(&r0)]);
+    assert!(pod.ping(GATEWAY), "eth0 broken by net1's DEL");
+    node.cni(&pod.env("CHECK"), &with(&conf, json!({"prevResult": r0})))
+        .ok();
+    node.cni(&pod.env("DEL"), &conf).ok();
+    assert!(node.allocated().is_empty());
+}
+
+#[test]
+fn networks_with_different_names_share_the_node_pool() {
+    let node = Node::new();
+    let netd = node.conf("1.1.0");
+    // A second conflist, copied from the first under another name.
+    let other = with(&netd, json!({"name": "other"}));
+    let a = Pod::new("c-net-a");
+    let b = Pod::new("c-net-b");
+    let ra = node.cni(&a.env("ADD"), &netd).ok();
+    let rb = node.cni(&b.env("ADD"), &other).ok();
+    assert_ne!(first_ip(&ra), first_ip(&rb), "one address handed out twice");
+    assert_ne!(ra["interfaces"][2]["mac"], rb["interfaces"][2]["mac"]);
+    assert!(a.ping(&first_ip(&rb)) && b.ping(&first_ip(&ra)));
+    // GC of one network leaves the other's pods alone.
+    node.cni(
+        &Env::cmd("GC"),
+        &with(&other, json!({"cni.dev/valid-attachments": []})),
+    )
+    .ok();
+    assert_eq!(node.allocated(), vec![first_ip(&ra)]);
+    assert!(a.ping(GATEWAY));
+    node.cni(&a.env("DEL"), &netd).ok();
+    node.cni(&b.env("DEL"), &other).ok();
+    assert!(node.allocated().is_empty());
+}
+
+#[test]
+fn pods_of_the_old_per_network_layout_survive_the_upgrade() {
+    let node = Node::new();
+    let conf = node.conf("1.1.0");
+    let old = Pod::new("c-old");
+    let r_old = node.cni(&old.env("ADD"), &conf).ok();
+    let old_ip = first_ip(&r_old);
+    // Rewrite its record the way the previous version kept it:
+    // <dataDir>/<network name>/state.json, records without network or mac.
+    let mut state = node.state();
+    for a in state["allocations"].as_array_mut().unwrap() {
+        let a = a.as_object_mut().unwrap();
+        a.remove("network");
+        a.remove("mac");
+    }
+    state.as_object_mut().unwrap().remove("migrated");
+    std::fs::remove_dir_all(node.state_dir()).unwrap();
+    let legacy = node.data_dir().join("netd");
+    std::fs::create_dir_all(&legacy).unwrap();
+    std::fs::write(legacy.join("lock"), "").unwrap();
+    std::fs::write(legacy.join("state.json"), state.to_string()).unwrap();
+    // The old pod is still known before anything is migrated ...
+    node.cni(&old.env("CHECK"), &with(&conf, json!({"prevResult": r_old})))
+        .ok();
+    // ... and its address is not handed out again; last_reserved was kept
+    // too, so the next address is the one after it.
+    let new = Pod::new("c-new");
+    let r_new = node.cni(&new.env("ADD"), &conf).ok();
+    assert_ne!(first_ip(&r_new), old_ip);
+    assert!(!legacy.join("state.json").exists(), "not migrated");
+    let mut recorded = node.allocated();
+    recorded.sort();
+    let mut want = vec![old_ip.clone(), first_ip(&r_new)];
+    want.sort();
+    assert_eq!(recorded, want);
+    // DEL of the old pod removes its interfaces and its record.
+    node.cni(&old.env("DEL"), &conf).ok();
+    assert!(!node.has_link(&host_veth(&r_old)));
+    assert_eq!(node.allocated(), vec![first_ip(&r_new)]);
+    node.cni(&new.env("DEL"), &conf).ok();
+}
+
+/// Makes the node's temp dir traversable by others, as /var/lib is (a
+/// tempdir is 0700, which alone would keep other users out).
+fn open_up(node: &Node) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(node.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(node.data_dir()).unwrap();
+    std::fs::set_permissions(node.data_dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Runs `args` as user nobody; whether it succeeded, and its stderr.
+fn as_nobody(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(args)
+        .output()
+        .expect("setpriv (util-linux)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn only_root_can_open_the_ipam_lock() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let node = Node::new();
+    open_up(&node);
+    // A store left by an install that made it world-readable.
+    let dir = node.state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let lock = dir.join("lock");
+    std::fs::write(&lock, "").unwrap();
+    std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // Sanity: as it is, nobody could hold the lock (the attack).
+    let (held, err) = as_nobody(&["flock", "-n", lock.to_str().unwrap(), "true"]);
+    assert!(held, "the test setup is wrong: {err}");
+
+    let conf = node.conf("1.1.0");
+    let pod = Pod::new("c-lockmode");
+    node.cni(&pod.env("ADD"), &conf).ok();
+    let meta = |p: &Path| std::fs::metadata(p).unwrap();
+    assert_eq!(meta(&dir).mode() & 0o7777, 0o700);
+    assert_eq!(meta(&lock).mode() & 0o7777, 0o600);
+    assert_eq!((meta(&lock).uid(), meta(&dir).uid()), (0, 0));
+    let (held, err) = as_nobody(&["flock", "-n", lock.to_str().unwrap(), "true"]);
+    assert!(!held, "user nobody could open and lock {}", lock.display());
+    assert!(err.contains("Permission denied"), "{err}");
+    node.cni(&pod.env("DEL"), &conf).ok();
+}
+
+#[test]
+fn a_held_ipam_lock_is_try_again_later_not_a_hang() {
+    let node = Node::new();
+    let conf = with(&node.conf("1.1.0"), json!({"lockTimeoutSeconds": 1}));
+    let a = Pod::new("c-lock-a");
+    node.cni(&a.env("ADD"), &conf).ok();
+    let lock = node.state_dir().join("lock");
+    // This test process (root: nobody else can open it) holds the lock.
+    let held = std::fs::File::open(&lock).unwrap();
+    // SAFETY: flock(2) on a descriptor we own; no memory involved.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) };
+    assert_eq!(rc, 0);
+
+    let b = Pod::new("c-lock-b");
+    let msg = node.cni(&b.env("ADD"), &conf).err(11);
+    drop(held);
+    assert!(msg.starts_with("try again later; "), "{msg}");
+    assert!(
+        msg.contains(lock.to_str().unwrap())
+            && msg.contains(&format!("held by pid {}", std::process::id())),
+        "{msg}"
+    );
+    assert_eq!(node.allocated().len(), 1);
+    assert!(b.ip(&["-o", "link"]).lines().count() == 1, "only lo in b");
+    // Released: the same ADD goes through.
+    node.cni(&b.env("ADD"), &conf).ok();
+    for p in [&a, &b] {
+        node.cni(&p.env("DEL"), &conf).ok();
+    }
 }

@@ -8,10 +8,11 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Once;
+use std::time::{Duration, Instant};
 
 use netd_tests::Netns;
 use serde_json::{json, Value};
@@ -66,7 +67,8 @@ impl Outcome {
         }
     }
 
-    /// Asserts a spec error result with `code`, and returns its `msg`.
+    /// Asserts a spec error result with `code`, and returns what a runtime
+    /// shows of it: `msg; details` (libcni's `Error()`).
     pub fn err(&self, code: u64) -> String {
         assert!(
             !self.success(),
@@ -75,7 +77,13 @@ impl Outcome {
         let v = self.json();
         assert_eq!(v["code"], code, "wrong error code: {self:#?}");
         assert!(v["cniVersion"].is_string(), "{self:#?}");
-        v["msg"].as_str().expect("msg").to_string()
+        let msg = v["msg"].as_str().expect("msg");
+        let details = v["details"].as_str().expect("details");
+        assert!(
+            !details.contains(msg),
+            "details repeat msg \"{msg}\": {self:#?}"
+        );
+        format!("{msg}; {details}")
     }
 }
 
@@ -136,6 +144,11 @@ impl Env {
     }
 }
 
+/// How long a plugin run may take before the harness calls it hung, kills
+/// it and fails the test (a guard against a test that never ends, not a
+/// timing assertion: every run normally takes well under a second).
+const HUNG_AFTER: Duration = Duration::from_secs(120);
+
 /// Runs `cmd` with `env`, `stdin` piped in, and collects the outcome.
 pub fn run_with_stdin(mut cmd: Command, env: &Env, stdin: &[u8]) -> Outcome {
     env.apply(&mut cmd);
@@ -150,11 +163,34 @@ pub fn run_with_stdin(mut cmd: Command, env: &Env, stdin: &[u8]) -> Outcome {
         // A plugin may exit before reading (e.g. env errors): ignore EPIPE.
         let _ = input.write_all(stdin);
     }
-    let out = child.wait_with_output().expect("wait");
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + HUNG_AFTER;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish within {HUNG_AFTER:?} (hung?); stderr: {}",
+                stderr.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     Outcome {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        code: status.code(),
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
     }
 }
 
@@ -190,9 +226,14 @@ impl Node {
         self.dir.path().join("ipam")
     }
 
-    /// The IPAM state file of network "netd".
+    /// The node's IPAM record store (every network's records).
+    pub fn state_dir(&self) -> PathBuf {
+        self.data_dir().join("_node")
+    }
+
+    /// The IPAM state file of the node.
     pub fn state(&self) -> Value {
-        let path = self.data_dir().join("netd/state.json");
+        let path = self.state_dir().join("state.json");
         match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).expect("state JSON"),
             Err(_) => json!({"allocations": []}),
