@@ -270,6 +270,11 @@ fn plan_service(svc: &Service, known: &mut Known, owned: &mut HashMap<String, BT
         }
         spec.cluster_ips = spec.cluster_ip.clone().filter(|c| c != "None").map(|c| vec![c]);
     }
+    let wants_hc = typ == "LoadBalancer" && spec.external_traffic_policy.as_deref() == Some("Local");
+    if !wants_hc {
+        // Carried over from an earlier version that had one: not held any more.
+        spec.health_check_node_port = None;
+    }
     if typ == "NodePort" || typ == "LoadBalancer" {
         // Requested ports first, so an allocated one never collides with a later request.
         let check = |np: u16, field: &str| -> Result<(), RegistryError> {
@@ -290,8 +295,7 @@ fn plan_service(svc: &Service, known: &mut Known, owned: &mut HashMap<String, BT
                 }
             }
         }
-        let wants_hc = typ == "LoadBalancer" && spec.external_traffic_policy.as_deref() == Some("Local");
-        if let Some(h) = spec.health_check_node_port.filter(|_| wants_hc) {
+        if let Some(h) = spec.health_check_node_port {
             let h = h as u16;
             check(h, "spec.healthCheckNodePort")?;
             if !claims.insert(Alloc::Port(h)) {
@@ -670,6 +674,13 @@ mod tests {
         assert!(step.ops.contains(&Op::Delete(keys().alloc(port))));
         assert_eq!(known.allocs.len(), 1, "the ClusterIP stays");
         assert!(held.contains(known.allocs.keys().next().unwrap()));
+        // A LoadBalancer going from policy Local to Cluster gives its health check port back.
+        plan(&services(1, r#", "type": "LoadBalancer", "externalTrafficPolicy": "Local""#), &mut known, &config).unwrap();
+        assert_eq!(known.allocs.len(), 3);
+        plan(&services(1, r#", "type": "LoadBalancer", "externalTrafficPolicy": "Cluster""#), &mut known, &config).unwrap();
+        assert_eq!(known.allocs.len(), 2, "ClusterIP and nodePort");
+        let stored: Service = serde_json::from_slice(&known.values["/r/services/default/s0"]).unwrap();
+        assert_eq!(stored.spec.unwrap().health_check_node_port, None);
     }
 
     #[test]
@@ -730,6 +741,6 @@ mod tests {
         plan(&apply_manifests(r#"{"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "s1"}, "subsets": [{"addresses": [{"ip": "10.244.1.1"}]}]}"#).unwrap(), &mut known, &config).unwrap();
         let steps = plan_delete(&[r(Kind::Service, "s1"), r(Kind::Endpoints, "s1")], &mut known, &keys());
         let ops = |i: usize| steps[i].as_ref().map(|s| s.ops.len());
-        assert_eq!((ops(0), ops(1)), (Some(5), Some(1)), "service, its slice s1-a, ClusterIP, nodePort; the converted slice s1");
+        assert_eq!((ops(0), ops(1)), (Some(4), Some(1)), "service, its slice s1-a, ClusterIP, nodePort; the converted slice s1");
     }
 }

@@ -1,5 +1,6 @@
 //! The service registry: Services and EndpointSlices in etcd (no Kubernetes API server needed),
-//! `netd apply/get/delete`, and the watch that feeds the proxy its snapshots.
+//! `netd apply/get/delete/config`, the cluster's service ranges, and the watch that feeds the
+//! proxy its snapshots.
 
 pub mod changes;
 pub mod cli;

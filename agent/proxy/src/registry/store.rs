@@ -66,7 +66,7 @@ pub enum RegistryError {
     InvalidConfig(String),
     /// Objects written before `source` stopped the rest (only when a concurrent writer or etcd
     /// failed us after the file had been validated).
-    #[error("{source}\nonly {} of {total} objects were applied before this (listed above); the others were not", done.len())]
+    #[error("{source}\n{} of {total} objects were applied before this and stay applied; the others were not", done.len())]
     Partial { done: Vec<Applied>, total: usize, source: Box<RegistryError> },
 }
 
