@@ -123,6 +123,27 @@ pub fn spawn_proxy(
     cfg.resync_interval = resync;
     cfg.status = Some(status_tx);
     shared.update(|s| s.services = Some(ServicesStatus { mode: format!("{mode:?}").to_lowercase(), ..Default::default() }));
+    // The cluster's service ranges (`netd config`) come with the registry's snapshots.
+    let mut ranges = snapshots.clone();
+    let shared_ranges = shared.clone();
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let config = ranges.borrow_and_update().cluster_config.clone();
+            if config != last {
+                shared_ranges.update(|s| {
+                    if let Some(svc) = &mut s.services {
+                        svc.service_cluster_ip_range = config.as_ref().map(|c| c.service_cluster_ip_range.to_string());
+                        svc.service_node_port_range = config.as_ref().map(|c| format!("{}-{}", c.service_node_port_range.start(), c.service_node_port_range.end()));
+                    }
+                });
+                last = config;
+            }
+            if ranges.changed().await.is_err() {
+                return;
+            }
+        }
+    });
     tokio::spawn(async move {
         let run = match backend {
             Some(b) => netd_proxy::run_proxy_with(cfg, Some(b), snapshots).await,

@@ -163,6 +163,11 @@ pub struct ServicesStatus {
     pub warnings: Vec<String>,
     /// healthCheckNodePort servers running (externalTrafficPolicy Local).
     pub health_ports: Vec<u16>,
+    /// The cluster's service ranges (`netd config get`), when the registry has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_cluster_ip_range: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_node_port_range: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -385,6 +390,9 @@ pub fn render(s: &NodeStatus, color: bool) -> String {
         let rev = svc.applied_revision.map(|r| format!(" (revision {r})")).unwrap_or_else(|| " (not synced yet)".into());
         let err = svc.last_error.as_ref().map(|e| paint("31", &format!(" — ERROR: {e}"))).unwrap_or_default();
         let _ = writeln!(out, "services  {} programmed by {}{rev}{when}{err}", svc.services, svc.mode);
+        if let (Some(ips), Some(ports)) = (&svc.service_cluster_ip_range, &svc.service_node_port_range) {
+            let _ = writeln!(out, "          ClusterIPs from {ips}, nodePorts {ports}");
+        }
     }
     if let Some(dns) = &s.dns {
         let hit = dns.cache_hit_ratio.map(|r| format!(", cache hits {:.0}%", r * 100.0)).unwrap_or_default();
@@ -544,12 +552,21 @@ mod tests {
     #[test]
     fn services_dns_and_api_server_lines() {
         let mut s = healthy();
-        s.services = Some(ServicesStatus { mode: "nftables".into(), services: 12, applied_revision: Some(40), last_sync: Some(s.now - 2), last_duration_ms: 1.25, ..Default::default() });
+        s.services = Some(ServicesStatus {
+            mode: "nftables".into(),
+            services: 12,
+            applied_revision: Some(40),
+            last_sync: Some(s.now - 2),
+            last_duration_ms: 1.25,
+            service_cluster_ip_range: Some("10.96.0.0/12".into()),
+            service_node_port_range: Some("30000-32767".into()),
+            ..Default::default()
+        });
         s.dns = Some(DnsStatus { listen: vec!["169.254.20.10:53".into()], upstreams: vec!["198.18.0.1:53".into()], services: 12, records: 30, queries_per_second: 5.0, cache_hit_ratio: Some(0.5), ..Default::default() });
         s.api_server = Some(ApiServerStatus { connected: true, synced: true, objects: 24, ..Default::default() });
         assert_eq!(verdict(&s).0, Health::Healthy);
         let text = render(&s, false);
-        assert!(text.contains("services  12 programmed by nftables (revision 40), synced 2s ago in 1.2 ms"), "{text}");
+        assert!(text.contains("services  12 programmed by nftables (revision 40), synced 2s ago in 1.2 ms\n          ClusterIPs from 10.96.0.0/12, nodePorts 30000-32767\n"), "{text}");
         assert!(text.contains("dns       30 records for 12 services on 169.254.20.10:53; 5 queries/s, cache hits 50%; upstream 198.18.0.1:53"), "{text}");
         assert!(text.contains("apiserver connected (24 objects, 0 relist(s) after 410 Gone)"), "{text}");
         s.services.as_mut().unwrap().last_error = Some("netlink: EPERM".into());

@@ -41,6 +41,10 @@ impl std::fmt::Display for NsName {
 #[derive(Debug, Clone)]
 pub struct ServiceSnapshot {
     pub revision: i64,
+    /// The cluster's service ranges (`<registry prefix>/config`, set by `netd config set` or the
+    /// first `netd apply`); `None` when not set, malformed, or the source has none (the
+    /// Kubernetes API server does not publish its ranges).
+    pub cluster_config: Option<crate::registry::ClusterConfig>,
     /// Private, like everything below: changes go through `put_*`/`remove_*`, which keep the
     /// change log right.
     services: imbl::OrdMap<NsName, Arc<Service>>,
@@ -78,6 +82,7 @@ impl Default for ServiceSnapshot {
     fn default() -> Self {
         ServiceSnapshot {
             revision: 0,
+            cluster_config: None,
             services: Default::default(),
             slices: Default::default(),
             slice_owner: Default::default(),

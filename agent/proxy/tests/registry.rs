@@ -1,6 +1,7 @@
 //! The service registry against a real etcd (in the test bed's underlay namespace): apply,
-//! allocation (also under concurrency), immutability, delete, the watch, and a registry edit
-//! reaching the dataplane of every node.
+//! allocation (also under concurrency), immutability, delete, the cluster's service ranges,
+//! the kubectl-like command line, the watch, and a registry edit reaching the dataplane of
+//! every node.
 
 mod common;
 
@@ -10,10 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
+use clap::Parser;
 use common::*;
-use netd_proxy::registry::{apply_manifests, AllocOptions, RegistryError, RegistryOptions, ServiceRegistry};
+use netd_proxy::registry::cli::{run_cli_to, ServiceCommand};
+use netd_proxy::registry::{apply_manifests, AllocOptions, ClusterConfig, RegistryError, RegistryOptions, ServiceRegistry};
 use netd_proxy::{NodeInfo, NsName, ProxyConfig, ProxyMode};
-use netd_tests::{wait_until, Cluster};
+use netd_tests::{netd_binary, wait_until, Cluster};
 
 /// Runs `f` with a connected registry on a thread inside the underlay namespace (where etcd is).
 fn with_registry<T: Send + 'static, F>(c: &Cluster, f: impl FnOnce(ServiceRegistry) -> F + Send + 'static) -> T
@@ -53,9 +56,10 @@ fn apply_allocates_once_keeps_allocations_and_delete_releases_them() -> Result<(
         let alloc = AllocOptions::default();
         reg.apply(apply_manifests(WEB).unwrap(), &alloc).await.unwrap();
         let first = reg.get_service(&NsName::new("shop", "web")).await.unwrap().unwrap();
-        // Applying the same manifest again keeps the ClusterIP and the nodePort.
+        // Applying the same manifest again keeps the ClusterIP and the nodePort, and says so.
         let again = reg.apply(apply_manifests(WEB).unwrap(), &alloc).await.unwrap();
-        assert!(again.iter().all(|a| !a.created), "{again:?}");
+        let shown: Vec<String> = again.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["service/web unchanged", "endpoints/web unchanged"]);
         let second = reg.get_service(&NsName::new("shop", "web")).await.unwrap().unwrap();
         reg.delete_service(&NsName::new("shop", "web")).await.unwrap();
         let snap = reg.snapshot().await.unwrap();
@@ -69,7 +73,7 @@ fn apply_allocates_once_keeps_allocations_and_delete_releases_them() -> Result<(
     assert_eq!(second.spec.as_ref().unwrap().cluster_ip, spec.cluster_ip);
     assert_eq!(second.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].node_port, Some(np));
     ensure!(after_delete.services().is_empty());
-    assert_eq!(after_delete.slice_count(), 1, "the converted Endpoints stay");
+    assert_eq!(after_delete.slice_count(), 0, "the Service's EndpointSlices go with it");
     let allocations = c.etcd().get_prefix("/netd/registry/allocations/")?;
     ensure!(allocations.is_empty(), "delete released {allocations:?}");
     Ok(())
@@ -80,7 +84,7 @@ fn concurrent_applies_never_hand_out_an_address_or_port_twice() -> Result<()> {
     let c = Cluster::new(0)?;
     let results = with_registry(&c, |reg| async move {
         // 14 usable addresses and 20 ports for 15 services applied at once.
-        let alloc = AllocOptions { service_cidr: "10.96.0.0/28".parse().unwrap(), node_ports: 30000..=30019 };
+        let alloc = AllocOptions::ranges("10.96.0.0/28".parse().unwrap(), 30000..=30019);
         let mut tasks = Vec::new();
         for i in 0..15 {
             let reg = reg.clone();
@@ -122,6 +126,254 @@ fn cluster_ips_are_immutable_and_taken_ones_are_refused() -> Result<()> {
     });
     ensure!(changed.contains("spec.clusterIP") && changed.contains("field is immutable"), "{changed}");
     ensure!(taken.contains("provided IP is already allocated"), "{taken}");
+    Ok(())
+}
+
+#[derive(Parser)]
+struct Netd {
+    #[command(subcommand)]
+    cmd: ServiceCommand,
+}
+
+/// `netd ARGS... --etcd-endpoints <the cluster's>` as an operator types it, run in this process
+/// inside the underlay namespace: what it printed, or its error.
+fn netd(c: &Cluster, args: &[&str]) -> std::result::Result<String, String> {
+    let mut argv: Vec<String> = std::iter::once("netd").chain(args.iter().copied()).map(String::from).collect();
+    argv.extend(["--etcd-endpoints".to_string(), c.etcd().endpoint()]);
+    let cmd = Netd::try_parse_from(argv).map_err(|e| e.to_string())?.cmd;
+    in_netns(c.underlay().name(), move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut out = Vec::new();
+        let r = rt.block_on(run_cli_to(cmd, &mut out));
+        r.map(|()| String::from_utf8(out).unwrap()).map_err(|e| e.to_string())
+    })
+}
+
+/// A manifest in a temporary file.
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), text).unwrap();
+    f
+}
+
+fn services(names: impl IntoIterator<Item = String>, spec: &str) -> String {
+    names
+        .into_iter()
+        .map(|n| format!("{{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {{\"name\": \"{n}\"}}, \"spec\": {spec}}}"))
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+#[test]
+fn a_yaml_typo_is_one_error_with_line_and_column_in_bounded_memory() -> Result<()> {
+    // `{a` made `netd apply` collect the same parse error until the OOM killer stopped it: run
+    // the real binary with 1 GB of address space and a timeout, so a regression fails here
+    // instead of eating the machine.
+    let bin = netd_binary()?;
+    let bad = file("{a");
+    for dry in [&["--dry-run"][..], &[]] {
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", "ulimit -v 1000000; bin=$0; f=$1; shift; exec timeout 60 \"$bin\" apply -f \"$f\" \"$@\""]).arg(&bin).arg(bad.path()).args(dry);
+        // Without --dry-run: the parse fails before any connection (none is listening there).
+        cmd.args(["--etcd-endpoints", "http://127.0.0.1:9"]);
+        let out = cmd.output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.matches("did not find expected ',' or '}' at line 2 column 1").count(), 1, "{stderr}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_file_that_cannot_be_applied_writes_nothing() -> Result<()> {
+    let c = Cluster::new(0)?;
+    netd(&c, &["apply", "-f", file(&services(["x".to_string()], r#"{"clusterIP": "10.96.0.50", "ports": [{"port": 80}]}"#)).path().to_str().unwrap()]).unwrap();
+    // Two good Services, then one asking for x's address: none of the three is written.
+    let mut text = services(["a".to_string(), "b".to_string()], r#"{"ports": [{"port": 80}]}"#);
+    text.push_str("\n---\n");
+    text.push_str(&services(["c".to_string()], r#"{"clusterIP": "10.96.0.50", "ports": [{"port": 80}]}"#));
+    let err = netd(&c, &["apply", "-f", file(&text).path().to_str().unwrap()]).unwrap_err();
+    assert_eq!(err, "service/c: spec.clusterIP: Invalid value: \"10.96.0.50\": provided IP is already allocated");
+    let stored: Vec<String> = c.etcd().get_prefix("/netd/registry/services/")?.into_iter().map(|(k, _)| k).collect();
+    assert_eq!(stored, ["/netd/registry/services/default/x"]);
+    assert_eq!(c.etcd().get_prefix("/netd/registry/allocations/")?.len(), 1);
+    Ok(())
+}
+
+#[test]
+fn ten_thousand_services_each_get_an_address_of_their_own() -> Result<()> {
+    let c = Cluster::new(0)?;
+    let n = 10_000;
+    let mut text = String::new();
+    for i in 0..n {
+        text.push_str(&format!(
+            "---\n{{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {{\"name\": \"s{i}\"}}, \"spec\": {{\"ports\": [{{\"port\": 80}}]}}}}\n\
+             ---\n{{\"apiVersion\": \"discovery.k8s.io/v1\", \"kind\": \"EndpointSlice\", \"metadata\": {{\"name\": \"s{i}-a\", \"labels\": {{\"kubernetes.io/service-name\": \"s{i}\"}}}}, \"addressType\": \"IPv4\", \"endpoints\": [{{\"addresses\": [\"10.244.{}.{}\"]}}]}}\n",
+            i / 200,
+            i % 200 + 1
+        ));
+    }
+    let out = netd(&c, &["apply", "-f", file(&text).path().to_str().unwrap()]).unwrap();
+    assert_eq!(out.lines().filter(|l| l.ends_with(" created")).count(), 2 * n);
+    let ips = c.etcd().get_prefix("/netd/registry/allocations/clusterips/")?;
+    let owners: BTreeSet<&str> = ips.iter().map(|(_, v)| v.as_str()).collect();
+    assert_eq!((ips.len(), owners.len()), (n, n), "one address per Service");
+    for (k, _) in &ips {
+        let ip: Ipv4Addr = k.rsplit('/').next().unwrap().parse()?;
+        ensure!(ip != Ipv4Addr::new(10, 96, 0, 0) && ip != Ipv4Addr::new(10, 111, 255, 255), "{ip}");
+    }
+    assert_eq!(c.etcd().get_prefix("/netd/registry/services/")?.len(), n);
+    assert_eq!(c.etcd().get_prefix("/netd/registry/endpointslices/")?.len(), n);
+    Ok(())
+}
+
+#[test]
+fn two_concurrent_applies_of_many_services_never_share_an_address_or_port() -> Result<()> {
+    let c = Cluster::new(0)?;
+    // 2 x 250 NodePort Services into 510 addresses and 600 ports: the two planners pick the
+    // same address or port many times; the losing transaction is planned again.
+    let results = with_registry(&c, |reg| async move {
+        let alloc = AllocOptions::ranges("10.96.0.0/23".parse().unwrap(), 30000..=30599);
+        let mut tasks = Vec::new();
+        for who in ["a", "b"] {
+            let (reg, alloc) = (reg.clone(), alloc.clone());
+            let text = services((0..250).map(|i| format!("{who}{i}")), r#"{"type": "NodePort", "ports": [{"port": 80}]}"#);
+            tasks.push(tokio::spawn(async move { reg.apply(apply_manifests(&text).unwrap(), &alloc).await }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap().map(|r| r.len()).map_err(|e| e.to_string()));
+        }
+        out
+    });
+    assert_eq!(results, [Ok(250), Ok(250)]);
+    let mut ips = BTreeSet::new();
+    let mut ports = BTreeSet::new();
+    for (_, v) in c.etcd().get_prefix("/netd/registry/services/")? {
+        let s: k8s_openapi::api::core::v1::Service = serde_json::from_str(&v)?;
+        let spec = s.spec.unwrap();
+        ensure!(ips.insert(spec.cluster_ip.unwrap()), "ClusterIP handed out twice");
+        ensure!(ports.insert(spec.ports.unwrap()[0].node_port.unwrap()), "nodePort handed out twice");
+    }
+    assert_eq!((ips.len(), ports.len()), (500, 500));
+    assert_eq!(c.etcd().get_prefix("/netd/registry/allocations/")?.len(), 1000);
+    Ok(())
+}
+
+#[test]
+fn a_dual_stack_service_is_refused_with_the_api_servers_message() -> Result<()> {
+    let c = Cluster::new(0)?;
+    let text = services(["dual".to_string()], r#"{"ipFamilyPolicy": "RequireDualStack", "selector": {"app": "x"}, "ports": [{"port": 80}]}"#);
+    let err = netd(&c, &["apply", "-f", file(&text).path().to_str().unwrap()]).unwrap_err();
+    assert_eq!(err, "document 1 (Service default/dual): spec.ipFamilyPolicy: Invalid value: \"RequireDualStack\": this cluster is not configured for dual-stack services");
+    ensure!(c.etcd().get_prefix("/netd/registry/services/")?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn network_and_broadcast_addresses_are_never_cluster_ips() -> Result<()> {
+    let c = Cluster::new(0)?;
+    netd(&c, &["config", "set", "--service-cidr", "10.96.0.0/30"]).unwrap();
+    let apply = |name: &str, spec: &str| netd(&c, &["apply", "-f", file(&services([name.to_string()], spec)).path().to_str().unwrap()]);
+    for ip in ["10.96.0.0", "10.96.0.3"] {
+        let err = apply("explicit", &format!(r#"{{"clusterIP": "{ip}", "ports": [{{"port": 80}}]}}"#)).unwrap_err();
+        assert_eq!(err, format!("service/explicit: spec.clusterIP: Invalid value: \"{ip}\": provided IP is not in the valid range. The range of valid IPs is 10.96.0.0/30"));
+    }
+    apply("a", r#"{"ports": [{"port": 80}]}"#).unwrap();
+    apply("b", r#"{"ports": [{"port": 80}]}"#).unwrap();
+    let err = apply("c", r#"{"ports": [{"port": 80}]}"#).unwrap_err();
+    ensure!(err.contains("no free address in 10.96.0.0/30"), "{err}");
+    let ips: Vec<String> = c.etcd().get_prefix("/netd/registry/allocations/clusterips/")?.into_iter().map(|(k, _)| k.rsplit('/').next().unwrap().to_string()).collect();
+    assert_eq!(ips, ["10.96.0.1", "10.96.0.2"]);
+    Ok(())
+}
+
+#[test]
+fn the_service_ranges_live_in_etcd_set_once_for_every_client_and_node() -> Result<()> {
+    let c = Cluster::new(0)?;
+    let np = r#"{"type": "NodePort", "ports": [{"port": 80}]}"#;
+    let a = file(&services(["a".to_string()], np));
+    let b = file(&services(["b".to_string()], np));
+    let (a, b) = (a.path().to_str().unwrap(), b.path().to_str().unwrap());
+    assert_eq!(netd(&c, &["config", "get"]).unwrap_err(), "cluster config (/netd/registry/config; `netd config set` or the first `netd apply` sets it) not found");
+    // The first apply seeds them from its flags.
+    netd(&c, &["apply", "-f", a, "--service-cidr", "10.100.0.0/16", "--service-node-port-range", "31000-31099"]).unwrap();
+    assert_eq!(c.etcd().get("/netd/registry/config")?.as_deref(), Some(r#"{"serviceClusterIPRange":"10.100.0.0/16","serviceNodePortRange":"31000-31099"}"#));
+    // Another operator's different flag is an error naming both values, and writes nothing.
+    let err = netd(&c, &["apply", "-f", b, "--service-cidr", "10.200.0.0/16"]).unwrap_err();
+    ensure!(err.starts_with("--service-cidr 10.200.0.0/16 disagrees with the cluster's serviceClusterIPRange 10.100.0.0/16"), "{err}");
+    ensure!(c.etcd().get("/netd/registry/services/default/b")?.is_none());
+    // Without flags, the cluster's ranges.
+    netd(&c, &["apply", "-f", b]).unwrap();
+    let svc: k8s_openapi::api::core::v1::Service = serde_json::from_str(&c.etcd().get("/netd/registry/services/default/b")?.unwrap())?;
+    let spec = svc.spec.unwrap();
+    ensure!("10.100.0.0/16".parse::<ipnet::Ipv4Net>()?.contains(&spec.cluster_ip.clone().unwrap().parse::<Ipv4Addr>()?), "{:?}", spec.cluster_ip);
+    ensure!((31000..=31099).contains(&spec.ports.unwrap()[0].node_port.unwrap()));
+    assert_eq!(netd(&c, &["config", "get"]).unwrap(), "serviceClusterIPRange: 10.100.0.0/16\nserviceNodePortRange: 31000-31099\n");
+    // A range that would strand the Services' addresses is refused; once they are gone it is set.
+    let err = netd(&c, &["config", "set", "--service-cidr", "10.200.0.0/16"]).unwrap_err();
+    ensure!(err.contains("would leave allocations outside it: service default/a has ClusterIP 10.100."), "{err}");
+    // Nodes see the ranges in their snapshot, and changes through the watch.
+    let seen = with_registry(&c, |reg| async move {
+        let first = reg.snapshot().await.unwrap().cluster_config;
+        let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(netd_proxy::ServiceSnapshot::new()));
+        let watcher = reg.clone();
+        let watch = tokio::spawn(async move { watcher.run_watch(tx).await });
+        reg.delete_service(&NsName::new("default", "a")).await.unwrap();
+        reg.delete_service(&NsName::new("default", "b")).await.unwrap();
+        let set = reg.set_cluster_config(&AllocOptions { service_cidr: Some("10.96.0.0/12".parse().unwrap()), node_ports: None }).await.unwrap();
+        let changed = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(c) = rx.borrow_and_update().cluster_config.clone().filter(|c| *c == set) {
+                    return c;
+                }
+                rx.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("the watch delivers the new ranges");
+        watch.abort();
+        (first, changed)
+    });
+    let seeded = AllocOptions::ranges("10.100.0.0/16".parse()?, 31000..=31099).over(&ClusterConfig::default());
+    assert_eq!(seen.0, Some(seeded));
+    assert_eq!(seen.1, AllocOptions::ranges("10.96.0.0/12".parse()?, 31000..=31099).over(&ClusterConfig::default()));
+    Ok(())
+}
+
+#[test]
+fn the_command_line_behaves_like_kubectl() -> Result<()> {
+    let c = Cluster::new(0)?;
+    let web = file(WEB);
+    let web = web.path().to_str().unwrap();
+    assert_eq!(netd(&c, &["apply", "-f", web]).unwrap(), "service/web created\nendpoints/web created\n");
+    assert_eq!(netd(&c, &["apply", "-f", web]).unwrap(), "service/web unchanged\nendpoints/web unchanged\n");
+    // One object is printed as that object, several as a List.
+    let one = netd(&c, &["get", "svc", "web", "-n", "shop", "-o", "yaml"]).unwrap();
+    ensure!(one.starts_with("apiVersion: v1\n") && one.contains("\nkind: Service\n") && !one.contains("List"), "{one}");
+    let all = netd(&c, &["get", "services", "-A", "-o", "json"]).unwrap();
+    ensure!(all.contains("\"kind\": \"List\""), "{all}");
+    let ep = netd(&c, &["get", "ep", "web", "-n", "shop", "-o", "json"]).unwrap();
+    ensure!(ep.contains("\"kind\": \"EndpointSlice\"") && !ep.contains("List"), "{ep}");
+    // Not found is an error for every kind.
+    for (kind, word) in [("svc", "service"), ("endpoints", "endpoints"), ("endpointslice", "endpointslice")] {
+        assert_eq!(netd(&c, &["get", kind, "nope", "-n", "shop"]).unwrap_err(), format!("{word} \"nope\" in namespace \"shop\" not found"));
+        ensure!(netd(&c, &["delete", kind, "nope", "-n", "shop"]).unwrap_err().ends_with("not found"));
+    }
+    // delete -f: what the file names; the Service's EndpointSlices go with it.
+    let extra = file(
+        r#"{"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "web-extra", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}}, "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.1.9"]}]}"#,
+    );
+    netd(&c, &["apply", "-f", extra.path().to_str().unwrap()]).unwrap();
+    assert_eq!(netd(&c, &["delete", "-f", web]).unwrap(), "service \"web\" deleted\nendpoints \"web\" deleted\n");
+    ensure!(c.etcd().get_prefix("/netd/registry/endpointslices/")?.is_empty() && c.etcd().get_prefix("/netd/registry/allocations/")?.is_empty());
+    assert_eq!(netd(&c, &["delete", "-f", web]).unwrap_err(), "service \"web\" in namespace \"shop\" not found, endpoints \"web\" in namespace \"shop\" not found");
+    // And the binary exits 1 on not found, whatever the kind.
+    let bin = netd_binary()?;
+    for kind in ["svc", "ep", "endpointslices"] {
+        let out = c.underlay().exec(&[bin.to_str().unwrap(), "get", kind, "nope", "--etcd-endpoints", &c.etcd().endpoint()])?;
+        assert_eq!(out.status.code(), Some(1), "get {kind}: {}", String::from_utf8_lossy(&out.stderr));
+    }
     Ok(())
 }
 

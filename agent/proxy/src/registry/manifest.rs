@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
-use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -96,16 +96,102 @@ impl Ctx {
 /// Parses and validates every document of `text`. All errors of all documents are reported
 /// together; nothing is returned unless every document is valid.
 pub fn apply_manifests(text: &str) -> Result<Vec<Object>, ApplyError> {
+    let (items, mut errors) = items(text);
     let mut out = Vec::new();
-    let mut errors = Vec::new();
-    let mut docs = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        match serde_yaml::Value::deserialize(de) {
-            Ok(serde_yaml::Value::Null) => {}
-            Ok(v) => docs.push((i + 1, v)),
-            Err(e) => errors.push(FieldError { document: i + 1, object: "?".into(), field: "<document>".into(), message: format!("not valid YAML/JSON: {e}") }),
+    for (doc, item) in items {
+        let mut ctx = Ctx { document: doc, object: describe(&item), errors: Vec::new() };
+        if let Some(o) = object(&mut ctx, item) {
+            out.push(o);
+        }
+        errors.extend(ctx.errors);
+    }
+    // The syntax error (which ends the parse) comes last from `items`: in document order.
+    errors.sort_by_key(|e| e.document);
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ApplyError { errors })
+    }
+}
+
+/// Which object a manifest names (what `netd delete -f` needs: kind, namespace and name only,
+/// as `kubectl delete -f` reads no more of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// The kinds netd stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    /// v1 Endpoints, stored as the EndpointSlices converted from it.
+    Endpoints,
+}
+
+impl ObjectRef {
+    fn kind_word(&self) -> &'static str {
+        match self.kind {
+            Kind::Service => "service",
+            Kind::EndpointSlice => "endpointslice",
+            Kind::Endpoints => "endpoints",
         }
     }
+
+    /// `service "web" in namespace "shop"` (what was not found).
+    pub fn not_found(&self) -> String {
+        format!("{} \"{}\" in namespace \"{}\"", self.kind_word(), self.name, self.namespace)
+    }
+
+    /// `service "web"`, as kubectl names an object it deleted.
+    pub fn quoted(&self) -> String {
+        format!("{} \"{}\"", self.kind_word(), self.name)
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.kind_word(), self.name)
+    }
+}
+
+/// The objects the documents of `text` name, for `netd delete -f`: every document needs a
+/// kind netd stores, its apiVersion and a name; nothing else is checked.
+pub fn manifest_refs(text: &str) -> Result<Vec<ObjectRef>, ApplyError> {
+    let (items, mut errors) = items(text);
+    let mut out = Vec::new();
+    for (doc, item) in items {
+        let mut ctx = Ctx { document: doc, object: describe(&item), errors: Vec::new() };
+        if let Some(kind) = kind(&mut ctx, &item) {
+            let m: ObjectMeta = serde_json::from_value(item.get("metadata").cloned().unwrap_or_default()).unwrap_or_default();
+            let mut m = ObjectMeta { name: m.name, namespace: m.namespace, ..Default::default() };
+            let (name_ok, rule): (fn(&str) -> bool, &str) = if kind == Kind::EndpointSlice { (is_dns1123_subdomain, DNS1123_SUBDOMAIN) } else { (is_dns1035_label, DNS1035_LABEL) };
+            let before = ctx.errors.len();
+            meta(&mut ctx, &mut m, name_ok, rule);
+            if ctx.errors.len() == before {
+                out.push(ObjectRef { kind, namespace: m.namespace.unwrap_or_default(), name: m.name.unwrap_or_default() });
+            }
+        }
+        errors.extend(ctx.errors);
+    }
+    // The syntax error (which ends the parse) comes last from `items`: in document order.
+    errors.sort_by_key(|e| e.document);
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ApplyError { errors })
+    }
+}
+
+/// The objects of `text` as JSON, with their 1-based document number (`kind: List` expanded),
+/// and the errors of the documents that are not YAML/JSON.
+fn items(text: &str) -> (Vec<(usize, serde_json::Value)>, Vec<FieldError>) {
+    let mut errors = Vec::new();
+    let (docs, syntax) = documents(text);
+    let mut out = Vec::new();
     for (doc, v) in docs {
         let json = match serde_json::to_value(&v) {
             Ok(j) => j,
@@ -114,24 +200,38 @@ pub fn apply_manifests(text: &str) -> Result<Vec<Object>, ApplyError> {
                 continue;
             }
         };
-        let items: Vec<serde_json::Value> = if json.get("kind").and_then(|k| k.as_str()) == Some("List") {
-            json.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default()
+        if json.get("kind").and_then(|k| k.as_str()) == Some("List") {
+            out.extend(json.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default().into_iter().map(|i| (doc, i)));
         } else {
-            vec![json]
-        };
-        for item in items {
-            let mut ctx = Ctx { document: doc, object: describe(&item), errors: Vec::new() };
-            if let Some(o) = object(&mut ctx, item) {
-                out.push(o);
-            }
-            errors.extend(ctx.errors);
+            out.push((doc, json));
         }
     }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(ApplyError { errors })
+    errors.extend(syntax);
+    (out, errors)
+}
+
+/// The non-empty YAML documents of `text` with their 1-based numbers, up to the first syntax
+/// error (returned too: line and column are in its message).
+///
+/// The first error ends the parse: serde_yaml's document iterator, once its parser has
+/// failed, yields that same error again forever (an `apply` of `{a` collected errors until
+/// the OOM killer stopped it), and what follows a syntax error cannot be split into
+/// documents reliably anyway. The loop is also capped at one document per line plus one
+/// (a document starts on a line of its own), so it ends whatever the parser does.
+fn documents(text: &str) -> (Vec<(usize, serde_yaml::Value)>, Option<FieldError>) {
+    let mut docs = Vec::new();
+    let cap = text.lines().count() + 1;
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate().take(cap) {
+        match serde_yaml::Value::deserialize(de) {
+            Ok(serde_yaml::Value::Null) => {}
+            Ok(v) => docs.push((i + 1, v)),
+            Err(e) => {
+                let error = FieldError { document: i + 1, object: "?".into(), field: "<document>".into(), message: format!("not valid YAML/JSON: {e}") };
+                return (docs, Some(error));
+            }
+        }
     }
+    (docs, None)
 }
 
 fn describe(v: &serde_json::Value) -> String {
@@ -142,12 +242,14 @@ fn describe(v: &serde_json::Value) -> String {
     format!("{kind} {ns}/{name}")
 }
 
-fn object(ctx: &mut Ctx, v: serde_json::Value) -> Option<Object> {
-    let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
-    let api = v.get("apiVersion").and_then(|k| k.as_str()).unwrap_or_default().to_string();
-    let expect = match kind.as_str() {
-        "Service" | "Endpoints" => "v1",
-        "EndpointSlice" => "discovery.k8s.io/v1",
+/// The kind of a manifest object, checked against its apiVersion.
+fn kind(ctx: &mut Ctx, v: &serde_json::Value) -> Option<Kind> {
+    let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+    let api = v.get("apiVersion").and_then(|k| k.as_str()).unwrap_or_default();
+    let (k, expect) = match kind {
+        "Service" => (Kind::Service, "v1"),
+        "Endpoints" => (Kind::Endpoints, "v1"),
+        "EndpointSlice" => (Kind::EndpointSlice, "discovery.k8s.io/v1"),
         "" => {
             ctx.required("kind");
             return None;
@@ -161,15 +263,20 @@ fn object(ctx: &mut Ctx, v: serde_json::Value) -> Option<Object> {
         ctx.invalid("apiVersion", format!("\"{api}\""), &format!("{kind} must be {expect}"));
         return None;
     }
-    let parsed = match kind.as_str() {
-        "Service" => serde_json::from_value::<Service>(v).map(|s| validate_service(ctx, s).map(Object::Service)),
-        "EndpointSlice" => serde_json::from_value::<EndpointSlice>(v).map(|s| validate_slice(ctx, s).map(Object::EndpointSlice)),
-        _ => serde_json::from_value::<Endpoints>(v).map(|e| convert_endpoints(ctx, e)),
+    Some(k)
+}
+
+fn object(ctx: &mut Ctx, v: serde_json::Value) -> Option<Object> {
+    let kind = kind(ctx, &v)?;
+    let parsed = match kind {
+        Kind::Service => serde_json::from_value::<Service>(v).map(|s| validate_service(ctx, s).map(Object::Service)),
+        Kind::EndpointSlice => serde_json::from_value::<EndpointSlice>(v).map(|s| validate_slice(ctx, s).map(Object::EndpointSlice)),
+        Kind::Endpoints => serde_json::from_value::<Endpoints>(v).map(|e| convert_endpoints(ctx, e)),
     };
     match parsed {
         Ok(o) => o,
         Err(e) => {
-            ctx.err("<document>", format!("does not match the {kind} schema: {e}"));
+            ctx.err("<document>", format!("does not match the {kind:?} schema: {e}"));
             None
         }
     }
@@ -256,6 +363,9 @@ fn validate_service(ctx: &mut Ctx, mut s: Service) -> Option<Service> {
         Some(ip) => {
             usable_ip(ctx, "spec.clusterIP", ip);
         }
+    }
+    if typ != "ExternalName" {
+        ip_families(ctx, spec);
     }
     if headless && (typ == "NodePort" || typ == "LoadBalancer") {
         ctx.invalid("spec.clusterIP", "\"None\"", &format!("may not be set to 'None' for {typ} services"));
@@ -359,6 +469,65 @@ fn validate_service(ctx: &mut Ctx, mut s: Service) -> Option<Service> {
         }
     }
     (ctx.errors.len() == before).then_some(s)
+}
+
+/// `clusterIP`/`clusterIPs`, `ipFamilyPolicy` and `ipFamilies`, checked as the API server of a
+/// single-stack IPv4 cluster checks them (netd has no IPv6 service range yet): a Service that
+/// requires a second family is refused rather than stored with that family silently dropped.
+/// Defaults are filled in as the API server does, so the stored object says what it got.
+fn ip_families(ctx: &mut Ctx, spec: &mut ServiceSpec) {
+    // The user may set clusterIP or clusterIPs; the API server keeps them in step.
+    let ips = spec.cluster_ips.clone().unwrap_or_default();
+    let shown = || format!("[{}]", ips.iter().map(|i| format!("\"{i}\"")).collect::<Vec<_>>().join(", "));
+    match (spec.cluster_ip.as_deref().filter(|c| !c.is_empty()), ips.first()) {
+        (None, Some(first)) => {
+            spec.cluster_ip = Some(first.clone());
+            match first.as_str() {
+                "" | "None" => {}
+                ip => {
+                    usable_ip(ctx, "spec.clusterIPs[0]", ip);
+                }
+            }
+        }
+        (Some(ip), Some(first)) if ip != first => ctx.invalid("spec.clusterIPs", shown(), "first value must match `clusterIP`"),
+        _ => {}
+    }
+    if ips.len() > 2 {
+        ctx.invalid("spec.clusterIPs", shown(), "may only hold up to 2 values");
+    } else if let Some(second) = ips.get(1) {
+        if ips[0] == "None" {
+            ctx.invalid("spec.clusterIPs", shown(), "'None' must be the first and only value");
+        } else if second.parse::<Ipv4Addr>().is_ok() {
+            ctx.invalid("spec.clusterIPs", shown(), "may specify no more than one IP for each IP family");
+        } else {
+            usable_ip(ctx, "spec.clusterIPs[1]", second);
+        }
+    }
+    // A headless Service without a selector gets no address, so any family goes (as in Kubernetes).
+    let selectorless_headless = spec.cluster_ip.as_deref() == Some("None") && spec.selector.as_ref().is_none_or(|s| s.is_empty());
+    let policy = spec.ip_family_policy.get_or_insert_with(|| "SingleStack".into()).clone();
+    match policy.as_str() {
+        "SingleStack" | "PreferDualStack" => {}
+        "RequireDualStack" if selectorless_headless => {}
+        "RequireDualStack" => ctx.invalid("spec.ipFamilyPolicy", "\"RequireDualStack\"", "this cluster is not configured for dual-stack services"),
+        p => ctx.unsupported("spec.ipFamilyPolicy", p, &["PreferDualStack", "RequireDualStack", "SingleStack"]),
+    }
+    let families = spec.ip_families.get_or_insert_with(Vec::new);
+    let mut seen = BTreeSet::new();
+    for (i, f) in families.iter().enumerate() {
+        match f.as_str() {
+            "IPv4" => {}
+            "IPv6" if selectorless_headless => {}
+            "IPv6" => ctx.invalid(format!("spec.ipFamilies[{i}]"), "\"IPv6\"", "not configured on this cluster"),
+            other => ctx.unsupported(format!("spec.ipFamilies[{i}]"), other, &["IPv4", "IPv6"]),
+        }
+        if !seen.insert(f.clone()) {
+            ctx.err(format!("spec.ipFamilies[{i}]"), format!("Duplicate value: \"{f}\""));
+        }
+    }
+    if families.is_empty() {
+        families.push("IPv4".into());
+    }
 }
 
 fn validate_slice(ctx: &mut Ctx, mut s: EndpointSlice) -> Option<EndpointSlice> {
@@ -542,5 +711,82 @@ metadata: {name: x}
         assert!(text.contains("spec.clusterIP: Invalid value: \"::1\": netd supports IPv4 only"), "{text}");
         assert!(text.contains("document 2 (EndpointSlice default/s): metadata.labels[kubernetes.io/service-name]: Required value"), "{text}");
         assert!(text.contains("endpoints[0].addresses[0]: Invalid value: \"10.0.0.300\""), "{text}");
+    }
+
+    #[test]
+    fn a_yaml_syntax_error_ends_the_parse_with_line_and_column() {
+        // serde_yaml repeats a syntax error forever; this parse used to collect it until the
+        // machine ran out of memory.
+        let err = apply_manifests("{a").unwrap_err();
+        assert_eq!(err.errors.len(), 1, "{err}");
+        assert_eq!(err.to_string(), "document 1 (?): <document>: not valid YAML/JSON: did not find expected ',' or '}' at line 2 column 1, while parsing a flow mapping");
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n---\nmetadata: {name: [b\n---\nkind: Service\n";
+        let err = apply_manifests(text).unwrap_err();
+        assert_eq!(err.errors.len(), 1, "{err}");
+        assert!(err.errors[0].document == 2 && err.errors[0].message.contains("at line 7 column 1"), "{err}");
+        let err = manifest_refs("a: b\n  c: d").unwrap_err();
+        assert_eq!(err.to_string(), "document 1 (?): <document>: not valid YAML/JSON: mapping values are not allowed in this context at line 2 column 4");
+    }
+
+    fn service_errors(spec: &str) -> String {
+        let m = format!(r#"{{"apiVersion": "v1", "kind": "Service", "metadata": {{"name": "a"}}, "spec": {spec}}}"#);
+        apply_manifests(&m).err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn dual_stack_is_refused_not_half_stored() {
+        let text = service_errors(r#"{"ipFamilyPolicy": "RequireDualStack", "selector": {"app": "a"}, "ports": [{"port": 80}]}"#);
+        assert_eq!(text, r#"document 1 (Service default/a): spec.ipFamilyPolicy: Invalid value: "RequireDualStack": this cluster is not configured for dual-stack services"#);
+        let text = service_errors(r#"{"ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv4", "IPv6"], "ports": [{"port": 80}]}"#);
+        assert!(text.contains(r#"spec.ipFamilies[1]: Invalid value: "IPv6": not configured on this cluster"#), "{text}");
+        let text = service_errors(r#"{"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"], "ports": [{"port": 80}]}"#);
+        assert!(text.contains(r#"spec.clusterIPs[1]: Invalid value: "fd00::10": netd supports IPv4 only"#), "{text}");
+        let text = service_errors(r#"{"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.11"], "ports": [{"port": 80}]}"#);
+        assert!(text.contains(r#"spec.clusterIPs: Invalid value: ["10.96.0.11"]: first value must match `clusterIP`"#), "{text}");
+        let text = service_errors(r#"{"ipFamilyPolicy": "Both", "ipFamilies": ["IPv5"], "ports": [{"port": 80}]}"#);
+        assert!(text.contains(r#"spec.ipFamilyPolicy: Unsupported value: "Both""#) && text.contains(r#"spec.ipFamilies[0]: Unsupported value: "IPv5""#), "{text}");
+        // Accepted: PreferDualStack (one family here, as on a single-stack cluster), a headless
+        // Service without selector (nothing to allocate), and clusterIPs alone.
+        let ok = apply_manifests(
+            r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}, "spec": {"ipFamilyPolicy": "PreferDualStack", "ports": [{"port": 80}]}}
+---
+{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "b"}, "spec": {"clusterIP": "None", "ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"]}}
+---
+{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "c"}, "spec": {"clusterIPs": ["10.96.0.12"], "ports": [{"port": 80}]}}"#,
+        )
+        .unwrap();
+        let spec = |i: usize| match &ok[i] {
+            Object::Service(s) => s.spec.clone().unwrap(),
+            _ => panic!(),
+        };
+        assert_eq!((spec(0).ip_family_policy.as_deref(), spec(0).ip_families), (Some("PreferDualStack"), Some(vec!["IPv4".to_string()])));
+        assert_eq!(spec(2).cluster_ip.as_deref(), Some("10.96.0.12"));
+        assert_eq!(spec(2).ip_family_policy.as_deref(), Some("SingleStack"));
+    }
+
+    #[test]
+    fn delete_reads_kind_namespace_and_name_only() {
+        let refs = manifest_refs(
+            r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"}, "spec": {"ports": "not checked"}}
+---
+{"apiVersion": "v1", "kind": "List", "items": [{"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "web.1"}},
+  {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "legacy"}}]}"#,
+        )
+        .unwrap();
+        let shown: Vec<String> = refs.iter().map(|r| format!("{} {}", r.not_found(), r.quoted())).collect();
+        assert_eq!(
+            shown,
+            [
+                r#"service "web" in namespace "shop" service "web""#,
+                r#"endpointslice "web.1" in namespace "default" endpointslice "web.1""#,
+                r#"endpoints "legacy" in namespace "default" endpoints "legacy""#
+            ]
+        );
+        let err = manifest_refs(r#"{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}
+---
+{"apiVersion": "v1", "kind": "Service", "metadata": {}}"#)
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("document 1 (ConfigMap default/x): kind: Unsupported value") && err.contains("document 2 (Service default/<no name>): metadata.name: Required value"), "{err}");
     }
 }

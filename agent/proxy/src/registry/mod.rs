@@ -1,11 +1,16 @@
 //! The service registry: Services and EndpointSlices in etcd (no Kubernetes API server needed),
-//! `netd apply/get/delete`, and the watch that feeds the proxy its snapshots.
+//! `netd apply/get/delete/config`, the cluster's service ranges, and the watch that feeds the
+//! proxy its snapshots.
 
+pub mod changes;
 pub mod cli;
+pub mod config;
 pub mod manifest;
 pub mod store;
 pub mod table;
 
 pub use cli::{run_cli, CliError, EtcdConnArgs, RegistryArgs, ServiceCommand};
-pub use manifest::{apply_manifests, ApplyError, FieldError, Object};
-pub use store::{etcd_tls, AllocOptions, Applied, RegistryError, RegistryOptions, ServiceRegistry, DEFAULT_PREFIX};
+pub use changes::{Applied, Change};
+pub use config::{AllocOptions, ClusterConfig};
+pub use manifest::{apply_manifests, manifest_refs, ApplyError, FieldError, Kind, Object, ObjectRef};
+pub use store::{etcd_tls, RegistryError, RegistryOptions, ServiceRegistry, DEFAULT_PREFIX};

@@ -1,33 +1,45 @@
 //! The etcd side of the service registry: `<prefix>/services/<ns>/<name>` (v1 Service JSON),
-//! `<prefix>/endpointslices/<ns>/<name>` (discovery.k8s.io/v1 EndpointSlice JSON), and the
+//! `<prefix>/endpointslices/<ns>/<name>` (discovery.k8s.io/v1 EndpointSlice JSON), the
 //! allocation keys `<prefix>/allocations/clusterips/<ip>` and `<prefix>/allocations/nodeports/<port>`
-//! (value: `ns/name` of the owner). A Service and its allocations are written in one
-//! transaction that fails if any of the claimed keys appeared meanwhile, so two concurrent
-//! `netd apply` can never hand out the same ClusterIP or nodePort.
+//! (value: `ns/name` of the owner), and the cluster's service ranges at `<prefix>/config`.
+//!
+//! `netd apply` reads the registry once (the allocations, the config, and the stored value of
+//! every key the file's objects map to), plans every object from that ([`super::changes`]:
+//! nothing is written unless all of them are valid and can be allocated), then writes the
+//! objects in order, in transactions of up to 128 operations. Each transaction fails as a
+//! whole if any key it claims appeared, or any value it replaces changed, since the read; then
+//! the registry is read again and the objects not yet written are planned again. So two
+//! concurrent `netd apply` can never hand out the same ClusterIP or nodePort, nor overwrite
+//! each other's objects unseen. What a concurrent writer *can* cause: between the read and a
+//! later transaction it may take the address or port an object of this file asks for by
+//! name, or the last free ones; the objects written before that stay written, and the error
+//! says how many there were (without concurrent writers, a file that validates is written
+//! completely, or not at all when etcd is unreachable before the first transaction).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
-use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions};
-use ipnet::Ipv4Net;
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use rand::Rng;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::manifest::{Object, CONVERTER, MANAGED_BY_LABEL};
-use crate::snapshot::{namespace_of, NsName, ServiceSnapshot, SERVICE_NAME_LABEL};
+use super::changes::{self, Applied, Expect, Keys, Known, Op, Stamp, Step};
+use super::config::{AllocOptions, ClusterConfig, ConfigMismatch};
+use super::manifest::{Kind, Object, ObjectRef};
+use crate::snapshot::{NsName, ServiceSnapshot};
 
 pub const DEFAULT_PREFIX: &str = "/netd/registry";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Transaction attempts before giving up on a contended allocation.
+/// Transactions in a row that may lose a race (each followed by a fresh read) before giving up.
 const ATTEMPTS: usize = 20;
+/// Read-only transactions of `get`s run at once while reading the objects of a file.
+const PARALLEL_READS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -45,6 +57,17 @@ pub enum RegistryError {
     Contended(String),
     #[error("malformed value at {key}: {message}")]
     Malformed { key: String, message: String },
+    /// Every object of a file that cannot be applied (nothing of it was written).
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Rejected(Vec<RegistryError>),
+    #[error("{0}")]
+    ConfigMismatch(ConfigMismatch),
+    #[error("cluster config: {0}")]
+    InvalidConfig(String),
+    /// Objects written before `source` stopped the rest (only when a concurrent writer or etcd
+    /// failed us after the file had been validated).
+    #[error("{source}\n{} of {total} objects were applied before this and stay applied; the others were not", done.len())]
+    Partial { done: Vec<Applied>, total: usize, source: Box<RegistryError> },
 }
 
 fn etcd(op: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> RegistryError {
@@ -68,36 +91,10 @@ impl RegistryOptions {
     }
 }
 
-/// Ranges allocations come from.
-#[derive(Debug, Clone)]
-pub struct AllocOptions {
-    pub service_cidr: Ipv4Net,
-    pub node_ports: RangeInclusive<u16>,
-}
-
-impl Default for AllocOptions {
-    fn default() -> Self {
-        AllocOptions { service_cidr: "10.96.0.0/12".parse().expect("valid"), node_ports: 30000..=32767 }
-    }
-}
-
 #[derive(Clone)]
 pub struct ServiceRegistry {
     client: Client,
     prefix: String,
-}
-
-/// What `apply` did with one object.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Applied {
-    pub what: String,
-    pub created: bool,
-}
-
-impl std::fmt::Display for Applied {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.what, if self.created { "created" } else { "configured" })
-    }
 }
 
 impl ServiceRegistry {
@@ -110,17 +107,14 @@ impl ServiceRegistry {
         Ok(ServiceRegistry { client, prefix: opts.prefix.trim_end_matches('/').to_string() })
     }
 
+    fn keys(&self) -> Keys {
+        Keys::new(&self.prefix)
+    }
     pub fn service_key(&self, k: &NsName) -> String {
-        format!("{}/services/{}/{}", self.prefix, k.namespace, k.name)
+        self.keys().service(k)
     }
     pub fn slice_key(&self, k: &NsName) -> String {
-        format!("{}/endpointslices/{}/{}", self.prefix, k.namespace, k.name)
-    }
-    fn ip_key(&self, ip: Ipv4Addr) -> String {
-        format!("{}/allocations/clusterips/{ip}", self.prefix)
-    }
-    fn port_key(&self, port: u16) -> String {
-        format!("{}/allocations/nodeports/{port}", self.prefix)
+        self.keys().slice(k)
     }
 
     /// Lists the whole registry at one revision.
@@ -140,6 +134,16 @@ impl ServiceRegistry {
     fn fold(&self, snap: &mut ServiceSnapshot, key: &[u8], value: Option<&[u8]>) {
         let key = String::from_utf8_lossy(key);
         let Some(rest) = key.strip_prefix(&format!("{}/", self.prefix)) else { return };
+        if rest == "config" {
+            snap.cluster_config = value.and_then(|v| match ClusterConfig::from_json(v) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    warn!("ignoring malformed cluster config at {key}: {e}");
+                    None
+                }
+            });
+            return;
+        }
         let mut parts = rest.splitn(3, '/');
         let (Some(kind), Some(ns), Some(name)) = (parts.next(), parts.next(), parts.next()) else { return };
         let id = NsName::new(ns, name);
@@ -236,162 +240,192 @@ impl ServiceRegistry {
         Ok(r.kvs().iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), String::from_utf8_lossy(kv.value()).into_owned())).collect())
     }
 
-    /// Stores validated objects (from [`super::apply_manifests`]), allocating what is missing.
-    pub async fn apply(&self, objects: Vec<Object>, alloc: &AllocOptions) -> Result<Vec<Applied>, RegistryError> {
-        let mut out = Vec::new();
-        for o in objects {
-            match o {
-                Object::Service(s) => out.push(self.apply_service(s, alloc).await?),
-                Object::EndpointSlice(s) => out.push(self.put_slice(&s).await?),
-                Object::Endpoints { namespace, name, slices } => {
-                    let keep: BTreeSet<String> = slices.iter().filter_map(|s| s.metadata.name.clone()).collect();
-                    let mut created = false;
-                    for s in &slices {
-                        created |= self.put_slice(s).await?.created;
+    /// Values of many keys (`true`: every key under that prefix), read in read-only
+    /// transactions of up to [`changes::MAX_TXN_OPS`] `get`s, a few at a time. Keys not found
+    /// are absent from the result.
+    async fn get_many(&self, gets: Vec<(String, bool)>) -> Result<BTreeMap<String, Vec<u8>>, RegistryError> {
+        let chunks: Vec<Vec<(String, bool)>> = gets.chunks(changes::MAX_TXN_OPS).map(<[_]>::to_vec).collect();
+        let reads = chunks.into_iter().map(|chunk| {
+            let mut kv = self.client.kv_client();
+            async move {
+                let what = format!("get {} and {} more keys", chunk[0].0, chunk.len() - 1);
+                let ops: Vec<TxnOp> = chunk.iter().map(|(k, prefix)| TxnOp::get(k.clone(), prefix.then(|| GetOptions::new().with_prefix()))).collect();
+                let r = kv.txn(Txn::new().and_then(ops)).await.map_err(etcd(what))?;
+                let mut out = Vec::new();
+                for resp in r.op_responses() {
+                    if let TxnOpResponse::Get(g) = resp {
+                        out.extend(g.kvs().iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec())));
                     }
-                    // Slices converted from an earlier version of this Endpoints that has fewer subsets now.
-                    let prefix = format!("{}/endpointslices/{namespace}/{name}-", self.prefix);
-                    for (key, value) in self.keys_under(&prefix).await? {
-                        let slice_name = key.rsplit('/').next().unwrap_or_default().to_string();
-                        let converted = serde_json::from_str::<EndpointSlice>(&value).ok().is_some_and(|s| {
-                            let l = s.metadata.labels.unwrap_or_default();
-                            l.get(MANAGED_BY_LABEL).map(String::as_str) == Some(CONVERTER) && l.get(SERVICE_NAME_LABEL) == Some(&name)
-                        });
-                        if converted && !keep.contains(&slice_name) {
-                            self.client.kv_client().delete(key.clone(), None).await.map_err(etcd(format!("del {key}")))?;
-                        }
-                    }
-                    out.push(Applied { what: format!("endpoints/{name}"), created });
                 }
+                Ok::<_, RegistryError>(out)
             }
+        });
+        let parts: Vec<Vec<(String, Vec<u8>)>> = futures::stream::iter(reads).buffered(PARALLEL_READS).try_collect().await?;
+        Ok(parts.into_iter().flatten().collect())
+    }
+
+    /// Every ClusterIP and nodePort allocation, by owner.
+    async fn read_allocations(&self, known: &mut Known) -> Result<(), RegistryError> {
+        let keys = self.keys();
+        known.add_allocs(&keys, self.keys_under(&keys.cluster_ips()).await?);
+        known.add_allocs(&keys, self.keys_under(&keys.node_ports()).await?);
+        Ok(())
+    }
+
+    /// Writes steps in one transaction that fails (`Ok(false)`) if any value a step expects
+    /// changed. `config`: also fails if the cluster config is not that any more, and writes the
+    /// seed if one is given.
+    async fn write(&self, steps: &[Step], config: Option<(&Expect, Option<&Vec<u8>>)>) -> Result<bool, RegistryError> {
+        let config_key = self.keys().config();
+        let mut cmp = Vec::new();
+        let mut ops = Vec::new();
+        if let Some((now, seed)) = config {
+            cmp.push(expect(&config_key, now));
+            ops.extend(seed.map(|v| TxnOp::put(config_key.clone(), v.clone(), None)));
         }
-        Ok(out)
+        for s in steps {
+            cmp.extend(s.compares.iter().map(|(k, e)| expect(k, e)));
+            ops.extend(s.ops.iter().map(|o| match o {
+                Op::Put(k, v) => TxnOp::put(k.clone(), v.clone(), None),
+                Op::Delete(k) => TxnOp::delete(k.clone(), None),
+            }));
+        }
+        let what = format!("txn writing {} ({} objects, {} operations)", steps.first().map_or("", |s| s.applied.what.as_str()), steps.len(), ops.len());
+        let r = self.client.kv_client().txn(Txn::new().when(cmp).and_then(ops)).await.map_err(etcd(what))?;
+        Ok(r.succeeded())
     }
 
-    async fn put_slice(&self, s: &EndpointSlice) -> Result<Applied, RegistryError> {
-        let id = NsName::new(namespace_of(&s.metadata), s.metadata.name.clone().unwrap_or_default());
-        let key = self.slice_key(&id);
-        let mut s = s.clone();
-        let existing = self.get_raw(&key).await?;
-        s.metadata.creation_timestamp = existing
-            .as_ref()
-            .and_then(|(v, _)| serde_json::from_slice::<EndpointSlice>(v).ok())
-            .and_then(|o| o.metadata.creation_timestamp)
-            .or_else(|| Some(now()));
-        let value = serde_json::to_string(&s).expect("serialisable");
-        self.client.kv_client().put(key.clone(), value, None).await.map_err(etcd(format!("put {key}")))?;
-        Ok(Applied { what: format!("endpointslice/{}", id.name), created: existing.is_none() })
+    /// The cluster's service ranges as stored (`None`: not set yet).
+    pub async fn cluster_config(&self) -> Result<Option<ClusterConfig>, RegistryError> {
+        let key = self.keys().config();
+        match self.get_raw(&key).await? {
+            None => Ok(None),
+            Some((v, _)) => ClusterConfig::from_json(&v).map(Some).map_err(|message| RegistryError::Malformed { key, message }),
+        }
     }
 
-    /// Creates or updates a Service: keeps its ClusterIP and nodePorts across updates
-    /// (immutable, as in Kubernetes), allocates missing ones, and writes the Service with
-    /// its allocation keys in one compare-and-swap transaction, retried on contention.
-    async fn apply_service(&self, svc: Service, alloc: &AllocOptions) -> Result<Applied, RegistryError> {
-        let id = NsName::new(namespace_of(&svc.metadata), svc.metadata.name.clone().unwrap_or_default());
-        let owner = id.to_string();
-        let key = self.service_key(&id);
-        let object = format!("service/{}", id.name);
+    /// `netd config set`: the given ranges replace the stored ones (a range not given keeps its
+    /// stored value, or the default). Refused while a Service holds a ClusterIP or nodePort
+    /// outside the new ranges: it would keep an address the cluster no longer hands out. The
+    /// write fails, and is retried after a fresh read, if any allocation changed since the check.
+    pub async fn set_cluster_config(&self, flags: &AllocOptions) -> Result<ClusterConfig, RegistryError> {
+        let keys = self.keys();
+        let key = keys.config();
         for _ in 0..ATTEMPTS {
-            let existing = self.get_raw(&key).await?;
-            let old: Option<Service> = existing.as_ref().and_then(|(v, _)| serde_json::from_slice(v).ok());
-            let mut s = svc.clone();
-            merge_immutable(&mut s, old.as_ref(), &object)?;
-            let ips = self.keys_under(&format!("{}/allocations/clusterips/", self.prefix)).await?;
-            let ports = self.keys_under(&format!("{}/allocations/nodeports/", self.prefix)).await?;
-            let mine = |v: Option<&String>| v.is_none_or(|o| *o == owner);
-            let mut claims: Vec<String> = Vec::new();
-            let spec = s.spec.as_mut().expect("validated");
-            // ClusterIP.
-            let typ = spec.type_.clone().unwrap_or_default();
-            if typ != "ExternalName" {
-                match spec.cluster_ip.clone().as_deref() {
-                    Some("None") => {}
-                    None | Some("") => {
-                        let ip = pick_ip(&alloc.service_cidr, |ip| ips.contains_key(&self.ip_key(ip)))
-                            .ok_or_else(|| invalid(&object, "spec.clusterIP", format!("Internal error: no free address in {}", alloc.service_cidr)))?;
-                        spec.cluster_ip = Some(ip.to_string());
-                        claims.push(self.ip_key(ip));
-                    }
-                    Some(ip) => {
-                        let ip: Ipv4Addr = ip.parse().expect("validated");
-                        if !alloc.service_cidr.contains(&ip) {
-                            return Err(invalid(&object, "spec.clusterIP", format!("Invalid value: \"{ip}\": provided IP is not in the valid range. The range of valid IPs is {}", alloc.service_cidr)));
-                        }
-                        if !mine(ips.get(&self.ip_key(ip))) {
-                            return Err(invalid(&object, "spec.clusterIP", format!("Invalid value: \"{ip}\": provided IP is already allocated")));
-                        }
-                        claims.push(self.ip_key(ip));
-                    }
-                }
-                spec.cluster_ips = spec.cluster_ip.clone().filter(|c| c != "None").map(|c| vec![c]);
+            let r = self.client.kv_client().get(key.clone(), None).await.map_err(etcd(format!("get {key}")))?;
+            let revision = r.header().map_or(0, |h| h.revision());
+            let raw = r.kvs().first().map(|kv| kv.value().to_vec());
+            // A malformed stored config is what this command repairs: start from the defaults.
+            let base = raw.as_deref().and_then(|v| ClusterConfig::from_json(v).ok()).unwrap_or_default();
+            let new = flags.over(&base);
+            new.check().map_err(RegistryError::InvalidConfig)?;
+            let mut known = Known::default();
+            self.read_allocations(&mut known).await?;
+            let mut outside: Vec<String> = known
+                .allocs
+                .iter()
+                .filter(|(a, _)| match a {
+                    changes::Alloc::Ip(ip) => !new.usable_cluster_ip(*ip),
+                    changes::Alloc::Port(p) => !new.service_node_port_range.contains(p),
+                })
+                .map(|(a, owner)| match a {
+                    changes::Alloc::Ip(ip) => format!("service {owner} has ClusterIP {ip}"),
+                    changes::Alloc::Port(p) => format!("service {owner} has nodePort {p}"),
+                })
+                .collect();
+            if !outside.is_empty() {
+                outside.sort();
+                let more = if outside.len() > 5 { format!(" and {} more", outside.len() - 5) } else { String::new() };
+                outside.truncate(5);
+                return Err(RegistryError::InvalidConfig(format!("{new} would leave allocations outside it: {}{more} (delete those Services first)", outside.join(", "))));
             }
-            // nodePorts and the health check port.
-            let wants_ports = typ == "NodePort" || typ == "LoadBalancer";
-            let mut taken: BTreeSet<u16> = ports.keys().filter_map(|k| k.rsplit('/').next()?.parse().ok()).filter(|p| !mine(ports.get(&self.port_key(*p)))).collect();
-            let mut used_here = BTreeSet::new();
-            if wants_ports {
-                for (i, p) in spec.ports.iter_mut().flatten().enumerate() {
-                    match p.node_port {
-                        Some(np) => {
-                            let np = np as u16;
-                            if !alloc.node_ports.contains(&np) {
-                                return Err(invalid(&object, &format!("spec.ports[{i}].nodePort"), format!("Invalid value: {np}: provided port is not in the valid range. The range of valid ports is {}-{}", alloc.node_ports.start(), alloc.node_ports.end())));
-                            }
-                            if taken.contains(&np) {
-                                return Err(invalid(&object, &format!("spec.ports[{i}].nodePort"), format!("Invalid value: {np}: provided port is already allocated")));
-                            }
-                            used_here.insert(np);
-                        }
-                        None => {
-                            let np = pick_port(&alloc.node_ports, |p| taken.contains(&p) || used_here.contains(&p))
-                                .ok_or_else(|| invalid(&object, &format!("spec.ports[{i}].nodePort"), "Internal error: no free node port".into()))?;
-                            p.node_port = Some(i32::from(np));
-                            used_here.insert(np);
-                        }
-                    }
-                }
-                taken.extend(used_here.iter().copied());
-                if typ == "LoadBalancer" && spec.external_traffic_policy.as_deref() == Some("Local") {
-                    let hc = match spec.health_check_node_port {
-                        Some(h) => h as u16,
-                        None => pick_port(&alloc.node_ports, |p| taken.contains(&p)).ok_or_else(|| invalid(&object, "spec.healthCheckNodePort", "Internal error: no free node port".into()))?,
-                    };
-                    spec.health_check_node_port = Some(i32::from(hc));
-                    used_here.insert(hc);
-                }
-            }
-            claims.extend(used_here.iter().map(|p| self.port_key(*p)));
-            // Allocations this service held and no longer uses.
-            let old_claims: BTreeSet<String> = ips.iter().chain(ports.iter()).filter(|(_, v)| **v == owner).map(|(k, _)| k.clone()).collect();
-            let claims: BTreeSet<String> = claims.into_iter().collect();
-            let mut cmp = vec![match &existing {
-                Some((_, rev)) => Compare::mod_revision(key.clone(), CompareOp::Equal, *rev),
-                None => Compare::version(key.clone(), CompareOp::Equal, 0),
-            }];
-            let mut ops = Vec::new();
-            for c in &claims {
-                if !old_claims.contains(c) {
-                    cmp.push(Compare::version(c.clone(), CompareOp::Equal, 0));
-                    ops.push(TxnOp::put(c.clone(), owner.clone(), None));
-                }
-            }
-            for c in old_claims.difference(&claims) {
-                cmp.push(Compare::value(c.clone(), CompareOp::Equal, owner.clone()));
-                ops.push(TxnOp::delete(c.clone(), None));
-            }
-            if s.metadata.creation_timestamp.is_none() {
-                s.metadata.creation_timestamp = Some(now());
-            }
-            if s.metadata.uid.is_none() {
-                s.metadata.uid = Some(format!("{:032x}", rand::thread_rng().gen::<u128>()));
-            }
-            ops.push(TxnOp::put(key.clone(), serde_json::to_string(&s).expect("serialisable"), None));
-            let r = self.client.kv_client().txn(Txn::new().when(cmp).and_then(ops)).await.map_err(etcd(format!("txn apply {key}")))?;
+            let mut cmp = vec![expect(&key, &raw.map_or(Expect::Absent, Expect::Value))];
+            // No allocation created or changed since the check above.
+            cmp.push(Compare::mod_revision(format!("{}/allocations/", keys.prefix()), CompareOp::Less, revision + 1).with_prefix());
+            let put = TxnOp::put(key.clone(), new.to_json(), None);
+            let r = self.client.kv_client().txn(Txn::new().when(cmp).and_then(vec![put])).await.map_err(etcd(format!("txn put {key}")))?;
             if r.succeeded() {
-                return Ok(Applied { what: object, created: existing.is_none() });
+                return Ok(new);
             }
         }
-        Err(RegistryError::Contended(object))
+        Err(RegistryError::Contended("cluster config".into()))
+    }
+
+    /// Stores validated objects (from [`super::apply_manifests`]), allocating what is missing
+    /// from the cluster's ranges (seeded from `flags` on an empty cluster; flags that disagree
+    /// with them are an error). See the module comment for what is read and written when.
+    pub async fn apply(&self, objects: Vec<Object>, flags: &AllocOptions) -> Result<Vec<Applied>, RegistryError> {
+        let keys = self.keys();
+        let total = objects.len();
+        let mut done: Vec<Applied> = Vec::new();
+        let mut written = false;
+        let mut lost = 0;
+        let fail = |done: &[Applied], written: bool, e: RegistryError| {
+            if written {
+                RegistryError::Partial { done: done.to_vec(), total, source: Box::new(e) }
+            } else {
+                e
+            }
+        };
+        while done.len() < total {
+            let rest = &objects[done.len()..];
+            let mut gets = vec![(keys.config(), false)];
+            for o in rest {
+                gets.push(match o {
+                    Object::Service(s) => (keys.service(&id_of(&s.metadata)), false),
+                    Object::EndpointSlice(s) => (keys.slice(&id_of(&s.metadata)), false),
+                    // `<name>` and what an earlier version made of it (`<name>-1`, ...).
+                    Object::Endpoints { namespace, name, .. } => (keys.slice(&NsName::new(namespace.clone(), name.clone())), true),
+                });
+            }
+            let read = async {
+                let mut known = Known { values: self.get_many(gets).await?, ..Default::default() };
+                self.read_allocations(&mut known).await?;
+                Ok::<_, RegistryError>(known)
+            };
+            let mut known = read.await.map_err(|e| fail(&done, written, e))?;
+            let raw = known.values.remove(&keys.config());
+            let stored = match raw.as_deref().map(ClusterConfig::from_json).transpose() {
+                Ok(s) => s,
+                Err(message) => return Err(fail(&done, written, RegistryError::Malformed { key: keys.config(), message: format!("{message} (repair it with `netd config set`)") })),
+            };
+            let (config, seed) = flags.resolve(stored.as_ref()).map_err(|e| fail(&done, written, RegistryError::ConfigMismatch(e)))?;
+            if seed {
+                config.check().map_err(|e| fail(&done, written, RegistryError::InvalidConfig(e)))?;
+            }
+            let mut uid = Stamp::random_uid;
+            let mut stamp = Stamp { now: now(), uid: &mut uid };
+            let steps = changes::plan_apply(rest, &mut known, &keys, &config, &mut stamp).map_err(|mut errors| {
+                let e = if errors.len() == 1 { errors.remove(0) } else { RegistryError::Rejected(errors) };
+                fail(&done, written, e)
+            })?;
+            let mut config_now = raw.map_or(Expect::Absent, Expect::Value);
+            let mut seed_value = seed.then(|| config.to_json().into_bytes());
+            let mut raced = false;
+            for range in changes::batches(&steps, 1) {
+                let batch = &steps[range];
+                if batch.iter().any(|s| !s.ops.is_empty()) {
+                    if !self.write(batch, Some((&config_now, seed_value.as_ref()))).await.map_err(|e| fail(&done, written, e))? {
+                        raced = true;
+                        break;
+                    }
+                    written = true;
+                    if let Some(v) = seed_value.take() {
+                        config_now = Expect::Value(v);
+                    }
+                }
+                done.extend(batch.iter().map(|s| s.applied.clone()));
+                lost = 0;
+            }
+            if raced {
+                lost += 1;
+                if lost >= ATTEMPTS {
+                    let what = rest.first().map(Object::describe).unwrap_or_default();
+                    return Err(fail(&done, written, RegistryError::Contended(what)));
+                }
+            }
+        }
+        Ok(done)
     }
 
     pub async fn get_service(&self, id: &NsName) -> Result<Option<Service>, RegistryError> {
@@ -402,104 +436,103 @@ impl ServiceRegistry {
         }
     }
 
-    /// Deletes a Service and releases its ClusterIP and nodePorts, in one transaction.
-    pub async fn delete_service(&self, id: &NsName) -> Result<(), RegistryError> {
-        let key = self.service_key(id);
-        let owner = id.to_string();
-        for _ in 0..ATTEMPTS {
-            let Some((_, rev)) = self.get_raw(&key).await? else { return Err(RegistryError::NotFound(format!("service \"{}\" in namespace \"{}\"", id.name, id.namespace))) };
-            let mut cmp = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)];
-            let mut ops = vec![TxnOp::delete(key.clone(), None)];
-            for dir in ["clusterips", "nodeports"] {
-                for (k, v) in self.keys_under(&format!("{}/allocations/{dir}/", self.prefix)).await? {
-                    if v == owner {
-                        cmp.push(Compare::value(k.clone(), CompareOp::Equal, owner.clone()));
-                        ops.push(TxnOp::delete(k, None));
+    /// Deletes the named objects ([`changes::plan_delete`]: a Service takes its ClusterIP,
+    /// nodePorts and EndpointSlices with it), in transactions as `apply` writes them. Returns
+    /// what was deleted and what was not found.
+    pub async fn delete(&self, refs: &[ObjectRef]) -> Result<(Vec<Applied>, Vec<ObjectRef>), RegistryError> {
+        let keys = self.keys();
+        let mut pending: Vec<ObjectRef> = refs.to_vec();
+        let mut deleted = Vec::new();
+        let mut missing = Vec::new();
+        let mut lost = 0;
+        while !pending.is_empty() {
+            let mut gets = Vec::new();
+            let mut namespaces = BTreeSet::new();
+            for r in &pending {
+                let id = NsName::new(r.namespace.clone(), r.name.clone());
+                match r.kind {
+                    Kind::Service => {
+                        gets.push((keys.service(&id), false));
+                        namespaces.insert(r.namespace.clone());
+                    }
+                    Kind::EndpointSlice => gets.push((keys.slice(&id), false)),
+                    Kind::Endpoints => {
+                        namespaces.insert(r.namespace.clone());
                     }
                 }
             }
-            let r = self.client.kv_client().txn(Txn::new().when(cmp).and_then(ops)).await.map_err(etcd(format!("txn delete {key}")))?;
-            if r.succeeded() {
-                return Ok(());
+            gets.extend(namespaces.iter().map(|ns| (keys.slices_in(ns), true)));
+            let mut known = Known { values: self.get_many(gets).await?, ..Default::default() };
+            if pending.iter().any(|r| r.kind == Kind::Service) {
+                self.read_allocations(&mut known).await?;
+            }
+            let planned = changes::plan_delete(&pending, &mut known, &keys);
+            let mut steps = Vec::new();
+            let mut found = Vec::new();
+            for (r, step) in pending.iter().zip(planned) {
+                match step {
+                    Some(s) => {
+                        found.push(r.clone());
+                        steps.push(s);
+                    }
+                    None => missing.push(r.clone()),
+                }
+            }
+            let mut written = 0;
+            let mut raced = false;
+            for range in changes::batches(&steps, 0) {
+                let batch = &steps[range.clone()];
+                if !self.write(batch, None).await? {
+                    raced = true;
+                    break;
+                }
+                deleted.extend(batch.iter().map(|s| s.applied.clone()));
+                written = range.end() + 1;
+                lost = 0;
+            }
+            pending = found.split_off(written);
+            if raced {
+                lost += 1;
+                if lost >= ATTEMPTS {
+                    return Err(RegistryError::Contended(pending.first().map(ToString::to_string).unwrap_or_default()));
+                }
             }
         }
-        Err(RegistryError::Contended(format!("service/{}", id.name)))
+        Ok((deleted, missing))
+    }
+
+    async fn delete_one(&self, kind: Kind, id: &NsName) -> Result<(), RegistryError> {
+        let (_, missing) = self.delete(&[ObjectRef { kind, namespace: id.namespace.clone(), name: id.name.clone() }]).await?;
+        match missing.first() {
+            Some(r) => Err(RegistryError::NotFound(r.not_found())),
+            None => Ok(()),
+        }
+    }
+
+    /// Deletes a Service, releasing its ClusterIP and nodePorts, with its EndpointSlices.
+    pub async fn delete_service(&self, id: &NsName) -> Result<(), RegistryError> {
+        self.delete_one(Kind::Service, id).await
     }
 
     pub async fn delete_slice(&self, id: &NsName) -> Result<(), RegistryError> {
-        let key = self.slice_key(id);
-        let r = self.client.kv_client().delete(key.clone(), None).await.map_err(etcd(format!("del {key}")))?;
-        if r.deleted() == 0 {
-            return Err(RegistryError::NotFound(format!("endpointslice \"{}\" in namespace \"{}\"", id.name, id.namespace)));
-        }
-        Ok(())
+        self.delete_one(Kind::EndpointSlice, id).await
     }
 }
 
-fn invalid(object: &str, field: &str, message: String) -> RegistryError {
-    RegistryError::Invalid { object: object.into(), field: field.into(), message }
+fn expect(key: &str, e: &Expect) -> Compare {
+    match e {
+        Expect::Absent => Compare::version(key, CompareOp::Equal, 0),
+        Expect::Value(v) => Compare::value(key, CompareOp::Equal, v.clone()),
+    }
+}
+
+fn id_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> NsName {
+    NsName::new(crate::snapshot::namespace_of(m), m.name.clone().unwrap_or_default())
 }
 
 fn now() -> Time {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap_or_default())
-}
-
-/// Carries the fields an update may not change (or may omit) over from the stored object.
-fn merge_immutable(new: &mut Service, old: Option<&Service>, object: &str) -> Result<(), RegistryError> {
-    let Some(old) = old else { return Ok(()) };
-    new.metadata.creation_timestamp = old.metadata.creation_timestamp.clone();
-    new.metadata.uid = old.metadata.uid.clone();
-    let (Some(ns), Some(os)) = (new.spec.as_mut(), old.spec.as_ref()) else { return Ok(()) };
-    let old_ip = os.cluster_ip.clone().unwrap_or_default();
-    match ns.cluster_ip.as_deref() {
-        None | Some("") => ns.cluster_ip = os.cluster_ip.clone(),
-        Some(ip) if !old_ip.is_empty() && ip != old_ip => {
-            return Err(invalid(object, "spec.clusterIP", format!("Invalid value: \"{ip}\": field is immutable")));
-        }
-        _ => {}
-    }
-    let same_kind = ns.type_ == os.type_ || (ns.type_.as_deref() != Some("ClusterIP") && os.type_.as_deref() != Some("ClusterIP"));
-    if same_kind {
-        for p in ns.ports.iter_mut().flatten().filter(|p| p.node_port.is_none()) {
-            if let Some(o) = os.ports.iter().flatten().find(|o| o.port == p.port && o.protocol == p.protocol) {
-                p.node_port = o.node_port;
-            }
-        }
-        if ns.health_check_node_port.is_none() && ns.external_traffic_policy == os.external_traffic_policy {
-            ns.health_check_node_port = os.health_check_node_port;
-        }
-    }
-    Ok(())
-}
-
-/// A random free address of the CIDR (network and broadcast addresses excluded).
-pub fn pick_ip(cidr: &Ipv4Net, taken: impl Fn(Ipv4Addr) -> bool) -> Option<Ipv4Addr> {
-    let first = u32::from(cidr.network()) + 1;
-    let last = u32::from(cidr.broadcast()).checked_sub(1)?;
-    if last < first {
-        return None;
-    }
-    let mut rng = rand::thread_rng();
-    for _ in 0..64 {
-        let ip = Ipv4Addr::from(rng.gen_range(first..=last));
-        if !taken(ip) {
-            return Some(ip);
-        }
-    }
-    (first..=last).map(Ipv4Addr::from).find(|ip| !taken(*ip))
-}
-
-/// A random free port of the range.
-pub fn pick_port(range: &RangeInclusive<u16>, taken: impl Fn(u16) -> bool) -> Option<u16> {
-    let mut rng = rand::thread_rng();
-    for _ in 0..64 {
-        let p = rng.gen_range(range.clone());
-        if !taken(p) {
-            return Some(p);
-        }
-    }
-    range.clone().find(|p| !taken(*p))
 }
 
 fn tls_options(opts: &RegistryOptions) -> Result<etcd_client::TlsOptions, RegistryError> {
@@ -520,18 +553,4 @@ pub fn etcd_tls(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> R
         _ => return Err(RegistryError::Tls("--etcd-certfile and --etcd-keyfile go together".into())),
     }
     Ok(tls)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn picks_free_addresses_and_ports() {
-        let cidr: Ipv4Net = "10.96.0.0/30".parse().unwrap();
-        assert_eq!(pick_ip(&cidr, |ip| ip == Ipv4Addr::new(10, 96, 0, 1)), Some(Ipv4Addr::new(10, 96, 0, 2)));
-        assert_eq!(pick_ip(&cidr, |_| true), None);
-        assert_eq!(pick_port(&(30000..=30001), |p| p == 30000), Some(30001));
-        assert_eq!(pick_port(&(30000..=30000), |_| true), None);
-    }
 }

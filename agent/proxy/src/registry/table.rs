@@ -137,25 +137,33 @@ pub fn endpoints_table(items: &[EndpointSlice], all_namespaces: bool, wide: bool
     pad(&rows)
 }
 
-/// A `kind: List` of objects (with apiVersion/kind filled in), as JSON or YAML.
-pub fn list<T: serde::Serialize>(items: &[T], api_version: &str, kind: &str, yaml: bool) -> String {
-    let items: Vec<serde_json::Value> = items
-        .iter()
-        .map(|i| {
-            let mut v = serde_json::to_value(i).unwrap_or_default();
-            if let Some(o) = v.as_object_mut() {
-                o.insert("apiVersion".into(), api_version.into());
-                o.insert("kind".into(), kind.into());
-            }
-            v
-        })
-        .collect();
-    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
-    if yaml {
-        serde_yaml::to_string(&list).unwrap_or_default()
-    } else {
-        serde_json::to_string_pretty(&list).unwrap_or_default() + "\n"
+/// An object as JSON, with apiVersion and kind filled in (the stored objects omit them).
+fn typed<T: serde::Serialize>(item: &T, api_version: &str, kind: &str) -> serde_json::Value {
+    let mut v = serde_json::to_value(item).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("apiVersion".into(), api_version.into());
+        o.insert("kind".into(), kind.into());
     }
+    v
+}
+
+fn render(v: &serde_json::Value, yaml: bool) -> String {
+    if yaml {
+        serde_yaml::to_string(v).unwrap_or_default()
+    } else {
+        serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
+    }
+}
+
+/// A `kind: List` of objects, as JSON or YAML.
+pub fn list<T: serde::Serialize>(items: &[T], api_version: &str, kind: &str, yaml: bool) -> String {
+    let items: Vec<serde_json::Value> = items.iter().map(|i| typed(i, api_version, kind)).collect();
+    render(&serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}), yaml)
+}
+
+/// One object, as JSON or YAML (`get svc NAME -o yaml`, as kubectl prints it).
+pub fn object<T: serde::Serialize>(item: &T, api_version: &str, kind: &str, yaml: bool) -> String {
+    render(&typed(item, api_version, kind), yaml)
 }
 
 #[cfg(test)]
@@ -174,5 +182,9 @@ mod tests {
         let web: Vec<Service> = web_snapshot().services().values().map(|s| (**s).clone()).collect();
         let y = list(&web, "v1", "Service", true);
         assert!(y.contains("kind: List") && y.contains("kind: Service") && y.contains("clusterIP: 10.96.0.10"), "{y}");
+        let one = object(&web[0], "v1", "Service", true);
+        assert!(one.starts_with("apiVersion: v1\n") && one.contains("\nkind: Service\n") && !one.contains("List"), "{one}");
+        let j: serde_json::Value = serde_json::from_str(&object(&web[0], "v1", "Service", false)).unwrap();
+        assert_eq!((j["kind"].as_str(), j["metadata"]["name"].as_str()), (Some("Service"), web[0].metadata.name.as_deref()));
     }
 }
