@@ -2,10 +2,12 @@
 //! `netd apply/get/delete`, and the watch that feeds the proxy its snapshots.
 
 pub mod cli;
+mod etcd_error;
 pub mod manifest;
 pub mod store;
 pub mod table;
 
+pub use etcd_error::etcd_brief;
 pub use cli::{run_cli, CliError, EtcdConnArgs, RegistryArgs, ServiceCommand};
 pub use manifest::{apply_manifests, ApplyError, FieldError, Object};
 pub use store::{etcd_tls, AllocOptions, Applied, RegistryError, RegistryOptions, ServiceRegistry, DEFAULT_PREFIX};

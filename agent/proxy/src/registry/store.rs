@@ -31,7 +31,7 @@ const ATTEMPTS: usize = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("etcd {op}: {source}")]
+    #[error("etcd {op}: {}", super::etcd_brief(source))]
     Etcd { op: String, source: etcd_client::Error },
     #[error("reading etcd TLS file {path}: {source}")]
     TlsFile { path: String, source: std::io::Error },
