@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cniconf;
 pub mod daemon;
 pub mod lease;
+pub mod logging;
 pub mod masq;
 pub mod metrics;
 pub mod netconf;
