@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod netconf;
 pub mod netlink;
 pub mod overlay;
+pub mod overlay_text;
 pub mod registry;
 pub mod server;
 pub mod services;
