@@ -9,7 +9,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "netd", version, about = "One daemon for the whole Kubernetes node network: pod overlay, services, DNS")]
 pub struct Cli {
-    /// Log format: human-readable text or one JSON object per line (for log pipelines).
+    /// Log format: text (coloured only on a terminal; NO_COLOR turns colour off) or one JSON
+    /// object per line for log pipelines (the event's fields at the top level, durations as
+    /// numbers: took_ms).
     #[arg(long, env = "NETD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
     #[command(subcommand)]

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
+use netd_common::report::millis;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
@@ -22,6 +23,7 @@ use crate::masq::{MasqSpec, Masquerade};
 use crate::netconf::{BackendKind, NetworkConfig};
 use crate::netlink::{self, Netlink, NetlinkError, VxlanSpec};
 use crate::overlay::{self, LocalNode, Op, OtherRoutes, OverlayState, RouteConflict, Via};
+use crate::overlay_text::Devices;
 use crate::registry::{EtcdOptions, EtcdRegistry, Entry, RegistryError, Snapshot};
 use crate::server::{self, unix_now, Shared};
 use crate::status::{self, NodeStatus, Phase};
@@ -107,6 +109,18 @@ fn vxlan_name(vni: u32) -> String {
     format!("netd.{vni}")
 }
 
+/// The backend's device: the VXLAN device, or the udp backend's TUN device.
+fn overlay_device(cfg: &NetworkConfig) -> String {
+    match cfg.backend.kind {
+        BackendKind::Vxlan => vxlan_name(cfg.backend.vni),
+        BackendKind::Udp => UDP_DEVICE.to_string(),
+    }
+}
+
+/// Overlay changes logged one per line in one sync; a node joining a large cluster logs the rest
+/// at debug level.
+const LOGGED_CHANGES: usize = 50;
+
 /// The udp backend's TUN device.
 pub(crate) const UDP_DEVICE: &str = "netd-udp0";
 
@@ -165,7 +179,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
     d.write_subnet_env()?;
     d.write_cni_conf();
     d.shared.update(|s| s.phase = Phase::Running);
-    info!(subnet = %d.held.subnet, backend = d.cfg.backend.kind.as_str(), "node network ready");
+    info!(subnet = %d.held.subnet, backend = %d.cfg.backend.kind.as_str(), "node network ready");
 
     let mut rx = match (&d.reg, kube_rx) {
         (Some(reg), _) => {
@@ -207,10 +221,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
             },
             // Replies of connections SNATed to remote backends come back through the overlay
             // (unless NodePort translation is off altogether).
-            overlay_device: (d.args.ebpf_external_devices.as_deref() != Some(&["none".to_string()][..])).then(|| match d.cfg.backend.kind {
-                BackendKind::Vxlan => vxlan_name(d.cfg.backend.vni),
-                BackendKind::Udp => UDP_DEVICE.to_string(),
-            }),
+            overlay_device: (d.args.ebpf_external_devices.as_deref() != Some(&["none".to_string()][..])).then(|| overlay_device(&d.cfg)),
         });
         let kube = d.args.kube.clone();
         tokio::spawn(async move {
@@ -292,7 +303,7 @@ async fn kube_subnets(
         backoff.wait().await;
     };
     shared.update(|s| s.problems.clear());
-    info!(network = %cfg.network, backend = cfg.backend.kind.as_str(), "network config from {}", path.display());
+    info!(network = %cfg.network, backend = %cfg.backend.kind.as_str(), "network config from {}", path.display());
     let subnet = netd_kube::node_subnet(&client, node).await.map_err(kube_err)?;
     if !cfg.network.contains(&subnet.network()) {
         return Err(DaemonError::Kube(format!("node {node}'s podCIDR {subnet} is outside the network {}", cfg.network)));
@@ -407,7 +418,7 @@ async fn wait_for_config(reg: &EtcdRegistry, shared: &Shared) -> (NetworkConfig,
                 None => format!("waiting for the network config: no key {} in etcd", reg.config_key()),
                 Some(Err(e)) => format!("invalid network config at {}: {e}", reg.config_key()),
                 Some(Ok(cfg)) => {
-                    info!(network = %cfg.network, subnet_len = cfg.subnet_len, backend = cfg.backend.kind.as_str(), "network config");
+                    info!(network = %cfg.network, subnet_len = cfg.subnet_len, backend = %cfg.backend.kind.as_str(), "network config");
                     shared.update(|s| s.problems.clear());
                     return (cfg, snap);
                 }
@@ -501,7 +512,7 @@ async fn acquire(reg: &EtcdRegistry, cfg: &NetworkConfig, underlay: &Underlay, a
             _ => continue,
         };
         let kind = if reservation { "reservation" } else { "lease" };
-        info!(%subnet, ttl = ?h.ttl, "acquired subnet {kind}");
+        info!(%subnet, ttl_s = h.ttl, "acquired subnet {kind}");
         let expires_at = h.ttl.map(|t| unix_now() + t.max(0) as u64);
         let renew_in = renew_deadline(h.ttl, args.subnet_lease_renew_margin).map(|at| at.saturating_duration_since(Instant::now()).as_secs());
         shared.metrics.lease_acquisitions.inc();
@@ -629,7 +640,7 @@ impl Daemon {
                 // flags): replace it.
                 Err(netd_udp::UdpError::TunOpen { source, .. }) if link.is_some() => {
                     let l = link.as_ref().expect("checked");
-                    warn!(device = UDP_DEVICE, error = %source, "cannot attach to the existing device; recreating it");
+                    warn!(device = %UDP_DEVICE, error = %source, "cannot attach to the existing device; recreating it");
                     self.nl.del_link(l.index, &l.name).await?;
                     netd_udp::UdpDatapath::start(want).map_err(|e| DaemonError::Backend(e.to_string()))?
                 }
@@ -637,7 +648,7 @@ impl Daemon {
             };
             let f = dp.features();
             let how = if dp.adopted() { "adopted the TUN device" } else { "created the TUN device" };
-            info!(device = UDP_DEVICE, port = self.cfg.backend.port, mtu, workers = f.workers, udp_gso = f.udp_gso, udp_gro = f.udp_gro, "started the udp datapath ({how})");
+            info!(device = %UDP_DEVICE, port = self.cfg.backend.port, mtu, workers = f.workers, udp_gso = f.udp_gso, udp_gro = f.udp_gro, "started the udp datapath ({how})");
             self.udp = Some(dp);
         }
         let l = self.nl.link_by_name(UDP_DEVICE).await?.ok_or_else(|| NetlinkError::Other(format!("{UDP_DEVICE} vanished after creation")))?;
@@ -676,7 +687,7 @@ impl Daemon {
         self.udp_fast_for = Some(key);
         match netd_ebpf::UdpOverlay::start(want) {
             Ok(fast) => {
-                info!(device = UDP_DEVICE, underlay = %self.underlay.name, "udp backend: packets are encapsulated in the kernel (tc eBPF); the userspace datapath takes the rest");
+                info!(device = %UDP_DEVICE, underlay = %self.underlay.name, "udp backend: packets are encapsulated in the kernel (tc eBPF); the userspace datapath takes the rest");
                 // The pinned counters outlive netd: count from here.
                 self.udp_fast_seen = fast.stats().unwrap_or_default();
                 self.udp_fast = Some(fast);
@@ -713,13 +724,13 @@ impl Daemon {
             netd_ebpf::UdpOverlay::remove(&self.args.ebpf_bpffs).map_err(|e| DaemonError::Backend(e.to_string()))?;
         }
         if let Some(dp) = self.udp.take() {
-            info!(device = dp.tun_name(), "stopping the udp datapath and removing its device (backend switched to vxlan)");
+            info!(device = %dp.tun_name(), "stopping the udp datapath and removing its device (backend switched to vxlan)");
             if let Err(e) = dp.remove() {
                 warn!(error = %e, "clearing the TUN device's persist flag failed; deleting it instead");
             }
         }
         if let Some(l) = self.nl.link_by_name(UDP_DEVICE).await? {
-            info!(device = UDP_DEVICE, "removing the udp backend's device of the previous config");
+            info!(device = %UDP_DEVICE, "removing the udp backend's device of the previous config");
             match self.nl.del_link(l.index, &l.name).await {
                 Err(e) if !e.is_not_found() => return Err(e.into()),
                 _ => {}
@@ -762,7 +773,8 @@ impl Daemon {
             }
             other => {
                 if let Some(l) = other {
-                    warn!(device = %name, have = ?l.vxlan, want = ?spec, "VXLAN device has other parameters; recreating it");
+                    let have = l.vxlan.as_ref().map_or_else(|| "not a VXLAN device".to_string(), |v| v.to_string());
+                    warn!(device = %name, %have, want = %spec, "VXLAN device has other parameters; recreating it");
                     self.nl.del_link(l.index, &name).await?;
                 }
                 self.nl.add_vxlan(&name, &spec, mac, mtu).await?;
@@ -931,7 +943,7 @@ impl Daemon {
     }
 
     async fn config_changed(&mut self, cfg: NetworkConfig, snap: &Snapshot) -> Result<(), DaemonError> {
-        info!(backend = cfg.backend.kind.as_str(), network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config changed");
+        info!(backend = %cfg.backend.kind.as_str(), network = %cfg.network, subnet_len = cfg.subnet_len, vni = cfg.backend.vni, "network config changed");
         let lease_fits = cfg.allows(&self.held.subnet);
         self.cfg = cfg;
         self.held.attrs = our_attrs(&self.cfg, &self.underlay);
@@ -1069,19 +1081,29 @@ impl Daemon {
             }
             self.last_skipped = report;
         }
+        let overlay_dev = overlay_device(&self.cfg);
+        let devices = Devices { overlay: &overlay_dev, underlay: &self.underlay.name };
         let mut failed: Vec<(&Op, String)> = Vec::new();
-        for op in &ops {
+        for (i, op) in ops.iter().enumerate() {
             match self.apply(op).await {
-                Ok(()) => self.shared.metrics.change(op_name(op)),
+                Ok(()) => {
+                    self.shared.metrics.change(op_name(op));
+                    if i < LOGGED_CHANGES {
+                        info!("{}", op.done(devices));
+                    } else {
+                        debug!("{}", op.done(devices));
+                    }
+                }
                 Err(e) => {
-                    error!(error = %e, ?op, "applying overlay change failed");
+                    error!(error = %e, "cannot {}", op.todo(devices));
                     self.shared.metrics.sync_errors.inc();
                     failed.push((op, e.to_string()));
                 }
             }
         }
         if !ops.is_empty() {
-            info!(changes = ops.len(), failed = failed.len(), ?ops, "overlay updated");
+            let listed = if ops.len() > LOGGED_CHANGES { format!(" (the first {LOGGED_CHANGES} changes are listed above, all of them with NETD_LOG=netd=debug)") } else { String::new() };
+            info!(changes = ops.len(), failed = failed.len(), took_ms = millis(started.elapsed()), "overlay updated{listed}");
         }
         // A peer counts as programmed unless a change for its route, neighbor or FDB entry failed.
         let failed_for = |net: &Ipv4Net, gw: Ipv4Addr| {
@@ -1115,7 +1137,7 @@ impl Daemon {
         m.peers_skipped.set(skipped.len() as i64);
         m.malformed_keys.set(malformed.len() as i64);
         m.route_conflicts.set(conflicts.len() as i64);
-        let errors: Vec<String> = failed.iter().map(|(op, e)| format!("{op:?}: {e}")).collect();
+        let errors: Vec<String> = failed.iter().map(|(op, e)| format!("{}: {e}", op.todo(devices))).collect();
         let changes = ops.len();
         self.shared.update(|s| {
             s.peers = peers;
@@ -1256,7 +1278,7 @@ async fn watch_registry(reg: EtcdRegistry, tx: watch::Sender<Arc<Snapshot>>, sha
             }
         };
         if let Some(since) = down_since.take() {
-            info!(after = ?since.elapsed(), "etcd reachable again");
+            info!(down_ms = millis(since.elapsed()), "etcd reachable again");
         }
         backoff = Backoff::new();
         let rev = snap.revision;

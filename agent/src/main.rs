@@ -1,15 +1,7 @@
-use clap::Parser;
-use netd::cli::{Cli, Command, LogFormat};
-use tracing_subscriber::EnvFilter;
+use std::process::ExitCode;
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("NETD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
+use clap::Parser;
+use netd::cli::{Cli, Command};
 
 /// `netd status`: exit 0 healthy, 1 degraded, 2 unhealthy, 3 when netd cannot be reached.
 async fn status(args: netd::cli::StatusArgs) -> i32 {
@@ -43,9 +35,22 @@ async fn status(args: netd::cli::StatusArgs) -> i32 {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    netd::logging::init(cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, the message once. Our errors carry their causes in their own message
+            // (each crate's convention), so walking `source()` as anyhow's report does would
+            // say them again ("Caused by: ..."), sometimes in the library's rawer words.
+            eprintln!("netd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match cli.command {
         Command::Run(args) => rt.block_on(netd::daemon::run(*args))?,

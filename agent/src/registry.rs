@@ -12,7 +12,7 @@ use crate::lease::{parse_subnet_key, subnet_key_name, Lease, LeaseAttrs, LeaseEr
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("etcd {op}: {source}")]
+    #[error("etcd {op}: {}", netd_proxy::registry::etcd_brief(source))]
     Etcd { op: String, source: etcd_client::Error },
     #[error("reading etcd TLS file {path}: {source}")]
     TlsFile { path: String, source: std::io::Error },

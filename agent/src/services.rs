@@ -122,7 +122,7 @@ pub fn spawn_proxy(
     let mut cfg = ProxyConfig::new(node, mode);
     cfg.resync_interval = resync;
     cfg.status = Some(status_tx);
-    shared.update(|s| s.services = Some(ServicesStatus { mode: format!("{mode:?}").to_lowercase(), ..Default::default() }));
+    shared.update(|s| s.services = Some(ServicesStatus { mode: mode.to_string(), ..Default::default() }));
     // The cluster's service ranges (`netd config`) come with the registry's snapshots.
     let mut ranges = snapshots.clone();
     let shared_ranges = shared.clone();
@@ -217,7 +217,7 @@ pub fn spawn_dns(args: netd_dns::Args, network: ipnet::Ipv4Net, mut snapshots: w
             return;
         }
     };
-    info!(listen = ?listen, upstreams = ?upstreams, "cluster DNS serving");
+    info!(listen = %listen.join(","), upstreams = %upstreams.join(","), "cluster DNS serving");
     let zone_cfg = args.zone_config();
     let dns = server.clone();
     let shared2 = shared.clone();

@@ -241,7 +241,8 @@ impl DnsServer {
                 );
             }
         }
-        tracing::info!(listen = ?local, workers = nworkers, upstreams = ?cfg.upstreams, "DNS server started");
+        let addrs = |a: &[SocketAddr]| a.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(",");
+        tracing::info!(listen = %addrs(&local), workers = nworkers, upstreams = %addrs(&cfg.upstreams), "DNS server started");
         Ok(DnsServer { shared, workers, runtime: Some(runtime), stop_tx: Some(stop_tx), wake, local, added_to_lo })
     }
 

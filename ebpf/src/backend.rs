@@ -45,9 +45,10 @@ pub struct EbpfBackend {
     _tc: Ebpf,
 }
 
-pub(crate) fn err(what: &str, e: impl std::fmt::Display + std::fmt::Debug) -> EbpfError {
-    // aya's errors keep the errno in `source`; Debug shows it.
-    EbpfError::Kernel(format!("{what}: {e} ({e:?})"))
+pub(crate) fn err(what: &str, e: impl std::error::Error) -> EbpfError {
+    // aya's errors keep the errno in `source` ("`bpf_map_update_elem` failed" / "Operation not
+    // permitted"): print the chain.
+    EbpfError::Kernel(format!("{what}: {}", netd_common::report::error_chain(&e)))
 }
 
 /// Makes sure `dir` is inside a bpffs, mounting one on its parent if allowed.
@@ -74,7 +75,7 @@ impl EbpfBackend {
         for name in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = bpf
                 .program_mut(name)
-                .ok_or_else(|| err(name, "missing from the object"))?
+                .ok_or_else(|| EbpfError::Kernel(format!("{name}: missing from the object")))?
                 .try_into()
                 .map_err(|e| err(name, e))?;
             prog.load().map_err(|e| err(&format!("loading {name} (verifier)"), e))?;
@@ -93,7 +94,7 @@ impl EbpfBackend {
             for name in TC_PROGRAMS {
                 let prog: &mut SchedClassifier = tc
                     .program_mut(name)
-                    .ok_or_else(|| err(name, "missing from the object"))?
+                    .ok_or_else(|| EbpfError::Kernel(format!("{name}: missing from the object")))?
                     .try_into()
                     .map_err(|e| err(name, e))?;
                 prog.load().map_err(|e| err(&format!("loading {name} (verifier)"), e))?;
@@ -130,10 +131,11 @@ impl EbpfBackend {
                 }
             }
         }
-        let svc = BpfHashMap::try_from(bpf.take_map(MAP_SVC).ok_or_else(|| err(MAP_SVC, "missing"))?).map_err(|e| err(MAP_SVC, e))?;
-        let slots = BpfHashMap::try_from(bpf.take_map(MAP_SLOTS).ok_or_else(|| err(MAP_SLOTS, "missing"))?).map_err(|e| err(MAP_SLOTS, e))?;
-        let node_cfg = Array::try_from(tc.take_map(MAP_CFG).ok_or_else(|| err(MAP_CFG, "missing"))?).map_err(|e| err(MAP_CFG, e))?;
-        info!(bpffs = %cfg.bpffs_dir.display(), cgroup = ?cfg.cgroup, external = ?cfg.external_devices, overlay = ?cfg.overlay_device, "eBPF service dataplane loaded");
+        let svc = BpfHashMap::try_from(bpf.take_map(MAP_SVC).ok_or_else(|| EbpfError::Kernel(format!("{MAP_SVC}: missing")))?).map_err(|e| err(MAP_SVC, e))?;
+        let slots = BpfHashMap::try_from(bpf.take_map(MAP_SLOTS).ok_or_else(|| EbpfError::Kernel(format!("{MAP_SLOTS}: missing")))?).map_err(|e| err(MAP_SLOTS, e))?;
+        let node_cfg = Array::try_from(tc.take_map(MAP_CFG).ok_or_else(|| EbpfError::Kernel(format!("{MAP_CFG}: missing")))?).map_err(|e| err(MAP_CFG, e))?;
+        let cgroup = cfg.cgroup.as_ref().map(|c| c.display().to_string());
+        info!(bpffs = %cfg.bpffs_dir.display(), cgroup, external = %cfg.external_devices.join(","), overlay = cfg.overlay_device.as_deref(), "eBPF service dataplane loaded");
         Ok(EbpfBackend { cfg, svc, slots, node_cfg, last: None, _bpf: bpf, _tc: tc })
     }
 
@@ -184,7 +186,7 @@ impl EbpfBackend {
             match r {
                 Ok(()) => {}
                 Err(e) if matches!(op, Op::DelSvc(_) | Op::DelSlot(_)) && gone(&e) => {}
-                Err(e) => return Err(err(&format!("{op:?}"), e)),
+                Err(e) => return Err(err(&op.to_string(), e)),
             }
         }
         Ok(())
@@ -333,5 +335,20 @@ impl Backend for EbpfBackend {
     }
     fn remove(&mut self) -> Result<(), DataplaneError> {
         self.remove_all().map_err(dataplane_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_errors_name_the_call_and_the_errno_once() {
+        let io_error = std::io::Error::from_raw_os_error(libc::EPERM);
+        let e = MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_elem", io_error });
+        assert_eq!(
+            err("writing netd_svc entry 10.96.0.10:53/udp", e).to_string(),
+            "eBPF: writing netd_svc entry 10.96.0.10:53/udp: `bpf_map_update_elem` failed: Operation not permitted (os error 1)"
+        );
     }
 }

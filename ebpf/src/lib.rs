@@ -146,7 +146,7 @@ fn probe_load_tc(pin_dir: &std::path::Path) -> Result<(), String> {
             .ok_or_else(|| format!("{name} missing"))?
             .try_into()
             .map_err(|e| format!("{name}: {e}"))?;
-        prog.load().map_err(|e| format!("kernel rejects {name} (needs bpf_redirect_neigh, BPF_FIB_LOOKUP_SKIP_NEIGH: Linux >= 6.5): {e:?}"))?;
+        prog.load().map_err(|e| format!("kernel rejects {name} (needs bpf_redirect_neigh, BPF_FIB_LOOKUP_SKIP_NEIGH: Linux >= 6.5): {}", netd_common::report::error_chain(&e)))?;
     }
     Ok(())
 }

@@ -337,6 +337,36 @@ pub fn diff(old: &MapState, new: &MapState) -> Vec<Op> {
     ops
 }
 
+/// The map entry an operation writes or deletes, named as in the maps (`netd_svc`,
+/// `netd_slots`, `netd_cfg`) with addresses in dotted form: for errors people read.
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let svc = |f: &mut std::fmt::Formatter<'_>, k: &SvcKey| {
+            let proto = match k.proto {
+                6 => "tcp".to_string(),
+                17 => "udp".to_string(),
+                132 => "sctp".to_string(),
+                p => format!("protocol {p}"),
+            };
+            let scope = if k.scope == SCOPE_EXTERNAL { " (from outside)" } else { "" };
+            write!(f, "netd_svc entry {}:{}/{proto}{scope}", k.ip(), k.host_port())
+        };
+        match self {
+            Op::PutCfg(v) => write!(f, "writing netd_cfg (SNAT address {})", ip_from_be(v.snat_ip)),
+            Op::PutSlot(k, v) => write!(f, "writing netd_slots entry {}/{} = {}:{}", k.id, k.slot, v.ip(), v.host_port()),
+            Op::PutSvc(k, _) => {
+                f.write_str("writing ")?;
+                svc(f, k)
+            }
+            Op::DelSvc(k) => {
+                f.write_str("deleting ")?;
+                svc(f, k)
+            }
+            Op::DelSlot(k) => write!(f, "deleting netd_slots entry {}/{}", k.id, k.slot),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,5 +530,33 @@ mod tests {
         assert_eq!(assign_slots(&[b(1), b(2), b(3)], &[b(2), b(4)]), vec![b(4), b(2)]);
         assert_eq!(assign_slots(&[b(1), b(2), b(3)], &[]), vec![]);
         assert_eq!(assign_slots(&[b(1)], &[b(1), b(5), b(6)]), vec![b(1), b(5), b(6)]);
+    }
+
+    #[test]
+    fn ops_read_as_the_map_entries_they_change() {
+        let key = SvcKey::new(Ipv4Addr::new(10, 96, 0, 10), 53, 17, SCOPE_INTERNAL);
+        let ext = SvcKey::new(Ipv4Addr::new(198, 18, 0, 10), 30080, 6, SCOPE_EXTERNAL);
+        let slot = SlotKey { id: 7, slot: 2 };
+        let be = BackendValue::new(Ipv4Addr::new(10, 244, 1, 5), 8053, true);
+        let texts: Vec<String> = [
+            Op::PutSvc(key, SvcValue::default()),
+            Op::DelSvc(ext),
+            Op::PutSlot(slot, be),
+            Op::DelSlot(slot),
+            Op::PutCfg(CfgValue { snat_ip: BackendValue::new(Ipv4Addr::new(198, 18, 0, 10), 0, false).ip, ..Default::default() }),
+        ]
+        .iter()
+        .map(|o| o.to_string())
+        .collect();
+        assert_eq!(
+            texts,
+            [
+                "writing netd_svc entry 10.96.0.10:53/udp",
+                "deleting netd_svc entry 198.18.0.10:30080/tcp (from outside)",
+                "writing netd_slots entry 7/2 = 10.244.1.5:8053",
+                "deleting netd_slots entry 7/2",
+                "writing netd_cfg (SNAT address 198.18.0.10)",
+            ]
+        );
     }
 }

@@ -141,12 +141,12 @@ impl UdpOverlay {
             .default_map_pin_directory(&cfg.bpffs_dir)
             .load(UDP_OVERLAY_OBJ)
             .map_err(|e| err("loading the udp overlay object", e))?;
-        let mut conf: Array<MapData, UdpCfg> = Array::try_from(obj.take_map(MAP_UDP_CFG).ok_or_else(|| err(MAP_UDP_CFG, "missing"))?).map_err(|e| err(MAP_UDP_CFG, e))?;
+        let mut conf: Array<MapData, UdpCfg> = Array::try_from(obj.take_map(MAP_UDP_CFG).ok_or_else(|| EbpfError::Kernel(format!("{MAP_UDP_CFG}: missing")))?).map_err(|e| err(MAP_UDP_CFG, e))?;
         // Before the programs run: a restarted netd's may already read it (ifindexes change
         // when a device is recreated).
         conf.set(0, want, 0).map_err(|e| err(&format!("writing {MAP_UDP_CFG}"), e))?;
         for name in UDP_PROGRAMS {
-            let prog: &mut SchedClassifier = obj.program_mut(name).ok_or_else(|| err(name, "missing from the object"))?.try_into().map_err(|e| err(name, e))?;
+            let prog: &mut SchedClassifier = obj.program_mut(name).ok_or_else(|| EbpfError::Kernel(format!("{name}: missing from the object")))?.try_into().map_err(|e| err(name, e))?;
             prog.load().map_err(|e| err(&format!("loading {name} (verifier)"), e))?;
         }
         let links = cfg.bpffs_dir.join("links");
@@ -165,7 +165,7 @@ impl UdpOverlay {
                 }
             }
         }
-        let take = |obj: &mut Ebpf, name: &str| obj.take_map(name).ok_or_else(|| err(name, "missing"));
+        let take = |obj: &mut Ebpf, name: &str| obj.take_map(name).ok_or_else(|| EbpfError::Kernel(format!("{name}: missing")));
         let peers = LpmTrie::try_from(take(&mut obj, MAP_UDP_PEERS)?).map_err(|e| err(MAP_UDP_PEERS, e))?;
         let srcs = BpfHashMap::try_from(take(&mut obj, MAP_UDP_SRCS)?).map_err(|e| err(MAP_UDP_SRCS, e))?;
         let stats = PerCpuArray::try_from(take(&mut obj, MAP_UDP_STATS)?).map_err(|e| err(MAP_UDP_STATS, e))?;

@@ -68,18 +68,6 @@ pub fn brief(e: &kube::Error) -> String {
             }
             out
         }
-        other => {
-            let mut out = other.to_string();
-            let mut cause = std::error::Error::source(other);
-            while let Some(c) = cause {
-                let s = c.to_string();
-                if !out.contains(&s) {
-                    out.push_str(": ");
-                    out.push_str(&s);
-                }
-                cause = c.source();
-            }
-            out
-        }
+        other => netd_common::report::error_chain(other),
     }
 }

@@ -185,7 +185,7 @@ pub async fn node_subnet_with(client: &Client, node_name: &str, poll: Duration) 
         let waiting_for = match api.get_opt(node_name).await {
             Ok(Some(node)) => match pod_cidr(&node) {
                 Ok(Some(net)) => {
-                    info!(node = node_name, subnet = %net, "node's podCIDR");
+                    info!(node = %node_name, subnet = %net, "node's podCIDR");
                     return Ok(net);
                 }
                 Ok(None) => "the Node has no spec.podCIDR yet (kube-controller-manager assigns it with --allocate-node-cidrs=true and --cluster-cidr)".to_string(),
@@ -198,7 +198,7 @@ pub async fn node_subnet_with(client: &Client, node_name: &str, poll: Duration) 
             Err(e) => format!("get node: {}", brief(&e)),
         };
         if said.as_deref() != Some(waiting_for.as_str()) {
-            info!(node = node_name, "waiting for the node's pod subnet: {waiting_for}");
+            info!(node = %node_name, "waiting for the node's pod subnet: {waiting_for}");
             said = Some(waiting_for);
         }
         tokio::time::sleep(poll).await;
@@ -223,7 +223,7 @@ pub async fn publish_annotations(client: &Client, node_name: &str, names: &Annot
                 reason: format!("annotation {} = {o:?} is not an IPv4 address", names.public_ip_overwrite),
             })?;
             if ip != attrs.public_ip {
-                info!(node = node_name, "public IP {ip} from annotation {} instead of {}", names.public_ip_overwrite, attrs.public_ip);
+                info!(node = %node_name, "public IP {ip} from annotation {} instead of {}", names.public_ip_overwrite, attrs.public_ip);
             }
             ip
         }
@@ -242,7 +242,7 @@ pub async fn publish_annotations(client: &Client, node_name: &str, names: &Annot
     }
     let patch = serde_json::json!({ "metadata": { "annotations": changes } });
     api.patch_status(node_name, &PatchParams::default(), &Patch::Strategic(&patch)).await.map_err(KubeError::api("patch node status", node_name))?;
-    info!(node = node_name, annotations = ?changes.keys().collect::<Vec<_>>(), "node annotations published");
+    info!(node = %node_name, annotations = %changes.keys().map(|k| k.as_str()).collect::<Vec<_>>().join(","), "node annotations published");
     Ok(public_ip)
 }
 

@@ -71,9 +71,9 @@ impl Tracker {
     pub(crate) fn failed(&mut self, what: &'static str, error: String, expired: bool) {
         if expired {
             // Expected now and then (history compacted, watch too slow): not a lost connection.
-            info!(source = self.source, resource = what, "{error}");
+            info!(source = %self.source, resource = %what, "{error}");
         } else {
-            warn!(source = self.source, resource = what, "{error} (keeping the last good state, retrying)");
+            warn!(source = %self.source, resource = %what, "{error} (keeping the last good state, retrying)");
             self.set_connected(what, false);
         }
         self.tx.send_modify(|s| {
@@ -108,7 +108,7 @@ impl Tracker {
     pub(crate) fn published(&mut self, objects: usize, skipped: Vec<String>) {
         self.tx.send_modify(|s| {
             if !s.synced {
-                info!(source = self.source, objects, "initial state from the API server published");
+                info!(source = %self.source, objects, "initial state from the API server published");
             }
             s.synced = true;
             s.objects = objects;

@@ -37,6 +37,17 @@ pub enum ProxyMode {
     None,
 }
 
+/// The `--proxy-mode` value: `nftables`, `iptables`, `ebpf`, `none`.
+impl std::fmt::Display for ProxyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum;
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => write!(f, "{self:?}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub node: NodeInfo,
@@ -146,7 +157,7 @@ pub async fn run_proxy(cfg: ProxyConfig, snapshots: watch::Receiver<Arc<ServiceS
 
 /// [`run_proxy`] with a backend built by the caller (the eBPF one lives in another crate).
 pub async fn run_proxy_with(cfg: ProxyConfig, mut backend: Option<Box<dyn Backend>>, mut snapshots: watch::Receiver<Arc<ServiceSnapshot>>) -> Result<(), ProxyError> {
-    info!(mode = ?cfg.mode, node = %cfg.node.name, "service proxy starting");
+    info!(mode = %cfg.mode, node = %cfg.node.name, "service proxy starting");
     let mut health = cfg.health_bind.map(HealthServers::new);
     let mut plan: Option<Plan> = None;
     let mut status = ProxyStatus::default();
@@ -169,7 +180,7 @@ pub async fn run_proxy_with(cfg: ProxyConfig, mut backend: Option<Box<dyn Backen
             Ok(report) => {
                 if let Some(r) = &report {
                     if r.changed {
-                        info!(revision = snap.revision, services = new_plan.services.len(), size = r.size, observed = r.observed, took = ?started.elapsed(), "service dataplane updated");
+                        info!(revision = snap.revision, services = new_plan.services.len(), size = r.size, observed = r.observed, took_ms = netd_common::report::millis(started.elapsed()), "service dataplane updated");
                     } else {
                         debug!(revision = snap.revision, observed = r.observed, "service dataplane already up to date");
                     }
@@ -237,6 +248,12 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         proxy: ProxyArgs,
+    }
+
+    #[test]
+    fn proxy_mode_reads_as_its_flag_value() {
+        let all: Vec<String> = [ProxyMode::Nftables, ProxyMode::Iptables, ProxyMode::Ebpf, ProxyMode::None].iter().map(|m| m.to_string()).collect();
+        assert_eq!(all, ["nftables", "iptables", "ebpf", "none"]);
     }
 
     #[test]

@@ -153,3 +153,31 @@ impl Netlink {
 pub fn vxlan_matches(have: &LinkInfo, want: &VxlanSpec) -> bool {
     have.kind.as_deref() == Some(InfoKind::Vxlan.to_string().as_str()) && have.vxlan.as_ref() == Some(want)
 }
+
+/// In `ip -d link` words, for logs: `vxlan id 1 local 198.18.0.10 dev 2 dstport 8472 nolearning`
+/// (the underlay by index, as the kernel reports it).
+impl std::fmt::Display for VxlanSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "vxlan id {}", self.vni)?;
+        if let Some(local) = self.local {
+            write!(f, " local {local}")?;
+        }
+        if let Some(dev) = self.underlay_index {
+            write!(f, " dev {dev}")?;
+        }
+        write!(f, " dstport {}{}", self.port, if self.learning { "" } else { " nolearning" })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vxlan_spec_reads_as_ip_link_does() {
+        let mut spec = VxlanSpec { vni: 1, local: Some(Ipv4Addr::new(198, 18, 0, 10)), port: 8472, underlay_index: Some(2), learning: false };
+        assert_eq!(spec.to_string(), "vxlan id 1 local 198.18.0.10 dev 2 dstport 8472 nolearning");
+        spec = VxlanSpec { vni: 7, local: None, port: 4789, underlay_index: None, learning: true };
+        assert_eq!(spec.to_string(), "vxlan id 7 dstport 4789");
+    }
+}

@@ -346,12 +346,12 @@ impl UdpDatapath {
                     Ok(()) => {
                         tun_offload = flags;
                         if flags != OFFLOAD_TRIES[0].0 {
-                            tracing::warn!(device = %name, offloads = label, "TUN device: kernel refused the preferred offloads; using a smaller set");
+                            tracing::warn!(device = %name, offloads = %label, "TUN device: kernel refused the preferred offloads; using a smaller set");
                         }
                         break;
                     }
                     Err(e) => {
-                        tracing::info!(device = %name, offloads = label, "TUNSETOFFLOAD refused: {e}")
+                        tracing::info!(device = %name, offloads = %label, "TUNSETOFFLOAD refused: {e}")
                     }
                 }
             }

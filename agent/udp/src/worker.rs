@@ -108,7 +108,7 @@ impl ErrLog {
         }
         tracing::warn!(
             worker = self.worker,
-            thread = self.what,
+            thread = %self.what,
             suppressed = self.suppressed,
             "{op}: {e}"
         );

@@ -5,10 +5,12 @@
 pub mod changes;
 pub mod cli;
 pub mod config;
+mod etcd_error;
 pub mod manifest;
 pub mod store;
 pub mod table;
 
+pub use etcd_error::etcd_brief;
 pub use cli::{run_cli, CliError, EtcdConnArgs, RegistryArgs, ServiceCommand};
 pub use changes::{Applied, Change};
 pub use config::{AllocOptions, ClusterConfig};

@@ -43,7 +43,7 @@ const PARALLEL_READS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("etcd {op}: {source}")]
+    #[error("etcd {op}: {}", super::etcd_brief(source))]
     Etcd { op: String, source: etcd_client::Error },
     #[error("reading etcd TLS file {path}: {source}")]
     TlsFile { path: String, source: std::io::Error },

@@ -180,7 +180,8 @@ fn serve(inputs: Inputs, dns: netd_dns::Args, watch: Duration, metrics_file: Opt
     let server = DnsServer::start(cfg)?;
     let mut builder = ZoneBuilder::new(zcfg);
     let first = update(&inputs, &mut builder)?;
-    tracing::info!(stats = ?first.stats(), "zone loaded");
+    let stats = first.stats();
+    tracing::info!(serial = first.serial(), services = stats.services, endpoints = stats.endpoints, records = stats.records, skipped = stats.skipped.len(), "zone loaded");
     server.set_zone(first);
     eprintln!("netd-dns-standalone: serving on {:?}", server.local_addrs());
 
@@ -203,7 +204,7 @@ fn serve(inputs: Inputs, dns: netd_dns::Args, watch: Duration, metrics_file: Opt
                         let t0 = std::time::Instant::now();
                         match update(&inputs, &mut builder) {
                             Ok(z) => {
-                                tracing::info!(serial = z.serial(), services = z.stats().services, took = ?t0.elapsed(), "zone reloaded");
+                                tracing::info!(serial = z.serial(), services = z.stats().services, took_ms = netd_common::report::millis(t0.elapsed()), "zone reloaded");
                                 server.set_zone(z);
                             }
                             Err(e) => tracing::warn!("keeping the last zone: {e:#}"),
@@ -258,8 +259,10 @@ fn bench_data(out: &Path, n: usize, headless: usize) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(netd_common::report::use_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().cmd {
