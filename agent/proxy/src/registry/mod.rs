@@ -8,4 +8,4 @@ pub mod table;
 
 pub use cli::{run_cli, CliError, EtcdConnArgs, RegistryArgs, ServiceCommand};
 pub use manifest::{apply_manifests, ApplyError, FieldError, Object};
-pub use store::{etcd_tls, AllocOptions, Applied, RegistryError, RegistryOptions, ServiceRegistry, DEFAULT_PREFIX};
+pub use store::{etcd_tls, AllocOptions, Applied, RegistryError, RegistryOptions, ServiceRegistry, WatchStatus, DEFAULT_PREFIX};
