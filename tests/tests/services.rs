@@ -477,6 +477,37 @@ fn dns_serves_and_status_tells_while_the_service_registry_cannot_be_listed() -> 
     Ok(())
 }
 
+/// The path to etcd turns into a black hole (packets dropped without a word, as when etcd's
+/// machine dies or a NAT forgets the connection): the registry watch finds out by its keep-alive
+/// pings instead of waiting forever, status says so, and once the path is back the node lists
+/// the registry again and follows it.
+#[test]
+fn a_silently_dead_registry_connection_is_noticed_and_replaced() -> Result<()> {
+    let c = cluster(1, "nftables")?;
+    apply(&c, &service("one", "10.96.0.61", "ClusterIP", ""))?;
+    let n = c.node(0);
+    let programmed = |ip: &str| -> Result<bool> { Ok(n.ns().run(&["nft", "list", "table", "ip", "netd-proxy"])?.contains(ip)) };
+    wait_until(WAIT, POLL, || programmed("10.96.0.61"))?;
+    n.ns().sh(
+        "nft add table inet ntb-cut && \
+         nft add chain inet ntb-cut in '{ type filter hook input priority -300; }' && \
+         nft add chain inet ntb-cut out '{ type filter hook output priority -300; }' && \
+         nft add rule inet ntb-cut in tcp sport 2379 drop && nft add rule inet ntb-cut out tcp dport 2379 drop",
+    )?;
+    let bin = netd_binary()?;
+    let followed = || -> Result<bool> {
+        let out = n.ns().exec(&[bin.to_str().unwrap(), "status", "--run-dir", n.run_dir().to_str().unwrap()])?;
+        Ok(!String::from_utf8_lossy(&out.stdout).contains("service registry /netd/registry/ (etcd http://198.18.0.1:2379) cannot be followed: etcd "))
+    };
+    let r = wait_until(WAIT, POLL, || Ok(!followed()?));
+    n.ns().run(&["nft", "delete", "table", "inet", "ntb-cut"])?;
+    assert!(r.is_ok(), "status should say the registry cannot be followed");
+    apply(&c, &service("two", "10.96.0.62", "ClusterIP", ""))?;
+    wait_until(WAIT, POLL, || programmed("10.96.0.62"))?;
+    wait_until(WAIT, POLL, followed)?;
+    Ok(())
+}
+
 /// `--proxy-mode ebpf`: ClusterIP by socket-level load balancing, for a client in the cgroup the
 /// programs are attached to (a test cgroup here; the node's cgroup v2 root in production).
 #[test]
