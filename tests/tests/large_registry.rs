@@ -89,6 +89,12 @@ fn status(n: &Node) -> Result<serde_json::Value> {
     serde_json::from_slice(&out.stdout).with_context(|| format!("netd status --json: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
+/// netd's log without its debug lines (the failure dump shows only the last lines, and with a
+/// registry this size those are all debug).
+fn log_summary(n: &Node) -> String {
+    n.log().lines().filter(|l| !l.contains("DEBUG")).collect::<Vec<_>>().join("\n")
+}
+
 /// Services programmed (`netd status` counts service ports: two per service here) and services
 /// in the DNS zone.
 fn counts(n: &Node) -> Result<(u64, u64)> {
@@ -126,7 +132,7 @@ fn twenty_thousand_services() -> Result<()> {
     let n = c.node(0);
     let want = SERVICES as u64;
     let r = wait_until(WAIT, POLL, || Ok(counts(n)? == (want, want)));
-    assert!(r.is_ok(), "services and DNS should have all {SERVICES} services: {}", serde_json::to_string_pretty(&status(n)?)?);
+    assert!(r.is_ok(), "services and DNS should have all {SERVICES} services: {}\n{}", serde_json::to_string_pretty(&status(n)?)?, log_summary(n));
     eprintln!("all programmed after {:?}", started.elapsed());
     for i in ANSWERING[..2].iter().copied() {
         wait_until(WAIT, POLL, || Ok(ask(&a, &format!("{}:80", ip_of(i)))? == "b"))?;
@@ -159,7 +165,7 @@ fn twenty_thousand_services() -> Result<()> {
     c.etcd().put_all(&objects(added, &pod_ip))?;
     let n = c.node(0);
     let r = wait_until(WAIT, POLL, || Ok(counts(n)? == (want + 1, want + 1)));
-    assert!(r.is_ok(), "the node should follow the registry after etcd's restart: {}", serde_json::to_string_pretty(&status(n)?)?);
+    assert!(r.is_ok(), "the node should follow the registry after etcd's restart: {}\n{}", serde_json::to_string_pretty(&status(n)?)?, log_summary(n));
     wait_until(WAIT, POLL, || Ok(ask(&a, &format!("{}:80", ip_of(added)))? == "b"))?;
     assert_eq!(dig(&a, &format!("{}.{}.svc.cluster.local", name_of(added), ns_of(added)))?, ip_of(added));
     wait_until(WAIT, POLL, || Ok(status(n)?["health"] == "healthy"))?;
