@@ -225,8 +225,11 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
         });
         let kube = d.args.kube.clone();
         tokio::spawn(async move {
+            // DNS binds and forwards before the service source is listed, which may take long or
+            // fail for as long as etcd or the API server is away.
+            let dns = if dns_args.dns { crate::services::start_dns(&dns_args, network, shared.clone()) } else { None };
             let snapshots = match kube.source {
-                netd_kube::SourceKind::Etcd => crate::services::start_source(opts).await,
+                netd_kube::SourceKind::Etcd => crate::services::start_source(opts, shared.clone()).await,
                 netd_kube::SourceKind::Kubernetes => match netd_kube::client(kube.kubeconfig.as_deref()).await {
                     Ok(client) => crate::services::start_kube_source(client, shared.clone()).await,
                     Err(e) => {
@@ -236,8 +239,8 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
                     }
                 },
             };
-            if dns_args.dns {
-                crate::services::spawn_dns(dns_args.clone(), network, snapshots.clone(), shared.clone());
+            if let Some(dns) = dns {
+                crate::services::serve_zone(dns, dns_args.zone_config(), snapshots.clone(), shared.clone());
             }
             if mode != netd_proxy::ProxyMode::None {
                 crate::services::spawn_proxy(mode, ebpf, node, resync, snapshots, shared);

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchStream};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, PutOptions, Txn, TxnOp, WatchOptions, WatchStream};
+use netd_proxy::etcd::list_prefix;
 use ipnet::Ipv4Net;
 
 use crate::alloc::Taken;
@@ -151,15 +152,13 @@ impl EtcdRegistry {
         format!("{}{}", self.subnets_prefix(), subnet_key_name(subnet))
     }
 
-    /// Reads config and every subnet key at one revision (`etcdctl get --prefix <prefix>/`).
+    /// Reads config and every subnet key at one revision (`etcdctl get --prefix <prefix>/`), in
+    /// pages: thousands of leases are more than one gRPC message.
     pub async fn snapshot(&self) -> Result<Snapshot, RegistryError> {
-        let mut kv = self.client.kv_client();
-        let resp = kv
-            .get(format!("{}/", self.prefix), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(etcd(format!("get --prefix {}/", self.prefix)))?;
-        let mut snap = Snapshot { revision: resp.header().map_or(0, |h| h.revision()), ..Default::default() };
-        for kv in resp.kvs() {
+        let prefix = format!("{}/", self.prefix);
+        let listing = list_prefix(&self.client, &prefix).await.map_err(etcd(format!("get --prefix {prefix}")))?;
+        let mut snap = Snapshot { revision: listing.revision, ..Default::default() };
+        for kv in &listing.kvs {
             self.apply(&mut snap, kv.key(), Some((kv.value(), kv.lease(), kv.mod_revision())));
         }
         Ok(snap)

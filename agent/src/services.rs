@@ -1,46 +1,55 @@
 //! Services on this node: the service registry (etcd) feeds one snapshot channel, which the
-//! proxy (and the cluster DNS) consume. The channel is created only once the registry has been
+//! proxy (and the cluster DNS) consume. The channel is handed out only once the registry has been
 //! listed completely, so a starting or restarting netd never programs an empty service table
-//! over rules that are right (traffic is not interrupted).
+//! over rules that are right (traffic is not interrupted). The DNS server does not wait for it:
+//! it binds and forwards at once, and serves the cluster zone from the first snapshot on.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-
-use netd_proxy::registry::{RegistryOptions, ServiceRegistry};
+use netd_proxy::registry::{RegistryOptions, ServiceRegistry, WatchStatus};
 use netd_proxy::{NodeInfo, ProxyConfig, ProxyMode, ProxyStatus, ServiceSnapshot};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::server::{unix_now, Shared};
-use crate::status::ServicesStatus;
+use crate::status::{ServiceRegistryStatus, ServicesStatus};
 
-/// Connects to the registry and lists it, retrying until it succeeds; then keeps the returned
-/// channel current (watch + relist, last good snapshot kept while etcd is away).
-pub async fn start_source(opts: RegistryOptions) -> watch::Receiver<Arc<ServiceSnapshot>> {
-    let mut backoff = Duration::from_millis(100);
-    let mut said = false;
-    let (registry, first) = loop {
-        let attempt = async {
-            let r = ServiceRegistry::connect(&opts).await?;
-            let s = r.snapshot().await?;
-            Ok::<_, netd_proxy::registry::RegistryError>((r, s))
-        };
-        match attempt.await {
-            Ok(ok) => break ok,
-            Err(e) => {
-                if !said {
-                    warn!(error = %e, "cannot list the service registry yet; services wait for it");
-                    said = true;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
+/// Connects to the registry and keeps the returned channel current (list, watch, relist; the
+/// last good snapshot kept while etcd is away or the registry cannot be listed), mirroring how
+/// that goes into `netd status`. Returns once the registry has been listed completely.
+pub async fn start_source(opts: RegistryOptions, shared: Arc<Shared>) -> watch::Receiver<Arc<ServiceSnapshot>> {
+    let (prefix, endpoints) = (format!("{}/", opts.prefix.trim_end_matches('/')), opts.endpoints.clone());
+    let (status_tx, mut status_rx) = watch::channel(WatchStatus::default());
+    let status = move |st: WatchStatus| ServiceRegistryStatus { prefix: prefix.clone(), endpoints: endpoints.clone(), listed: st.listed, last_error: st.error, revision: st.revision, services: st.services };
+    shared.update(|s| s.service_registry = Some(status(WatchStatus::default())));
+    tokio::spawn(async move {
+        while status_rx.changed().await.is_ok() {
+            let st = status_rx.borrow_and_update().clone();
+            shared.update(|s| s.service_registry = Some(status(st)));
         }
-    };
-    info!(services = first.services().len(), revision = first.revision, "service registry listed");
-    let (tx, rx) = watch::channel(Arc::new(first));
-    tokio::spawn(async move { registry.run_watch(tx).await });
+    });
+    let (tx, mut rx) = watch::channel(Arc::new(ServiceSnapshot::default()));
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        let registry = loop {
+            match ServiceRegistry::connect(&opts).await {
+                Ok(r) => break r,
+                Err(e) => {
+                    if status_tx.borrow().error.is_none() {
+                        warn!(error = %e, "cannot connect to the service registry yet; services wait for it");
+                    }
+                    status_tx.send_modify(|s| s.error = Some(e.to_string()));
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        registry.run_watch(tx, &status_tx).await;
+    });
+    // run_watch publishes only complete lists; the first one is what services start from.
+    let _ = rx.changed().await;
+    rx.mark_changed();
     rx
 }
 
@@ -196,15 +205,16 @@ fn ebpf_backend_or_cluster_ip_only(cfg: netd_ebpf::EbpfConfig, shared: &Shared) 
     netd_ebpf::ebpf_backend(cfg).map_err(|e| e.to_string())
 }
 
-/// Serves cluster DNS from the same snapshots: the zone is updated and swapped in on every
-/// change. The server's counters go to `netd status` and Prometheus every few seconds.
-pub fn spawn_dns(args: netd_dns::Args, network: ipnet::Ipv4Net, mut snapshots: watch::Receiver<Arc<ServiceSnapshot>>, shared: Arc<Shared>) {
+/// Starts cluster DNS: bound and forwarding at once (names outside the cluster resolve even while
+/// the service registry cannot be listed), cluster names answered SERVFAIL until [`serve_zone`]
+/// hands it a snapshot. The server's counters go to `netd status` and Prometheus every few seconds.
+pub fn start_dns(args: &netd_dns::Args, network: ipnet::Ipv4Net, shared: Arc<Shared>) -> Option<Arc<netd_dns::DnsServer>> {
     let cfg = match args.server_config(Some(ipnet::IpNet::V4(network))) {
         Ok(c) => c,
         Err(e) => {
             error!(error = %e, "cluster DNS not started");
             shared.update(|s| s.problems.push(format!("cluster DNS: {e}")));
-            return;
+            return None;
         }
     };
     let listen: Vec<String> = cfg.listen.iter().map(|a| a.to_string()).collect();
@@ -214,35 +224,11 @@ pub fn spawn_dns(args: netd_dns::Args, network: ipnet::Ipv4Net, mut snapshots: w
         Err(e) => {
             error!(error = %e, "cluster DNS not started");
             shared.update(|s| s.problems.push(format!("cluster DNS: {e}")));
-            return;
+            return None;
         }
     };
     info!(listen = %listen.join(","), upstreams = %upstreams.join(","), "cluster DNS serving");
-    let zone_cfg = args.zone_config();
     let dns = server.clone();
-    let shared2 = shared.clone();
-    tokio::spawn(async move {
-        // The snapshots share unchanged objects (`Arc`s) from one to the next: the builder
-        // re-encodes only the services whose objects changed.
-        let mut builder = netd_dns::ZoneBuilder::new(zone_cfg);
-        loop {
-            let snap = snapshots.borrow_and_update().clone();
-            let started = Instant::now();
-            let zone = builder.update(snap.services().values(), snap.slice_groups().values().flat_map(|g| g.values()));
-            let stats = zone.stats().clone();
-            dns.set_zone(zone);
-            tracing::debug!(services = stats.services, records = stats.records, took = ?started.elapsed(), "cluster DNS zone updated");
-            shared2.update(|s| {
-                let d = s.dns.get_or_insert_with(Default::default);
-                d.services = stats.services;
-                d.records = stats.records;
-                d.zone_built_at = Some(unix_now());
-            });
-            if snapshots.changed().await.is_err() {
-                return;
-            }
-        }
-    });
     tokio::spawn(async move {
         let mut last: Option<(Instant, u64)> = None;
         let mut seen = netd_dns::DnsMetrics::default();
@@ -270,6 +256,49 @@ pub fn spawn_dns(args: netd_dns::Args, network: ipnet::Ipv4Net, mut snapshots: w
             });
             seen = m;
             tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+    Some(dns)
+}
+
+/// Serves the cluster zone of `dns` from the snapshots: the zone is updated and swapped in on
+/// every change.
+pub fn serve_zone(dns: Arc<netd_dns::DnsServer>, zone_cfg: netd_dns::ZoneConfig, mut snapshots: watch::Receiver<Arc<ServiceSnapshot>>, shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        // The snapshots share unchanged objects (`Arc`s) from one to the next: the builder
+        // re-encodes only the services whose objects changed. The first build of a big registry
+        // takes a while (seconds for 20,000 services), so it runs off the async runtime.
+        let mut builder = netd_dns::ZoneBuilder::new(zone_cfg);
+        loop {
+            let snap = snapshots.borrow_and_update().clone();
+            let started = Instant::now();
+            let built = tokio::task::spawn_blocking(move || {
+                let zone = builder.update(snap.services().values(), snap.slice_groups().values().flat_map(|g| g.values()));
+                (builder, zone)
+            });
+            let zone = match built.await {
+                Ok((b, zone)) => {
+                    builder = b;
+                    zone
+                }
+                Err(e) => {
+                    error!(error = %e, "building the cluster DNS zone failed; DNS keeps its last zone");
+                    shared.update(|s| s.problems.push(format!("cluster DNS zone: {e}")));
+                    return;
+                }
+            };
+            let stats = zone.stats().clone();
+            dns.set_zone(zone);
+            tracing::debug!(services = stats.services, records = stats.records, took = ?started.elapsed(), "cluster DNS zone updated");
+            shared.update(|s| {
+                let d = s.dns.get_or_insert_with(Default::default);
+                d.services = stats.services;
+                d.records = stats.records;
+                d.zone_built_at = Some(unix_now());
+            });
+            if snapshots.changed().await.is_err() {
+                return;
+            }
         }
     });
 }

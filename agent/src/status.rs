@@ -36,6 +36,9 @@ pub struct NodeStatus {
     /// The Kubernetes API server, with `--source kubernetes`.
     #[serde(default)]
     pub api_server: Option<ApiServerStatus>,
+    /// The etcd service registry, with `--source etcd` (services or DNS on).
+    #[serde(default)]
+    pub service_registry: Option<ServiceRegistryStatus>,
     /// Problems that are not tied to one field above (invalid config update, ...).
     pub problems: Vec<String>,
 }
@@ -145,6 +148,21 @@ pub struct ApiServerStatus {
     pub last_error: Option<String>,
     pub objects: usize,
     pub relists_after_410: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRegistryStatus {
+    /// Its key prefix (`/netd/registry/`).
+    pub prefix: String,
+    /// The etcd it is read from (named here too: with Node-based subnets no other etcd is used).
+    pub endpoints: Vec<String>,
+    /// Listed completely at least once: services and DNS have a state to serve.
+    pub listed: bool,
+    /// Why it cannot be listed or watched right now (the etcd operation and its error); the last
+    /// listed state stays in use meanwhile.
+    pub last_error: Option<String>,
+    pub revision: i64,
+    pub services: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -291,6 +309,15 @@ pub fn verdict(s: &NodeStatus) -> (Health, Vec<String>) {
             warn.push(format!("Kubernetes API server unreachable{why}; services keep their last known state"));
         }
     }
+    if let Some(r) = &s.service_registry {
+        let what = format!("service registry {} (etcd {})", r.prefix, r.endpoints.join(","));
+        match (&r.last_error, r.listed) {
+            (Some(e), true) => warn.push(format!("{what} cannot be followed: {e}; services and DNS keep their last known state")),
+            (Some(e), false) => warn.push(format!("{what} cannot be listed: {e}; no services are programmed and cluster names get SERVFAIL (other names still resolve)")),
+            (None, false) => warn.push(format!("{what} not listed yet")),
+            (None, true) => {}
+        }
+    }
     if let Some(svc) = &s.services {
         match (&svc.last_error, svc.applied_revision) {
             (Some(e), _) => warn.push(format!("service sync failed: {e}")),
@@ -407,6 +434,15 @@ pub fn render(s: &NodeStatus, color: bool) -> String {
             if dns.upstreams.is_empty() { paint("31", "NONE") } else { dns.upstreams.join(",") }
         );
     }
+    if let Some(r) = &s.service_registry {
+        let state = match (&r.last_error, r.listed) {
+            (None, true) => paint("32", "listed"),
+            (None, false) => paint("33", "not listed yet"),
+            (Some(e), true) => paint("31", &format!("ERROR: {e}")),
+            (Some(e), false) => paint("31", &format!("NOT LISTED: {e}")),
+        };
+        let _ = writeln!(out, "registry  {} on {} {state} ({} services, revision {})", r.prefix, r.endpoints.join(","), r.services, r.revision);
+    }
     if let Some(api) = &s.api_server {
         let state = if api.connected { paint("32", "connected") } else { paint("31", "UNREACHABLE") };
         let _ = writeln!(out, "apiserver {state} ({} objects, {} relist(s) after 410 Gone)", api.objects, api.relists_after_410);
@@ -456,6 +492,7 @@ mod tests {
             services: None,
             dns: None,
             api_server: None,
+            service_registry: None,
             problems: vec![],
         }
     }
@@ -575,6 +612,30 @@ mod tests {
         assert_eq!(h, Health::Degraded);
         assert!(why.iter().any(|w| w.contains("service sync failed: netlink: EPERM")), "{why:?}");
         assert!(why.iter().any(|w| w.contains("Kubernetes API server unreachable")), "{why:?}");
+    }
+
+    #[test]
+    fn a_service_registry_that_cannot_be_listed_is_not_healthy() {
+        let mut s = healthy();
+        let listed = ServiceRegistryStatus { prefix: "/netd/registry/".into(), endpoints: vec!["http://198.18.0.1:2379".into()], listed: true, last_error: None, revision: 7, services: 20000 };
+        s.service_registry = Some(listed.clone());
+        assert_eq!(verdict(&s), (Health::Healthy, vec![]));
+        assert!(render(&s, false).contains("registry  /netd/registry/ on http://198.18.0.1:2379 listed (20000 services, revision 7)"), "{}", render(&s, false));
+
+        let err = "etcd get --prefix /netd/registry/: decoded message length too large: found 34757588 bytes, the limit is: 4194304 bytes";
+        s.service_registry = Some(ServiceRegistryStatus { listed: false, last_error: Some(err.into()), revision: 0, services: 0, ..listed.clone() });
+        let (h, why) = verdict(&s);
+        assert_eq!(h, Health::Degraded);
+        assert_eq!(why, [format!("service registry /netd/registry/ (etcd http://198.18.0.1:2379) cannot be listed: {err}; no services are programmed and cluster names get SERVFAIL (other names still resolve)")]);
+        assert!(render(&s, false).contains(&format!("registry  /netd/registry/ on http://198.18.0.1:2379 NOT LISTED: {err} (0 services, revision 0)")));
+
+        s.service_registry = Some(ServiceRegistryStatus { last_error: Some("etcd watch /netd/registry/: connection refused".into()), ..listed.clone() });
+        let (h, why) = verdict(&s);
+        assert_eq!(h, Health::Degraded);
+        assert!(why[0].contains("cannot be followed: etcd watch /netd/registry/: connection refused; services and DNS keep their last known state"), "{why:?}");
+
+        s.service_registry = Some(ServiceRegistryStatus { listed: false, ..listed });
+        assert_eq!(verdict(&s).1, ["service registry /netd/registry/ (etcd http://198.18.0.1:2379) not listed yet"]);
     }
 
     #[test]

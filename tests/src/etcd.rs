@@ -5,7 +5,7 @@
 //! away and comes back. `stop`/`start` reuse the same data dir so a test
 //! can simulate an etcd outage without losing state.
 
-use crate::cmd::{self, check_output, kill_and_reap, ns_command, output, read_log, terminate};
+use crate::cmd::{self, check, check_output, kill_and_reap, ns_command, output, read_log, terminate};
 use crate::netns::{tempdir, Netns};
 use anyhow::{bail, Context, Result};
 use std::io::Write;
@@ -294,6 +294,50 @@ impl Etcd {
             .map(|(_, v)| v))
     }
 
+    /// Puts every `(key, value)` in few requests: transactions of at most 128 puts (etcd's
+    /// default `--max-txn-ops`) and about 1 MiB (under its 1.5 MiB request limit), all sent by one
+    /// curl process to etcd's JSON gateway (`/v3/kv/txn`). For writing registries far too big to
+    /// write with one `etcdctl put` per key.
+    pub fn put_all(&self, kvs: &[(String, String)]) -> Result<()> {
+        const MAX_OPS: usize = 128;
+        const MAX_BYTES: usize = 1 << 20;
+        let dir = tempdir("etcd-put")?;
+        let url = format!("{}/v3/kv/txn", self.endpoint());
+        let tls = self.tls.as_ref().map_or(String::new(), |t| {
+            format!("cacert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n", t.ca.display(), t.cert.display(), t.key.display())
+        });
+        let mut config = String::new();
+        let mut batches = 0;
+        // Keys and values are base64 in the gateway's JSON, so they need no escaping.
+        for batch in batches_of(kvs, MAX_OPS, MAX_BYTES) {
+            let mut body = b"{\"success\":[".to_vec();
+            for (i, (k, v)) in batch.iter().enumerate() {
+                body.extend_from_slice(if i == 0 { b"{\"requestPut\":{\"key\":\"" } else { b",{\"requestPut\":{\"key\":\"" });
+                base64_encode_into(k.as_bytes(), &mut body);
+                body.extend_from_slice(b"\",\"value\":\"");
+                base64_encode_into(v.as_bytes(), &mut body);
+                body.extend_from_slice(b"\"}}");
+            }
+            body.extend_from_slice(b"]}");
+            let path = dir.path().join(format!("txn{batches}.json"));
+            std::fs::write(&path, body)?;
+            if batches > 0 {
+                config.push_str("next\n");
+            }
+            // Options after `next` apply to the next transfer only, so each block names all of its own.
+            config.push_str(&format!("url = \"{url}\"\ndata-binary = \"@{}\"\noutput = \"/dev/null\"\nwrite-out = \"%{{http_code}}\\n\"\n{tls}", path.display()));
+            batches += 1;
+        }
+        let cfg = dir.path().join("curl.cfg");
+        std::fs::write(&cfg, config)?;
+        let out = check(&mut ns_command(&self.ns, &["curl", "-sS", "--config", cfg.to_str().context("non-UTF-8 temp dir")?]))?;
+        let ok = out.lines().filter(|l| *l == "200").count();
+        if ok != batches {
+            bail!("etcd accepted {ok} of {batches} transactions: {out}");
+        }
+        Ok(())
+    }
+
     /// Deletes `key`; returns how many keys were deleted (0 or 1).
     pub fn del(&self, key: &str) -> Result<u64> {
         let out = self.ctl(&["del", key])?;
@@ -336,6 +380,40 @@ fn parse_get_json(out: &str) -> Result<Vec<(String, String)>> {
     Ok(kvs)
 }
 
+/// Consecutive runs of `kvs` of at most `max_ops` pairs and, unless a single pair is bigger,
+/// `max_bytes` of base64.
+fn batches_of(kvs: &[(String, String)], max_ops: usize, max_bytes: usize) -> Vec<&[(String, String)]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (k, v)) in kvs.iter().enumerate() {
+        let size = (k.len() + v.len()) * 4 / 3 + 8;
+        if i > start && (i - start == max_ops || bytes + size > max_bytes) {
+            out.push(&kvs[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < kvs.len() {
+        out.push(&kvs[start..]);
+    }
+    out
+}
+
+/// Appends standard base64 with padding (what etcd's JSON gateway takes for keys and values).
+fn base64_encode_into(bytes: &[u8], out: &mut Vec<u8>) {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut chunks = bytes.chunks_exact(3);
+    for c in &mut chunks {
+        let n = u32::from(c[0]) << 16 | u32::from(c[1]) << 8 | u32::from(c[2]);
+        out.extend_from_slice(&[ALPHABET[(n >> 18) as usize], ALPHABET[(n >> 12 & 63) as usize], ALPHABET[(n >> 6 & 63) as usize], ALPHABET[(n & 63) as usize]]);
+    }
+    match *chunks.remainder() {
+        [a] => out.extend_from_slice(&[ALPHABET[usize::from(a >> 2)], ALPHABET[usize::from((a & 3) << 4)], b'=', b'=']),
+        [a, b] => out.extend_from_slice(&[ALPHABET[usize::from(a >> 2)], ALPHABET[usize::from((a & 3) << 4 | b >> 4)], ALPHABET[usize::from((b & 15) << 2)], b'=']),
+        _ => {}
+    }
+}
+
 /// Standard base64 (with padding), enough for etcdctl's JSON output; not
 /// worth a dependency.
 fn base64_decode(s: &str) -> Result<Vec<u8>> {
@@ -376,6 +454,28 @@ mod tests {
         assert_eq!(base64_decode("Zm8=").unwrap(), b"fo");
         assert_eq!(base64_decode("Zm9vYmFy").unwrap(), b"foobar");
         assert!(base64_decode("Zm9v!").is_err());
+        let encode = |b: &[u8]| {
+            let mut out = Vec::new();
+            base64_encode_into(b, &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        for s in ["", "f", "fo", "foo", "foob", "fooba", "foobar", "{\"ü\":[1,2]}"] {
+            assert_eq!(base64_decode(&encode(s.as_bytes())).unwrap(), s.as_bytes(), "{s}");
+        }
+        assert_eq!(encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(encode(b"fo"), "Zm8=");
+    }
+
+    #[test]
+    fn batches_respect_the_op_and_size_limits() {
+        let kv = |n: usize| (format!("k{n}"), "v".repeat(n));
+        let kvs: Vec<(String, String)> = [1, 2, 3, 4, 5].into_iter().map(kv).collect();
+        let sizes = |b: Vec<&[(String, String)]>| b.iter().map(|b| b.len()).collect::<Vec<_>>();
+        assert_eq!(sizes(batches_of(&kvs, 2, 1000)), [2, 2, 1]);
+        assert_eq!(sizes(batches_of(&kvs, 10, 1000)), [5]);
+        // Every pair is over the byte limit on its own: one per batch, none dropped.
+        assert_eq!(sizes(batches_of(&kvs, 10, 1)), [1, 1, 1, 1, 1]);
+        assert!(batches_of(&[], 10, 10).is_empty());
     }
 
     #[test]

@@ -422,6 +422,92 @@ fn node_subnets_from_the_kubernetes_api_server() -> Result<()> {
     Ok(())
 }
 
+/// A node whose service registry cannot be listed (etcd is down as it boots; its subnet comes
+/// from its Node): the cluster DNS binds and answers anyway (cluster names SERVFAIL, other names
+/// forwarded), `netd status` says why services wait instead of HEALTHY, and once etcd is back the
+/// services and their names come.
+#[test]
+fn dns_serves_and_status_tells_while_the_service_registry_cannot_be_listed() -> Result<()> {
+    let mut c = Cluster::new(1)?;
+    let api = FakeApiServer::start(&c)?;
+    let mut api = api;
+    api.load(serde_json::json!([kube_node("node0", "10.244.10.0/24", "198.18.0.10")]))?;
+    apply(&c, &service("web", "10.96.0.50", "ClusterIP", ""))?;
+    c.etcd_mut().stop()?;
+    let dir = tempfile::tempdir()?;
+    let net_conf = dir.path().join("net-conf.json");
+    std::fs::write(&net_conf, VXLAN)?;
+    let kubeconfig = api.kubeconfig();
+    let args = [
+        "--subnet-manager", "kube", "--kubeconfig", &kubeconfig, "--net-conf-file", net_conf.to_str().unwrap(),
+        "--cluster-dns-ip", "10.96.0.10", "--dns-upstream", "198.18.0.1:53",
+    ];
+    c.node_mut(0).start_netd(&args)?;
+    c.node_mut(0).wait_subnet_env(WAIT)?;
+    let n = c.node(0);
+    wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+    let a = c.node_mut(0).add_cni_pod("a")?;
+
+    let bin = netd_binary()?;
+    let status = |n: &netd_tests::Node| -> Result<serde_json::Value> {
+        let out = n.ns().exec(&[bin.to_str().unwrap(), "status", "--json", "--run-dir", n.run_dir().to_str().unwrap()])?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let why = |v: &serde_json::Value| -> Option<String> {
+        v["reasons"].as_array()?.iter().filter_map(|r| r.as_str()).find(|r| r.starts_with("service registry /netd/registry/ (etcd http://198.18.0.1:2379) cannot be listed: etcd get --prefix /netd/registry/: ")).map(str::to_string)
+    };
+    let r = wait_until(WAIT, POLL, || Ok(why(&status(c.node(0))?).is_some()));
+    let v = status(c.node(0))?;
+    assert!(r.is_ok(), "status should say why services wait: {v:#}");
+    assert_eq!(v["health"], "degraded");
+    let why = why(&v).unwrap();
+    assert!(why.contains("Connection refused") && !why.contains("Status {") && !why.contains("source:"), "one readable line: {why}");
+    // DNS is up: a cluster name gets SERVFAIL at once (no zone yet), another name is forwarded
+    // (to an upstream that does not answer here: the attempt is what counts).
+    let answer = dig(&a, &["@10.96.0.10", "web.default.svc.cluster.local"])?;
+    assert!(answer.contains("status: SERVFAIL"), "{answer}");
+    dig(&a, &["@10.96.0.10", "www.example.com"])?;
+    let forwarded = |v: serde_json::Value| v["status"]["dns"]["forwards"].as_u64().unwrap_or(0) + v["status"]["dns"]["forward_failures"].as_u64().unwrap_or(0);
+    wait_until(WAIT, POLL, || Ok(forwarded(status(c.node(0))?) >= 1))?;
+
+    c.etcd_mut().start()?;
+    wait_until(WAIT, POLL, || Ok(dig(&a, &["@10.96.0.10", "+short", "web.default.svc.cluster.local"])?.trim() == "10.96.0.50"))?;
+    let r = wait_until(WAIT, POLL, || Ok(status(c.node(0))?["health"] == "healthy"));
+    assert!(r.is_ok(), "{:#}", status(c.node(0))?);
+    Ok(())
+}
+
+/// The path to etcd turns into a black hole (packets dropped without a word, as when etcd's
+/// machine dies or a NAT forgets the connection): the registry watch finds out by its keep-alive
+/// pings instead of waiting forever, status says so, and once the path is back the node lists
+/// the registry again and follows it.
+#[test]
+fn a_silently_dead_registry_connection_is_noticed_and_replaced() -> Result<()> {
+    let c = cluster(1, "nftables")?;
+    apply(&c, &service("one", "10.96.0.61", "ClusterIP", ""))?;
+    let n = c.node(0);
+    let programmed = |ip: &str| -> Result<bool> { Ok(n.ns().run(&["nft", "list", "table", "ip", "netd-proxy"])?.contains(ip)) };
+    wait_until(WAIT, POLL, || programmed("10.96.0.61"))?;
+    n.ns().sh(
+        "nft add table inet ntb-cut && \
+         nft add chain inet ntb-cut in '{ type filter hook input priority -300; }' && \
+         nft add chain inet ntb-cut out '{ type filter hook output priority -300; }' && \
+         nft add rule inet ntb-cut in tcp sport 2379 drop && nft add rule inet ntb-cut out tcp dport 2379 drop",
+    )?;
+    let bin = netd_binary()?;
+    let followed = || -> Result<bool> {
+        let out = n.ns().exec(&[bin.to_str().unwrap(), "status", "--run-dir", n.run_dir().to_str().unwrap()])?;
+        Ok(!String::from_utf8_lossy(&out.stdout).contains("service registry /netd/registry/ (etcd http://198.18.0.1:2379) cannot be followed: etcd "))
+    };
+    let r = wait_until(WAIT, POLL, || Ok(!followed()?));
+    n.ns().run(&["nft", "delete", "table", "inet", "ntb-cut"])?;
+    assert!(r.is_ok(), "status should say the registry cannot be followed");
+    apply(&c, &service("two", "10.96.0.62", "ClusterIP", ""))?;
+    wait_until(WAIT, POLL, || programmed("10.96.0.62"))?;
+    wait_until(WAIT, POLL, followed)?;
+    Ok(())
+}
+
 /// `--proxy-mode ebpf`: ClusterIP by socket-level load balancing, for a client in the cgroup the
 /// programs are attached to (a test cgroup here; the node's cgroup v2 root in production).
 #[test]

@@ -10,6 +10,7 @@
 //!
 //! Sources never touch the kernel, appliers never read etcd; everything in between is pure.
 
+pub mod etcd;
 #[cfg(test)]
 mod golden;
 pub mod iptables;

@@ -167,6 +167,7 @@ pub async fn run_proxy_with(cfg: ProxyConfig, mut backend: Option<Box<dyn Backen
     loop {
         let snap = snapshots.borrow_and_update().clone();
         let started = Instant::now();
+        let resync = observe;
         // A resync (observe) plans from the whole snapshot, not its change log: the repair
         // then rests on the full state alone.
         let new_plan = if observe { desired_from_all(&cfg.node, &snap, plan.as_ref()) } else { desired_from(&cfg.node, &snap, plan.as_ref()) };
@@ -217,6 +218,17 @@ pub async fn run_proxy_with(cfg: ProxyConfig, mut backend: Option<Box<dyn Backen
         if let Some(tx) = &cfg.status {
             let _ = tx.send(status.clone());
         }
+        if resync {
+            // The next resync is an interval after this one ended: a pass longer than the interval
+            // (20,000 services in a debug build) would otherwise start the next one at once.
+            next_resync = Instant::now() + cfg.resync_interval;
+        }
+        // A pass is long synchronous work, and the tasks it woke (the status mirror) wait in this
+        // worker's LIFO slot, which no other worker may take: let them run now. A deadline that
+        // has passed does not yield (the timer fires at once), so without this a proxy whose
+        // passes outlast the resync interval starved them for as long as its coop budget lasted
+        // (a minute with 20,000 services: `netd status` said none were programmed).
+        tokio::task::yield_now().await;
         let wait_until = if failures > 0 {
             Instant::now() + Duration::from_millis(200 * u64::from(failures.min(25)))
         } else {
@@ -232,7 +244,6 @@ pub async fn run_proxy_with(cfg: ProxyConfig, mut backend: Option<Box<dyn Backen
             _ = tokio::time::sleep_until(wait_until.into()) => {
                 if failures == 0 {
                     observe = true;
-                    next_resync = Instant::now() + cfg.resync_interval;
                 }
             }
         }
@@ -248,6 +259,71 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         proxy: ProxyArgs,
+    }
+
+    /// A backend whose passes take longer than the resync interval, recording how many status
+    /// updates had been mirrored by each pass.
+    struct Slow {
+        mirrored: Arc<std::sync::atomic::AtomicUsize>,
+        seen: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl Backend for Slow {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn sync(&mut self, _: &Plan, observe: bool) -> Result<crate::dataplane::ApplyReport, crate::dataplane::DataplaneError> {
+            std::thread::sleep(Duration::from_millis(20));
+            self.seen.lock().unwrap().push(self.mirrored.load(std::sync::atomic::Ordering::SeqCst));
+            Ok(crate::dataplane::ApplyReport { changed: false, size: 0, observed: observe })
+        }
+        fn remove(&mut self) -> Result<(), crate::dataplane::DataplaneError> {
+            Ok(())
+        }
+    }
+
+    /// The daemon's shape: the proxy on a two-worker runtime with other timers running (so the
+    /// timer wheel is current and a passed deadline fires at once), and a task mirroring its
+    /// status, which the proxy wakes and so queues on its own worker.
+    #[test]
+    fn passes_longer_than_the_resync_interval_let_the_status_mirror_run() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let seen = rt.block_on(async {
+            for ms in [3, 5, 7] {
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                });
+            }
+            let mirrored = Arc::new(AtomicUsize::new(0));
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let (_tx, rx) = watch::channel(Arc::new(ServiceSnapshot::new()));
+            let (status_tx, mut status_rx) = watch::channel(ProxyStatus::default());
+            let mut cfg = ProxyConfig::new(NodeInfo::default(), ProxyMode::Nftables);
+            cfg.resync_interval = Duration::from_millis(1);
+            cfg.health_bind = None;
+            cfg.conntrack = false;
+            cfg.status = Some(status_tx);
+            let backend = Slow { mirrored: mirrored.clone(), seen: seen.clone() };
+            let proxy = tokio::spawn(run_proxy_with(cfg, Some(Box::new(backend)), rx));
+            let m = mirrored.clone();
+            let mirror = tokio::spawn(async move {
+                while status_rx.changed().await.is_ok() {
+                    m.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            while seen.lock().unwrap().len() < 20 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            proxy.abort();
+            mirror.abort();
+            let seen = seen.lock().unwrap().clone();
+            seen
+        });
+        // Each pass sends a status; by the last of 20 passes most must have been mirrored.
+        assert!(seen[19] >= 10, "status updates mirrored by each pass: {seen:?}");
     }
 
     #[test]

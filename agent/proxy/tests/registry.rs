@@ -318,7 +318,8 @@ fn the_service_ranges_live_in_etcd_set_once_for_every_client_and_node() -> Resul
         let first = reg.snapshot().await.unwrap().cluster_config;
         let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(netd_proxy::ServiceSnapshot::new()));
         let watcher = reg.clone();
-        let watch = tokio::spawn(async move { watcher.run_watch(tx).await });
+        let (status, _status_rx) = tokio::sync::watch::channel(netd_proxy::registry::WatchStatus::default());
+        let watch = tokio::spawn(async move { watcher.run_watch(tx, &status).await });
         reg.delete_service(&NsName::new("default", "a")).await.unwrap();
         reg.delete_service(&NsName::new("default", "b")).await.unwrap();
         let set = reg.set_cluster_config(&AllocOptions { service_cidr: Some("10.96.0.0/12".parse().unwrap()), node_ports: None }).await.unwrap();
@@ -399,8 +400,9 @@ impl NodeProxy {
             rt.block_on(async move {
                 let reg = ServiceRegistry::connect(&opts).await.unwrap();
                 let (tx, rx) = tokio::sync::watch::channel(Arc::new(netd_proxy::ServiceSnapshot::new()));
+                let (status, _) = tokio::sync::watch::channel(Default::default());
                 tokio::select! {
-                    _ = reg.run_watch(tx) => {}
+                    _ = reg.run_watch(tx, &status) => {}
                     r = netd_proxy::run_proxy(cfg, rx) => { r.unwrap(); }
                     _ = stopped => {}
                 }
@@ -449,5 +451,58 @@ fn a_registry_edit_reaches_every_node() -> Result<()> {
         wait_until(WAIT, POLL, || Ok(!node.ns().run(&["nft", "list", "table", "ip", "netd-proxy"])?.contains("10.96.0.77")))?;
     }
     drop(proxies);
+    Ok(())
+}
+
+/// Runs `f` with a plain etcd client, on a thread inside the underlay namespace.
+fn with_client<T: Send + 'static, F>(c: &Cluster, f: impl FnOnce(etcd_client::Client) -> F + Send + 'static) -> T
+where
+    F: std::future::Future<Output = T>,
+{
+    let endpoint = c.etcd().endpoint();
+    in_netns(c.underlay().name(), move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move { f(etcd_client::Client::connect([endpoint], None).await.unwrap()).await })
+    })
+}
+
+/// The paged list against a real etcd, in the subnet registry's layout: pages of 4 keys, every
+/// lease across the page boundaries in key order, nothing from a neighbouring prefix, and the
+/// revision etcd was at.
+#[test]
+fn paged_list_returns_every_subnet_lease_at_one_revision() -> Result<()> {
+    let c = Cluster::new(0)?;
+    let mut kvs: Vec<(String, String)> = (0..25).map(|i| (format!("/coreos.com/network/subnets/10.244.{i}.0-24"), format!(r#"{{"PublicIP":"198.18.0.{i}"}}"#))).collect();
+    kvs.push(("/coreos.com/network/subnets0".into(), "just after the range".into()));
+    kvs.push(("/coreos.com/network/subnet".into(), "just before it".into()));
+    c.etcd().put_all(&kvs)?;
+    let (listing, newest) = with_client(&c, |client| async move {
+        let listing = netd_proxy::etcd::list_prefix_paged(&client, "/coreos.com/network/subnets/", 4).await.unwrap();
+        let newest = client.kv_client().get("/none", None).await.unwrap().header().unwrap().revision();
+        (listing, newest)
+    });
+    let mut want: Vec<String> = kvs[..25].iter().map(|(k, _)| k.clone()).collect();
+    want.sort();
+    let got: Vec<String> = listing.kvs.iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect();
+    assert_eq!(got, want);
+    assert_eq!(listing.revision, newest);
+    Ok(())
+}
+
+/// Values too big for pages of the default size in one gRPC message (4 MiB): the list reads
+/// smaller pages instead of failing like one `get --prefix` does.
+#[test]
+fn pages_too_big_for_one_grpc_message_are_read_in_smaller_ones() -> Result<()> {
+    let c = Cluster::new(0)?;
+    let kvs: Vec<(String, String)> = (0..10).map(|i| (format!("/ntb/big/{i}"), format!("{i}").repeat(1 << 20))).collect();
+    c.etcd().put_all(&kvs)?;
+    let (whole, listing) = with_client(&c, |client| async move {
+        let whole = client.kv_client().get("/ntb/big/", Some(etcd_client::GetOptions::new().with_prefix())).await.map(drop).map_err(|e| e.to_string());
+        (whole, netd_proxy::etcd::list_prefix(&client, "/ntb/big/").await.unwrap())
+    });
+    let e = whole.expect_err("10 MiB do not fit one message");
+    assert!(e.contains("message length too large"), "{e}");
+    assert_eq!(listing.kvs.len(), 10);
+    assert!(listing.kvs.iter().enumerate().all(|(i, kv)| kv.value().len() == 1 << 20 && kv.value()[0] == b'0' + i as u8));
     Ok(())
 }

@@ -9,7 +9,9 @@ use netd_common::report::{error_chain, with_causes};
 pub fn etcd_brief(e: &etcd_client::Error) -> String {
     match e {
         etcd_client::Error::GRpcStatus(s) => {
-            let head = if s.message().is_empty() { s.code().description().to_string() } else { s.message().to_string() };
+            // etcd's size errors come as "Error, decoded message length too large: ...".
+            let message = s.message().trim_start_matches("Error, ");
+            let head = if message.is_empty() { s.code().description().to_string() } else { message.to_string() };
             // tonic wraps connection failures in a bare "transport error": skip to its cause.
             let cause = match std::error::Error::source(s) {
                 Some(c) if c.to_string() == "transport error" && c.source().is_some() => c.source(),
@@ -55,6 +57,9 @@ mod tests {
         let mut s = tonic::Status::unavailable("tcp connect error");
         s.set_source(Arc::new(Wrap("transport error", std::io::Error::from_raw_os_error(libc::ECONNREFUSED))));
         assert_eq!(etcd_brief(&etcd_client::Error::GRpcStatus(s)), "tcp connect error: Connection refused (os error 111)");
+
+        let e: etcd_client::Error = tonic::Status::out_of_range("Error, decoded message length too large: found 5000000 bytes, the limit is: 4194304 bytes").into();
+        assert_eq!(etcd_brief(&e), "decoded message length too large: found 5000000 bytes, the limit is: 4194304 bytes");
 
         let e = etcd_client::Error::GRpcStatus(tonic::Status::not_found("etcdserver: requested lease not found"));
         assert_eq!(etcd_brief(&e), "etcdserver: requested lease not found");

@@ -33,6 +33,7 @@ use super::changes::{self, Applied, Expect, Keys, Known, Op, Stamp, Step};
 use super::config::{AllocOptions, ClusterConfig, ConfigMismatch};
 use super::manifest::{Kind, Object, ObjectRef};
 use crate::snapshot::{NsName, ServiceSnapshot};
+use crate::etcd::{list_prefix, watch_client};
 
 pub const DEFAULT_PREFIX: &str = "/netd/registry";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -91,6 +92,20 @@ impl RegistryOptions {
     }
 }
 
+/// How [`ServiceRegistry::run_watch`] is doing, for `netd status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchStatus {
+    /// A complete list has been published at least once.
+    pub listed: bool,
+    /// Why the registry cannot be followed right now (the etcd operation and its error), while
+    /// the last snapshot stays published; `None` once a list succeeds again.
+    pub error: Option<String>,
+    /// Revision of the published snapshot.
+    pub revision: i64,
+    /// Services in it.
+    pub services: usize,
+}
+
 #[derive(Clone)]
 pub struct ServiceRegistry {
     client: Client,
@@ -99,7 +114,13 @@ pub struct ServiceRegistry {
 
 impl ServiceRegistry {
     pub async fn connect(opts: &RegistryOptions) -> Result<Self, RegistryError> {
-        let mut co = ConnectOptions::new().with_connect_timeout(Duration::from_secs(3)).with_timeout(REQUEST_TIMEOUT);
+        // Keep-alive pings, as for the subnet registry: without them a watch on a connection that
+        // died silently (etcd's machine restarted, a NAT forgot it) waits forever.
+        let mut co = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
         if opts.ca_file.is_some() || opts.cert_file.is_some() {
             co = co.with_tls(tls_options(opts)?);
         }
@@ -117,13 +138,14 @@ impl ServiceRegistry {
         self.keys().slice(k)
     }
 
-    /// Lists the whole registry at one revision.
+    /// Lists the whole registry at one revision (in pages: it is bigger than one gRPC message
+    /// past a few thousand Services).
     pub async fn snapshot(&self) -> Result<ServiceSnapshot, RegistryError> {
         let prefix = format!("{}/", self.prefix);
-        let resp = self.client.kv_client().get(prefix.clone(), Some(GetOptions::new().with_prefix())).await.map_err(etcd(format!("get --prefix {prefix}")))?;
+        let listing = list_prefix(&self.client, &prefix).await.map_err(etcd(format!("get --prefix {prefix}")))?;
         let mut snap = ServiceSnapshot::new();
-        snap.revision = resp.header().map_or(0, |h| h.revision());
-        for kv in resp.kvs() {
+        snap.revision = listing.revision;
+        for kv in &listing.kvs {
             self.fold(&mut snap, kv.key(), Some(kv.value()));
         }
         Ok(snap)
@@ -170,10 +192,11 @@ impl ServiceRegistry {
 
     /// Keeps `tx` holding the current registry: list, then watch from that revision; on any
     /// error the last snapshot stays published and the registry is listed again after a pause.
-    /// Returns when every receiver is gone.
-    pub async fn run_watch(&self, tx: watch::Sender<Arc<ServiceSnapshot>>) {
+    /// `status` says how that goes (for `netd status`). Returns when every receiver is gone.
+    pub async fn run_watch(&self, tx: watch::Sender<Arc<ServiceSnapshot>>, status: &watch::Sender<WatchStatus>) {
         let prefix = format!("{}/", self.prefix);
         let mut backoff = Duration::from_millis(200);
+        let failed = |e: &RegistryError| status.send_modify(|s| s.error = Some(e.to_string()));
         loop {
             if tx.is_closed() {
                 return;
@@ -182,6 +205,7 @@ impl ServiceRegistry {
                 Ok(s) => s,
                 Err(e) => {
                     warn!("listing the service registry failed (keeping the last snapshot): {e}");
+                    failed(&e);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     continue;
@@ -189,11 +213,14 @@ impl ServiceRegistry {
             };
             info!(revision = snap.revision, services = snap.services().len(), "service registry listed");
             let _ = tx.send(Arc::new(snap.clone()));
+            status.send_modify(|s| *s = WatchStatus { listed: true, error: None, revision: snap.revision, services: snap.services().len() });
             let opts = WatchOptions::new().with_prefix().with_start_revision(snap.revision + 1).with_progress_notify();
-            let mut stream = match self.client.watch_client().watch(prefix.clone(), Some(opts)).await {
+            let mut stream = match watch_client(&self.client).watch(prefix.clone(), Some(opts)).await {
                 Ok(s) => s,
                 Err(e) => {
+                    let e = etcd(format!("watch {prefix}"))(e);
                     warn!("watching the service registry failed: {e}");
+                    failed(&e);
                     tokio::time::sleep(backoff).await;
                     continue;
                 }
@@ -218,10 +245,16 @@ impl ServiceRegistry {
                             snap.revision = snap.revision.max(kv.mod_revision());
                         }
                         let _ = tx.send(Arc::new(snap.clone()));
+                        status.send_modify(|s| {
+                            s.revision = snap.revision;
+                            s.services = snap.services().len();
+                        });
                     }
                     Ok(_) => break,
                     Err(e) => {
+                        let e = etcd(format!("watch {prefix}"))(e);
                         warn!("service registry watch broke (relisting): {e}");
+                        failed(&e);
                         break;
                     }
                 }
@@ -236,8 +269,8 @@ impl ServiceRegistry {
     }
 
     async fn keys_under(&self, prefix: &str) -> Result<BTreeMap<String, String>, RegistryError> {
-        let r = self.client.kv_client().get(prefix, Some(GetOptions::new().with_prefix())).await.map_err(etcd(format!("get --prefix {prefix}")))?;
-        Ok(r.kvs().iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), String::from_utf8_lossy(kv.value()).into_owned())).collect())
+        let listing = list_prefix(&self.client, prefix).await.map_err(etcd(format!("get --prefix {prefix}")))?;
+        Ok(listing.kvs.iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), String::from_utf8_lossy(kv.value()).into_owned())).collect())
     }
 
     /// Values of many keys (`true`: every key under that prefix), read in read-only
