@@ -113,7 +113,7 @@ fn a_failing_command_says_its_error_once_on_one_line() -> Result<()> {
     let endpoint = c.etcd().endpoint();
     let n = c.node(0);
     let (code, out, err) = netd(n, &["get", "services", "nope", "--etcd-endpoints", &endpoint])?;
-    assert_eq!((code, out.as_str(), err.as_str()), (1, "", "netd: service \"nope\" not found\n"));
+    assert_eq!((code, out.as_str(), err.as_str()), (1, "", "netd: service \"nope\" in namespace \"default\" not found\n"));
 
     // etcd down: the gRPC error, said once, without the client library's Debug forms.
     c.etcd_mut().stop()?;
