@@ -105,13 +105,7 @@ pub fn apply_manifests(text: &str) -> Result<Vec<Object>, ApplyError> {
         }
         errors.extend(ctx.errors);
     }
-    // The syntax error (which ends the parse) comes last from `items`: in document order.
-    errors.sort_by_key(|e| e.document);
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(ApplyError { errors })
-    }
+    finish(out, errors)
 }
 
 /// Which object a manifest names (what `netd delete -f` needs: kind, namespace and name only,
@@ -177,13 +171,7 @@ pub fn manifest_refs(text: &str) -> Result<Vec<ObjectRef>, ApplyError> {
         }
         errors.extend(ctx.errors);
     }
-    // The syntax error (which ends the parse) comes last from `items`: in document order.
-    errors.sort_by_key(|e| e.document);
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(ApplyError { errors })
-    }
+    finish(out, errors)
 }
 
 /// The objects of `text` as JSON, with their 1-based document number (`kind: List` expanded),
@@ -620,6 +608,18 @@ fn convert_endpoints(ctx: &mut Ctx, mut e: Endpoints) -> Option<Object> {
         });
     }
     (ctx.errors.len() == before).then_some(Object::Endpoints { namespace, name, slices })
+}
+
+
+/// `out`, or every error in document order (the syntax error, which ends the parse, comes last
+/// from the document iterator).
+fn finish<T>(out: Vec<T>, mut errors: Vec<FieldError>) -> Result<Vec<T>, ApplyError> {
+    errors.sort_by_key(|e| e.document);
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ApplyError { errors })
+    }
 }
 
 #[cfg(test)]
