@@ -30,7 +30,7 @@
 //! (pods are not known to netd; answering NXDOMAIN for a namespace that has pods but no Service
 //! would break lookups that CoreDNS answers). Every other name under `<zone>` is NXDOMAIN.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -584,6 +584,67 @@ pub(crate) struct NameData {
     name: Name,
     kind: NameKind,
     rrs: BTreeMap<u16, Vec<Record>>,
+    /// For each type with more than [`LINEAR_DEDUP`] records: the [`data_key`]s of its records.
+    index: HashMap<u16, HashSet<Box<[u8]>, FxBuildHasher>, FxBuildHasher>,
+}
+
+/// Up to this many records of one type, a record being added is compared with each; beyond,
+/// it is looked up in an index of their data. One name can have thousands of records (the
+/// PTRs of an endpoint address that thousands of services share), and comparing each with all
+/// before it made building that name quadratic.
+const LINEAR_DEDUP: usize = 8;
+
+impl NameData {
+    /// Adds `r` to the set of its type unless a record with equal data is there already; the
+    /// set keeps the order records were first added in. Returns how many records it scanned.
+    fn insert(&mut self, r: Record) -> usize {
+        let t = u16::from(r.record_type());
+        let set = self.rrs.entry(t).or_default();
+        if set.len() >= LINEAR_DEDUP {
+            if let Some(key) = data_key(r.data()) {
+                let mut scanned = 1;
+                let index = self.index.entry(t).or_insert_with(|| {
+                    scanned += set.len();
+                    set.iter().filter_map(|x| data_key(x.data())).collect()
+                });
+                if index.insert(key) {
+                    set.push(r);
+                }
+                return scanned;
+            }
+        }
+        let scanned = set.len();
+        if !set.iter().any(|x| x.data() == r.data()) {
+            set.push(r);
+        }
+        scanned
+    }
+}
+
+/// A record's data as bytes that are equal exactly when the data are by `RData`'s equality
+/// (names compare case-insensitively; an absolute name differs from a relative one). `None`
+/// for the types the zone has a single record of (SOA, TXT), which are compared directly.
+fn data_key(d: &RData) -> Option<Box<[u8]>> {
+    fn name(k: &mut Vec<u8>, n: &Name) {
+        k.extend_from_slice(&wire_name(n));
+        k.push(u8::from(n.is_fqdn()));
+    }
+    let mut k = Vec::with_capacity(64);
+    match d {
+        RData::A(a) => k.extend_from_slice(&a.0.octets()),
+        RData::AAAA(a) => k.extend_from_slice(&a.0.octets()),
+        RData::NS(n) => name(&mut k, &n.0),
+        RData::CNAME(n) => name(&mut k, &n.0),
+        RData::PTR(n) => name(&mut k, &n.0),
+        RData::SRV(srv) => {
+            for v in [srv.priority(), srv.weight(), srv.port()] {
+                k.extend_from_slice(&v.to_be_bytes());
+            }
+            name(&mut k, srv.target());
+        }
+        _ => return None,
+    }
+    Some(k.into_boxed_slice())
 }
 
 /// A record model: names with their record sets, keyed by lower-case wire name. One per
@@ -592,11 +653,14 @@ pub(crate) struct NameData {
 pub(crate) struct Model {
     apex: Name,
     names: BTreeMap<Vec<u8>, NameData>,
+    /// Records scanned (compared, or looked up or indexed) to find duplicates: the tests bound
+    /// it by a constant per record added.
+    scanned: usize,
 }
 
 impl Model {
     pub fn new(apex: Name) -> Self {
-        Model { apex, names: BTreeMap::new() }
+        Model { apex, names: BTreeMap::new(), scanned: 0 }
     }
 
     /// `labels...` under the apex.
@@ -615,26 +679,19 @@ impl Model {
     }
 
     pub fn touch(&mut self, name: &Name, kind: NameKind) -> &mut NameData {
-        self.names.entry(wire_name(name)).or_insert_with(|| NameData { name: name.to_lowercase(), kind, rrs: BTreeMap::new() })
+        self.names.entry(wire_name(name)).or_insert_with(|| NameData { name: name.to_lowercase(), kind, rrs: BTreeMap::new(), index: HashMap::default() })
     }
 
     pub fn add(&mut self, r: Record) {
-        let t = u16::from(r.record_type());
-        let d = self.touch(&r.name().clone(), NameKind::Zone);
-        let set = d.rrs.entry(t).or_default();
-        if !set.iter().any(|x| x.data() == r.data()) {
-            set.push(r);
-        }
+        let scanned = self.touch(&r.name().clone(), NameKind::Zone).insert(r);
+        self.scanned += scanned;
     }
 
     pub fn add_reverse(&mut self, ip: IpAddr, ttl: u32, target: &Name) {
         let rn = reverse_name(ip);
-        let d = self.touch(&rn, NameKind::Reverse);
-        let r = Record::from_rdata(rn, ttl, RData::PTR(PTR(target.clone())));
-        let set = d.rrs.entry(ty::PTR).or_default();
-        if !set.iter().any(|x| x.data() == r.data()) {
-            set.push(r);
-        }
+        let r = Record::from_rdata(rn.clone(), ttl, RData::PTR(PTR(target.clone())));
+        let scanned = self.touch(&rn, NameKind::Reverse).insert(r);
+        self.scanned += scanned;
     }
 
     /// Records in the model.

@@ -212,3 +212,48 @@ fn an_unchanged_snapshot_returns_the_same_zone_and_a_change_shares_the_rest() {
     assert!(z1.names.get(&key("6.2.244.10.in-addr.arpa.")).is_some(), "the old zone is untouched");
     assert_eq!(dump(&z2), dump(&build_zone(&config(1), &svcs.iter().map(|s| (**s).clone()).collect::<Vec<_>>(), &slices.iter().map(|s| (**s).clone()).collect::<Vec<_>>())));
 }
+
+/// 5,000 services behind one endpoint address: its reverse name has a PTR per service, in
+/// service order, and stays right when services leave (the merged PTRs are redone). Building
+/// it used to compare every PTR with all before it (minutes in a debug build).
+#[test]
+fn many_services_sharing_an_endpoint_address() {
+    const N: usize = 5_000;
+    let mut svcs = Vec::with_capacity(N);
+    let mut slices = Vec::with_capacity(N);
+    for i in 0..N {
+        let (ns, name) = (format!("ns-{}", i % 10), format!("svc-{i:04}"));
+        let ip = format!("10.96.{}.{}", 10 + i / 250, 1 + i % 250);
+        svcs.push(Arc::new(fixtures::cluster_ip(&ns, &name, &[&ip], &[("http", "TCP", 80)])));
+        slices.push(Arc::new(fixtures::slice(&ns, &name, &format!("{name}-1"), &[(&["10.244.0.5"], None, true)], &[("http", "TCP", 80)])));
+    }
+    let key = wire::name_from_str("5.0.244.10.in-addr.arpa.").unwrap();
+    let ptrs = |z: &Zone| -> Vec<String> {
+        z.names.get(&key).unwrap().rrs.iter().map(|r| match r.data() {
+            RData::PTR(p) => p.0.to_string(),
+            d => panic!("{d:?}"),
+        }).collect()
+    };
+    let mut b = ZoneBuilder::new(config(1));
+    let z = b.update(&svcs, &slices);
+    let p = ptrs(&z);
+    assert_eq!(p.len(), N);
+    assert_eq!(p[0], "10-244-0-5.svc-0000.ns-0.svc.cluster.local.");
+    assert_eq!(p[1], "10-244-0-5.svc-0010.ns-0.svc.cluster.local.", "in service key order");
+    assert_eq!(z.stats().endpoints, 1);
+    // Per service: A and SRV at the service name, SRV at _http._tcp, A at the endpoint name,
+    // the PTRs of its cluster IP and of the shared endpoint address.
+    let fixed = ZoneBuilder::new(config(1)).update(&[], &[]).stats().records;
+    assert_eq!(z.stats().records, fixed + 6 * N);
+
+    // Every other service leaves; one service's endpoint becomes not ready.
+    let keep: Vec<usize> = (0..N).filter(|i| i % 2 == 0).collect();
+    let svcs: Vec<Arc<Service>> = keep.iter().map(|&i| svcs[i].clone()).collect();
+    let mut slices: Vec<Arc<EndpointSlice>> = keep.iter().map(|&i| slices[i].clone()).collect();
+    slices[0] = Arc::new(fixtures::slice("ns-0", "svc-0000", "svc-0000-1", &[(&["10.244.0.5"], None, false)], &[("http", "TCP", 80)]));
+    let z = b.update(&svcs, &slices);
+    let p = ptrs(&z);
+    assert_eq!(p.len(), N / 2 - 1);
+    assert_eq!(p[0], "10-244-0-5.svc-0010.ns-0.svc.cluster.local.");
+    assert_eq!(dump(&z), dump(&ZoneBuilder::new(config(1)).update(&svcs, &slices)));
+}

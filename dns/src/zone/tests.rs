@@ -587,6 +587,41 @@ fn invalid_objects_are_skipped_and_counted() {
     assert_negative(&e.ask("noip.default.svc.cluster.local.", RecordType::A), ResponseCode::NXDomain);
 }
 
+/// Duplicate detection costs a bounded number of record scans per record added, however many
+/// records a name has, and drops exactly the records `RData` equality calls equal (names
+/// compare case-insensitively), keeping the first-added order.
+#[test]
+fn duplicate_records_are_found_without_scanning_the_whole_set() {
+    const N: usize = 5_000;
+    let apex = Name::from_ascii("cluster.local.").unwrap();
+    let mut m = Model::new(apex);
+    let ip: IpAddr = "10.244.0.5".parse().unwrap();
+    let target = |i: usize| Name::from_ascii(format!("10-244-0-5.svc-{i}.default.svc.cluster.local.")).unwrap();
+    for i in 0..N {
+        m.add_reverse(ip, 30, &target(i));
+    }
+    for i in 0..N {
+        // Again, in another case: duplicates all.
+        m.add_reverse(ip, 30, &Name::from_ascii(target(i).to_string().to_ascii_uppercase()).unwrap());
+    }
+    let svc = Name::from_ascii("web.default.svc.cluster.local.").unwrap();
+    for i in 0..N {
+        m.add(addr_record(&svc, 30, IpAddr::from([10, 244, (i / 250) as u8, (i % 250) as u8])));
+        m.add(Record::from_rdata(svc.clone(), 30, RData::SRV(SRV::new(0, 100, 80, target(i % 100)))));
+    }
+    // Relative and absolute names differ, as in RData's equality.
+    let mut rel = target(0);
+    rel.set_fqdn(false);
+    m.add_reverse(ip, 30, &rel);
+    assert_eq!(m.records(), N + 1 + N + 100);
+    assert!(m.scanned <= (4 * N + 1) * (LINEAR_DEDUP + 1), "{} records scanned to add {} records", m.scanned, 4 * N + 1);
+    let rn = wire_name(&reverse_name(ip));
+    let set = &m.names[&rn].rrs[&ty::PTR];
+    let first: Vec<String> = set.iter().take(3).map(|r| r.data().to_string()).collect();
+    assert_eq!(first, [target(0).to_string(), target(1).to_string(), target(2).to_string()]);
+    assert!(set.iter().all(|r| r.data().as_ptr().is_some_and(|p| p.0.to_string().starts_with("10-244-0-5.svc-"))), "the first case is kept");
+}
+
 #[test]
 fn stats_and_zone_file() {
     let z = sample_zone();
