@@ -41,15 +41,21 @@ IMAGE_REQUIRES := mmdebstrap:mmdebstrap umoci:umoci file:file readelf:binutils u
 
 all: build
 
-deps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
+# Installs whichever of the Debian packages $(1) are missing (--no-install-recommends), then
+# proves that the commands and files $(2) are there (check-deps).
+define install_packages
+	@missing=""; for p in $(1); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
-	@$(MAKE) --no-print-directory check-deps REQUIRES="$(DEB_REQUIRES)"
+	@$(MAKE) --no-print-directory check-deps REQUIRES="$(2)"
+endef
+
+deps:
+	$(call install_packages,$(DEB_PACKAGES),$(DEB_REQUIRES))
 
 # Fails naming every command or file that is missing and the Debian package to add for it.
 check-deps:
@@ -60,22 +66,10 @@ check-deps:
 	done; exit $$bad
 
 bench-deps: deps
-	@missing=""; for p in $(BENCH_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
-	@$(MAKE) --no-print-directory check-deps REQUIRES="$(BENCH_REQUIRES)"
+	$(call install_packages,$(BENCH_PACKAGES),$(BENCH_REQUIRES))
 
 image-deps: deps
-	@missing=""; for p in $(IMAGE_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
-	@$(MAKE) --no-print-directory check-deps REQUIRES="$(IMAGE_REQUIRES)"
+	$(call install_packages,$(IMAGE_PACKAGES),$(IMAGE_REQUIRES))
 
 build: deps
 	$(CARGO) build --workspace --bins
