@@ -36,8 +36,13 @@ IMAGE_PACKAGES := mmdebstrap umoci file
 IMAGE_REQUIRES := mmdebstrap:mmdebstrap umoci:umoci file:file readelf:binutils update-alternatives:dpkg \
 	dpkg-deb:dpkg unshare:util-linux jq:jq
 
+# What only the lifecycle test uses: a real container runtime (Debian's podman with runc, on its
+# CNI network backend) that runs the image as deploy/kubernetes/netd.yaml specifies.
+LIFECYCLE_PACKAGES := podman runc
+LIFECYCLE_REQUIRES := podman:podman runc:runc conmon:conmon
+
 .PHONY: all deps bench-deps check-deps build release test lint demo bench clean-netns
-.PHONY: image-deps image netd-cni-static
+.PHONY: image-deps image netd-cni-static lifecycle-deps
 
 all: build
 
@@ -70,6 +75,9 @@ bench-deps: deps
 
 image-deps: deps
 	$(call install_packages,$(IMAGE_PACKAGES),$(IMAGE_REQUIRES))
+
+lifecycle-deps: image-deps
+	$(call install_packages,$(LIFECYCLE_PACKAGES),$(LIFECYCLE_REQUIRES))
 
 build: deps
 	$(CARGO) build --workspace --bins
