@@ -221,7 +221,8 @@ impl State {
         usize::try_from(hosts.saturating_sub(1)).unwrap_or(usize::MAX)
     }
 
-    /// Reserves an address (and MAC) for the attachment.
+    /// [`State::allocate_around`] with nothing held elsewhere (the tests' shorthand).
+    #[cfg(test)]
     pub fn allocate(
         &mut self,
         subnet: Ipv4Net,
@@ -231,8 +232,8 @@ impl State {
         self.allocate_around(subnet, gateway, req, &BTreeSet::new())
     }
 
-    /// [`State::allocate`], never handing out an address of `foreign` (held outside this store,
-    /// by host-local: see [`host_local_addresses`]).
+    /// Reserves an address (and MAC) for the attachment, never one of `foreign` (held outside
+    /// this store, by host-local: see [`host_local_addresses`]).
     pub fn allocate_around(
         &mut self,
         subnet: Ipv4Net,

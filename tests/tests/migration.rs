@@ -250,6 +250,11 @@ fn a_flannel_and_kube_proxy_node_is_switched_to_netd_without_losing_pod_traffic_
     assert_eq!(c.etcd().get(&lease_key)?.as_deref(), Some(fl[0].lease_value().as_str()), "the lease still says what flanneld wrote");
     assert_eq!(n0.subnet_env()?["FLANNEL_SUBNET"], "10.244.1.1/24");
     assert!(!n0.ns().run(&["ip", "link", "show"])?.contains("netd.1"), "no second VXLAN device");
+    // flanneld's neighbour and FDB entries were already right: netd saw them as they are and
+    // left them alone (the routes were its only change to the overlay).
+    let log = n0.log();
+    let rewrites: Vec<&str> = log.lines().filter(|l| [" fdb ", " neigh "].iter().any(|w| l.contains(w))).collect();
+    assert!(rewrites.is_empty(), "netd rewrote flanneld's entries: {rewrites:#?}");
     // flannel's pods and the new one, both ways, across the overlay; the Services through netd.
     assert!(fresh.ip.to_string().starts_with("10.244.1.") && fresh.ip != p0.ip && fresh.ip != p0b.ip, "{} clashes with a flannel pod", fresh.ip);
     for (from, to) in [(&p1, p0.ip), (&p1, fresh.ip), (&fresh, p1.ip), (&p0, dns.ip)] {
