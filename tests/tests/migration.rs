@@ -264,6 +264,21 @@ fn a_flannel_and_kube_proxy_node_is_switched_to_netd_without_losing_pod_traffic_
     assert_eq!(ask(&fresh, &format!("{WEB_IP}:80"))?, "p1");
     assert_eq!(dig(&fresh)?, WEB_IP);
 
+    // netd keeps `--take-over flannel` after the switch (its device is flannel.1): a restart
+    // adopts everything as it is.
+    let args = ["--take-over", "flannel,kube-proxy", "--cni-bridge", "cni0", "--cni-host-local-dir", &host_local];
+    c.node_mut(0).stop_netd()?;
+    let log_before = c.node(0).log().len();
+    c.node_mut(0).start_netd(&args)?;
+    let n0 = c.node(0);
+    wait_until(WAIT, POLL, || Ok(n0.netd_status(&[])?.0 == 0)).context("netd not healthy after a restart")?;
+    assert_eq!(link(n0)?, before_link);
+    assert_eq!(c.etcd().get(&lease_key)?.as_deref(), Some(fl[0].lease_value().as_str()));
+    let restarted = &n0.log()[log_before..];
+    let changes: Vec<&str> = restarted.lines().filter(|l| [" fdb ", " neigh ", " route "].iter().any(|w| l.contains(w))).collect();
+    assert!(changes.is_empty(), "a restart changed the overlay: {changes:#?}");
+    assert!(p1.ping(p0.ip) && p1.ping(fresh.ip));
+
     // The counts.
     let (dns_sent, dns_lost) = dnsperf_count(&dnsperf_out)?;
     let dig_lines: Vec<&str> = digs_out.lines().collect();
