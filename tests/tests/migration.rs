@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use netd_tests::flannel::{self, add_flannel_pod, host_local_data_dir, iptables_chains, kube_proxy_rules, KubeServicePort};
-use netd_tests::{wait_until, Cluster, Node, Pod};
+use netd_tests::{wait_until, Cluster, Netns, Node, Pod};
 
 const WAIT: Duration = Duration::from_secs(40);
 const POLL: Duration = Duration::from_millis(100);
@@ -87,7 +87,11 @@ fn dig(pod: &Pod) -> Result<String> {
 
 /// One TCP exchange from `pod` to `addr`: the answer, or the error socat printed.
 fn ask(pod: &Pod, addr: &str) -> Result<String> {
-    let out = pod.exec(&["socat", "-T", "3", "-", &format!("TCP:{addr},connect-timeout=3")])?;
+    ask_ns(&pod.ns, addr)
+}
+
+fn ask_ns(ns: &Netns, addr: &str) -> Result<String> {
+    let out = ns.exec(&["socat", "-T", "3", "-", &format!("TCP:{addr},connect-timeout=3")])?;
     Ok(if out.status.success() { String::from_utf8_lossy(&out.stdout).trim().to_string() } else { format!("ERROR {}", String::from_utf8_lossy(&out.stderr).trim()) })
 }
 
@@ -174,7 +178,18 @@ fn dnsperf_count(out: &str) -> Result<(u64, u64)> {
 }
 
 #[test]
-fn a_flannel_and_kube_proxy_node_is_switched_to_netd_without_losing_pod_traffic_or_dns() -> Result<()> {
+fn a_flannel_and_kube_proxy_node_is_switched_to_netd_nftables_without_losing_pod_traffic_or_dns() -> Result<()> {
+    switch_to_netd("nftables")
+}
+
+/// netd's own iptables chains beside kube-proxy's until these go (the same mark, 0x4000, for
+/// masquerading): only kube-proxy's are removed.
+#[test]
+fn a_flannel_and_kube_proxy_node_is_switched_to_netd_iptables_without_losing_pod_traffic_or_dns() -> Result<()> {
+    switch_to_netd("iptables")
+}
+
+fn switch_to_netd(proxy_mode: &str) -> Result<()> {
     let mut c = Cluster::new(3)?;
     let fl = flannel::install(&c)?;
     let p0 = add_flannel_pod(c.node(0), &fl[0], "p0")?;
@@ -224,7 +239,8 @@ fn a_flannel_and_kube_proxy_node_is_switched_to_netd_without_losing_pod_traffic_
     let host_local = host_local_data_dir(n0).join(flannel::FLANNEL_CNI_NETWORK);
     let host_local = host_local.to_str().context("path")?.to_string();
     let switch_started = unix_now();
-    c.node_mut(0).start_netd(&["--take-over", "flannel,kube-proxy", "--cni-bridge", "cni0", "--cni-host-local-dir", &host_local])?;
+    let args = ["--take-over", "flannel,kube-proxy", "--cni-bridge", "cni0", "--cni-host-local-dir", &host_local, "--proxy-mode", proxy_mode];
+    c.node_mut(0).start_netd(&args)?;
     let n0 = c.node(0);
     wait_until(WAIT, POLL, || {
         let left = [iptables_chains(n0, "nat", &["KUBE-", "FLANNEL-"])?, iptables_chains(n0, "filter", &["KUBE-", "FLANNEL-"])?].concat();
@@ -253,6 +269,10 @@ fn a_flannel_and_kube_proxy_node_is_switched_to_netd_without_losing_pod_traffic_
     // flanneld's neighbour and FDB entries were already right: netd saw them as they are and
     // left them alone (the routes were its only change to the overlay).
     let log = n0.log();
+    // Each predecessor's rules went only once netd's own were in.
+    let at = |what: &str| log.find(what).with_context(|| format!("no {what:?} in netd's log"));
+    assert!(at("programmed nftables table ip netd")? < at("removed flannel's iptables chains")?);
+    assert!(at("service dataplane updated")? < at("removed kube-proxy's iptables chains")?);
     let rewrites: Vec<&str> = log.lines().filter(|l| [" fdb ", " neigh "].iter().any(|w| l.contains(w))).collect();
     assert!(rewrites.is_empty(), "netd rewrote flanneld's entries: {rewrites:#?}");
     // flannel's pods and the new one, both ways, across the overlay; the Services through netd.
@@ -262,11 +282,14 @@ fn a_flannel_and_kube_proxy_node_is_switched_to_netd_without_losing_pod_traffic_
     }
     assert_eq!(ask(&p0, &format!("{WEB_IP}:80"))?, "p1");
     assert_eq!(ask(&fresh, &format!("{WEB_IP}:80"))?, "p1");
+    assert_eq!(ask_ns(c.underlay(), &format!("{}:30080", n0.ip()))?, "p1", "NodePort from outside the cluster");
+    if proxy_mode == "iptables" {
+        assert!(!iptables_chains(n0, "nat", &["NETD-"])?.is_empty(), "netd's own chains stay");
+    }
     assert_eq!(dig(&fresh)?, WEB_IP);
 
     // netd keeps `--take-over flannel` after the switch (its device is flannel.1): a restart
     // adopts everything as it is.
-    let args = ["--take-over", "flannel,kube-proxy", "--cni-bridge", "cni0", "--cni-host-local-dir", &host_local];
     c.node_mut(0).stop_netd()?;
     let log_before = c.node(0).log().len();
     c.node_mut(0).start_netd(&args)?;
@@ -286,7 +309,7 @@ fn a_flannel_and_kube_proxy_node_is_switched_to_netd_without_losing_pod_traffic_
     let dig_answers = &dig_lines[..dig_lines.len().saturating_sub(1)];
     let dig_lost = dig_answers.iter().filter(|l| l.trim() != WEB_IP).count();
     eprintln!(
-        "migration interruption (switch took {:.2} s): pod traffic node1->node0 {} of {} echo requests lost, longest gap {} requests / {:.1} ms between replies; \
+        "migration interruption ({proxy_mode}; switch took {:.2} s): pod traffic node1->node0 {} of {} echo requests lost, longest gap {} requests / {:.1} ms between replies; \
          node0->node2 {} of {} lost, longest gap {} / {:.1} ms; DNS dnsperf {dns_lost} of {dns_sent} queries lost; dig {dig_lost} of {} lost",
         switch_done - switch_started,
         ping.sent - ping.received,
@@ -314,5 +337,41 @@ fn a_flannel_and_kube_proxy_node_is_switched_to_netd_without_losing_pod_traffic_
         assert!(p.sent - p.received < PINGS_PER_SECOND, "pod traffic lost for a second or more: {p:?}");
         assert!(p.longest_gap < PINGS_PER_SECOND, "{p:?}");
     }
+    Ok(())
+}
+
+/// kube-proxy's chains stay for as long as netd has not programmed the Services itself: here its
+/// service source (an API server) cannot be reached, so they must stay, and the cluster DNS keeps
+/// answering through them, while the overlay is taken over from flannel all the same.
+#[test]
+fn kube_proxy_rules_stay_until_netd_has_programmed_the_services() -> Result<()> {
+    let c = Cluster::new(2)?;
+    let fl = flannel::install(&c)?;
+    let p0 = add_flannel_pod(c.node(0), &fl[0], "p0")?;
+    let dns = add_flannel_pod(c.node(1), &fl[1], "dns")?;
+    let _knot = start_cluster_dns(c.node(1), &dns)?;
+    for n in c.nodes() {
+        flannel::restore(n, &kube_proxy_rules(&service_ports(&dns, &dns), "10.244.0.0/16"))?;
+    }
+    wait_until(WAIT, POLL, || Ok(dig(&p0)? == WEB_IP)).context("cluster DNS through kube-proxy's rules")?;
+    let kube_chains = |n: &Node| -> Result<Vec<String>> { Ok([iptables_chains(n, "nat", &["KUBE-"])?, iptables_chains(n, "filter", &["KUBE-"])?].concat()) };
+    let before = kube_chains(c.node(0))?;
+    // An API server nobody listens on (the underlay gateway, port 1: refused at once).
+    let kubeconfig = flannel::flannel_dir(c.node(0)).join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: x\n  cluster:\n    server: http://198.18.0.1:1\ncontexts:\n- name: x\n  context:\n    cluster: x\n    user: x\ncurrent-context: x\nusers:\n- name: x\n  user:\n    token: x\n",
+    )?;
+    let mut c = c;
+    let kubeconfig = kubeconfig.to_str().context("path")?.to_string();
+    c.node_mut(0).start_netd(&["--take-over", "flannel,kube-proxy", "--cni-bridge", "cni0", "--source", "kubernetes", "--kubeconfig", &kubeconfig])?;
+    let n0 = c.node(0);
+    wait_until(WAIT, POLL, || Ok(iptables_chains(n0, "nat", &["FLANNEL-"])?.is_empty() && n0.log().contains("node network ready")))?;
+    // Several resyncs and retries of the service source later.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(kube_chains(n0)?, before, "kube-proxy's chains went before netd programmed any Service");
+    assert_eq!(dig(&p0)?, WEB_IP);
+    let (code, out) = n0.netd_status(&[])?;
+    assert_ne!(code, 0, "not ready without its services: {out}");
     Ok(())
 }
