@@ -102,38 +102,46 @@ pub fn install(c: &Cluster) -> Result<Vec<FlannelNode>> {
         c.etcd().ctl(&["put", &format!("--lease={lease}"), &f.lease_key(c.etcd_prefix()), &f.lease_value()])?;
     }
     for (node, f) in c.nodes().iter().zip(&nodes) {
-        let ns = node.ns();
-        let mut script = format!(
-            "set -e\n\
-             ip link add flannel.1 type vxlan id 1 local {ip} dev eth0 dstport 8472 nolearning\n\
-             ip link set flannel.1 address {mac} mtu 1450\n\
-             ip addr add {gw}/32 dev flannel.1\n\
-             ip link set flannel.1 up\n",
-            ip = f.public_ip,
-            mac = f.vtep_mac,
-            gw = f.network_addr()
-        );
-        for p in nodes.iter().filter(|p| p.index != f.index) {
-            let _ = write!(
-                script,
-                "ip neigh replace {gw} lladdr {mac} dev flannel.1 nud permanent\n\
-                 bridge fdb replace {mac} dev flannel.1 dst {ip} self permanent\n\
-                 ip route replace {sub} via {gw} dev flannel.1 onlink\n",
-                gw = p.network_addr(),
-                mac = p.vtep_mac,
-                ip = p.public_ip,
-                sub = p.subnet()
-            );
-        }
-        ns.sh(&script).with_context(|| format!("flannel.1 on {}", node.name()))?;
-        std::fs::create_dir_all(flannel_dir(node))?;
-        std::fs::write(
-            flannel_dir(node).join("subnet.env"),
-            format!("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{}.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n", f.octet),
-        )?;
-        restore(node, &flannel_masq_rules(f))?;
+        flanneld_programs(node, f, &nodes)?;
     }
     Ok(nodes)
+}
+
+/// What flanneld programs on `node` (`f`) when it starts, given every node's lease (`nodes`):
+/// the device (kept if there), the peers' entries and routes (replaced), subnet.env, its
+/// masquerade chains. Also what a flanneld started again on a node netd ran on does.
+pub fn flanneld_programs(node: &Node, f: &FlannelNode, nodes: &[FlannelNode]) -> Result<()> {
+    let ns = node.ns();
+    let mut script = format!(
+        "set -e\n\
+         ip link show flannel.1 >/dev/null 2>&1 || ip link add flannel.1 type vxlan id 1 local {ip} dev eth0 dstport 8472 nolearning\n\
+         ip link set flannel.1 address {mac} mtu 1450\n\
+         ip addr replace {gw}/32 dev flannel.1\n\
+         ip link set flannel.1 up\n",
+        ip = f.public_ip,
+        mac = f.vtep_mac,
+        gw = f.network_addr()
+    );
+    for p in nodes.iter().filter(|p| p.index != f.index) {
+        let _ = write!(
+            script,
+            "ip neigh replace {gw} lladdr {mac} dev flannel.1 nud permanent\n\
+             bridge fdb replace {mac} dev flannel.1 dst {ip} self permanent\n\
+             ip route replace {sub} via {gw} dev flannel.1 onlink\n",
+            gw = p.network_addr(),
+            mac = p.vtep_mac,
+            ip = p.public_ip,
+            sub = p.subnet()
+        );
+    }
+    ns.sh(&script).with_context(|| format!("flannel.1 on {}", node.name()))?;
+    std::fs::create_dir_all(flannel_dir(node))?;
+    std::fs::write(
+        flannel_dir(node).join("subnet.env"),
+        format!("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{}.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n", f.octet),
+    )?;
+    restore(node, &flannel_masq_rules(f))?;
+    Ok(())
 }
 
 /// flanneld's `--ip-masq` rules for node `f` (iptables-restore input).

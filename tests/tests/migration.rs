@@ -337,6 +337,66 @@ fn switch_to_netd(proxy_mode: &str) -> Result<()> {
         assert!(p.sent - p.received < PINGS_PER_SECOND, "pod traffic lost for a second or more: {p:?}");
         assert!(p.longest_gap < PINGS_PER_SECOND, "{p:?}");
     }
+    if proxy_mode == "nftables" {
+        roll_back(&mut c, &fl, &ports, &p0, &p1, fresh)?;
+    }
+    Ok(())
+}
+
+/// The README's rollback, under the same load: the pod netd-cni made goes, netd stops, flanneld
+/// and kube-proxy come back on the node (what they program at start), `netd cleanup` removes
+/// netd's tables and files. Pods keep their addresses and stay reachable, no DNS query is lost,
+/// and nothing of netd is left but the routes' and entries' new owner.
+fn roll_back(c: &mut Cluster, fl: &[flannel::FlannelNode], ports: &[KubeServicePort], p0: &Pod, p1: &Pod, fresh: Pod) -> Result<()> {
+    drop(fresh);
+    let dir = flannel::flannel_dir(c.node(0));
+    let ping = Load::start(p1, &dir, "ping-rollback", &["ping", "-D", "-n", "-i", PING_INTERVAL, "-W", "1", &p0.ip.to_string()])?;
+    let digs = Load::start(p0, &dir, "digs-rollback", &["sh", "-c", &format!("while :; do dig +short +time=2 +tries=1 @{DNS_IP} {NAME} | tr '\\n' ' '; echo; done")])?;
+    std::thread::sleep(Duration::from_secs(1));
+    let started = unix_now();
+    c.node_mut(0).stop_netd()?;
+    let n0 = c.node(0);
+    flannel::flanneld_programs(n0, &fl[0], fl)?;
+    flannel::restore(n0, &kube_proxy_rules(ports, "10.244.0.0/16"))?;
+    let bin = netd_tests::netd_binary()?;
+    let (run, state, conf) = (n0.run_dir(), n0.state_dir(), n0.cni_conf_dir());
+    let out = n0.ns().run(&[
+        bin.to_str().context("path")?,
+        "cleanup",
+        "--run-dir",
+        run.to_str().context("path")?,
+        "--state-dir",
+        state.to_str().context("path")?,
+        "--cni-conf-dir",
+        conf.to_str().context("path")?,
+    ])?;
+    let done = unix_now();
+    std::thread::sleep(Duration::from_secs(2));
+    let ping = ping_count(&ping.stop()?)?;
+    let digs_out = digs.stop()?;
+    let dig_lines: Vec<&str> = digs_out.lines().collect();
+    let dig_answers = &dig_lines[..dig_lines.len().saturating_sub(1)];
+    let dig_lost = dig_answers.iter().filter(|l| l.trim() != WEB_IP).count();
+    eprintln!(
+        "rollback interruption (took {:.2} s): pod traffic node1->node0 {} of {} echo requests lost, longest gap {} / {:.1} ms; DNS dig {dig_lost} of {} lost",
+        done - started,
+        ping.sent - ping.received,
+        ping.sent,
+        ping.longest_gap,
+        ping.longest_gap_ms,
+        dig_answers.len()
+    );
+    // flannel's and kube-proxy's state again, nothing of netd's.
+    let routes = n0.ns().run(&["ip", "route", "show", "dev", "flannel.1"])?;
+    assert!(routes.lines().count() == 2 && !routes.contains("proto 110"), "{routes}\n{out}");
+    assert!(!iptables_chains(n0, "nat", &["KUBE-SVC-"])?.is_empty() && !iptables_chains(n0, "nat", &["FLANNEL-"])?.is_empty());
+    let tables = n0.ns().run(&["nft", "list", "tables"])?;
+    assert!(!tables.contains("netd"), "{tables}");
+    assert!(p1.ping(p0.ip) && p0.ping(p1.ip));
+    assert_eq!(dig(p0)?, WEB_IP);
+    assert!(ping.first < started && ping.last > done, "the load did not span the rollback: {ping:?}");
+    assert_eq!(dig_lost, 0, "DNS queries lost in the rollback");
+    assert!(ping.sent - ping.received < PINGS_PER_SECOND && ping.longest_gap < PINGS_PER_SECOND, "{ping:?}");
     Ok(())
 }
 
