@@ -111,10 +111,33 @@ pub struct TakeoverError {
     pub source: netd_proxy::iptables::IptablesError,
 }
 
-/// Removes `who`'s iptables chains, and the jumps into them, in one `iptables-restore` run
-/// (`restore`; the matching `-save` reads the tables). Blocking. Returns the chains removed as
-/// `table/chain` (none: nothing was there, or there is no iptables at all).
+/// The `iptables-restore` commands whose tables may hold a predecessor's chains: netd's own
+/// (`restore`), and iptables-legacy's when this network namespace has legacy tables
+/// (`legacy_tables`: the content of `/proc/net/ip_tables_names`), since kube-proxy and flanneld
+/// use whichever backend the node's iptables uses, which need not be netd's.
+pub fn backends(restore: &str, legacy_tables: &str) -> Vec<String> {
+    let mut out = vec![restore.to_string()];
+    if !restore.contains("legacy") && legacy_tables.split_whitespace().any(|t| TABLES.contains(&t)) {
+        out.push("iptables-legacy-restore".to_string());
+    }
+    out
+}
+
+/// Removes `who`'s iptables chains, and the jumps into them, from every backend that may hold
+/// them ([`backends`]; reading `/proc/net/ip_tables_names` creates no table). Blocking.
+/// Returns the chains removed as `table/chain` (none: nothing was there, or no iptables at all).
 pub fn remove_iptables(who: Predecessor, restore: &str) -> Result<Vec<String>, TakeoverError> {
+    let legacy = std::fs::read_to_string("/proc/net/ip_tables_names").unwrap_or_default();
+    let mut removed = Vec::new();
+    for restore in backends(restore, &legacy) {
+        removed.extend(remove_with(who, &restore)?);
+    }
+    Ok(removed)
+}
+
+/// [`remove_iptables`] through one `iptables-restore` run (`restore`; the matching `-save` reads
+/// the tables).
+fn remove_with(who: Predecessor, restore: &str) -> Result<Vec<String>, TakeoverError> {
     use netd_proxy::iptables::{run, IptablesError};
     let save = restore.replace("-restore", "-save");
     let err = |source| TakeoverError { who: who.name(), source };
@@ -222,9 +245,20 @@ COMMIT
         assert!(!Predecessor::Flannel.owns("nat", "FLANNEL-FWD"));
         assert!(Predecessor::Flannel.owns("filter", "FLANNEL-FWD"));
         assert!(removal("filter", "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n", |t, c| Predecessor::KubeProxy.owns(t, c)).is_none());
+
         // The kubelet's chains are not kube-proxy's.
         for c in ["KUBE-MARK-DROP", "KUBE-FIREWALL", "KUBE-KUBELET-CANARY"] {
             assert!(!Predecessor::KubeProxy.owns("nat", c) && !Predecessor::KubeProxy.owns("filter", c), "{c}");
         }
+    }
+
+    /// A node whose kube-proxy wrote legacy iptables (its tables are listed in
+    /// /proc/net/ip_tables_names) is searched there too, whatever netd's own iptables is.
+    #[test]
+    fn legacy_tables_are_searched_too() {
+        assert_eq!(backends("iptables-restore", ""), ["iptables-restore"]);
+        assert_eq!(backends("iptables-restore", "nat\nfilter\n"), ["iptables-restore", "iptables-legacy-restore"]);
+        assert_eq!(backends("iptables-nft-restore", "mangle\n"), ["iptables-nft-restore", "iptables-legacy-restore"]);
+        assert_eq!(backends("iptables-legacy-restore", "nat\n"), ["iptables-legacy-restore"]);
     }
 }

@@ -168,10 +168,16 @@ pub fn flannel_masq_rules(f: &FlannelNode) -> String {
 
 /// `iptables-restore --noflush` of `rules` in `node`'s namespace.
 pub fn restore(node: &Node, rules: &str) -> Result<()> {
+    restore_with(node, "iptables-restore", rules)
+}
+
+/// [`restore`] with another `iptables-restore` (`iptables-legacy-restore`: a node whose
+/// iptables is the legacy one).
+pub fn restore_with(node: &Node, bin: &str, rules: &str) -> Result<()> {
     let path = flannel_dir(node).join(format!("rules-{}.txt", std::process::id()));
     std::fs::create_dir_all(flannel_dir(node))?;
     std::fs::write(&path, rules)?;
-    node.ns().sh(&format!("iptables-restore --noflush --wait < {}", path.display())).map(drop)
+    node.ns().sh(&format!("{bin} --noflush --wait < {}", path.display())).map(drop)
 }
 
 /// A pod on `node` made as flannel's CNI plugin makes one: the reference `bridge` plugin on
@@ -270,10 +276,10 @@ pub fn kube_proxy_rules(ports: &[KubeServicePort], cluster_cidr: &str) -> String
     )
 }
 
-/// The chains of `table` in `node`'s namespace whose names start with one of `prefixes`
-/// (`iptables-save -t TABLE`), sorted.
+/// The chains of `table` in `node`'s namespace whose names start with one of `prefixes`, in
+/// either iptables (`iptables-save -t TABLE` and `iptables-legacy-save -t TABLE`), sorted.
 pub fn iptables_chains(node: &Node, table: &str, prefixes: &[&str]) -> Result<Vec<String>> {
-    let out = node.ns().run(&["iptables-save", "-t", table])?;
+    let out = node.ns().run(&["iptables-save", "-t", table])? + &node.ns().run(&["iptables-legacy-save", "-t", table])?;
     let mut chains: Vec<String> = out
         .lines()
         .filter_map(|l| l.strip_prefix(':'))

@@ -179,17 +179,19 @@ fn dnsperf_count(out: &str) -> Result<(u64, u64)> {
 
 #[test]
 fn a_flannel_and_kube_proxy_node_is_switched_to_netd_nftables_without_losing_pod_traffic_or_dns() -> Result<()> {
-    switch_to_netd("nftables")
+    switch_to_netd("nftables", "iptables-restore")
 }
 
 /// netd's own iptables chains beside kube-proxy's until these go (the same mark, 0x4000, for
-/// masquerading): only kube-proxy's are removed.
+/// masquerading): only kube-proxy's are removed. Here kube-proxy used the legacy iptables (a
+/// node whose iptables is iptables-legacy), netd the nf_tables one: its chains are found there.
 #[test]
-fn a_flannel_and_kube_proxy_node_is_switched_to_netd_iptables_without_losing_pod_traffic_or_dns() -> Result<()> {
-    switch_to_netd("iptables")
+fn a_flannel_and_legacy_kube_proxy_node_is_switched_to_netd_iptables_without_losing_pod_traffic_or_dns() -> Result<()> {
+    switch_to_netd("iptables", "iptables-legacy-restore")
 }
 
-fn switch_to_netd(proxy_mode: &str) -> Result<()> {
+/// `kube_proxy_restore`: the `iptables-restore` kube-proxy wrote its rules with.
+fn switch_to_netd(proxy_mode: &str, kube_proxy_restore: &str) -> Result<()> {
     let mut c = Cluster::new(3)?;
     let fl = flannel::install(&c)?;
     let p0 = add_flannel_pod(c.node(0), &fl[0], "p0")?;
@@ -200,7 +202,7 @@ fn switch_to_netd(proxy_mode: &str) -> Result<()> {
     let _web = p1.spawn(&["socat", "TCP-LISTEN:8080,fork,reuseaddr", "SYSTEM:echo p1"], None)?;
     let ports = service_ports(&dns, &p1);
     for n in c.nodes() {
-        flannel::restore(n, &kube_proxy_rules(&ports, "10.244.0.0/16"))?;
+        flannel::restore_with(n, kube_proxy_restore, &kube_proxy_rules(&ports, "10.244.0.0/16"))?;
     }
     // The flannel + kube-proxy cluster works.
     assert!(p1.ping(p0.ip) && p0.ping(p1.ip), "flannel overlay");
