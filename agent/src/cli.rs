@@ -160,6 +160,18 @@ pub struct RunArgs {
     /// Name of the pod bridge netd-cni creates on this node.
     #[arg(long, env = "NETD_CNI_BRIDGE", default_value = "netd0")]
     pub cni_bridge: String,
+    /// Take a running node over from its previous network daemons without interrupting it,
+    /// comma-separated: `flannel` (use flanneld's VXLAN device flannel.<VNI> with its MAC, take
+    /// its routes over in place, remove its iptables chains once netd's rules are in), `kube-proxy`
+    /// (remove kube-proxy's iptables chains once netd's service rules are programmed). Keep it
+    /// set after the switch: netd's VXLAN device is then flannel.<VNI>. See README, Migration.
+    #[arg(long, env = "NETD_TAKE_OVER", value_enum, value_delimiter = ',')]
+    pub take_over: Vec<crate::takeover::Predecessor>,
+    /// With `--take-over flannel`: host-local's address store of flannel's CNI network (one file
+    /// per address in use), whose addresses netd-cni never hands out while pods made by
+    /// flannel's CNI plugin still hold them.
+    #[arg(long, env = "NETD_CNI_HOST_LOCAL_DIR", default_value = "/var/lib/cni/networks/cbr0")]
+    pub cni_host_local_dir: PathBuf,
     /// Address for /metrics, /healthz and /readyz ("" to disable).
     #[arg(long, env = "NETD_METRICS_LISTEN", default_value = "127.0.0.1:9402")]
     pub metrics_listen: String,
@@ -230,5 +242,9 @@ mod tests {
         let cli = Cli::try_parse_from(["netd", "run", "--etcd-endpoints", "http://a:1,http://b:2"]).unwrap();
         let Command::Run(r) = cli.command else { panic!() };
         assert_eq!(r.etcd.conn.etcd_endpoints.len(), 2);
+        let cli = Cli::try_parse_from(["netd", "run", "--take-over", "flannel,kube-proxy"]).unwrap();
+        let Command::Run(r) = cli.command else { panic!() };
+        assert_eq!(r.take_over, [crate::takeover::Predecessor::Flannel, crate::takeover::Predecessor::KubeProxy]);
+        assert!(Cli::try_parse_from(["netd", "run", "--take-over", "calico"]).is_err());
     }
 }

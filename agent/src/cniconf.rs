@@ -17,6 +17,9 @@ pub struct CniConf {
     /// The node-local DNS server pods are pointed at (result `dns` of netd-cni).
     pub nameserver: Option<std::net::Ipv4Addr>,
     pub cluster_domain: String,
+    /// host-local address stores (flannel's CNI network's, with `--take-over flannel`) whose
+    /// addresses netd-cni must not hand out.
+    pub host_local_dirs: Vec<PathBuf>,
 }
 
 impl CniConf {
@@ -28,6 +31,9 @@ impl CniConf {
             "bridge": self.bridge,
             "clusterDomain": self.cluster_domain,
         });
+        if !self.host_local_dirs.is_empty() {
+            plugin["hostLocalDirs"] = json!(self.host_local_dirs);
+        }
         if let Some(ns) = self.nameserver {
             plugin["dns"] = json!({ "nameservers": [ns.to_string()], "options": ["ndots:5"] });
         }
@@ -72,6 +78,7 @@ mod tests {
             bridge: "netd0".into(),
             nameserver: Some("10.96.0.10".parse().unwrap()),
             cluster_domain: "cluster.local".into(),
+            host_local_dirs: Vec::new(),
         };
         let v: serde_json::Value = serde_json::from_str(&c.render()).unwrap();
         assert_eq!(v["cniVersion"], "1.0.0", "Debian's portmap speaks up to 1.0.0");
@@ -83,5 +90,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(c.write(dir.path()).unwrap());
         assert!(!c.write(dir.path()).unwrap());
+        assert!(v["plugins"][0].get("hostLocalDirs").is_none());
+        let c = CniConf { host_local_dirs: vec!["/var/lib/cni/networks/cbr0".into()], ..c };
+        let v: serde_json::Value = serde_json::from_str(&c.render()).unwrap();
+        assert_eq!(v["plugins"][0]["hostLocalDirs"][0], "/var/lib/cni/networks/cbr0");
     }
 }

@@ -28,6 +28,7 @@ use crate::registry::{EtcdOptions, EtcdRegistry, Entry, RegistryError, Snapshot}
 use crate::server::{self, unix_now, Shared};
 use crate::status::{self, NodeStatus, Phase};
 use crate::subnet_env::SubnetEnv;
+use crate::takeover::Predecessor;
 
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,10 @@ struct Underlay {
     /// Address peers send to (`--public-ip`, else `iface_ip`).
     public_ip: Ipv4Addr,
     prefixes: Vec<Ipv4Net>,
+    /// The VTEP MAC taken over from flanneld (`--take-over flannel`): its device's, else the one
+    /// in this node's lease, so that peers still on flannel keep reaching this node through
+    /// the neighbour and FDB entries they have. `None`: netd's own ([`Mac::for_vtep`]).
+    vtep_mac: Option<Mac>,
 }
 
 /// Our lease as we last wrote it.
@@ -105,14 +110,20 @@ pub struct Daemon {
     shared: Arc<Shared>,
 }
 
-fn vxlan_name(vni: u32) -> String {
-    format!("netd.{vni}")
+/// The VXLAN device: netd's own, or with `--take-over flannel` flanneld's (by the name
+/// flanneld gives it), which netd then keeps using.
+fn vxlan_name(vni: u32, flannel: bool) -> String {
+    if flannel {
+        format!("flannel.{vni}")
+    } else {
+        format!("netd.{vni}")
+    }
 }
 
 /// The backend's device: the VXLAN device, or the udp backend's TUN device.
-fn overlay_device(cfg: &NetworkConfig) -> String {
+fn overlay_device(cfg: &NetworkConfig, flannel: bool) -> String {
     match cfg.backend.kind {
-        BackendKind::Vxlan => vxlan_name(cfg.backend.vni),
+        BackendKind::Vxlan => vxlan_name(cfg.backend.vni, flannel),
         BackendKind::Udp => UDP_DEVICE.to_string(),
     }
 }
@@ -156,7 +167,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
         server::serve_metrics(args.metrics_listen.clone(), shared.clone()).await?;
     }
     let nl = Netlink::connect()?;
-    let underlay = resolve_underlay(&nl, &args, &shared).await?;
+    let mut underlay = resolve_underlay(&nl, &args, &shared).await?;
     info!(%node, iface = %underlay.name, iface_ip = %underlay.iface_ip, public_ip = %underlay.public_ip, mtu = underlay.mtu, "underlay");
     enable_ip_forward();
 
@@ -165,17 +176,23 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
         netd_kube::SubnetManagerKind::Etcd => {
             let reg = connect_etcd(&opts).await?;
             let (cfg, snap) = wait_for_config(&reg, &shared).await;
+            underlay.vtep_mac = flannel_vtep_mac(&nl, &args, &cfg, &underlay, &snap).await?;
             let held = acquire(&reg, &cfg, &underlay, &args, &snap, &shared).await?;
             (Some(reg), cfg, held, snap, None)
         }
         netd_kube::SubnetManagerKind::Kube => {
-            let (cfg, held, snap, rx) = kube_subnets(&args, &node, &underlay, &shared).await?;
+            let (cfg, held, snap, rx) = kube_subnets(&args, &node, &nl, &mut underlay, &shared).await?;
             (None, cfg, held, snap, Some(rx))
         }
     };
     let mut d = Daemon { args, nl, reg, underlay, cfg, held, dev_index: 0, udp: None, udp_seen: Default::default(), udp_fast: None, udp_fast_seen: Default::default(), udp_fast_for: None, udp_datapath: None, masq: Masquerade::new(), last_skipped: Vec::new(), shared };
     d.setup_backend().await?;
     d.sync_host_rules()?;
+    if d.takes_over(Predecessor::Flannel) {
+        // netd's masquerade and forward rules are in: flanneld's can go.
+        let restore = netd_proxy::ProxyConfig::new(netd_proxy::NodeInfo::default(), d.args.proxy_mode).iptables_restore;
+        crate::takeover::remove_in_background(Predecessor::Flannel, restore, d.shared.clone()).await;
+    }
     d.write_subnet_env()?;
     d.write_cni_conf();
     d.shared.update(|s| s.phase = Phase::Running);
@@ -221,9 +238,10 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
             },
             // Replies of connections SNATed to remote backends come back through the overlay
             // (unless NodePort translation is off altogether).
-            overlay_device: (d.args.ebpf_external_devices.as_deref() != Some(&["none".to_string()][..])).then(|| overlay_device(&d.cfg)),
+            overlay_device: (d.args.ebpf_external_devices.as_deref() != Some(&["none".to_string()][..])).then(|| overlay_device(&d.cfg, d.takes_over(Predecessor::Flannel))),
         });
         let kube = d.args.kube.clone();
+        let take_over_kube_proxy = d.takes_over(Predecessor::KubeProxy);
         tokio::spawn(async move {
             // DNS binds and forwards before the service source is listed, which may take long or
             // fail for as long as etcd or the API server is away.
@@ -243,7 +261,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
                 crate::services::serve_zone(dns, dns_args.zone_config(), snapshots.clone(), shared.clone());
             }
             if mode != netd_proxy::ProxyMode::None {
-                crate::services::spawn_proxy(mode, ebpf, node, resync, snapshots, shared);
+                crate::services::spawn_proxy(mode, ebpf, node, resync, snapshots, take_over_kube_proxy, shared);
             }
         });
     }
@@ -282,7 +300,8 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
 async fn kube_subnets(
     args: &RunArgs,
     node: &str,
-    underlay: &Underlay,
+    nl: &Netlink,
+    underlay: &mut Underlay,
     shared: &Arc<Shared>,
 ) -> Result<(NetworkConfig, Held, Snapshot, watch::Receiver<Arc<Snapshot>>), DaemonError> {
     let kube_err = |e: netd_kube::KubeError| DaemonError::Kube(e.to_string());
@@ -311,6 +330,7 @@ async fn kube_subnets(
     if !cfg.network.contains(&subnet.network()) {
         return Err(DaemonError::Kube(format!("node {node}'s podCIDR {subnet} is outside the network {}", cfg.network)));
     }
+    underlay.vtep_mac = flannel_vtep_mac(nl, args, &cfg, underlay, &Snapshot::default()).await?;
     let attrs = our_attrs(&cfg, underlay);
     let names = netd_kube::Annotations::new(&args.kube.kube_annotation_prefix).map_err(kube_err)?;
     let node_attrs = netd_kube::NodeAttrs {
@@ -446,11 +466,29 @@ fn previous_subnet(args: &RunArgs) -> Option<Ipv4Net> {
 fn our_attrs(cfg: &NetworkConfig, underlay: &Underlay) -> LeaseAttrs {
     match cfg.backend.kind {
         BackendKind::Vxlan => {
-            let mac = Mac::for_vtep(underlay.public_ip, cfg.backend.vni);
+            let mac = underlay.vtep_mac.unwrap_or_else(|| Mac::for_vtep(underlay.public_ip, cfg.backend.vni));
             LeaseAttrs::vxlan(underlay.public_ip, &VxlanData { vni: cfg.backend.vni, vtep_mac: mac })
         }
         BackendKind::Udp => LeaseAttrs::udp(underlay.public_ip),
     }
+}
+
+/// With `--take-over flannel` and the vxlan backend: the MAC of flanneld's device if it is there,
+/// else the `VtepMAC` of this node's lease (same public IP, flannel's reuse rule) in `snap`.
+async fn flannel_vtep_mac(nl: &Netlink, args: &RunArgs, cfg: &NetworkConfig, underlay: &Underlay, snap: &Snapshot) -> Result<Option<Mac>, DaemonError> {
+    if !args.take_over.contains(&Predecessor::Flannel) || cfg.backend.kind != BackendKind::Vxlan {
+        return Ok(None);
+    }
+    let name = vxlan_name(cfg.backend.vni, true);
+    if let Some(mac) = nl.link_by_name(&name).await?.and_then(|l| l.mac) {
+        info!(device = %name, %mac, "taking over flanneld's VXLAN device and its MAC");
+        return Ok(Some(mac));
+    }
+    let leased = snap.leases().into_iter().filter(|l| l.attrs.public_ip == underlay.public_ip).find_map(|l| l.attrs.vxlan_data().and_then(Result::ok));
+    if let Some(d) = &leased {
+        info!(device = %name, mac = %d.vtep_mac, "no flanneld VXLAN device; creating it with the VtepMAC of this node's lease");
+    }
+    Ok(leased.map(|d| d.vtep_mac))
 }
 
 fn renew_deadline(ttl: Option<i64>, margin_min: u32) -> Option<Instant> {
@@ -538,6 +576,10 @@ async fn acquire(reg: &EtcdRegistry, cfg: &NetworkConfig, underlay: &Underlay, a
 }
 
 impl Daemon {
+    fn takes_over(&self, who: Predecessor) -> bool {
+        self.args.take_over.contains(&who)
+    }
+
     fn local_node(&self) -> LocalNode {
         LocalNode {
             subnet: self.held.subnet,
@@ -744,7 +786,7 @@ impl Daemon {
 
     /// Removes every `netd.*` VXLAN device (after a switch to the udp backend or a VNI change).
     async fn remove_vxlan_devices(&self) -> Result<(), DaemonError> {
-        let keep = (self.cfg.backend.kind == BackendKind::Vxlan).then(|| vxlan_name(self.cfg.backend.vni));
+        let keep = (self.cfg.backend.kind == BackendKind::Vxlan).then(|| vxlan_name(self.cfg.backend.vni, self.takes_over(Predecessor::Flannel)));
         for l in self.nl.links().await? {
             if l.name.starts_with("netd.") && l.kind.as_deref() == Some("vxlan") && Some(&l.name) != keep.as_ref() {
                 info!(device = %l.name, "removing the VXLAN device of the previous config");
@@ -756,7 +798,7 @@ impl Daemon {
 
     /// Creates or adopts the VXLAN device.
     async fn setup_vxlan(&mut self) -> Result<(u32, String, u32), DaemonError> {
-        let name = vxlan_name(self.cfg.backend.vni);
+        let name = vxlan_name(self.cfg.backend.vni, self.takes_over(Predecessor::Flannel));
         let spec = VxlanSpec {
             vni: self.cfg.backend.vni,
             local: Some(self.underlay.iface_ip),
@@ -764,7 +806,7 @@ impl Daemon {
             underlay_index: Some(self.underlay.index),
             learning: false,
         };
-        let mac = Mac::for_vtep(self.underlay.public_ip, self.cfg.backend.vni);
+        let mac = self.underlay.vtep_mac.unwrap_or_else(|| Mac::for_vtep(self.underlay.public_ip, self.cfg.backend.vni));
         let mtu = self.overlay_mtu();
         let index = match self.nl.link_by_name(&name).await? {
             Some(l) if netlink::vxlan_matches(&l, &spec) => {
@@ -832,6 +874,8 @@ impl Daemon {
             bridge: self.args.cni_bridge.clone(),
             nameserver,
             cluster_domain: self.args.dns.cluster_domain.clone(),
+            // Pods made by flannel's CNI plugin keep their host-local addresses.
+            host_local_dirs: if self.takes_over(Predecessor::Flannel) { vec![self.args.cni_host_local_dir.clone()] } else { Vec::new() },
         };
         let path = self.args.cni_conf_dir.join(crate::cniconf::CONFLIST_NAME);
         match conf.write(&self.args.cni_conf_dir) {
@@ -1014,7 +1058,7 @@ impl Daemon {
 
     /// netd's overlay state as the kernel has it, and the other routes of the main table.
     async fn observe(&self) -> Result<(OverlayState, OtherRoutes), DaemonError> {
-        let (routes, others) = self.nl.main_routes(self.dev_index, self.underlay.index).await?;
+        let (routes, others) = self.nl.main_routes(self.dev_index, self.underlay.index, self.takes_over(Predecessor::Flannel)).await?;
         let neighs = self.nl.permanent_neighs(self.dev_index).await?;
         let fdb = self.nl.fdb_entries(self.dev_index).await?;
         Ok((OverlayState { neighs, fdb, routes }, others))
@@ -1084,7 +1128,7 @@ impl Daemon {
             }
             self.last_skipped = report;
         }
-        let overlay_dev = overlay_device(&self.cfg);
+        let overlay_dev = overlay_device(&self.cfg, self.takes_over(Predecessor::Flannel));
         let devices = Devices { overlay: &overlay_dev, underlay: &self.underlay.name };
         let mut failed: Vec<(&Op, String)> = Vec::new();
         for (i, op) in ops.iter().enumerate() {
@@ -1367,6 +1411,7 @@ async fn try_underlay(nl: &Netlink, args: &RunArgs) -> Result<Underlay, DaemonEr
         iface_ip,
         public_ip: args.public_ip.unwrap_or(iface_ip),
         prefixes: prefixes.iter().map(|p| p.trunc()).collect(),
+        vtep_mac: None,
     })
 }
 

@@ -230,6 +230,11 @@ pub struct OtherRoutes {
     /// Destinations of netd's own routes (proto 110) through other devices, e.g. a previous
     /// config's device not yet removed: netd's to replace.
     pub netd_elsewhere: BTreeSet<Ipv4Net>,
+    /// Routes netd did not create through its overlay device, observed only when it takes the
+    /// device over from flanneld (`--take-over flannel`, which makes them netd's by the
+    /// operator's word): a desired one is replaced in place by netd's own (`ip route replace`
+    /// swaps it atomically, traffic never lacks a route); the others are left alone.
+    pub adopted: BTreeMap<Ipv4Net, RouteSpec>,
 }
 
 /// A desired route that is not programmed because its destination has a route netd did not
@@ -315,7 +320,7 @@ pub fn diff(desired: &OverlayState, observed: &OverlayState, others: &OtherRoute
             Some(have) if have == spec => {}
             // Ours: "replace" moves it to the new gateway in one step.
             Some(_) => ops.push(Op::SetRoute(*net, *spec)),
-            None if others.netd_elsewhere.contains(net) => ops.push(Op::SetRoute(*net, *spec)),
+            None if others.netd_elsewhere.contains(net) || others.adopted.contains_key(net) => ops.push(Op::SetRoute(*net, *spec)),
             None => ops.push(Op::AddRoute(*net, *spec)),
         }
     }
@@ -559,6 +564,27 @@ mod tests {
         let c = diff(&dr, &OverlayState::default(), &others);
         assert_eq!(c.ops, vec![Op::AddRoute(n2, RouteSpec { gateway: "198.18.0.11".parse().unwrap(), via: Via::Underlay })]);
         assert_eq!(c.conflicts.len(), 1);
+    }
+
+    /// flanneld's routes through the device netd took over from it are replaced in place
+    /// (SetRoute, never a delete and an add), also when they are already what netd wants; one
+    /// to a subnet netd does not want stays as it is.
+    #[test]
+    fn routes_on_a_taken_over_device_are_replaced_in_place() {
+        let leases = [vx("10.244.2.0/24", "198.18.0.11", "0e:00:00:00:00:02"), vx("10.244.3.0/24", "198.18.0.12", "0e:00:00:00:00:03")];
+        let (want, _) = desired(&local(), &leases);
+        let n2: Ipv4Net = "10.244.2.0/24".parse().unwrap();
+        let n3: Ipv4Net = "10.244.3.0/24".parse().unwrap();
+        let n9: Ipv4Net = "10.244.9.0/24".parse().unwrap();
+        // flanneld left the neighbour and FDB entries (the device's) and routes to 2, 3 and 9.
+        let seen = OverlayState { routes: Default::default(), ..want.clone() };
+        let mut others = OtherRoutes::default();
+        for n in [n2, n3, n9] {
+            others.adopted.insert(n, RouteSpec { gateway: n.network(), via: Via::Overlay });
+        }
+        let c = diff(&want, &seen, &others);
+        assert!(c.conflicts.is_empty());
+        assert_eq!(c.ops, vec![Op::SetRoute(n2, want.routes[&n2]), Op::SetRoute(n3, want.routes[&n3])]);
     }
 
     #[test]

@@ -112,6 +112,7 @@ pub fn spawn_proxy(
     node: NodeInfo,
     resync: Duration,
     snapshots: watch::Receiver<Arc<ServiceSnapshot>>,
+    take_over_kube_proxy: bool,
     shared: Arc<Shared>,
 ) {
     // The eBPF backend is built here (it lives in its own crate); a kernel without the hooks is
@@ -129,6 +130,9 @@ pub fn spawn_proxy(
     };
     let (status_tx, mut status_rx) = watch::channel(ProxyStatus::default());
     let mut cfg = ProxyConfig::new(node, mode);
+    // kube-proxy's chains go once netd's rules for the complete service list are in, so that
+    // one of the two answers for every Service at every instant.
+    let mut kube_proxy_restore = take_over_kube_proxy.then(|| cfg.iptables_restore.clone());
     cfg.resync_interval = resync;
     cfg.status = Some(status_tx);
     shared.update(|s| s.services = Some(ServicesStatus { mode: mode.to_string(), ..Default::default() }));
@@ -168,6 +172,9 @@ pub fn spawn_proxy(
             let st = status_rx.borrow_and_update().clone();
             if st.applied_revision.is_some() {
                 shared.set_ready(|r| r.first_service_sync = Some(true));
+                if let Some(restore) = kube_proxy_restore.take() {
+                    tokio::spawn(crate::takeover::remove_in_background(crate::takeover::Predecessor::KubeProxy, restore, shared.clone()));
+                }
             }
             if st.syncs > last_syncs && st.last_error.is_some() {
                 shared.metrics.sync_errors.inc();

@@ -528,6 +528,10 @@ pub struct NetConf {
     pub valid_attachments: Option<Vec<Attachment>>,
     /// How long to wait for the IPAM lock (`lockTimeoutSeconds`).
     pub lock_timeout: Duration,
+    /// `hostLocalDirs`: address stores of the reference `host-local` IPAM (one file named by
+    /// each address in use), e.g. flannel's network's while its pods remain after a switch to
+    /// netd; their addresses are never handed out.
+    pub host_local_dirs: Vec<PathBuf>,
     /// `runtimeConfig.ips` and `args.cni.ips` (ADD only).
     pub ip_requests: Vec<Requested<IpRequest>>,
     /// `runtimeConfig.mac` and `args.cni.mac` (ADD only).
@@ -629,6 +633,7 @@ impl NetConf {
                 )))
             }
         };
+        let host_local_dirs: Vec<PathBuf> = field(obj, "hostLocalDirs")?.unwrap_or_default();
         let (mut ip_requests, mut mac_requests) = (Vec::new(), Vec::new());
         if cmd == Command::Add {
             for (outer, inner, path_ips, path_mac) in [
@@ -677,6 +682,7 @@ impl NetConf {
             prev_result,
             valid_attachments,
             lock_timeout,
+            host_local_dirs,
             ip_requests,
             mac_requests,
         })

@@ -221,12 +221,25 @@ impl State {
         usize::try_from(hosts.saturating_sub(1)).unwrap_or(usize::MAX)
     }
 
-    /// Reserves an address (and MAC) for the attachment.
+    /// [`State::allocate_around`] with nothing held elsewhere (the tests' shorthand).
+    #[cfg(test)]
     pub fn allocate(
         &mut self,
         subnet: Ipv4Net,
         gateway: Ipv4Addr,
         req: &Request<'_>,
+    ) -> Result<(Ipv4Addr, [u8; 6]), AllocError> {
+        self.allocate_around(subnet, gateway, req, &BTreeSet::new())
+    }
+
+    /// Reserves an address (and MAC) for the attachment, never one of `foreign` (held outside
+    /// this store, by host-local: see [`host_local_addresses`]).
+    pub fn allocate_around(
+        &mut self,
+        subnet: Ipv4Net,
+        gateway: Ipv4Addr,
+        req: &Request<'_>,
+        foreign: &BTreeSet<Ipv4Addr>,
     ) -> Result<(Ipv4Addr, [u8; 6]), AllocError> {
         if let Some(a) = self.find(req.container_id, req.ifname) {
             return Err(AllocError::AlreadyExists(Box::new(a.clone())));
@@ -243,6 +256,9 @@ impl State {
                 }
                 if let Some(a) = self.allocations.iter().find(|a| a.ip == want.addr) {
                     return Err(AllocError::IpHeld(Box::new(a.clone())));
+                }
+                if foreign.contains(&want.addr) {
+                    return Err(AllocError::Unusable(format!("{} is held in a host-local address store (hostLocalDirs)", want.addr)));
                 }
                 // Not `last_reserved`: the dynamic sequence goes on as before.
                 want.addr
@@ -261,6 +277,7 @@ impl State {
                 if let Some(mac) = req.mac.and_then(|m| ip_of_derived_mac(m.0)) {
                     used.remove(&mac); // our own MAC: no clash with ourselves
                 }
+                used.extend(foreign.iter().filter(|ip| subnet.contains(*ip)));
                 let ip = next_free(subnet, gateway, &used, self.last_reserved)
                     .ok_or(AllocError::Exhausted { subnet, in_use })?;
                 self.last_reserved = Some(ip);
@@ -346,6 +363,26 @@ pub struct Store {
     data_dir: PathBuf,
     dir: PathBuf,
     lock_timeout: Duration,
+}
+
+/// The addresses in use in host-local's stores `dirs` (`<dataDir>/<network>/`: one file named
+/// by each address, besides `last_reserved_ip.0` and `lock`). A missing directory holds none.
+pub fn host_local_addresses(dirs: &[PathBuf]) -> Result<BTreeSet<Ipv4Addr>, CniError> {
+    let mut out = BTreeSet::new();
+    for dir in dirs {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err("reading host-local's address store", dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err("reading host-local's address store", dir, e))?;
+            if let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse::<Ipv4Addr>().ok()) {
+                out.insert(ip);
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> CniError {
@@ -643,6 +680,28 @@ mod tests {
 
     fn want(s: &str) -> Option<IpRequest> {
         Some(IpRequest::parse(s).unwrap())
+    }
+
+    /// Addresses host-local handed out (flannel's pods, after a switch to netd) are skipped and
+    /// cannot be asked for; its bookkeeping files and other networks' addresses do not count.
+    #[test]
+    fn host_local_addresses_are_never_handed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("cbr0");
+        std::fs::create_dir(&store).unwrap();
+        for f in ["10.244.7.2", "10.244.7.3", "10.244.7.5", "last_reserved_ip.0", "lock"] {
+            std::fs::write(store.join(f), "cid\neth0").unwrap();
+        }
+        let held = host_local_addresses(&[store, dir.path().join("absent")]).unwrap();
+        assert_eq!(held.iter().map(|i| i.to_string()).collect::<Vec<_>>(), ["10.244.7.2", "10.244.7.3", "10.244.7.5"]);
+        let mut s = State::default();
+        let got: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .map(|cid| s.allocate_around(net("10.244.7.0/24"), ip("10.244.7.1"), &req(cid, "eth0"), &held).unwrap().0.to_string())
+            .collect();
+        assert_eq!(got, ["10.244.7.4", "10.244.7.6", "10.244.7.7"]);
+        let r = Request { ip: want("10.244.7.5"), ..req("d", "eth0") };
+        assert!(matches!(s.allocate_around(net("10.244.7.0/24"), ip("10.244.7.1"), &r, &held), Err(AllocError::Unusable(m)) if m.contains("host-local")));
     }
 
     #[test]

@@ -9,7 +9,11 @@
 //!   "dataDir": "/var/lib/netd/cni",         // optional, IPAM state
 //!   "lockTimeoutSeconds": 15,               // optional, wait for the IPAM lock
 //!   "dns": {"nameservers": ["10.96.0.10"]}, // optional
-//!   "clusterDomain": "cluster.local"        // optional
+//!   "clusterDomain": "cluster.local",       // optional
+//!   "hostLocalDirs": ["/var/lib/cni/networks/cbr0"] // optional: host-local
+//!                                           // stores whose addresses are
+//!                                           // never handed out (pods left
+//!                                           // by flannel's CNI plugin)
 //! }
 //! ```
 //!

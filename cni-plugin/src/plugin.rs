@@ -264,8 +264,9 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         ip: requests.ip.map(|r| r.value),
         mac: requests.mac.map(|r| r.value),
     };
+    let foreign = crate::ipam::host_local_addresses(&conf.host_local_dirs)?;
     let (ip, pod_mac) = store
-        .update(|s| s.allocate(node.subnet, node.gateway, &request))?
+        .update(|s| s.allocate_around(node.subnet, node.gateway, &request, &foreign))?
         .map_err(|e| match e {
             AllocError::AlreadyExists(a) => CniError::AlreadyExists(format!(
                 "container {cid} interface {ifname} already has address {} (ADD twice without DEL?)",

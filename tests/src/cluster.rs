@@ -159,6 +159,20 @@ impl Cluster {
         self.etcd.put(&format!("{}/config", self.prefix), json)
     }
 
+    /// `netd apply -f -` of `manifest` run on the underlay (where etcd is), as an operator would;
+    /// its output.
+    pub fn netd_apply(&self, manifest: &str) -> Result<String> {
+        use std::io::Write;
+        let bin = crate::netd_binary()?;
+        let mut cmd = self.underlay.command(&[bin.to_str().context("non-UTF-8 netd path")?, "apply", "-f", "-", "--etcd-endpoints", &self.etcd.endpoint()]);
+        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn()?;
+        child.stdin.take().context("stdin")?.write_all(manifest.as_bytes())?;
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(out.status.success(), "netd apply failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Names of every namespace the cluster owns (underlay and nodes; pods
     /// are owned by their [`crate::Pod`]).
     pub fn namespace_names(&self) -> Vec<String> {

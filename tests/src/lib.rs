@@ -26,6 +26,7 @@ mod cluster;
 mod cmd;
 mod etcd;
 pub mod ebpf;
+pub mod flannel;
 mod netd_bin;
 mod netns;
 mod node;

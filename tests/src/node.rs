@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -136,6 +136,11 @@ impl Node {
     /// netd's `--state-dir`.
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
+    }
+
+    /// The node's temp dir (netd's run and state dirs, its log; fixtures put their files here).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Where this node's netd writes its CNI config (10-netd.conflist).
@@ -350,8 +355,14 @@ impl Node {
         let mut conf = list["plugins"][0].clone();
         conf["cniVersion"] = list["cniVersion"].clone();
         conf["name"] = list["name"].clone();
+        self.cni_add(&crate::netd_cni_binary()?, &conf, name)
+    }
+
+    /// Creates pod `name` in a new namespace with CNI plugin `bin` (`ADD`, run in this node's
+    /// namespace with `CNI_PATH=/usr/lib/cni` for the plugins it delegates to) and plugin
+    /// configuration `conf`; the pod's address and gateway come from the plugin's result.
+    pub fn cni_add(&self, bin: &Path, conf: &serde_json::Value, name: &str) -> Result<Pod> {
         let ns = Netns::new(&format!("n{}-{name}", self.index))?;
-        let bin = crate::netd_cni_binary()?;
         let netns_path = format!("/var/run/netns/{}", ns.name());
         let container_id = format!("{}-{name}", ns.name());
         let mut cmd = self.ns.command(&[bin.to_str().context("non-UTF-8 path")?]);
@@ -359,19 +370,20 @@ impl Node {
             .env("CNI_CONTAINERID", &container_id)
             .env("CNI_NETNS", &netns_path)
             .env("CNI_IFNAME", "eth0")
-            .env("CNI_ARGS", format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"))
+            // As kubelet's runtimes pass them (the reference plugins refuse unknown keys without IgnoreUnknown).
+            .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"))
             .env("CNI_PATH", "/usr/lib/cni")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().context("spawning netd-cni")?;
+        let mut child = cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?;
         child.stdin.take().context("no stdin")?.write_all(conf.to_string().as_bytes())?;
         let out = child.wait_with_output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
-            bail!("netd-cni ADD for {name} failed ({}): {stdout} {}", out.status, String::from_utf8_lossy(&out.stderr));
+            bail!("{} ADD for {name} failed ({}): {stdout} {}", bin.display(), out.status, String::from_utf8_lossy(&out.stderr));
         }
-        let result: serde_json::Value = serde_json::from_str(&stdout).with_context(|| format!("netd-cni result: {stdout}"))?;
+        let result: serde_json::Value = serde_json::from_str(&stdout).with_context(|| format!("{} result: {stdout}", bin.display()))?;
         let addr = result["ips"][0]["address"].as_str().context("result without ips[0].address")?;
         let (ip, len) = addr.split_once('/').context("address without prefix length")?;
         let gateway = result["ips"][0]["gateway"].as_str().context("result without a gateway")?;

@@ -26,15 +26,7 @@ fn cluster(n: usize, mode: &str) -> Result<Cluster> {
 
 /// `netd apply -f -` run on the underlay (where etcd is), as an operator would.
 fn apply(c: &Cluster, manifest: &str) -> Result<String> {
-    let bin = netd_binary()?;
-    let mut cmd = c.underlay().command(&[bin.to_str().unwrap(), "apply", "-f", "-", "--etcd-endpoints", &c.etcd().endpoint()]);
-    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn()?;
-    use std::io::Write;
-    child.stdin.take().context("stdin")?.write_all(manifest.as_bytes())?;
-    let out = child.wait_with_output()?;
-    anyhow::ensure!(out.status.success(), "netd apply failed: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    c.netd_apply(manifest)
 }
 
 fn service(name: &str, ip: &str, ty: &str, extra: &str) -> String {

@@ -498,7 +498,8 @@ impl Iptables {
     }
 }
 
-fn run(bin: &str, args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
+/// Runs an iptables tool (`iptables-save`, `iptables-restore`) with `stdin` as its input; its output.
+pub fn run(bin: &str, args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
     let cmd = format!("{bin} {}", args.join(" "));
     let mut child = Command::new(bin)
         .args(args)

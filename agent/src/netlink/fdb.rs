@@ -24,7 +24,9 @@ impl Netlink {
             .map_err(NetlinkError::op("bridge fdb show"))?;
         let mut out = BTreeMap::new();
         for m in msgs {
-            if m.header.ifindex != index || m.header.state != NeighbourState::Permanent {
+            // `bridge fdb add ... permanent` (an operator's, or a fixture's) also sets NUD_NOARP:
+            // permanent is the bit, not the whole state.
+            if m.header.ifindex != index || u16::from(m.header.state) & u16::from(NeighbourState::Permanent) == 0 {
                 continue;
             }
             let mut dst = None;

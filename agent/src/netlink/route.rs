@@ -30,8 +30,9 @@ impl Netlink {
     /// `ip -4 route show table main`, split: netd's routes (proto 110) through `overlay_index`
     /// or `underlay_index` (the only ones netd creates), and everything else in the table, which
     /// netd must not touch. A route without a gateway through the overlay device is the udp
-    /// backend's `Via::Tun` route.
-    pub async fn main_routes(&self, overlay_index: u32, underlay_index: u32) -> Result<(BTreeMap<Ipv4Net, RouteSpec>, OtherRoutes), NetlinkError> {
+    /// backend's `Via::Tun` route. With `adopt` (the device was taken over from flanneld), the
+    /// other unicast routes with a gateway through `overlay_index` are `adopted`, not foreign.
+    pub async fn main_routes(&self, overlay_index: u32, underlay_index: u32, adopt: bool) -> Result<(BTreeMap<Ipv4Net, RouteSpec>, OtherRoutes), NetlinkError> {
         let routes = self.routes_v4("ip -4 route show table main").await?;
         let mut out = BTreeMap::new();
         let mut others = OtherRoutes::default();
@@ -54,6 +55,12 @@ impl Netlink {
             }
             let Ok(net) = Ipv4Net::new(dst, r.header.destination_prefix_length) else { continue };
             if r.header.protocol != RouteProtocol::Other(RTPROT_NETD) {
+                if let (true, RouteType::Unicast, Some(gw), Some(o)) = (adopt, r.header.kind, gw, oif) {
+                    if o == overlay_index {
+                        others.adopted.insert(net, RouteSpec { gateway: gw, via: Via::Overlay });
+                        continue;
+                    }
+                }
                 let kind = (r.header.kind != RouteType::Unicast).then(|| format!("{:?}", r.header.kind).to_lowercase());
                 let protocol = u8::from(r.header.protocol);
                 others.foreign.entry(net).or_default().push(ForeignRoute { kind, gateway: gw, oif, protocol, metric });
