@@ -121,6 +121,9 @@ pub struct RunArgs {
     /// iptables (kube-proxy-like chains) or none (another proxy does it).
     #[arg(long, env = "NETD_PROXY_MODE", value_enum, default_value_t = netd_proxy::ProxyMode::Nftables)]
     pub proxy_mode: netd_proxy::ProxyMode,
+    /// `--nodeport-addresses`, `--iptables-restore`, `--conntrack-cleanup`, `--healthz-bind-address`.
+    #[command(flatten)]
+    pub proxy: netd_proxy::ProxyArgs,
     /// With `--proxy-mode ebpf`: where BPF maps and links are pinned (a bpffs is mounted on its
     /// parent if needed), so a restart or upgrade adopts them without interrupting traffic.
     #[arg(long, env = "NETD_EBPF_BPFFS", default_value = "/sys/fs/bpf/netd")]
@@ -218,6 +221,45 @@ mod tests {
                 assert!(env.to_string_lossy().starts_with("NETD_"), "{env:?}");
             }
         }
+    }
+
+    /// Every flag the README's `netd run` table names (in any column) is a visible flag of
+    /// `netd run` (what `netd run --help` lists), so the documentation cannot promise a flag
+    /// the daemon lacks.
+    #[test]
+    fn every_flag_the_readme_documents_is_in_netd_run_help() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let table: Vec<&str> = readme.lines().skip_while(|l| !l.starts_with("| flag | default | meaning |")).take_while(|l| l.starts_with('|')).collect();
+        assert!(table.len() > 10, "the README's flag table was not found");
+        let mut cmd = Cli::command();
+        cmd.build();
+        let run = cmd.find_subcommand("run").unwrap();
+        let flags: std::collections::HashSet<String> =
+            run.get_arguments().filter(|a| !a.is_hide_set()).filter_map(|a| a.get_long()).map(|l| format!("--{l}")).collect();
+        let mut documented = 0;
+        for row in table {
+            for word in row.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).filter(|w| w.starts_with("--") && w[2..].starts_with(|c: char| c.is_ascii_alphabetic())) {
+                documented += 1;
+                assert!(flags.contains(word), "the README documents {word}, which `netd run --help` does not list");
+            }
+        }
+        assert!(documented > 30, "{documented}");
+        for f in ["--nodeport-addresses", "--iptables-restore", "--conntrack-cleanup"] {
+            assert!(readme.contains(&format!("| `{f}`")), "{f} is not in the README's table");
+        }
+    }
+
+    #[test]
+    fn proxy_flags_reach_netd_run() {
+        let cli = Cli::try_parse_from(["netd", "run", "--nodeport-addresses", "198.18.0.10", "--iptables-restore", "iptables-nft-restore", "--conntrack-cleanup", "false"]).unwrap();
+        let Command::Run(r) = cli.command else { panic!() };
+        assert_eq!(r.proxy.nodeport_addresses, Some(netd_proxy::proxy::Addresses(vec![Ipv4Addr::new(198, 18, 0, 10)])));
+        assert_eq!(r.proxy.iptables_restore, "iptables-nft-restore");
+        assert!(!r.proxy.conntrack_cleanup);
+        let cli = Cli::try_parse_from(["netd", "run", "--nodeport-addresses", ""]).unwrap();
+        let Command::Run(r) = cli.command else { panic!() };
+        assert_eq!(r.proxy.nodeport_addresses, Some(netd_proxy::proxy::Addresses(vec![])), "empty: every local address");
+        assert!(Cli::try_parse_from(["netd", "run", "--nodeport-addresses", "198.18.0.300"]).is_err());
     }
 
     #[test]

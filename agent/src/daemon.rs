@@ -208,7 +208,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
         (None, None) => unreachable!("one subnet manager is chosen"),
     };
     // Before the proxy's first sync, so that two modes never answer for the same Service.
-    crate::services::remove_other_modes(d.args.proxy_mode, d.args.ebpf_bpffs.clone(), d.shared.clone()).await;
+    crate::services::remove_other_modes(d.args.proxy_mode, &d.args.proxy, d.args.ebpf_bpffs.clone(), d.shared.clone()).await;
     if d.args.proxy_mode != netd_proxy::ProxyMode::None || d.args.dns.dns {
         let opts = d.args.etcd.conn.options(&d.args.registry_prefix);
         let node = netd_proxy::NodeInfo {
@@ -228,6 +228,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
         }
         let (dns_args, network) = (d.args.dns.clone(), d.cfg.network);
         let (mode, resync, shared) = (d.args.proxy_mode, d.args.resync_interval, d.shared.clone());
+        let proxy_args = d.args.proxy.clone();
         let ebpf = (mode == netd_proxy::ProxyMode::Ebpf).then(|| netd_ebpf::EbpfConfig {
             bpffs_dir: d.args.ebpf_bpffs.clone(),
             mount_bpffs: true,
@@ -261,7 +262,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
                 crate::services::serve_zone(dns, dns_args.zone_config(), snapshots.clone(), shared.clone());
             }
             if mode != netd_proxy::ProxyMode::None {
-                crate::services::spawn_proxy(mode, ebpf, node, resync, snapshots, take_over_kube_proxy, shared);
+                crate::services::spawn_proxy(mode, &proxy_args, ebpf, node, resync, snapshots, take_over_kube_proxy, shared);
             }
         });
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netd_proxy::registry::{RegistryOptions, ServiceRegistry, WatchStatus};
-use netd_proxy::{NodeInfo, ProxyConfig, ProxyMode, ProxyStatus, ServiceSnapshot};
+use netd_proxy::{NodeInfo, ProxyMode, ProxyStatus, ServiceSnapshot};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -84,8 +84,8 @@ pub async fn start_kube_source(client: kube::Client, shared: Arc<Shared>) -> wat
 /// `--proxy-mode`, or `none` after netd proxied services): stale rules of another mode would
 /// keep answering for Services beside the new one. Blocking (netlink, iptables-save/restore),
 /// so it runs off the async runtime; failures are reported and do not stop the proxy.
-pub async fn remove_other_modes(mode: ProxyMode, bpffs: std::path::PathBuf, shared: Arc<Shared>) {
-    let cfg = ProxyConfig::new(NodeInfo::default(), mode);
+pub async fn remove_other_modes(mode: ProxyMode, proxy: &netd_proxy::ProxyArgs, bpffs: std::path::PathBuf, shared: Arc<Shared>) {
+    let cfg = proxy.config(NodeInfo::default(), mode, Duration::from_secs(30));
     let removed = tokio::task::spawn_blocking(move || {
         let mut removed = netd_proxy::dataplane::remove_leftovers(Some(mode), &cfg.iptables_restore).map_err(|e| e.to_string())?;
         if mode != ProxyMode::Ebpf && netd_ebpf::EbpfBackend::remove_pins(&bpffs).map_err(|e| e.to_string())? {
@@ -108,6 +108,7 @@ pub async fn remove_other_modes(mode: ProxyMode, bpffs: std::path::PathBuf, shar
 /// Runs the proxy on `snapshots` and mirrors its status into `netd status`, metrics and readiness.
 pub fn spawn_proxy(
     mode: ProxyMode,
+    proxy: &netd_proxy::ProxyArgs,
     ebpf: Option<netd_ebpf::EbpfConfig>,
     node: NodeInfo,
     resync: Duration,
@@ -129,11 +130,10 @@ pub fn spawn_proxy(
         _ => None,
     };
     let (status_tx, mut status_rx) = watch::channel(ProxyStatus::default());
-    let mut cfg = ProxyConfig::new(node, mode);
+    let mut cfg = proxy.config(node, mode, resync);
     // kube-proxy's chains go once netd's rules for the complete service list are in, so that
     // one of the two answers for every Service at every instant.
     let mut kube_proxy_restore = take_over_kube_proxy.then(|| cfg.iptables_restore.clone());
-    cfg.resync_interval = resync;
     cfg.status = Some(status_tx);
     shared.update(|s| s.services = Some(ServicesStatus { mode: mode.to_string(), ..Default::default() }));
     // The cluster's service ranges (`netd config`) come with the registry's snapshots.

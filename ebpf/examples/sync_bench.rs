@@ -35,6 +35,8 @@ fn plan(services: u32, eps: u32, bump: Option<u32>) -> Plan {
             external_local: false,
             internal_local: false,
             health_check_node_port: None,
+            source_ranges: Vec::new(),
+            lists_cluster_ip: true,
             local_endpoints: vec![],
             cluster_endpoints: endpoints,
         };

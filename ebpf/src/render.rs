@@ -389,6 +389,8 @@ mod tests {
             external_local: false,
             internal_local: false,
             health_check_node_port: None,
+            source_ranges: Vec::new(),
+            lists_cluster_ip: true,
             local_endpoints: eps.iter().filter(|e| e.local).cloned().collect(),
             cluster_endpoints: eps,
         }

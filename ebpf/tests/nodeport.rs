@@ -171,6 +171,8 @@ fn service(name: &str, proto: Proto, port: u16, target: u16, node_port: u16, eps
         external_local: false,
         internal_local: false,
         health_check_node_port: None,
+        source_ranges: Vec::new(),
+        lists_cluster_ip: true,
         local_endpoints: eps.iter().filter(|e| e.local).cloned().collect(),
         cluster_endpoints: eps.into_iter().map(|e| Endpoint { port: target, ..e }).collect(),
     }

@@ -191,6 +191,8 @@ fn service(name: &str, vip: [u8; 4], port: u16, proto: Proto, eps: Vec<Endpoint>
         external_local: false,
         internal_local: false,
         health_check_node_port: None,
+        source_ranges: Vec::new(),
+        lists_cluster_ip: true,
         local_endpoints: eps.clone(),
         cluster_endpoints: eps,
     }

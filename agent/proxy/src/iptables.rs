@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 
-use crate::model::{Endpoint, NoEndpoints, Plan, Proto, ServicePortPlan};
+use crate::model::{Endpoint, NoEndpoints, NodeInfo, Plan, Proto, ServicePortPlan};
 use crate::nft::ir::fnv1a;
 
 pub const MASQ_MARK: u32 = 0x4000;
@@ -65,6 +65,8 @@ pub struct Fragment {
     pub nodeports: Vec<String>,
     /// Its rules in filter `NETD-SERVICES` (rejecting or dropping frontends without endpoints).
     pub filter: Vec<String>,
+    /// Its rule rejecting the other ports of its ClusterIP (after every service's `filter`).
+    pub cluster_ip: Vec<String>,
 }
 
 /// The iptables artifact: per-service fragments plus the node-level parts.
@@ -76,6 +78,8 @@ pub struct IptRuleset {
     nodeport_jumps: Vec<String>,
     /// How filter NETD-SERVICES matches a NodePort destination.
     nodeport_dst: Vec<String>,
+    /// The service range: what is left of it after the ClusterIPs is dropped.
+    service_cidr: Option<Ipv4Net>,
 }
 
 impl IptRuleset {
@@ -85,6 +89,7 @@ impl IptRuleset {
         let mut services = Vec::new();
         let mut nodeports = Vec::new();
         let mut filter = Vec::new();
+        let mut cluster_ips = Vec::new();
         for f in self.fragments.values() {
             for (name, rules) in &f.chains {
                 m.insert((Table::Nat, name.clone()), rules.clone());
@@ -92,6 +97,16 @@ impl IptRuleset {
             services.extend(f.services.iter().cloned());
             nodeports.extend(f.nodeports.iter().cloned());
             filter.extend(f.filter.iter().cloned());
+            cluster_ips.extend(f.cluster_ip.iter().cloned());
+        }
+        // Still addressed to a ClusterIP or the service range once the nat rules are done: no
+        // service port took it. Addresses of the node itself (the cluster DNS VIP) are not ours.
+        if !cluster_ips.is_empty() || self.service_cidr.is_some() {
+            filter.push("-m addrtype --dst-type LOCAL -j RETURN".into());
+        }
+        filter.extend(cluster_ips);
+        if let Some(cidr) = self.service_cidr {
+            filter.push(format!("-d {cidr} -m comment --comment \"netd unallocated service IPs\" -j DROP"));
         }
         services.extend(self.nodeport_jumps.iter().cloned());
         m.insert((Table::Nat, SERVICES.into()), services);
@@ -167,6 +182,9 @@ impl Names {
     fn ext(&self) -> String {
         format!("NETD-EXT-{}", hash16(&self.id))
     }
+    fn fw(&self) -> String {
+        format!("NETD-FW-{}", hash16(&self.id))
+    }
     fn sep(&self, e: &Endpoint) -> String {
         format!("NETD-SEP-{}", hash16(&format!("{}__{}", self.id, e.addr())))
     }
@@ -216,14 +234,18 @@ fn no_endpoints(v: NoEndpoints, proto: Proto) -> &'static str {
 }
 
 /// One service port's chains and rules (kube-proxy's iptables layout).
-pub fn service_fragment(sp: &ServicePortPlan, cluster_cidr: Option<Ipv4Net>, nodeport_dst: &[String]) -> Fragment {
+pub fn service_fragment(sp: &ServicePortPlan, node: &NodeInfo, nodeport_dst: &[String]) -> Fragment {
+    let cluster_cidr = node.cluster_cidr;
     let n = Names::new(sp);
     let p = sp.key.proto;
     let mut f = Fragment::default();
     let internal = sp.internal_endpoints();
     let external = sp.external_endpoints();
     let need_local = !sp.local_endpoints.is_empty() && (sp.internal_local || (sp.external_local && sp.has_external()));
-    let need_cluster = !sp.cluster_endpoints.is_empty() && (!sp.internal_local || (sp.has_external() && !external.is_empty()));
+    // With externalTrafficPolicy Local, pods and the node reach the cluster's endpoints through
+    // the external frontends even when this node has none (kube-proxy's short-circuit).
+    let short_circuit = sp.external_local && sp.has_external();
+    let need_cluster = !sp.cluster_endpoints.is_empty() && (!sp.internal_local || (sp.has_external() && (!external.is_empty() || short_circuit)));
     let mut used: BTreeMap<(std::net::Ipv4Addr, u16), &Endpoint> = BTreeMap::new();
     if need_cluster {
         used.extend(sp.cluster_endpoints.iter().map(|e| ((e.ip, e.port), e)));
@@ -251,9 +273,18 @@ pub fn service_fragment(sp: &ServicePortPlan, cluster_cidr: Option<Ipv4Net>, nod
         f.chains.push((n.svc(), rules));
     }
     if need_local {
-        f.chains.push((n.svl(), balance(sp, &n, &sp.local_endpoints)));
+        let mut rules = Vec::new();
+        // internalTrafficPolicy Local still masquerades the node and off-cluster clients.
+        if let (true, Some(vip), Some(cidr)) = (sp.internal_local, sp.cluster_ip, cluster_cidr) {
+            rules.push(format!("! -s {cidr} -d {vip}/32 -p {p} -m comment --comment \"{} cluster IP\" {} -j {MARK_MASQ}", n.comment, dport(p, sp.port)));
+        }
+        rules.extend(balance(sp, &n, &sp.local_endpoints));
+        f.chains.push((n.svl(), rules));
     }
     if let Some(vip) = sp.cluster_ip {
+        if sp.lists_cluster_ip {
+            f.cluster_ip.push(format!("-d {vip}/32 -m comment --comment \"{} has no such port\" -j REJECT --reject-with icmp-port-unreachable", sp.key.service));
+        }
         if internal.is_empty() {
             f.filter.push(format!(
                 "-d {vip}/32 -p {p} -m comment --comment \"{} has no {}endpoints\" {} {}",
@@ -269,7 +300,9 @@ pub fn service_fragment(sp: &ServicePortPlan, cluster_cidr: Option<Ipv4Net>, nod
     }
     if sp.has_external() {
         let ok = !external.is_empty();
-        if ok {
+        // Pods and the node still go to the cluster's endpoints (the rest is dropped in filter).
+        let nat = ok || (short_circuit && need_cluster);
+        if nat {
             let mut rules = Vec::new();
             if sp.external_local {
                 if let Some(cidr) = cluster_cidr {
@@ -277,7 +310,9 @@ pub fn service_fragment(sp: &ServicePortPlan, cluster_cidr: Option<Ipv4Net>, nod
                 }
                 rules.push(format!("-m comment --comment \"masquerade LOCAL traffic for {} external destinations\" -m addrtype --src-type LOCAL -j {MARK_MASQ}", n.comment));
                 rules.push(format!("-m comment --comment \"route LOCAL traffic for {} external destinations\" -m addrtype --src-type LOCAL -j {}", n.comment, n.svc()));
-                rules.push(format!("-j {}", n.svl()));
+                if ok {
+                    rules.push(format!("-j {}", n.svl()));
+                }
             } else {
                 rules.push(format!("-m comment --comment \"masquerade traffic for {} external destinations\" -j {MARK_MASQ}", n.comment));
                 rules.push(format!("-j {}", n.svc()));
@@ -286,17 +321,30 @@ pub fn service_fragment(sp: &ServicePortPlan, cluster_cidr: Option<Ipv4Net>, nod
         }
         let fallback = no_endpoints(sp.external_fallback(), p);
         let what = if sp.external_fallback() == NoEndpoints::Drop { "local " } else { "" };
+        // loadBalancerSourceRanges: the LB IPs go through a firewall chain that passes allowed
+        // clients on; the others leave nat untranslated and are dropped in filter.
+        let firewall = sp.firewall(node).filter(|_| nat);
+        if let Some(allowed) = &firewall {
+            let rules = allowed.iter().map(|net| format!("-s {net} -m comment --comment \"{} loadbalancer IP\" -j {}", n.comment, n.ext())).collect();
+            f.chains.push((n.fw(), rules));
+        }
         for (ip, kind) in sp.external_ips.iter().map(|i| (i, "external IP")).chain(sp.lb_ips.iter().map(|i| (i, "loadbalancer IP"))) {
-            if ok {
-                f.services.push(format!("-d {ip}/32 -p {p} -m comment --comment \"{} {kind}\" {} -j {}", n.comment, dport(p, sp.port), n.ext()));
-            } else {
+            if nat {
+                let target = if firewall.is_some() && kind == "loadbalancer IP" { n.fw() } else { n.ext() };
+                f.services.push(format!("-d {ip}/32 -p {p} -m comment --comment \"{} {kind}\" {} -j {target}", n.comment, dport(p, sp.port)));
+                if firewall.is_some() && kind == "loadbalancer IP" {
+                    f.filter.push(format!("-d {ip}/32 -p {p} -m comment --comment \"{} not allowed by loadBalancerSourceRanges\" {} -j DROP", n.comment, dport(p, sp.port)));
+                }
+            }
+            if !ok {
                 f.filter.push(format!("-d {ip}/32 -p {p} -m comment --comment \"{} has no {what}endpoints\" {} {fallback}", n.comment, dport(p, sp.port)));
             }
         }
         if let Some(np) = sp.node_port {
-            if ok {
+            if nat {
                 f.nodeports.push(format!("-p {p} -m comment --comment \"{}\" {} -j {}", n.comment, dport(p, np), n.ext()));
-            } else {
+            }
+            if !ok {
                 for dst in nodeport_dst {
                     f.filter.push(format!("{dst}-p {p} -m comment --comment \"{} has no {what}endpoints\" {}{} {fallback}", n.comment, addrtype_if(dst), dport(p, np)));
                 }
@@ -325,7 +373,7 @@ pub fn render(plan: &Plan, prev: Option<&IptRuleset>) -> IptRuleset {
         plan.node.ips.iter().map(|ip| format!("-d {ip}/32 -m comment --comment \"netd service nodeports\" -j {NODEPORTS}")).collect()
     };
     let same_node = prev.is_some_and(|p| p.nodeport_dst == nodeport_dst);
-    let mut rs = IptRuleset { nodeport_jumps, nodeport_dst: nodeport_dst.clone(), ..Default::default() };
+    let mut rs = IptRuleset { nodeport_jumps, nodeport_dst: nodeport_dst.clone(), service_cidr: plan.service_cidr, ..Default::default() };
     for sp in plan.services.values() {
         let key = sp.key.slug(sp.port);
         let reuse = prev
@@ -333,7 +381,7 @@ pub fn render(plan: &Plan, prev: Option<&IptRuleset>) -> IptRuleset {
             .and_then(|p| Some((p.sources.get(&key)?, p.fragments.get(&key)?)))
             .filter(|(src, _)| Arc::ptr_eq(src, sp))
             .map(|(_, f)| f.clone());
-        let frag = reuse.unwrap_or_else(|| Arc::new(service_fragment(sp, plan.node.cluster_cidr, &nodeport_dst)));
+        let frag = reuse.unwrap_or_else(|| Arc::new(service_fragment(sp, &plan.node, &nodeport_dst)));
         rs.fragments.insert(key.clone(), frag);
         rs.sources.insert(key, sp.clone());
     }

@@ -141,6 +141,13 @@ pub struct ServicePortPlan {
     pub internal_local: bool,
     /// `spec.healthCheckNodePort` when externalTrafficPolicy is Local.
     pub health_check_node_port: Option<u16>,
+    /// `spec.loadBalancerSourceRanges` (IPv4, type LoadBalancer only): when not empty, only these
+    /// clients may use the LB IPs (the node's own addresses too, if a range holds them).
+    pub source_ranges: Vec<Ipv4Net>,
+    /// This port plan lists the ClusterIP among the addresses every port of which is answered
+    /// (REJECT for ports no Service serves). One port plan per ClusterIP does, so that no two
+    /// parts of a rendered ruleset carry the same element.
+    pub lists_cluster_ip: bool,
     /// Endpoints for cluster-wide policy: the ready ones, or if none is ready, the serving
     /// terminating ones. Sorted, distinct.
     pub cluster_endpoints: Vec<Endpoint>,
@@ -194,6 +201,20 @@ impl ServicePortPlan {
         v
     }
 
+    /// LB IPs with `loadBalancerSourceRanges` to enforce, with the sources allowed: the ranges,
+    /// and when a range holds one of the node's addresses, the LB IP itself (kube-proxy's rule:
+    /// a node reaching its LB IP may be SNATed to it by the load balancer's own setup).
+    pub fn firewall(&self, node: &NodeInfo) -> Option<Vec<Ipv4Net>> {
+        if self.source_ranges.is_empty() || self.lb_ips.is_empty() {
+            return None;
+        }
+        let mut allowed = self.source_ranges.clone();
+        if node.ips.iter().any(|ip| self.source_ranges.iter().any(|r| r.contains(ip))) {
+            allowed.extend(self.lb_ips.iter().map(|ip| Ipv4Net::from(*ip)));
+        }
+        Some(allowed)
+    }
+
     /// Frontends (IP, port) that carry "external" traffic: external IPs then LB IPs.
     pub fn external_frontends(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
         self.external_ips.iter().chain(self.lb_ips.iter()).copied()
@@ -223,6 +244,9 @@ pub struct HealthCheck {
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     pub node: NodeInfo,
+    /// The cluster's service range (`serviceClusterIPRange` of `<prefix>/config`): a packet to an
+    /// address of it that no Service holds is dropped, as kube-proxy does.
+    pub service_cidr: Option<Ipv4Net>,
     pub services: imbl::OrdMap<ServicePortKey, Arc<ServicePortPlan>>,
     /// healthCheckNodePort → what it reports.
     pub health_checks: BTreeMap<u16, HealthCheck>,

@@ -10,11 +10,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{Endpoint, HealthCheck, NodeInfo, Plan, Proto, ServicePortKey, ServicePortPlan};
 use crate::snapshot::{NsName, ServiceSnapshot};
+
+/// Services with this label belong to another proxy (`--service-proxy-name` of kube-proxy).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 
 /// kube-proxy's default ClientIP affinity timeout (3 h).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
@@ -57,8 +61,10 @@ pub fn desired_from_all(node: &NodeInfo, snap: &ServiceSnapshot, prev: Option<&P
 fn plan_from(node: &NodeInfo, snap: &ServiceSnapshot, prev: Option<&Plan>, use_log: bool) -> Plan {
     let prev = prev.filter(|p| p.node == *node);
     let mark = snap.mark();
+    let service_cidr = snap.cluster_config.as_ref().map(|c| c.service_cluster_ip_range);
     if let Some(mut plan) = prev.and_then(|p| patch(node, snap, p, use_log)) {
         plan.mark = Some(mark);
+        plan.service_cidr = service_cidr;
         return plan;
     }
     // Services, slice groups and the previous inputs are all sorted by service: walk them in
@@ -97,6 +103,7 @@ fn plan_from(node: &NodeInfo, snap: &ServiceSnapshot, prev: Option<&Plan>, use_l
     }
     let mut plan = assemble(node, inputs);
     plan.mark = Some(mark);
+    plan.service_cidr = service_cidr;
     plan
 }
 
@@ -193,6 +200,7 @@ fn assemble(node: &NodeInfo, inputs: imbl::OrdMap<NsName, Arc<Inputs>>) -> Plan 
     order.sort_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(b.0)));
     let mut ip_claims: HashMap<(Ipv4Addr, Proto, u16), &ServicePortKey> = HashMap::with_capacity(inputs.len() * 2);
     let mut np_claims: HashMap<(Proto, u16), &ServicePortKey> = HashMap::new();
+    let mut listed: std::collections::HashSet<Ipv4Addr> = std::collections::HashSet::with_capacity(inputs.len());
     for (_, inp) in order {
         plan.warnings.extend(inp.warnings.iter().cloned());
         for sp in &inp.ports {
@@ -225,7 +233,10 @@ fn assemble(node: &NodeInfo, inputs: imbl::OrdMap<NsName, Arc<Inputs>>) -> Plan 
                     }
                 },
             };
-            let sp = if lost.is_empty() {
+            // One port plan lists each ClusterIP (see `lists_cluster_ip`): the first port of the
+            // oldest service holding it.
+            let unlist = sp.lists_cluster_ip && !(cluster_ok && sp.cluster_ip.is_some_and(|ip| listed.insert(ip)));
+            let sp = if lost.is_empty() && !unlist {
                 sp.clone()
             } else {
                 plan.warnings.append(&mut lost);
@@ -237,6 +248,9 @@ fn assemble(node: &NodeInfo, inputs: imbl::OrdMap<NsName, Arc<Inputs>>) -> Plan 
                 s.lb_ips = s.lb_ips.iter().zip(&lb_ok).filter(|(_, ok)| **ok).map(|(ip, _)| *ip).collect();
                 if !np_ok {
                     s.node_port = None;
+                }
+                if unlist {
+                    s.lists_cluster_ip = false;
                 }
                 Arc::new(s)
             };
@@ -258,6 +272,11 @@ fn plan_service(node: &NodeInfo, key: &NsName, svc: &Service, slices: &[Arc<Endp
     let Some(spec) = &svc.spec else { return Vec::new() };
     let typ = spec.type_.as_deref().unwrap_or("ClusterIP");
     if typ == "ExternalName" {
+        return Vec::new();
+    }
+    // A Service labelled for another proxy implementation is that proxy's to program (kube-proxy
+    // skips them the same way).
+    if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
         return Vec::new();
     }
     let parse_ip = |s: &str, what: &str, warnings: &mut Vec<String>| -> Option<Ipv4Addr> {
@@ -300,6 +319,17 @@ fn plan_service(node: &NodeInfo, key: &NsName, svc: &Service, slices: &[Arc<Endp
             .filter(|t| *t > 0)
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
     });
+    // Invalid ranges are reported and left out; extra blanks are tolerated as by kube-proxy.
+    let mut source_ranges: Vec<Ipv4Net> = Vec::new();
+    if typ == "LoadBalancer" {
+        for r in spec.load_balancer_source_ranges.iter().flatten() {
+            match r.trim().parse::<ipnet::IpNet>() {
+                Ok(ipnet::IpNet::V4(n)) => source_ranges.push(n.trunc()),
+                Ok(ipnet::IpNet::V6(_)) => {}
+                Err(_) => warnings.push(format!("{key}: loadBalancerSourceRanges entry {r:?} is not a CIDR; ignored")),
+            }
+        }
+    }
     let node_ports_allowed = typ == "NodePort" || typ == "LoadBalancer";
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
@@ -341,6 +371,8 @@ fn plan_service(node: &NodeInfo, key: &NsName, svc: &Service, slices: &[Arc<Endp
             external_local,
             internal_local,
             health_check_node_port: hcnp,
+            source_ranges: source_ranges.clone(),
+            lists_cluster_ip: out.is_empty() && cluster_ip.is_some(),
             cluster_endpoints,
             local_endpoints,
         });
@@ -502,6 +534,64 @@ pub(crate) mod tests {
         let changed = p2.changes_since(p1.id()).expect("incremental");
         assert_eq!(changed.iter().map(|k| k.service.name.as_str()).collect::<Vec<_>>(), ["b"]);
         assert!(full.changes_since(p1.id()).is_none() && p1.delta.is_none());
+    }
+
+    #[test]
+    fn services_of_another_proxy_are_skipped() {
+        let plan = desired(&node(), &crate::testdata::feature_snapshot());
+        assert!(plan.services.keys().all(|k| k.service.name != "other"), "labelled service.kubernetes.io/service-proxy-name");
+        assert!(plan.services.keys().any(|k| k.service.name == "dual"));
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_and_the_service_range() {
+        let snap = crate::testdata::feature_snapshot();
+        let plan = desired(&node(), &snap);
+        assert_eq!(plan.service_cidr, Some("10.96.0.0/12".parse().unwrap()), "from <prefix>/config");
+        let lb = plan.services.values().find(|s| s.key.service.name == "lb").unwrap();
+        let want: Vec<ipnet::Ipv4Net> = vec!["198.18.0.0/24".parse().unwrap(), "203.0.113.0/25".parse().unwrap()];
+        assert_eq!(lb.source_ranges, want, "blanks around a range are tolerated");
+        // node0 (198.18.0.10) is in a range: its LB IP may be the source too, as in kube-proxy.
+        let fw = lb.firewall(&node()).unwrap();
+        assert_eq!(fw.last(), Some(&"198.18.0.210/32".parse().unwrap()));
+        let mut far = node();
+        far.ips = vec!["192.0.2.1".parse().unwrap()];
+        assert_eq!(lb.firewall(&far).unwrap(), want);
+        // Only LoadBalancers have them; a bad entry is reported.
+        let snap = ServiceSnapshot::from_objects(
+            [
+                svc(json!({"metadata": {"name": "np"}, "spec": {"type": "NodePort", "clusterIP": "10.96.0.11", "loadBalancerSourceRanges": ["10.0.0.0/8"],
+                    "ports": [{"port": 80, "nodePort": 30001}]}})),
+                svc(json!({"metadata": {"name": "bad"}, "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.12", "loadBalancerSourceRanges": ["nonsense", "10.1.0.0/16"],
+                    "ports": [{"port": 80, "nodePort": 30002}]}, "status": {"loadBalancer": {"ingress": [{"ip": "198.18.0.220"}]}}})),
+            ],
+            [],
+        );
+        let plan = desired(&node(), &snap);
+        let np = plan.services.values().find(|s| s.key.service.name == "np").unwrap();
+        assert!(np.source_ranges.is_empty() && np.firewall(&node()).is_none());
+        let bad = plan.services.values().find(|s| s.key.service.name == "bad").unwrap();
+        assert_eq!(bad.source_ranges, vec!["10.1.0.0/16".parse::<ipnet::Ipv4Net>().unwrap()]);
+        assert!(plan.warnings.iter().any(|w| w.contains("\"nonsense\"")), "{:?}", plan.warnings);
+    }
+
+    #[test]
+    fn one_port_plan_lists_each_cluster_ip() {
+        let mut snap = crate::testdata::feature_snapshot();
+        // A second service with the same ClusterIP on another port (the API server would refuse
+        // it; two lists of one address would be one element deleted twice).
+        snap.put_service(Arc::new(svc(json!({"metadata": {"name": "twin"},
+            "spec": {"clusterIP": "10.96.0.70", "ports": [{"port": 54}]}}))));
+        let plan = desired(&node(), &snap);
+        let mut count: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+        for sp in plan.services.values() {
+            let vip = sp.cluster_ip.unwrap();
+            *count.entry(vip).or_default() += usize::from(sp.lists_cluster_ip);
+        }
+        assert!(count.values().all(|n| *n == 1), "{count:?}");
+        let dual: Vec<bool> = plan.services.values().filter(|s| s.key.service.name == "dual").map(|s| s.lists_cluster_ip).collect();
+        assert_eq!(dual.len(), 2);
+        assert!(plan.services.values().any(|s| s.key.service.name == "twin" && !s.lists_cluster_ip));
     }
 
     #[test]

@@ -78,19 +78,16 @@ impl ProxyConfig {
     }
 }
 
-/// `netd run` flags of the service proxy (flatten into the daemon's `RunArgs`). The registry's
-/// etcd connection is [`crate::registry::RegistryArgs`].
+/// `netd run` flags of the service proxy (flattened into the daemon's `RunArgs`, which has
+/// `--proxy-mode` itself). The registry's etcd connection is [`crate::registry::RegistryArgs`].
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProxyArgs {
-    /// How Services are programmed: nftables (netlink, constant cost per packet), iptables (iptables-restore, for nodes without nftables) or none.
-    #[arg(long, env = "NETD_PROXY_MODE", value_enum, default_value_t = ProxyMode::Nftables)]
-    pub proxy_mode: ProxyMode,
     /// iptables-restore binary for --proxy-mode iptables (iptables-restore, iptables-legacy-restore, iptables-nft-restore).
     #[arg(long, env = "NETD_IPTABLES_RESTORE", default_value = "iptables-restore")]
     pub iptables_restore: String,
     /// Addresses NodePorts are served on, comma-separated (default: the node's address; empty list = every local address).
-    #[arg(long, env = "NETD_NODEPORT_ADDRESSES", value_delimiter = ',')]
-    pub nodeport_addresses: Option<Vec<Ipv4Addr>>,
+    #[arg(long, env = "NETD_NODEPORT_ADDRESSES", value_parser = parse_addresses)]
+    pub nodeport_addresses: Option<Addresses>,
     /// Address the healthCheckNodePort servers listen on.
     #[arg(long, env = "NETD_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0")]
     pub healthz_bind_address: Ipv4Addr,
@@ -99,16 +96,24 @@ pub struct ProxyArgs {
     pub conntrack_cleanup: bool,
 }
 
+/// A comma-separated list of IPv4 addresses, possibly empty (`""`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addresses(pub Vec<Ipv4Addr>);
+
+fn parse_addresses(s: &str) -> Result<Addresses, String> {
+    s.split(',').map(str::trim).filter(|a| !a.is_empty()).map(|a| a.parse().map_err(|_| format!("{a:?} is not an IPv4 address"))).collect::<Result<_, _>>().map(Addresses)
+}
+
 impl ProxyArgs {
     /// The proxy configuration for this node. `node.ips` is replaced by --nodeport-addresses
     /// when given.
-    pub fn config(&self, mut node: NodeInfo, resync_interval: Duration) -> ProxyConfig {
+    pub fn config(&self, mut node: NodeInfo, mode: ProxyMode, resync_interval: Duration) -> ProxyConfig {
         if let Some(ips) = &self.nodeport_addresses {
-            node.ips = ips.clone();
+            node.ips = ips.0.clone();
         }
         ProxyConfig {
             node,
-            mode: self.proxy_mode,
+            mode,
             iptables_restore: self.iptables_restore.clone(),
             resync_interval,
             health_bind: Some(self.healthz_bind_address),
@@ -341,9 +346,12 @@ mod tests {
             }
         }
         let c = Cli::try_parse_from(["x"]).unwrap();
-        assert_eq!(c.proxy.proxy_mode, ProxyMode::Nftables);
-        let cfg = Cli::try_parse_from(["x", "--proxy-mode", "iptables", "--nodeport-addresses", "198.18.0.10,198.18.0.11"]).unwrap().proxy.config(NodeInfo::default(), Duration::from_secs(5));
+        assert!(c.proxy.conntrack_cleanup && c.proxy.iptables_restore == "iptables-restore" && c.proxy.nodeport_addresses.is_none());
+        let args = ["x", "--iptables-restore", "iptables-legacy-restore", "--conntrack-cleanup", "false", "--nodeport-addresses", "198.18.0.10,198.18.0.11"];
+        let cfg = Cli::try_parse_from(args).unwrap().proxy.config(NodeInfo::default(), ProxyMode::Iptables, Duration::from_secs(5));
         assert_eq!(cfg.mode, ProxyMode::Iptables);
         assert_eq!(cfg.node.ips.len(), 2);
+        assert_eq!(cfg.iptables_restore, "iptables-legacy-restore");
+        assert!(!cfg.conntrack);
     }
 }

@@ -55,7 +55,9 @@ pub fn web_snapshot() -> ServiceSnapshot {
 }
 
 /// [`web_snapshot`] plus a service without endpoints, a LoadBalancer with
-/// externalTrafficPolicy Local, and an SCTP service with internalTrafficPolicy Local.
+/// externalTrafficPolicy Local and loadBalancerSourceRanges, one with externalTrafficPolicy Local
+/// and no endpoint on node0, an SCTP service with internalTrafficPolicy Local, a TCP and a UDP
+/// port of one number, a service of another proxy, and the cluster's service range.
 pub fn feature_snapshot() -> ServiceSnapshot {
     let mut s = web_snapshot();
     for v in [
@@ -63,8 +65,17 @@ pub fn feature_snapshot() -> ServiceSnapshot {
                "spec": {"type": "NodePort", "clusterIP": "10.96.0.40", "ports": [{"port": 80, "nodePort": 30040}]}}),
         json!({"metadata": {"name": "lb", "namespace": "prod"},
                "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.50", "externalTrafficPolicy": "Local",
-                        "healthCheckNodePort": 32000, "ports": [{"port": 443, "nodePort": 30443}]},
+                        "healthCheckNodePort": 32000, "ports": [{"port": 443, "nodePort": 30443}],
+                        "loadBalancerSourceRanges": ["198.18.0.0/24", " 203.0.113.0/25"]},
                "status": {"loadBalancer": {"ingress": [{"ip": "198.18.0.210"}]}}}),
+        json!({"metadata": {"name": "remote", "namespace": "prod"},
+               "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.51", "externalTrafficPolicy": "Local",
+                        "healthCheckNodePort": 32001, "ports": [{"port": 80, "nodePort": 30081}]},
+               "status": {"loadBalancer": {"ingress": [{"ip": "198.18.0.211"}]}}}),
+        json!({"metadata": {"name": "dual", "namespace": "default"},
+               "spec": {"clusterIP": "10.96.0.70", "ports": [{"name": "dns-tcp", "port": 53}, {"name": "dns-udp", "port": 53, "protocol": "UDP"}]}}),
+        json!({"metadata": {"name": "other", "namespace": "default", "labels": {"service.kubernetes.io/service-proxy-name": "someone-else"}},
+               "spec": {"clusterIP": "10.96.0.80", "ports": [{"port": 80}]}}),
         json!({"metadata": {"name": "itp", "namespace": "prod"},
                "spec": {"clusterIP": "10.96.0.60", "internalTrafficPolicy": "Local", "ports": [{"port": 7000, "protocol": "SCTP"}]}}),
     ] {
@@ -77,9 +88,19 @@ pub fn feature_snapshot() -> ServiceSnapshot {
         json!({"metadata": {"name": "itp-1", "namespace": "prod", "labels": {"kubernetes.io/service-name": "itp"}},
                "addressType": "IPv4", "ports": [{"port": 7000, "protocol": "SCTP"}],
                "endpoints": [{"addresses": ["10.244.2.10"], "nodeName": "node1"}]}),
+        json!({"metadata": {"name": "remote-1", "namespace": "prod", "labels": {"kubernetes.io/service-name": "remote"}},
+               "addressType": "IPv4", "ports": [{"port": 8080}],
+               "endpoints": [{"addresses": ["10.244.2.11"], "nodeName": "node1"}]}),
+        json!({"metadata": {"name": "dual-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "dual"}},
+               "addressType": "IPv4", "ports": [{"name": "dns-tcp", "port": 53}, {"name": "dns-udp", "port": 53, "protocol": "UDP"}],
+               "endpoints": [{"addresses": ["10.244.1.6"], "nodeName": "node0"}]}),
+        json!({"metadata": {"name": "other-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "other"}},
+               "addressType": "IPv4", "ports": [{"port": 80}],
+               "endpoints": [{"addresses": ["10.244.1.7"], "nodeName": "node0"}]}),
     ] {
         s.put_slice(Arc::new(slice(v)));
     }
+    s.cluster_config = Some(crate::registry::ClusterConfig::default());
     s
 }
 

@@ -47,3 +47,28 @@ fn netlink_programs_the_rendered_ruleset_and_a_restart_changes_nothing() -> Resu
     }
     Ok(())
 }
+
+/// Deleting a Service with a TCP and a UDP port of one number, whose endpoint is a pod of this
+/// node, is one batch the kernel accepts: each port owns its own hairpin element (the element
+/// keyed without the protocol was deleted twice, and the kernel refused the whole batch).
+#[test]
+fn deleting_a_service_with_tcp_and_udp_on_one_port_is_accepted_at_once() -> Result<()> {
+    let ns = Netns::new("nfthp")?;
+    let mut snap = testdata::feature_snapshot();
+    let with = render(&netd_proxy::desired(&testdata::node(), &snap), None);
+    snap.remove_service(&netd_proxy::NsName::new("default", "dual"));
+    let without = render(&netd_proxy::desired(&testdata::node(), &snap), Some(&with));
+    let (first, delete) = in_netns(ns.name(), move || {
+        let mut nft = Nftables::new();
+        let first = nft.sync(&with, false).map(|r| r.ops).map_err(|e| e.to_string());
+        // No observe, no retry: the diff from the ruleset applied last, as one batch.
+        let delete = nft.sync(&without, false).map(|r| r.ops).map_err(|e| e.to_string());
+        (first, delete)
+    });
+    assert!(first.map_err(anyhow::Error::msg)? > 0);
+    assert!(delete.map_err(anyhow::Error::msg)? > 0);
+    let listing = ns.run(&["nft", "list", "set", "ip", "netd-proxy", "hairpin"])?;
+    assert!(!listing.contains("10.96.0.70"), "{listing}");
+    assert!(listing.contains("10.244.1.9 . 10.244.1.9 . 10.96.0.50 . tcp . 443"), "{listing}");
+    Ok(())
+}

@@ -106,8 +106,10 @@ pub enum SetKind {
     AddrProtoPort,
     /// `type inet_proto . inet_service` (NodePorts without endpoints).
     ProtoPort,
-    /// `type ipv4_addr . ipv4_addr . ipv4_addr . inet_service`: client . endpoint . ClusterIP . port
-    /// of hairpin connections (a pod reaching itself through its service).
+    /// `type ipv4_addr . ipv4_addr . ipv4_addr . inet_proto . inet_service`: client . endpoint .
+    /// ClusterIP . protocol . port of hairpin connections (a pod reaching itself through its
+    /// service). With the protocol, a TCP and a UDP port of one number are two elements, each
+    /// owned by its own service port (one element in two parts would be deleted twice).
     Hairpin,
     /// `type ipv4_addr . inet_proto . inet_service . mark : ipv4_addr . inet_service`:
     /// (service frontend, `numgen random mod N` slot) → endpoint. One map for every service, so
@@ -129,7 +131,7 @@ impl SetKind {
             SetKind::ProtoPortVmap => ("map", "inet_proto . inet_service : verdict".into()),
             SetKind::AddrProtoPort => ("set", "ipv4_addr . inet_proto . inet_service".into()),
             SetKind::ProtoPort => ("set", "inet_proto . inet_service".into()),
-            SetKind::Hairpin => ("set", "ipv4_addr . ipv4_addr . ipv4_addr . inet_service".into()),
+            SetKind::Hairpin => ("set", "ipv4_addr . ipv4_addr . ipv4_addr . inet_proto . inet_service".into()),
             SetKind::Endpoints => ("map", "ipv4_addr . inet_proto . inet_service . mark : ipv4_addr . inet_service".into()),
         }
     }
@@ -141,8 +143,8 @@ pub enum ElemKey {
     Addr(Ipv4Addr),
     AddrProtoPort(Ipv4Addr, Proto, u16),
     ProtoPort(Proto, u16),
-    /// client . endpoint . ClusterIP . port.
-    Hairpin(Ipv4Addr, Ipv4Addr, Ipv4Addr, u16),
+    /// client . endpoint . ClusterIP . protocol . port.
+    Hairpin(Ipv4Addr, Ipv4Addr, Ipv4Addr, Proto, u16),
     /// Service frontend . slot, the key of the endpoint maps.
     Slot(Ipv4Addr, Proto, u16, u32),
 }
@@ -153,7 +155,7 @@ impl ElemKey {
             ElemKey::Addr(a) => a.to_string(),
             ElemKey::AddrProtoPort(a, p, port) => format!("{a} . {p} . {port}"),
             ElemKey::ProtoPort(p, port) => format!("{p} . {port}"),
-            ElemKey::Hairpin(c, e, v, p) => format!("{c} . {e} . {v} . {p}"),
+            ElemKey::Hairpin(c, e, v, proto, p) => format!("{c} . {e} . {v} . {proto} . {p}"),
             ElemKey::Slot(a, p, port, i) => format!("{a} . {p} . {port} . {i}"),
         }
     }
@@ -176,10 +178,11 @@ impl ElemKey {
                 v.extend_from_slice(&[0, 0]);
                 v
             }
-            ElemKey::Hairpin(c, e, vip, port) => {
+            ElemKey::Hairpin(c, e, vip, p, port) => {
                 let mut v = c.octets().to_vec();
                 v.extend_from_slice(&e.octets());
                 v.extend_from_slice(&vip.octets());
+                v.extend_from_slice(&[p.number(), 0, 0, 0]);
                 v.extend_from_slice(&port.to_be_bytes());
                 v.extend_from_slice(&[0, 0]);
                 v
@@ -202,7 +205,9 @@ impl ElemKey {
             }
             SetKind::ProtoPortVmap | SetKind::ProtoPort if b.len() >= 6 => Some(ElemKey::ProtoPort(Proto::from_number(b[0])?, u16::from_be_bytes([b[4], b[5]]))),
             SetKind::AddrProtoPort if b.len() >= 10 => Some(ElemKey::AddrProtoPort(addr(b), Proto::from_number(b[4])?, u16::from_be_bytes([b[8], b[9]]))),
-            SetKind::Hairpin if b.len() >= 14 => Some(ElemKey::Hairpin(addr(b), addr(&b[4..]), addr(&b[8..]), u16::from_be_bytes([b[12], b[13]]))),
+            SetKind::Hairpin if b.len() >= 18 => {
+                Some(ElemKey::Hairpin(addr(b), addr(&b[4..]), addr(&b[8..]), Proto::from_number(b[12])?, u16::from_be_bytes([b[16], b[17]])))
+            }
             SetKind::Endpoints if b.len() >= 16 => Some(ElemKey::Slot(
                 addr(b),
                 Proto::from_number(b[4])?,
@@ -254,7 +259,7 @@ pub enum Stmt {
     InAddrProtoPort(String),
     /// `meta l4proto . th dport @set`.
     InProtoPort(String),
-    /// `ip saddr . ip daddr . ct original ip daddr . ct original proto-dst @set`.
+    /// `ip saddr . ip daddr . ct original ip daddr . meta l4proto . ct original proto-dst @set`.
     InHairpin(String),
     /// `dnat to FRONTEND . numgen random mod N map @set`: the endpoint map picks the endpoint
     /// of slot `numgen` of this service (frontend = ClusterIP . proto . port; nft has no
@@ -307,7 +312,7 @@ impl Stmt {
             Stmt::UpdateSaddr(s) => format!("update @{s} {{ ip saddr }}"),
             Stmt::InAddrProtoPort(s) => format!("ip daddr . meta l4proto . th dport @{s}"),
             Stmt::InProtoPort(s) => format!("meta l4proto . th dport @{s}"),
-            Stmt::InHairpin(s) => format!("ip saddr . ip daddr . ct original ip daddr . ct original proto-dst @{s}"),
+            Stmt::InHairpin(s) => format!("ip saddr . ip daddr . ct original ip daddr . meta l4proto . ct original proto-dst @{s}"),
             Stmt::DnatNumgenMap { set, frontend: (a, p, port), n } => format!("dnat to {a} . {p} . {port} . numgen random mod {n} map @{set}"),
             Stmt::DnatNumgenMapByDest { set, n } => format!("dnat ip to ip daddr . meta l4proto . th dport . numgen random mod {n} map @{set}"),
             Stmt::Dnat(a, p) => format!("dnat to {a}:{p}"),
@@ -462,6 +467,7 @@ mod tests {
             (SetKind::Addrs, ElemKey::Addr("198.18.0.10".parse().unwrap())),
             (SetKind::AddrProtoPortVmap, ElemKey::AddrProtoPort("10.96.0.1".parse().unwrap(), Proto::Udp, 53)),
             (SetKind::ProtoPortVmap, ElemKey::ProtoPort(Proto::Sctp, 30000)),
+            (SetKind::Hairpin, ElemKey::Hairpin("10.244.1.5".parse().unwrap(), "10.244.1.5".parse().unwrap(), "10.96.0.1".parse().unwrap(), Proto::Udp, 53)),
         ] {
             assert_eq!(ElemKey::from_bytes(kind, &key.bytes()), Some(key));
         }

@@ -62,6 +62,7 @@ const NFT_CT_PROTO_DST: u32 = 12;
 const NFT_CT_DST_IP: u32 = 20;
 const IP_CT_DIR_ORIGINAL: u32 = 0;
 const NFT_REG32_03: u32 = 11;
+const NFT_REG32_04: u32 = 12;
 const NFT_SET_EVAL: u32 = 0x20;
 const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 const NF_ACCEPT: i32 = 1;
@@ -73,7 +74,7 @@ const NFT_RETURN: i32 = -5;
 /// `integer` has none, and `nft list` could not print the map).
 const TYPE_MARK: u32 = 19;
 const ENDPOINTS_TYPE: u32 = (((((TYPE_IPADDR << 6) | TYPE_INET_PROTOCOL) << 6) | TYPE_INET_SERVICE) << 6) | TYPE_MARK;
-const HAIRPIN_TYPE: u32 = (((((TYPE_IPADDR << 6) | TYPE_IPADDR) << 6) | TYPE_IPADDR) << 6) | TYPE_INET_SERVICE;
+const HAIRPIN_TYPE: u32 = (((((((TYPE_IPADDR << 6) | TYPE_IPADDR) << 6) | TYPE_IPADDR) << 6) | TYPE_INET_PROTOCOL) << 6) | TYPE_INET_SERVICE;
 /// nft's datatype ids, concatenated 6 bits at a time (`ipv4_addr . inet_proto . inet_service`).
 const TYPE_INTEGER: u32 = 4;
 const TYPE_IPADDR: u32 = 7;
@@ -357,7 +358,8 @@ fn encode_stmt(s: &Stmt, next_set_id: &mut u32) -> (Vec<Raw>, Option<AnonMap>) {
             payload(NFT_PAYLOAD_NETWORK_HEADER, 12, 4, NFT_REG_1),
             payload(NFT_PAYLOAD_NETWORK_HEADER, 16, 4, NFT_REG32_01),
             Raw::new(c"ct").u32(sys::NFTNL_EXPR_CT_KEY, NFT_CT_DST_IP).u32(sys::NFTNL_EXPR_CT_DIR, IP_CT_DIR_ORIGINAL).u32(sys::NFTNL_EXPR_CT_DREG, NFT_REG32_02),
-            Raw::new(c"ct").u32(sys::NFTNL_EXPR_CT_KEY, NFT_CT_PROTO_DST).u32(sys::NFTNL_EXPR_CT_DIR, IP_CT_DIR_ORIGINAL).u32(sys::NFTNL_EXPR_CT_DREG, NFT_REG32_03),
+            meta_load(NFT_META_L4PROTO, NFT_REG32_03),
+            Raw::new(c"ct").u32(sys::NFTNL_EXPR_CT_KEY, NFT_CT_PROTO_DST).u32(sys::NFTNL_EXPR_CT_DIR, IP_CT_DIR_ORIGINAL).u32(sys::NFTNL_EXPR_CT_DREG, NFT_REG32_04),
             lookup(set, None, false),
         ],
         Stmt::DnatNumgenMap { set, frontend: (a, p, port), n } => {
@@ -561,7 +563,7 @@ impl BatchBuilder {
             SetKind::ProtoPortVmap => (NFT_SET_MAP, (TYPE_INET_PROTOCOL << 6) | TYPE_INET_SERVICE, 8, true, None),
             SetKind::AddrProtoPort => (0, (((TYPE_IPADDR << 6) | TYPE_INET_PROTOCOL) << 6) | TYPE_INET_SERVICE, 12, false, None),
             SetKind::ProtoPort => (0, (TYPE_INET_PROTOCOL << 6) | TYPE_INET_SERVICE, 8, false, None),
-            SetKind::Hairpin => (0, HAIRPIN_TYPE, 16, false, None),
+            SetKind::Hairpin => (0, HAIRPIN_TYPE, 20, false, None),
             SetKind::Endpoints => (NFT_SET_MAP, ENDPOINTS_TYPE, 16, false, None),
         };
         set.configure(flags, key_type, key_len, map, timeout.map(|t| u64::from(t) * 1000));

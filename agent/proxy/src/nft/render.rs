@@ -60,6 +60,10 @@ pub fn endpoint_map(base: &str, fe: (std::net::Ipv4Addr, Proto, u16)) -> String 
     format!("{base}-{shard:02x}")
 }
 pub const NODEPORT_IPS: &str = "nodeport-ips";
+/// Every ClusterIP: a port of one that no Service serves is rejected.
+pub const CLUSTER_IPS: &str = "cluster-ips";
+/// LB IP . proto . port → the service's `firewall-…` chain (loadBalancerSourceRanges).
+pub const FIREWALL_IPS: &str = "firewall-ips";
 /// Endpoints of plain ClusterIP services (see [`shared_lb`]): one map, looked up by a few
 /// rules only, so it needs no sharding.
 pub const CLUSTER_ENDPOINTS: &str = "cluster-endpoints";
@@ -72,6 +76,8 @@ pub fn lb_chain(n: usize) -> String {
 }
 const MARK_MASQ: &str = "mark-for-masquerade";
 const REJECT: &str = "reject-chain";
+const CLUSTER_IPS_CHECK: &str = "cluster-ips-check";
+const FIREWALL_CHECK: &str = "firewall-check";
 
 /// nft's named priorities.
 const DSTNAT: i32 = -100;
@@ -185,6 +191,8 @@ fn skeleton(plan: &Plan, style: Style) -> Fragment {
     f.sets.push(set(NO_EP_NODEPORTS, SetKind::ProtoPort, "nodeports without endpoints: reject"));
     f.sets.push(set(NO_LOCAL_EP_SERVICES, SetKind::AddrProtoPort, "traffic policy Local and no local endpoint: drop"));
     f.sets.push(set(NO_LOCAL_EP_NODEPORTS, SetKind::ProtoPort, "nodeports with policy Local and no local endpoint: drop"));
+    f.sets.push(set(CLUSTER_IPS, SetKind::Addrs, "ClusterIPs: ports no service serves are rejected"));
+    f.sets.push(set(FIREWALL_IPS, SetKind::AddrProtoPortVmap, "LoadBalancer IPs subject to loadBalancerSourceRanges"));
     if style == Style::Netd {
         f.sets.push(set(HAIRPIN, SetKind::Hairpin, "client . endpoint . cluster IP . port of pods reaching themselves"));
     }
@@ -221,9 +229,27 @@ fn skeleton(plan: &Plan, style: Style) -> Fragment {
     f.chains.push(base("nat-output", true, Hook::Output, DSTNAT, to_services));
     f.chains.push(base("nat-postrouting", true, Hook::Postrouting, SRCNAT, vec![rule(vec![jump("masquerading")])]));
     let check = vec![rule(vec![Stmt::CtStateNew, jump("endpoints-check")])];
-    f.chains.push(base("filter-input", false, Hook::Input, FILTER - 10, check.clone()));
-    f.chains.push(base("filter-forward", false, Hook::Forward, FILTER - 10, check.clone()));
-    f.chains.push(base("filter-output", false, Hook::Output, FILTER - 10, check));
+    // Packets still addressed to a ClusterIP after DNAT had no service port to go to: forwarded
+    // ones and the node's own (packets for an address of this node itself go to input).
+    let mut check_all = check.clone();
+    check_all.push(rule(vec![Stmt::CtStateNew, jump(CLUSTER_IPS_CHECK)]));
+    f.chains.push(base("filter-input", false, Hook::Input, FILTER - 10, check));
+    f.chains.push(base("filter-forward", false, Hook::Forward, FILTER - 10, check_all.clone()));
+    f.chains.push(base("filter-output", false, Hook::Output, FILTER - 10, check_all));
+    // loadBalancerSourceRanges are checked before DNAT, on the address the client used.
+    let firewall = vec![rule(vec![Stmt::CtStateNew, jump(FIREWALL_CHECK)])];
+    f.chains.push(base("filter-prerouting-pre-dnat", false, Hook::Prerouting, DSTNAT - 10, firewall.clone()));
+    f.chains.push(base("filter-output-pre-dnat", false, Hook::Output, DSTNAT - 10, firewall));
+    f.chains.push(regular(FIREWALL_CHECK, vec![rule(vec![Stmt::VmapAddrProtoPort(FIREWALL_IPS.into())])]));
+    let mut cluster_ips_check = vec![
+        // Addresses this node answers itself (the cluster DNS VIP on lo) are not services here.
+        rule(vec![Stmt::FibLocal { saddr: false }, Stmt::Verdict(Verdict::Return)]),
+        rule(vec![Stmt::DaddrInSet(CLUSTER_IPS.into()), Stmt::Reject]),
+    ];
+    if let Some(cidr) = plan.service_cidr {
+        cluster_ips_check.push(rule(vec![Stmt::Daddr { net: cidr, negate: false }, Stmt::Verdict(Verdict::Drop)]));
+    }
+    f.chains.push(regular(CLUSTER_IPS_CHECK, cluster_ips_check));
     f.chains.push(regular(
         "services",
         vec![
@@ -281,6 +307,9 @@ impl Names {
     pub fn affinity(&self, e: &Endpoint) -> String {
         format!("aff-{}__{}/{}", self.slug, e.ip, e.port)
     }
+    pub fn firewall(&self) -> String {
+        format!("firewall-{}", self.slug)
+    }
 
 }
 
@@ -326,6 +355,9 @@ pub fn frontend(sp: &ServicePortPlan) -> (std::net::Ipv4Addr, Proto, u16) {
 /// N, stays an element change.
 fn shared_lb(sp: &ServicePortPlan, vip: std::net::Ipv4Addr, node: &NodeInfo) -> Fragment {
     let mut f = Fragment::default();
+    if sp.lists_cluster_ip {
+        f.elements.push((CLUSTER_IPS.into(), ElemKey::Addr(vip), None));
+    }
     let key = ElemKey::AddrProtoPort(vip, sp.key.proto, sp.port);
     let eps = &sp.cluster_endpoints;
     if eps.is_empty() {
@@ -339,7 +371,7 @@ fn shared_lb(sp: &ServicePortPlan, vip: std::net::Ipv4Addr, node: &NodeInfo) -> 
     let mut seen = std::collections::BTreeSet::new();
     for e in eps.iter().filter(|e| node.pod_cidr.is_none_or(|c| c.contains(&e.ip))) {
         if seen.insert(e.ip) {
-            f.elements.push((HAIRPIN.into(), ElemKey::Hairpin(e.ip, e.ip, vip, sp.port), None));
+            f.elements.push((HAIRPIN.into(), ElemKey::Hairpin(e.ip, e.ip, vip, sp.key.proto, sp.port), None));
         }
     }
     f
@@ -367,6 +399,12 @@ pub fn service_fragment(sp: &ServicePortPlan, node: &NodeInfo, style: Style) -> 
         svc_rules.push(rule(vec![Stmt::Daddr { net: Ipv4Net::from(vip), negate: false }, Stmt::Saddr { net: cidr, negate: true }, jump(MARK_MASQ)]));
     }
     let mut local_rules = Vec::new();
+    // internalTrafficPolicy Local does not change who is masqueraded: the node and off-cluster
+    // clients of the ClusterIP still are (the ClusterIP rule of the local chain; the chain also
+    // serves external traffic of externalTrafficPolicy Local, which is never masqueraded).
+    if let (true, Some(vip), Some(cidr)) = (sp.internal_local, sp.cluster_ip, cluster_cidr) {
+        local_rules.push(rule(vec![Stmt::Daddr { net: Ipv4Net::from(vip), negate: false }, Stmt::Saddr { net: cidr, negate: true }, jump(MARK_MASQ)]));
+    }
     if per_endpoint {
         let mut used: BTreeMap<(std::net::Ipv4Addr, u16), &Endpoint> = BTreeMap::new();
         if need_cluster {
@@ -410,7 +448,7 @@ pub fn service_fragment(sp: &ServicePortPlan, node: &NodeInfo, style: Style) -> 
             let mut seen = std::collections::BTreeSet::new();
             for e in sp.internal_endpoints().iter().filter(|e| node.pod_cidr.is_none_or(|c| c.contains(&e.ip))) {
                 if seen.insert(e.ip) {
-                    f.elements.push((HAIRPIN.into(), ElemKey::Hairpin(e.ip, e.ip, vip, sp.port), None));
+                    f.elements.push((HAIRPIN.into(), ElemKey::Hairpin(e.ip, e.ip, vip, sp.key.proto, sp.port), None));
                 }
             }
         }
@@ -424,6 +462,9 @@ pub fn service_fragment(sp: &ServicePortPlan, node: &NodeInfo, style: Style) -> 
 
     // ClusterIP.
     if let Some(vip) = sp.cluster_ip {
+        if sp.lists_cluster_ip {
+            f.elements.push((CLUSTER_IPS.into(), ElemKey::Addr(vip), None));
+        }
         let key = ElemKey::AddrProtoPort(vip, proto, sp.port);
         let target = if sp.internal_local { n.local() } else { n.svc() };
         f.elements.push((SERVICE_IPS.into(), key, Some(Value::Verdict(Verdict::Goto(target)))));
@@ -447,6 +488,15 @@ pub fn service_fragment(sp: &ServicePortPlan, node: &NodeInfo, style: Style) -> 
             rules.push(rule(vec![goto(&n.svc())]));
         }
         f.chains.push(regular(&n.ext(), rules));
+        // loadBalancerSourceRanges: clients of the LB IPs outside the ranges are dropped.
+        if let Some(allowed) = sp.firewall(node) {
+            let mut rules: Vec<Rule> = allowed.iter().map(|net| rule(vec![Stmt::Saddr { net: *net, negate: false }, Stmt::Verdict(Verdict::Return)])).collect();
+            rules.push(rule(vec![Stmt::Verdict(Verdict::Drop)]));
+            f.chains.push(regular(&n.firewall(), rules));
+            for ip in &sp.lb_ips {
+                f.elements.push((FIREWALL_IPS.into(), ElemKey::AddrProtoPort(*ip, proto, sp.port), Some(Value::Verdict(Verdict::Goto(n.firewall())))));
+            }
+        }
         let ok = Value::Verdict(Verdict::Goto(n.ext()));
         let none = sp.external_endpoints().is_empty();
         for ip in sp.external_frontends() {
