@@ -210,7 +210,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
             d.shared.set_ready(|r| r.first_service_sync = Some(false));
         }
         let (dns_args, network) = (d.args.dns.clone(), d.cfg.network);
-        let (mode, resync, shared) = (d.args.proxy_mode, d.args.resync_interval, d.shared.clone());
+        let (mode, resync, shared, fallback) = (d.args.proxy_mode, d.args.resync_interval, d.shared.clone(), d.args.ebpf_fallback);
         let ebpf = (mode == netd_proxy::ProxyMode::Ebpf).then(|| netd_ebpf::EbpfConfig {
             bpffs_dir: d.args.ebpf_bpffs.clone(),
             mount_bpffs: true,
@@ -243,7 +243,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
                 crate::services::serve_zone(dns, dns_args.zone_config(), snapshots.clone(), shared.clone());
             }
             if mode != netd_proxy::ProxyMode::None {
-                crate::services::spawn_proxy(mode, ebpf, node, resync, snapshots, shared);
+                crate::services::spawn_proxy(mode, ebpf.map(|cfg| (cfg, fallback)), node, resync, snapshots, shared);
             }
         });
     }

@@ -737,3 +737,55 @@ fn ebpf_nodeport_through_the_node_that_hosts_the_backend() -> Result<()> {
     expect_answer(&c, "NodePort via node0 (the backend's node)", &|| ask(c.underlay(), &format!("{n0}:30080")), "a 198.18.0.1")?;
     Ok(())
 }
+
+/// `--proxy-mode ebpf` on a node where the eBPF dataplane cannot attach (here: a cgroup that does
+/// not exist) falls back to nftables, loudly: services answer, `netd status` names the problem and
+/// the fallback, the metric says so. With `--ebpf-fallback none` (eBPF only) nothing is
+/// programmed, and that is reported the same way.
+#[test]
+fn ebpf_that_cannot_run_falls_back_to_nftables_unless_ebpf_only() -> Result<()> {
+    if let Err(why) = netd_ebpf_probe() {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let sandbox = EbpfSandbox::new_for_nodes(2)?;
+    let mut c = Cluster::new(2)?;
+    c.write_network_config(VXLAN)?;
+    let bogus = sandbox.node_cgroup(0).join("no-such-cgroup");
+    let ebpf_args = |i: usize| -> Vec<String> {
+        ["--proxy-mode", "ebpf", "--ebpf-cgroup", bogus.to_str().unwrap(), "--ebpf-bpffs", sandbox.node_pins(i).to_str().unwrap()].map(String::from).to_vec()
+    };
+    let args0 = ebpf_args(0);
+    c.node_mut(0).start_netd(&args0.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let mut args1 = ebpf_args(1);
+    args1.extend(["--ebpf-fallback".to_string(), "none".to_string()]);
+    c.node_mut(1).start_netd(&args1.iter().map(String::as_str).collect::<Vec<_>>())?;
+    for i in 0..2 {
+        c.node_mut(i).wait_subnet_env(WAIT)?;
+        let n = c.node(i);
+        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+    }
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    let _sa = serve(&a, "a")?;
+    let _sb = serve(&b, "b")?;
+    apply(&c, &[service("web", "10.96.0.50", "ClusterIP", ""), slice("web", &[(&a, "node0"), (&b, "node1")])].concat())?;
+    // node0: nftables serves the ClusterIP (the pod is in no cgroup of ours: only rules can).
+    expect_answer(&c, "ClusterIP on the node that fell back", &|| Ok(if ["a", "b"].contains(&ask(&a.ns, "10.96.0.50:80")?.as_str()) { "ok".into() } else { "no".into() }), "ok")?;
+    let (_, status0) = c.node(0).netd_status(&[])?;
+    assert!(status0.contains("programmed by nftables (eBPF unavailable)"), "{status0}");
+    assert!(status0.contains("eBPF service dataplane unavailable, services programmed by nftables instead"), "{status0}");
+    assert!(status0.contains("no-such-cgroup"), "the reason names the cgroup: {status0}");
+    let metric = |n: usize| -> Result<String> {
+        let out = c.node(n).ns().run(&["curl", "-s", "http://127.0.0.1:9402/metrics"])?;
+        Ok(out.lines().find(|l| l.starts_with("netd_service_proxy_fallback ")).unwrap_or_default().to_string())
+    };
+    assert_eq!(metric(0)?, "netd_service_proxy_fallback 1");
+    // node1, eBPF only: nothing programmed, nothing answers, and status says why.
+    let (_, status1) = c.node(1).netd_status(&[])?;
+    assert!(status1.contains("services not programmed (--ebpf-fallback none)"), "{status1}");
+    assert_eq!(metric(1)?, "netd_service_proxy_fallback 1");
+    let out = ask(&b.ns, "10.96.0.50:80")?;
+    assert!(out.starts_with("ERROR"), "no service rules on node1, yet: {out}");
+    Ok(())
+}
