@@ -93,8 +93,19 @@ fn wants<'a>(sp: &'a ServicePortPlan, node: &NodeInfo, out: &mut Vec<Want<'a>>) 
     }
     let eps = sp.external_endpoints();
     let flags = affinity.0 | reject(eps, sp.external_fallback()) | if sp.external_local { SVC_F_LOCAL } else { 0 };
+    // externalTrafficPolicy Local is for traffic from outside: pods and the node itself reach an
+    // external frontend through every endpoint of the cluster, as kube-proxy short-circuits them.
+    // The socket load balancer looks the internal scope up first, so those frontends get an
+    // internal entry with the cluster's endpoints ("any node address" NodePorts stay with tc).
+    let short_circuit = sp.external_local.then(|| {
+        let eps = sp.cluster_endpoints.as_slice();
+        (eps, affinity.0 | reject(eps, sp.external_fallback()))
+    });
     let mut ext = |ip: Ipv4Addr, port: u16| {
         out.push(Want { key: SvcKey::new(ip, port, proto, SCOPE_EXTERNAL), endpoints: eps, flags, affinity_timeout: affinity.1 });
+        if let Some((eps, flags)) = short_circuit.filter(|_| !ip.is_unspecified()) {
+            out.push(Want { key: SvcKey::new(ip, port, proto, SCOPE_INTERNAL), endpoints: eps, flags, affinity_timeout: affinity.1 });
+        }
     };
     for ip in sp.external_frontends() {
         ext(ip, sp.port);
@@ -459,16 +470,21 @@ mod tests {
         let mut p = plan(vec![a]);
         p.node.ips = vec![Ipv4Addr::new(198, 18, 0, 1)];
         let st = render(&p, None);
-        assert_eq!(st.frontends.len(), 3);
+        assert_eq!(st.frontends.len(), 5);
         let np = &st.frontends[&SvcKey::new(Ipv4Addr::new(198, 18, 0, 1), 30080, 6, SCOPE_EXTERNAL)];
         assert_eq!(np.backends.len(), 1, "externalTrafficPolicy Local: local endpoints only");
         assert_ne!(np.value.flags & SVC_F_LOCAL, 0);
         let ext = &st.frontends[&SvcKey::new(Ipv4Addr::new(198, 18, 5, 5), 80, 6, SCOPE_EXTERNAL)];
         assert_eq!(ext.backends, np.backends);
         assert_eq!(st.frontends[&key([10, 96, 0, 10], 80)].backends.len(), 2);
+        // Pods and the node (the socket load balancer, internal scope first) reach every
+        // endpoint through the external frontends: kube-proxy's short-circuit.
+        for k in [SvcKey::new(Ipv4Addr::new(198, 18, 0, 1), 30080, 6, SCOPE_INTERNAL), key([198, 18, 5, 5], 80)] {
+            assert_eq!((st.frontends[&k].backends.len(), st.frontends[&k].value.flags), (2, 0), "{k:?}");
+        }
         // Distinct ids.
         let ids: BTreeSet<u32> = st.frontends.values().map(|f| f.value.id).collect();
-        assert_eq!(ids.len(), 3);
+        assert_eq!(ids.len(), 5);
     }
 
     #[test]

@@ -789,3 +789,44 @@ fn ebpf_that_cannot_run_falls_back_to_nftables_unless_ebpf_only() -> Result<()> 
     assert!(out.starts_with("ERROR"), "no service rules on node1, yet: {out}");
     Ok(())
 }
+
+/// One TCP exchange from the node itself (its namespace), by a process in `cgroup`.
+fn ask_from_node_in_cgroup(cgroup: &std::path::Path, node: &netd_tests::Node, addr: &str) -> Result<String> {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {} socat -T 3 - TCP:{addr},connect-timeout=3 2>&1",
+        cgroup.display(),
+        node.ns().name()
+    );
+    let out = std::process::Command::new("sh").args(["-c", &script]).stdin(std::process::Stdio::null()).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// eBPF, externalTrafficPolicy Local with the only endpoint on node1: pods of node0 and node0
+/// itself still reach it through node0's NodePort, the external IP and the LoadBalancer IP (the
+/// policy is for traffic from outside; kube-proxy short-circuits the node's own), while a client
+/// outside still gets nothing through node0.
+#[test]
+fn ebpf_local_policy_short_circuits_pods_and_the_node() -> Result<()> {
+    if let Err(why) = netd_ebpf_probe().and_then(|()| netd_ebpf_tc_probe()) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let (mut c, sandbox, _snat) = ebpf_cluster(2, &[])?;
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    let _sb = serve_with_peer(&b, "b")?;
+    let extra = "    nodePort: 30081\n  externalTrafficPolicy: Local\n  externalIPs: [\"198.18.5.5\"]\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.18.5.6\n";
+    apply(&c, &[service("local", "10.96.0.52", "LoadBalancer", extra), slice("local", &[(&b, "node1")])].concat())?;
+    let (n0, n1) = (c.node(0).ip(), c.node(1).ip());
+    let cg0 = sandbox.node_cgroup(0);
+    // Programmed: from outside through node1, which has the endpoint.
+    expect_answer(&c, "NodePort via node1 from outside", &|| ask(c.underlay(), &format!("{n1}:30081")), "b 198.18.0.1")?;
+    for addr in [format!("{n0}:30081"), "198.18.5.5:80".into(), "198.18.5.6:80".into()] {
+        expect_answer(&c, &format!("{addr} from a pod of node0"), &|| ask_in_cgroup(cg0, &a, &addr), &format!("b {}", a.ip))?;
+        let from_node = ask_from_node_in_cgroup(cg0, c.node(0), &addr)?;
+        assert!(from_node.starts_with("b "), "{addr} from node0 itself: {from_node}");
+    }
+    let dropped = ask(c.underlay(), &format!("{n0}:30081"))?;
+    assert!(dropped.starts_with("ERROR"), "node0 has no local endpoint: from outside, nothing: {dropped}");
+    Ok(())
+}
