@@ -830,3 +830,53 @@ fn ebpf_local_policy_short_circuits_pods_and_the_node() -> Result<()> {
     assert!(dropped.starts_with("ERROR"), "node0 has no local endpoint: from outside, nothing: {dropped}");
     Ok(())
 }
+
+/// One UDP exchange from `ns`: the answer, or socat's error (an ICMP port unreachable shows as
+/// "Connection refused").
+fn ask_udp(ns: &netd_tests::Netns, addr: &str) -> Result<String> {
+    let out = ns.exec(&["sh", "-c", &format!("echo hi | socat -T 2 - UDP:{addr} 2>&1")])?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// eBPF, from a host outside the cluster: an external IP and a LoadBalancer IP of Services
+/// without endpoints are refused at once (ICMP port unreachable from the frontend, TCP and UDP),
+/// not forwarded out of the node; ClusterIPs are served to a host that routes the service range
+/// through a node (a remote backend sees the node's SNAT address, a local one the client's) and
+/// refused when they have no endpoints.
+#[test]
+fn ebpf_serves_and_rejects_from_outside_as_kube_proxy() -> Result<()> {
+    if let Err(why) = netd_ebpf_probe().and_then(|()| netd_ebpf_tc_probe()) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let (mut c, _sandbox, snat) = ebpf_cluster(2, &[])?;
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    let _sa = serve_with_peer(&a, "a")?;
+    let _sb = serve_with_peer(&b, "b")?;
+    let n0 = c.node(0).ip().to_string();
+    // The outside host (the underlay) routes external IPs, LB IPs and the service range to node0.
+    for net in ["198.18.5.5/32", "198.18.5.6/32", "10.96.0.0/12"] {
+        c.underlay().ip(&["route", "add", net, "via", &n0])?;
+    }
+    let udp = "  - name: dns\n    protocol: UDP\n    port: 53\n    targetPort: 5353\n";
+    let manifest = [
+        service("noeps-ext", "10.96.0.60", "ClusterIP", &format!("{udp}  externalIPs: [\"198.18.5.5\"]\n")),
+        service("noeps-lb", "10.96.0.61", "LoadBalancer", "    nodePort: 30061\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.18.5.6\n"),
+        service("remote", "10.96.0.62", "ClusterIP", ""),
+        slice("remote", &[(&b, "node1")]),
+        service("local", "10.96.0.63", "ClusterIP", ""),
+        slice("local", &[(&a, "node0")]),
+    ]
+    .concat();
+    apply(&c, &manifest)?;
+    let u = c.underlay();
+    let refused = |r: String| if r.contains("Connection refused") { "refused".to_string() } else { r };
+    expect_answer(&c, "external IP without endpoints (TCP)", &|| Ok(refused(ask(u, "198.18.5.5:80")?)), "refused")?;
+    expect_answer(&c, "external IP without endpoints (UDP)", &|| Ok(refused(ask_udp(u, "198.18.5.5:53")?)), "refused")?;
+    expect_answer(&c, "LoadBalancer IP without endpoints", &|| Ok(refused(ask(u, "198.18.5.6:80")?)), "refused")?;
+    expect_answer(&c, "ClusterIP from outside, remote backend", &|| ask(u, "10.96.0.62:80"), &format!("b {}", snat[0]))?;
+    expect_answer(&c, "ClusterIP from outside, local backend", &|| ask(u, "10.96.0.63:80"), "a 198.18.0.1")?;
+    expect_answer(&c, "ClusterIP without endpoints from outside", &|| Ok(refused(ask(u, "10.96.0.60:80")?)), "refused")?;
+    Ok(())
+}
