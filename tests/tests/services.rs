@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use netd_tests::ebpf::{ask_in_cgroup, netd_ebpf_probe, netd_ebpf_tc_probe, EbpfSandbox};
+use netd_tests::ebpf::{ask_in_cgroup, ask_in_cgroup_from, netd_ebpf_probe, netd_ebpf_tc_probe, EbpfSandbox};
 use netd_tests::{netd_binary, wait_until, Cluster, Pod};
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -585,20 +585,7 @@ fn services_with_ebpf_nodeport_external_ip_and_local_policy() -> Result<()> {
         eprintln!("skipping: {why}");
         return Ok(());
     }
-    let sandbox = EbpfSandbox::new_for_nodes(3)?;
-    let mut c = Cluster::new(3)?;
-    c.write_network_config(VXLAN)?;
-    for i in 0..3 {
-        let (cg, pins) = (sandbox.node_cgroup(i).to_path_buf(), sandbox.node_pins(i));
-        c.node_mut(i).start_netd(&["--proxy-mode", "ebpf", "--ebpf-cgroup", cg.to_str().unwrap(), "--ebpf-bpffs", pins.to_str().unwrap()])?;
-    }
-    let mut snat = Vec::new();
-    for i in 0..3 {
-        let env = c.node_mut(i).wait_subnet_env(WAIT)?;
-        snat.push(overlay_address(&env)?);
-        let n = c.node(i);
-        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
-    }
+    let (mut c, sandbox, snat) = ebpf_cluster(3)?;
     let a = c.node_mut(0).add_cni_pod("a")?;
     let b = c.node_mut(1).add_cni_pod("b")?;
     let d = c.node_mut(2).add_cni_pod("d")?;
@@ -626,19 +613,7 @@ fn services_with_ebpf_nodeport_external_ip_and_local_policy() -> Result<()> {
     ]
     .concat();
     apply(&c, &manifest)?;
-    let fail = |what: &str, e: anyhow::Error, last: String| -> anyhow::Error {
-        let logs: Vec<String> = (0..3)
-            .map(|i| {
-                let log = c.node(i).log();
-                let tail: Vec<&str> = log.lines().rev().filter(|l| !l.contains("DEBUG")).take(15).collect();
-                format!("node{i}:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
-            })
-            .collect();
-        anyhow::anyhow!("{what}: {e}\nlast answer: {last}\n{}", logs.join("\n"))
-    };
-    let expect = |what: &str, from: &dyn Fn() -> Result<String>, want: &str| -> Result<()> {
-        wait_until(WAIT, POLL, || Ok(from()? == want)).map_err(|e| fail(what, e, from().unwrap_or_default()))
-    };
+    let expect = |what: &str, from: &dyn Fn() -> Result<String>, want: &str| expect_answer(&c, what, from, want);
     let cg0 = sandbox.node_cgroup(0);
 
     // ClusterIP across nodes, by the socket load balancer: the backend sees the pod itself.
@@ -679,17 +654,15 @@ fn services_with_ebpf_nodeport_external_ip_and_local_policy() -> Result<()> {
 }
 
 
-/// Two nodes with `--proxy-mode ebpf`, each with its own cgroup and pin directory, the network
-/// ready on both. Returns the cluster, the sandbox and the nodes' SNAT (overlay) addresses.
-fn ebpf_cluster(n: usize, extra: &[&str]) -> Result<(Cluster, EbpfSandbox, Vec<String>)> {
+/// `n` nodes with `--proxy-mode ebpf`, each with its own cgroup and pin
+/// directory, the network ready on every one. Returns the cluster, the sandbox and the nodes' SNAT (overlay) addresses.
+fn ebpf_cluster(n: usize) -> Result<(Cluster, EbpfSandbox, Vec<String>)> {
     let sandbox = EbpfSandbox::new_for_nodes(n)?;
     let mut c = Cluster::new(n)?;
     c.write_network_config(VXLAN)?;
     for i in 0..n {
         let (cg, pins) = (sandbox.node_cgroup(i).to_path_buf(), sandbox.node_pins(i));
-        let mut args = vec!["--proxy-mode", "ebpf", "--ebpf-cgroup", cg.to_str().unwrap(), "--ebpf-bpffs", pins.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        c.node_mut(i).start_netd(&args)?;
+        c.node_mut(i).start_netd(&["--proxy-mode", "ebpf", "--ebpf-cgroup", cg.to_str().unwrap(), "--ebpf-bpffs", pins.to_str().unwrap()])?;
     }
     let mut snat = Vec::new();
     for i in 0..n {
@@ -727,7 +700,7 @@ fn ebpf_nodeport_through_the_node_that_hosts_the_backend() -> Result<()> {
         eprintln!("skipping: {why}");
         return Ok(());
     }
-    let (mut c, _sandbox, snat) = ebpf_cluster(2, &[])?;
+    let (mut c, _sandbox, snat) = ebpf_cluster(2)?;
     let a = c.node_mut(0).add_cni_pod("a")?;
     let _sa = serve_with_peer(&a, "a")?;
     let no_node_name = slice("web", &[(&a, "")]).replace("  nodeName: \n", "\n");
@@ -790,17 +763,6 @@ fn ebpf_that_cannot_run_falls_back_to_nftables_unless_ebpf_only() -> Result<()> 
     Ok(())
 }
 
-/// One TCP exchange from the node itself (its namespace), by a process in `cgroup`.
-fn ask_from_node_in_cgroup(cgroup: &std::path::Path, node: &netd_tests::Node, addr: &str) -> Result<String> {
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec ip netns exec {} socat -T 3 - TCP:{addr},connect-timeout=3 2>&1",
-        cgroup.display(),
-        node.ns().name()
-    );
-    let out = std::process::Command::new("sh").args(["-c", &script]).stdin(std::process::Stdio::null()).output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 /// eBPF, externalTrafficPolicy Local with the only endpoint on node1: pods of node0 and node0
 /// itself still reach it through node0's NodePort, the external IP and the LoadBalancer IP (the
 /// policy is for traffic from outside; kube-proxy short-circuits the node's own), while a client
@@ -811,7 +773,7 @@ fn ebpf_local_policy_short_circuits_pods_and_the_node() -> Result<()> {
         eprintln!("skipping: {why}");
         return Ok(());
     }
-    let (mut c, sandbox, _snat) = ebpf_cluster(2, &[])?;
+    let (mut c, sandbox, _snat) = ebpf_cluster(2)?;
     let a = c.node_mut(0).add_cni_pod("a")?;
     let b = c.node_mut(1).add_cni_pod("b")?;
     let _sb = serve_with_peer(&b, "b")?;
@@ -823,7 +785,7 @@ fn ebpf_local_policy_short_circuits_pods_and_the_node() -> Result<()> {
     expect_answer(&c, "NodePort via node1 from outside", &|| ask(c.underlay(), &format!("{n1}:30081")), "b 198.18.0.1")?;
     for addr in [format!("{n0}:30081"), "198.18.5.5:80".into(), "198.18.5.6:80".into()] {
         expect_answer(&c, &format!("{addr} from a pod of node0"), &|| ask_in_cgroup(cg0, &a, &addr), &format!("b {}", a.ip))?;
-        let from_node = ask_from_node_in_cgroup(cg0, c.node(0), &addr)?;
+        let from_node = ask_in_cgroup_from(cg0, c.node(0).ns(), &addr)?;
         assert!(from_node.starts_with("b "), "{addr} from node0 itself: {from_node}");
     }
     let dropped = ask(c.underlay(), &format!("{n0}:30081"))?;
@@ -849,7 +811,7 @@ fn ebpf_serves_and_rejects_from_outside_as_kube_proxy() -> Result<()> {
         eprintln!("skipping: {why}");
         return Ok(());
     }
-    let (mut c, _sandbox, snat) = ebpf_cluster(2, &[])?;
+    let (mut c, _sandbox, snat) = ebpf_cluster(2)?;
     let a = c.node_mut(0).add_cni_pod("a")?;
     let b = c.node_mut(1).add_cni_pod("b")?;
     let _sa = serve_with_peer(&a, "a")?;
