@@ -190,8 +190,12 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
         (None, Some(rx)) => rx,
         (None, None) => unreachable!("one subnet manager is chosen"),
     };
-    // Before the proxy's first sync, so that two modes never answer for the same Service.
-    crate::services::remove_other_modes(d.args.proxy_mode, d.args.ebpf_bpffs.clone(), d.shared.clone()).await;
+    // Before the proxy's first sync, so that two modes never answer for the same Service. With
+    // `--proxy-mode ebpf` the proxy does it once it knows which mode runs (eBPF, or its fallback):
+    // a restarted node that falls back again keeps its nftables rules meanwhile.
+    if d.args.proxy_mode != netd_proxy::ProxyMode::Ebpf || d.args.ebpf_fallback == crate::cli::EbpfFallback::None {
+        crate::services::remove_other_modes(d.args.proxy_mode, d.args.ebpf_bpffs.clone(), d.shared.clone()).await;
+    }
     if d.args.proxy_mode != netd_proxy::ProxyMode::None || d.args.dns.dns {
         let opts = d.args.etcd.conn.options(&d.args.registry_prefix);
         let node = netd_proxy::NodeInfo {

@@ -121,11 +121,14 @@ pub fn spawn_proxy(
     // falls back to nftables, loudly, unless the operator asked for eBPF only: then services are
     // left unprogrammed rather than half-programmed.
     let mut problems = Vec::new();
-    let (mode, backend, fallen_back) = match (mode, ebpf) {
+    // `cleanup`: with `--ebpf-fallback nftables`, the other modes' rules are removed here (not at
+    // start), once the mode that runs is known: the eBPF pins a failed load left included, which
+    // would answer beside nftables.
+    let (mode, backend, fallen_back, cleanup) = match (mode, ebpf) {
         (ProxyMode::Ebpf, Some((cfg, fallback))) => {
-            let bpffs = cfg.bpffs_dir.clone();
+            let cleanup = (fallback == EbpfFallback::Nftables).then(|| cfg.bpffs_dir.clone());
             match netd_ebpf::probe().map_err(|e| e.to_string()).and_then(|()| ebpf_backend_or_cluster_ip_only(cfg, &mut problems)) {
-                Ok(b) => (mode, Some(b), false),
+                Ok(b) => (mode, Some(b), false, cleanup),
                 Err(e) => {
                     shared.metrics.proxy_fallback.set(1);
                     if fallback == EbpfFallback::None {
@@ -136,16 +139,11 @@ pub fn spawn_proxy(
                     }
                     error!(error = %e, "--proxy-mode ebpf is not available on this node; services are programmed by nftables instead (--ebpf-fallback none: eBPF only)");
                     problems.push(format!("eBPF service dataplane unavailable, services programmed by nftables instead: {e}"));
-                    // What a failed load left attached (a link pinned before a later step failed)
-                    // would serve beside nftables.
-                    if let Err(e) = netd_ebpf::EbpfBackend::remove_pins(&bpffs) {
-                        warn!(error = %e, "cannot remove what the failed eBPF load left");
-                    }
-                    (ProxyMode::Nftables, None, true)
+                    (ProxyMode::Nftables, None, true, cleanup)
                 }
             }
         }
-        _ => (mode, None, false),
+        _ => (mode, None, false, None),
     };
     let (status_tx, mut status_rx) = watch::channel(ProxyStatus::default());
     let mut cfg = ProxyConfig::new(node, mode);
@@ -174,7 +172,11 @@ pub fn spawn_proxy(
             }
         }
     });
+    let shared_cleanup = shared.clone();
     tokio::spawn(async move {
+        if let Some(bpffs) = cleanup {
+            remove_other_modes(mode, bpffs, shared_cleanup).await;
+        }
         let run = match backend {
             Some(b) => netd_proxy::run_proxy_with(cfg, Some(b), snapshots).await,
             None => netd_proxy::run_proxy(cfg, snapshots).await,

@@ -754,6 +754,11 @@ fn ebpf_that_cannot_run_falls_back_to_nftables_unless_ebpf_only() -> Result<()> 
         Ok(out.lines().find(|l| l.starts_with("netd_service_proxy_fallback ")).unwrap_or_default().to_string())
     };
     assert_eq!(metric(0)?, "netd_service_proxy_fallback 1");
+    // What the failed load pinned (its maps) is gone: nothing of eBPF's answers beside nftables.
+    let pid = c.node(0).netd_pid().context("netd pid")?.to_string();
+    let pins = sandbox.node_pins(0);
+    let out = std::process::Command::new("nsenter").args(["-t", &pid, "-m", "ls", "-A"]).arg(&pins).output()?;
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "left pinned under {}: {}", pins.display(), String::from_utf8_lossy(&out.stdout));
     // node1, eBPF only: nothing programmed, nothing answers, and status says why.
     let (_, status1) = c.node(1).netd_status(&[])?;
     assert!(status1.contains("services not programmed (--ebpf-fallback none)"), "{status1}");
