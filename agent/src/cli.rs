@@ -35,6 +35,17 @@ pub enum UdpDatapath {
     Userspace,
 }
 
+/// What `--proxy-mode ebpf` does on a node where the eBPF dataplane cannot run (the kernel or the
+/// host lacks the hooks, the programs fail to load or attach).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EbpfFallback {
+    /// Program services with nftables instead, and say so (log, `netd status`, the
+    /// `netd_service_proxy_fallback` metric).
+    Nftables,
+    /// eBPF only: services stay unprogrammed, and that is reported the same way.
+    None,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node daemon: lease this node's pod subnet and keep the overlay programmed.
@@ -137,6 +148,10 @@ pub struct RunArgs {
     /// NodePort translation, ClusterIP only).
     #[arg(long, env = "NETD_EBPF_EXTERNAL_DEVICES", value_delimiter = ',')]
     pub ebpf_external_devices: Option<Vec<String>>,
+    /// With `--proxy-mode ebpf`: what serves Services when eBPF cannot run on this node
+    /// (`nftables`, or `none` for eBPF only).
+    #[arg(long, env = "NETD_EBPF_FALLBACK", value_enum, default_value_t = EbpfFallback::Nftables)]
+    pub ebpf_fallback: EbpfFallback,
     /// etcd key prefix of the service registry (<prefix>/services/<ns>/<name>, <prefix>/endpointslices/<ns>/<name>).
     #[arg(long, env = "NETD_REGISTRY_PREFIX", default_value = netd_proxy::registry::DEFAULT_PREFIX)]
     pub registry_prefix: String,

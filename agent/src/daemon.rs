@@ -207,8 +207,12 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
         (None, Some(rx)) => rx,
         (None, None) => unreachable!("one subnet manager is chosen"),
     };
-    // Before the proxy's first sync, so that two modes never answer for the same Service.
-    crate::services::remove_other_modes(d.args.proxy_mode, &d.args.proxy, d.args.ebpf_bpffs.clone(), d.shared.clone()).await;
+    // Before the proxy's first sync, so that two modes never answer for the same Service. With
+    // `--proxy-mode ebpf` the proxy does it once it knows which mode runs (eBPF, or its fallback):
+    // a restarted node that falls back again keeps its nftables rules meanwhile.
+    if d.args.proxy_mode != netd_proxy::ProxyMode::Ebpf || d.args.ebpf_fallback == crate::cli::EbpfFallback::None {
+        crate::services::remove_other_modes(d.args.proxy_mode, &d.args.proxy, d.args.ebpf_bpffs.clone(), d.shared.clone()).await;
+    }
     if d.args.proxy_mode != netd_proxy::ProxyMode::None || d.args.dns.dns {
         let opts = d.args.etcd.conn.options(&d.args.registry_prefix);
         let node = netd_proxy::NodeInfo {
@@ -227,7 +231,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
             d.shared.set_ready(|r| r.first_service_sync = Some(false));
         }
         let (dns_args, network) = (d.args.dns.clone(), d.cfg.network);
-        let (mode, resync, shared) = (d.args.proxy_mode, d.args.resync_interval, d.shared.clone());
+        let (mode, resync, shared, fallback) = (d.args.proxy_mode, d.args.resync_interval, d.shared.clone(), d.args.ebpf_fallback);
         let proxy_args = d.args.proxy.clone();
         let ebpf = (mode == netd_proxy::ProxyMode::Ebpf).then(|| netd_ebpf::EbpfConfig {
             bpffs_dir: d.args.ebpf_bpffs.clone(),
@@ -262,7 +266,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
                 crate::services::serve_zone(dns, dns_args.zone_config(), snapshots.clone(), shared.clone());
             }
             if mode != netd_proxy::ProxyMode::None {
-                crate::services::spawn_proxy(mode, &proxy_args, ebpf, node, resync, snapshots, take_over_kube_proxy, shared);
+                crate::services::spawn_proxy(mode, &proxy_args, ebpf.map(|cfg| (cfg, fallback)), node, resync, snapshots, take_over_kube_proxy, shared);
             }
         });
     }

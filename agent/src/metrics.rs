@@ -33,6 +33,7 @@ pub struct Metrics {
     pub dns_forwards: Family<Labels, Counter>,
     pub cni_pods: Gauge,
     pub cni_addresses_free: Gauge,
+    pub proxy_fallback: Gauge,
 }
 
 impl Default for Metrics {
@@ -66,6 +67,7 @@ impl Metrics {
             dns_forwards: Family::default(),
             cni_pods: Gauge::default(),
             cni_addresses_free: Gauge::default(),
+            proxy_fallback: Gauge::default(),
             registry: Registry::default(),
         };
         r.register("build", "netd build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
@@ -88,6 +90,11 @@ impl Metrics {
         r.register("dns_forwards", "Queries forwarded upstream by result (ok, failed)", m.dns_forwards.clone());
         r.register("cni_pods", "Pods netd-cni has set up on this node (addresses in use)", m.cni_pods.clone());
         r.register("cni_addresses_free", "Pod addresses still free in this node's subnet", m.cni_addresses_free.clone());
+        r.register(
+            "service_proxy_fallback",
+            "1 while --proxy-mode ebpf cannot run on this node and services are programmed by the fallback (--ebpf-fallback) or not at all",
+            m.proxy_fallback.clone(),
+        );
         r.register("udp_dropped", "udp backend: packets dropped, by reason (unknown_source: not from a peer's public IP)", m.udp_dropped.clone());
         r.register(
             "udp_kernel",

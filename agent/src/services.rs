@@ -12,6 +12,7 @@ use netd_proxy::{NodeInfo, ProxyMode, ProxyStatus, ServiceSnapshot};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::cli::EbpfFallback;
 use crate::server::{unix_now, Shared};
 use crate::status::{ServiceRegistryStatus, ServicesStatus};
 
@@ -106,28 +107,45 @@ pub async fn remove_other_modes(mode: ProxyMode, proxy: &netd_proxy::ProxyArgs, 
 }
 
 /// Runs the proxy on `snapshots` and mirrors its status into `netd status`, metrics and readiness.
+/// `ebpf`: the eBPF dataplane's settings with `--proxy-mode ebpf`, and what serves services when
+/// it cannot run here.
 pub fn spawn_proxy(
     mode: ProxyMode,
     proxy: &netd_proxy::ProxyArgs,
-    ebpf: Option<netd_ebpf::EbpfConfig>,
+    ebpf: Option<(netd_ebpf::EbpfConfig, EbpfFallback)>,
     node: NodeInfo,
     resync: Duration,
     snapshots: watch::Receiver<Arc<ServiceSnapshot>>,
     take_over_kube_proxy: bool,
     shared: Arc<Shared>,
 ) {
-    // The eBPF backend is built here (it lives in its own crate); a kernel without the hooks is
-    // reported clearly and services are left unprogrammed rather than half-programmed.
-    let backend = match (mode, ebpf) {
-        (ProxyMode::Ebpf, Some(cfg)) => match netd_ebpf::probe().map_err(|e| e.to_string()).and_then(|()| ebpf_backend_or_cluster_ip_only(cfg, &shared)) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                error!(error = %e, "--proxy-mode ebpf is not available on this node; services are not programmed (use nftables)");
-                shared.update(|s| s.problems.push(format!("eBPF service dataplane unavailable: {e}")));
-                return;
+    // The eBPF backend is built here (it lives in its own crate). A node where it cannot run
+    // falls back to nftables, loudly, unless the operator asked for eBPF only: then services are
+    // left unprogrammed rather than half-programmed.
+    let mut problems = Vec::new();
+    // `cleanup`: with `--ebpf-fallback nftables`, the other modes' rules are removed here (not at
+    // start), once the mode that runs is known: the eBPF pins a failed load left included, which
+    // would answer beside nftables.
+    let (mode, backend, fallen_back, cleanup) = match (mode, ebpf) {
+        (ProxyMode::Ebpf, Some((cfg, fallback))) => {
+            let cleanup = (fallback == EbpfFallback::Nftables).then(|| cfg.bpffs_dir.clone());
+            match netd_ebpf::probe().map_err(|e| e.to_string()).and_then(|()| ebpf_backend_or_cluster_ip_only(cfg, &mut problems)) {
+                Ok(b) => (mode, Some(b), false, cleanup),
+                Err(e) => {
+                    shared.metrics.proxy_fallback.set(1);
+                    if fallback == EbpfFallback::None {
+                        error!(error = %e, "--proxy-mode ebpf is not available on this node; services are not programmed (--ebpf-fallback none)");
+                        problems.push(format!("eBPF service dataplane unavailable, services not programmed (--ebpf-fallback none): {e}"));
+                        shared.update(|s| s.services = Some(ServicesStatus { mode: mode.to_string(), problems, ..Default::default() }));
+                        return;
+                    }
+                    error!(error = %e, "--proxy-mode ebpf is not available on this node; services are programmed by nftables instead (--ebpf-fallback none: eBPF only)");
+                    problems.push(format!("eBPF service dataplane unavailable, services programmed by nftables instead: {e}"));
+                    (ProxyMode::Nftables, None, true, cleanup)
+                }
             }
-        },
-        _ => None,
+        }
+        _ => (mode, None, false, None),
     };
     let (status_tx, mut status_rx) = watch::channel(ProxyStatus::default());
     let mut cfg = proxy.config(node, mode, resync);
@@ -135,7 +153,8 @@ pub fn spawn_proxy(
     // one of the two answers for every Service at every instant.
     let mut kube_proxy_restore = take_over_kube_proxy.then(|| cfg.iptables_restore.clone());
     cfg.status = Some(status_tx);
-    shared.update(|s| s.services = Some(ServicesStatus { mode: mode.to_string(), ..Default::default() }));
+    let shown = if fallen_back { format!("{mode} (eBPF unavailable)") } else { mode.to_string() };
+    shared.update(|s| s.services = Some(ServicesStatus { mode: shown, problems, ..Default::default() }));
     // The cluster's service ranges (`netd config`) come with the registry's snapshots.
     let mut ranges = snapshots.clone();
     let shared_ranges = shared.clone();
@@ -157,7 +176,12 @@ pub fn spawn_proxy(
             }
         }
     });
+    let shared_cleanup = shared.clone();
+    let proxy_for_cleanup = proxy.clone();
     tokio::spawn(async move {
+        if let Some(bpffs) = cleanup {
+            remove_other_modes(mode, &proxy_for_cleanup, bpffs, shared_cleanup).await;
+        }
         let run = match backend {
             Some(b) => netd_proxy::run_proxy_with(cfg, Some(b), snapshots).await,
             None => netd_proxy::run_proxy(cfg, snapshots).await,
@@ -198,13 +222,13 @@ pub fn spawn_proxy(
 /// The eBPF backend; when only its tc part (NodePort from outside) cannot run here (a kernel
 /// without TCX, a missing device), ClusterIPs are still served by the socket load balancer and
 /// the problem is reported.
-fn ebpf_backend_or_cluster_ip_only(cfg: netd_ebpf::EbpfConfig, shared: &Shared) -> Result<Box<dyn netd_proxy::Backend>, String> {
+fn ebpf_backend_or_cluster_ip_only(cfg: netd_ebpf::EbpfConfig, problems: &mut Vec<String>) -> Result<Box<dyn netd_proxy::Backend>, String> {
     let tc = !cfg.external_devices.is_empty() || cfg.overlay_device.is_some();
     let tc_problem = if tc { netd_ebpf::probe_tc().err() } else { None };
     let cfg = match tc_problem {
         Some(why) => {
             warn!(reason = %why, "eBPF NodePort/externalIP translation unavailable; ClusterIPs only");
-            shared.update(|s| s.problems.push(format!("eBPF NodePort/externalIP translation unavailable: {why}")));
+            problems.push(format!("eBPF NodePort/externalIP translation unavailable: {why}"));
             netd_ebpf::EbpfConfig { external_devices: Vec::new(), overlay_device: None, ..cfg }
         }
         None => cfg,

@@ -179,6 +179,10 @@ pub struct ServicesStatus {
     pub last_duration_ms: f64,
     pub last_error: Option<String>,
     pub warnings: Vec<String>,
+    /// What keeps the requested dataplane from serving (eBPF unavailable: the fallback, or
+    /// nothing at all). Set once at start; the daemon's own `problems` are its to clear.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
     /// healthCheckNodePort servers running (externalTrafficPolicy Local).
     pub health_ports: Vec<u16>,
     /// The cluster's service ranges (`netd config get`), when the registry has them.
@@ -325,6 +329,7 @@ pub fn verdict(s: &NodeStatus) -> (Health, Vec<String>) {
             _ => {}
         }
         warn.extend(svc.warnings.iter().map(|w| format!("services: {w}")));
+        warn.extend(svc.problems.iter().cloned());
     }
     if let Some(sync) = &s.last_sync {
         for e in &sync.errors {
@@ -584,6 +589,13 @@ mod tests {
         assert!(render(&s, false).contains("pods      2 on this node, 251 addresses free"));
         s.cni = Some(CniStatus { pods: 253, addresses_free: 0, error: None });
         assert_eq!(verdict(&s).0, Health::Unhealthy);
+    }
+
+    #[test]
+    fn a_service_dataplane_problem_degrades_and_is_listed() {
+        let mut s = healthy();
+        s.services = Some(ServicesStatus { mode: "nftables (eBPF unavailable)".into(), applied_revision: Some(3), problems: vec!["eBPF service dataplane unavailable".into()], ..Default::default() });
+        assert_eq!(verdict(&s), (Health::Degraded, vec!["eBPF service dataplane unavailable".to_string()]));
     }
 
     #[test]

@@ -20,8 +20,9 @@
  *
  * Packets that are not ours return TC_ACT_UNSPEC (TCX_NEXT), not TC_ACT_OK: on a TCX hook, OK
  * ends the chain, and the udp overlay's decapsulation may be attached to the same device.
- * A frontend without any endpoint is left to the stack, which refuses it (TCP reset / ICMP
- * port unreachable: nothing listens there); one with a Local policy and no local endpoint drops.
+ * A frontend without any endpoint is refused (ICMP port unreachable, as kube-proxy's REJECT);
+ * one with a Local policy and no local endpoint drops. ClusterIPs are served too, for hosts
+ * outside the node that route the service range through it.
  * IPv4 TCP/UDP only; fragments and everything else pass untouched.
  */
 #include <linux/bpf.h>
@@ -156,6 +157,70 @@ static __always_inline int redirect_routed(struct __sk_buff *skb, const struct p
 	return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
 }
 
+static __always_inline __u16 csum_fold(__s64 csum)
+{
+	__u32 sum = (__u32)csum;
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+/* ICMP destination unreachable, port unreachable (RFC 792). */
+#define ICMP_DEST_UNREACH 3
+#define ICMP_PORT_UNREACH 3
+
+/* What a rejected packet becomes: an IP header, the ICMP header, and the original IP header with
+ * the first 8 bytes of its payload (the ports, which the client matches to its socket). */
+struct icmp_reject {
+	struct iphdr ip;
+	__u8 type;
+	__u8 code;
+	__u16 check;
+	__u32 unused;
+	struct iphdr inner;
+	__u8 l4[8];
+};
+_Static_assert(sizeof(struct icmp_reject) == 20 + 8 + 20 + 8, "no padding: the struct is the packet");
+
+/* Refuses `p` as kube-proxy's REJECT does: the packet is turned into an ICMP port unreachable
+ * from the frontend to the client (TCP connect() fails with ECONNREFUSED at once, UDP's next
+ * receive too) and sent back out of the device it came in on. Left to the stack, a packet to
+ * an external IP, LB IP or ClusterIP (not this node's addresses) would be forwarded instead.
+ * The checksums are computed whole. A packet that came from a local socket over a veth still
+ * carries CHECKSUM_PARTIAL, which tells the receiver on the other end to trust them; nothing
+ * on that path recomputes them (veth offloads checksums). */
+static __always_inline int reject(struct __sk_buff *skb, __u32 l3off, const struct pkt *p)
+{
+	struct icmp_reject r = {};
+	if (bpf_skb_load_bytes(skb, l3off, &r.inner, sizeof(r.inner)) < 0 || r.inner.ihl != 5 ||
+	    bpf_skb_load_bytes(skb, p->l4off, r.l4, sizeof(r.l4)) < 0)
+		return TC_ACT_SHOT; /* IP options or a truncated header: not worth an answer */
+	r.ip.version = 4;
+	r.ip.ihl = 5;
+	r.ip.ttl = 64;
+	r.ip.protocol = IPPROTO_ICMP;
+	r.ip.tot_len = bpf_htons(sizeof(r));
+	r.ip.saddr = p->daddr;
+	r.ip.daddr = p->saddr;
+	r.ip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.ip, sizeof(r.ip), 0));
+	r.type = ICMP_DEST_UNREACH;
+	r.code = ICMP_PORT_UNREACH;
+	r.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.type, sizeof(r) - sizeof(r.ip), 0));
+	if (bpf_skb_change_tail(skb, l3off + sizeof(r), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, l3off, &r, sizeof(r), BPF_F_RECOMPUTE_CSUM) < 0)
+		return TC_ACT_SHOT;
+	if (l3off == ETH_HLEN) {
+		__u8 mac[12], swapped[12];
+		if (bpf_skb_load_bytes(skb, 0, mac, sizeof(mac)) < 0)
+			return TC_ACT_SHOT;
+		__builtin_memcpy(swapped, mac + 6, 6);
+		__builtin_memcpy(swapped + 6, mac, 6);
+		if (bpf_skb_store_bytes(skb, 0, swapped, sizeof(swapped), 0) < 0)
+			return TC_ACT_SHOT;
+	}
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 /* Whether `addr` is one of this node's addresses (the route lookup does not forward it). */
 static __always_inline int is_local(struct __sk_buff *skb, __u32 addr)
 {
@@ -266,11 +331,21 @@ static __always_inline int from_outside(struct __sk_buff *skb, __u32 l3off)
 	if (!svc) {
 		sk.vip = 0; /* NodePort on every node address */
 		svc = bpf_map_lookup_elem(&netd_svc, &sk);
-		if (!svc || !is_local(skb, p.daddr))
+		if (svc && !is_local(skb, p.daddr))
+			svc = NULL;
+	}
+	if (!svc) {
+		/* A ClusterIP, from a host that routes the service range through this node: served
+		 * as kube-proxy does (a remote backend sees this node's SNAT address, a local one
+		 * the client's, see the README). */
+		sk.vip = p.daddr;
+		sk.scope = NETD_SCOPE_INTERNAL;
+		svc = bpf_map_lookup_elem(&netd_svc, &sk);
+		if (!svc)
 			return TC_ACT_UNSPEC;
 	}
 	if (svc->count == 0)
-		return svc->flags & NETD_SVC_F_REJECT ? TC_ACT_OK : TC_ACT_SHOT;
+		return svc->flags & NETD_SVC_F_REJECT ? reject(skb, l3off, &p) : TC_ACT_SHOT;
 	struct netd_affinity_key ak = { .client_ip = p.saddr };
 	struct netd_backend be;
 	if (!pick_backend(svc, &ak, &be))

@@ -7,9 +7,10 @@
  *   recvmsg4     UDP replies from the backend   -> shown as coming from VIP:port
  *   getpeername4 connected sockets              -> peer shown as VIP:port
  *
- * No per-packet NAT: the socket talks to the backend directly. A service without any
- * endpoint refuses connect()/sendmsg() with ECONNREFUSED (bpf_set_retval, kernel >= 5.18;
- * older kernels report EPERM).
+ * No per-packet NAT: the socket talks to the backend directly. A frontend without an endpoint
+ * to pick (none at all, or none on this node under internalTrafficPolicy Local) refuses
+ * connect()/sendmsg() with ECONNREFUSED (bpf_set_retval, kernel >= 5.18; older kernels report
+ * EPERM): where kube-proxy drops, the client fails at once instead of waiting (README).
  */
 #include "lb.h"
 
@@ -28,6 +29,8 @@ struct {
 static __always_inline int lookup_and_pick(struct bpf_sock_addr *ctx, struct netd_svc_key *key,
 					   struct netd_backend *out)
 {
+	/* The internal scope holds ClusterIPs, and the external frontends of externalTrafficPolicy
+	 * Local services with the cluster's endpoints: pods and the node are not "outside". */
 	struct netd_svc_value *svc = bpf_map_lookup_elem(&netd_svc, key);
 	if (!svc) {
 		/* Not a ClusterIP: maybe this node's NodePort or an external IP (hairpin from a

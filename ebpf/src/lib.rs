@@ -8,9 +8,10 @@
 //!        recvmsg4/getpeername4: backend → VIP:port                  │
 //!                                                                   │
 //!        tc programs (bpf/nodeport.c, TCX links) ◄──────────────────┘
-//!        external device ingress: NodePort / externalIP / LB IP → DNAT (+ SNAT to the node's
-//!          overlay address when the backend is on another node, redirected with
-//!          bpf_redirect_neigh); connections in the LRU map netd_ct
+//!        external device ingress: NodePort / externalIP / LB IP, and ClusterIPs routed to this
+//!          node from outside → DNAT (+ SNAT to the node's overlay address when the backend is
+//!          on another node, redirected with bpf_redirect_neigh); connections in the LRU map
+//!          netd_ct; a frontend without endpoints answered with ICMP port unreachable
 //!        overlay device ingress: replies of SNATed connections → reverse NAT, redirected
 //!        external device egress: replies of local backends → source back to the frontend
 //! ```

@@ -93,8 +93,19 @@ fn wants<'a>(sp: &'a ServicePortPlan, node: &NodeInfo, out: &mut Vec<Want<'a>>) 
     }
     let eps = sp.external_endpoints();
     let flags = affinity.0 | reject(eps, sp.external_fallback()) | if sp.external_local { SVC_F_LOCAL } else { 0 };
+    // externalTrafficPolicy Local is for traffic from outside: pods and the node itself reach an
+    // external frontend through every endpoint of the cluster, as kube-proxy short-circuits them.
+    // The socket load balancer looks the internal scope up first, so those frontends get an
+    // internal entry with the cluster's endpoints ("any node address" NodePorts stay with tc).
+    let short_circuit = sp.external_local.then(|| {
+        let eps = sp.cluster_endpoints.as_slice();
+        (eps, affinity.0 | reject(eps, sp.external_fallback()))
+    });
     let mut ext = |ip: Ipv4Addr, port: u16| {
         out.push(Want { key: SvcKey::new(ip, port, proto, SCOPE_EXTERNAL), endpoints: eps, flags, affinity_timeout: affinity.1 });
+        if let Some((eps, flags)) = short_circuit.filter(|_| !ip.is_unspecified()) {
+            out.push(Want { key: SvcKey::new(ip, port, proto, SCOPE_INTERNAL), endpoints: eps, flags, affinity_timeout: affinity.1 });
+        }
     };
     for ip in sp.external_frontends() {
         ext(ip, sp.port);
@@ -133,7 +144,7 @@ fn render_service(
             *next_id += 1;
             *next_id - 1
         });
-        let new: Vec<BackendValue> = w.endpoints.iter().map(|e| BackendValue::new(e.ip, e.port, e.local)).collect();
+        let new: Vec<BackendValue> = w.endpoints.iter().map(|e| BackendValue::new(e.ip, e.port, e.local || on_this_node(node, e.ip))).collect();
         let backends = assign_slots(old.map(|f| f.backends.as_slice()).unwrap_or(&[]), &new);
         let value = SvcValue { id, count: backends.len() as u32, flags: w.flags, affinity_timeout: w.affinity_timeout };
         let f = Frontend { value, backends };
@@ -146,6 +157,16 @@ fn render_service(
         keys.push(w.key);
     }
     Arc::from(keys)
+}
+
+/// Whether `ip` is reached on this node itself (a pod of its subnet, or one of its addresses),
+/// whatever the endpoint's `nodeName` says. The tc programs SNAT connections to backends that
+/// are not "local" and expect their replies back on the overlay or external device; a pod of
+/// this node answers on its bridge instead, to an address of this node, and the connection
+/// would hang (an EndpointSlice without `nodeName`, or naming the node differently). Traffic
+/// policies still go by `nodeName`, as kube-proxy's do.
+fn on_this_node(node: &NodeInfo, ip: Ipv4Addr) -> bool {
+    node.pod_cidr.is_some_and(|net| net.contains(&ip)) || node.ips.contains(&ip)
 }
 
 fn first_free_id(frontends: &BTreeMap<SvcKey, Arc<Frontend>>) -> u32 {
@@ -451,16 +472,39 @@ mod tests {
         let mut p = plan(vec![a]);
         p.node.ips = vec![Ipv4Addr::new(198, 18, 0, 1)];
         let st = render(&p, None);
-        assert_eq!(st.frontends.len(), 3);
+        assert_eq!(st.frontends.len(), 5);
         let np = &st.frontends[&SvcKey::new(Ipv4Addr::new(198, 18, 0, 1), 30080, 6, SCOPE_EXTERNAL)];
         assert_eq!(np.backends.len(), 1, "externalTrafficPolicy Local: local endpoints only");
         assert_ne!(np.value.flags & SVC_F_LOCAL, 0);
         let ext = &st.frontends[&SvcKey::new(Ipv4Addr::new(198, 18, 5, 5), 80, 6, SCOPE_EXTERNAL)];
         assert_eq!(ext.backends, np.backends);
         assert_eq!(st.frontends[&key([10, 96, 0, 10], 80)].backends.len(), 2);
+        // Pods and the node (the socket load balancer, internal scope first) reach every
+        // endpoint through the external frontends: kube-proxy's short-circuit.
+        for k in [SvcKey::new(Ipv4Addr::new(198, 18, 0, 1), 30080, 6, SCOPE_INTERNAL), key([198, 18, 5, 5], 80)] {
+            assert_eq!((st.frontends[&k].backends.len(), st.frontends[&k].value.flags), (2, 0), "{k:?}");
+        }
         // Distinct ids.
         let ids: BTreeSet<u32> = st.frontends.values().map(|f| f.value.id).collect();
-        assert_eq!(ids.len(), 3);
+        assert_eq!(ids.len(), 5);
+    }
+
+    #[test]
+    fn a_backend_in_this_nodes_pod_subnet_is_local_whatever_its_node_name() {
+        // Endpoints without nodeName: ep(1) is odd (not "local"), in this node's pod subnet.
+        let mut e = ep(1, 80);
+        e.local = false;
+        let other = Endpoint { ip: Ipv4Addr::new(10, 244, 2, 7), ..e.clone() };
+        let host = Endpoint { ip: Ipv4Addr::new(198, 18, 0, 1), ..e.clone() };
+        let mut a = sp("a", [10, 96, 0, 10], vec![e, other, host]);
+        a.node_port = Some(30080);
+        let mut p = plan(vec![a]);
+        p.node.ips = vec![Ipv4Addr::new(198, 18, 0, 1)];
+        p.node.pod_cidr = Some("10.244.1.0/24".parse().unwrap());
+        let st = render(&p, None);
+        let np = &st.frontends[&SvcKey::new(Ipv4Addr::new(198, 18, 0, 1), 30080, 6, SCOPE_EXTERNAL)];
+        let local: Vec<(Ipv4Addr, bool)> = np.backends.iter().map(|b| (b.ip(), b.local != 0)).collect();
+        assert_eq!(local, vec![(Ipv4Addr::new(10, 244, 1, 1), true), (Ipv4Addr::new(10, 244, 2, 7), false), (Ipv4Addr::new(198, 18, 0, 1), true)]);
     }
 
     #[test]

@@ -95,10 +95,15 @@ impl Drop for EbpfSandbox {
 /// load balancer is attached): into the cgroup first, with the host's /sys, then into the
 /// pod's network namespace (`ip netns exec` remounts /sys).
 pub fn ask_in_cgroup(cgroup: &Path, pod: &Pod, addr: &str) -> Result<String> {
+    ask_in_cgroup_from(cgroup, &pod.ns, addr)
+}
+
+/// [`ask_in_cgroup`] from any namespace (a node's: the node itself as the client).
+pub fn ask_in_cgroup_from(cgroup: &Path, ns: &crate::Netns, addr: &str) -> Result<String> {
     let script = format!(
         "echo $$ > {}/cgroup.procs && exec ip netns exec {} socat -T 3 - TCP:{addr},connect-timeout=3 2>&1",
         cgroup.display(),
-        pod.ns.name()
+        ns.name()
     );
     let out = std::process::Command::new("sh").args(["-c", &script]).stdin(std::process::Stdio::null()).output()?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())

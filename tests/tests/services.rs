@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use netd_tests::ebpf::{ask_in_cgroup, netd_ebpf_probe, netd_ebpf_tc_probe, EbpfSandbox};
+use netd_tests::ebpf::{ask_in_cgroup, ask_in_cgroup_from, netd_ebpf_probe, netd_ebpf_tc_probe, EbpfSandbox};
 use netd_tests::{netd_binary, wait_until, Cluster, Pod};
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -577,20 +577,7 @@ fn services_with_ebpf_nodeport_external_ip_and_local_policy() -> Result<()> {
         eprintln!("skipping: {why}");
         return Ok(());
     }
-    let sandbox = EbpfSandbox::new_for_nodes(3)?;
-    let mut c = Cluster::new(3)?;
-    c.write_network_config(VXLAN)?;
-    for i in 0..3 {
-        let (cg, pins) = (sandbox.node_cgroup(i).to_path_buf(), sandbox.node_pins(i));
-        c.node_mut(i).start_netd(&["--proxy-mode", "ebpf", "--ebpf-cgroup", cg.to_str().unwrap(), "--ebpf-bpffs", pins.to_str().unwrap()])?;
-    }
-    let mut snat = Vec::new();
-    for i in 0..3 {
-        let env = c.node_mut(i).wait_subnet_env(WAIT)?;
-        snat.push(overlay_address(&env)?);
-        let n = c.node(i);
-        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
-    }
+    let (mut c, sandbox, snat) = ebpf_cluster(3)?;
     let a = c.node_mut(0).add_cni_pod("a")?;
     let b = c.node_mut(1).add_cni_pod("b")?;
     let d = c.node_mut(2).add_cni_pod("d")?;
@@ -618,19 +605,7 @@ fn services_with_ebpf_nodeport_external_ip_and_local_policy() -> Result<()> {
     ]
     .concat();
     apply(&c, &manifest)?;
-    let fail = |what: &str, e: anyhow::Error, last: String| -> anyhow::Error {
-        let logs: Vec<String> = (0..3)
-            .map(|i| {
-                let log = c.node(i).log();
-                let tail: Vec<&str> = log.lines().rev().filter(|l| !l.contains("DEBUG")).take(15).collect();
-                format!("node{i}:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
-            })
-            .collect();
-        anyhow::anyhow!("{what}: {e}\nlast answer: {last}\n{}", logs.join("\n"))
-    };
-    let expect = |what: &str, from: &dyn Fn() -> Result<String>, want: &str| -> Result<()> {
-        wait_until(WAIT, POLL, || Ok(from()? == want)).map_err(|e| fail(what, e, from().unwrap_or_default()))
-    };
+    let expect = |what: &str, from: &dyn Fn() -> Result<String>, want: &str| expect_answer(&c, what, from, want);
     let cg0 = sandbox.node_cgroup(0);
 
     // ClusterIP across nodes, by the socket load balancer: the backend sees the pod itself.
@@ -670,3 +645,197 @@ fn services_with_ebpf_nodeport_external_ip_and_local_policy() -> Result<()> {
     Ok(())
 }
 
+
+/// `n` nodes with `--proxy-mode ebpf`, each with its own cgroup and pin
+/// directory, the network ready on every one. Returns the cluster, the sandbox and the nodes' SNAT (overlay) addresses.
+fn ebpf_cluster(n: usize) -> Result<(Cluster, EbpfSandbox, Vec<String>)> {
+    let sandbox = EbpfSandbox::new_for_nodes(n)?;
+    let mut c = Cluster::new(n)?;
+    c.write_network_config(VXLAN)?;
+    for i in 0..n {
+        let (cg, pins) = (sandbox.node_cgroup(i).to_path_buf(), sandbox.node_pins(i));
+        c.node_mut(i).start_netd(&["--proxy-mode", "ebpf", "--ebpf-cgroup", cg.to_str().unwrap(), "--ebpf-bpffs", pins.to_str().unwrap()])?;
+    }
+    let mut snat = Vec::new();
+    for i in 0..n {
+        let env = c.node_mut(i).wait_subnet_env(WAIT)?;
+        snat.push(overlay_address(&env)?);
+        let n = c.node(i);
+        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+    }
+    Ok((c, sandbox, snat))
+}
+
+/// Waits until `from` answers `want`; the error names the step and shows the nodes' log tails.
+fn expect_answer(c: &Cluster, what: &str, from: &dyn Fn() -> Result<String>, want: &str) -> Result<()> {
+    wait_until(WAIT, POLL, || Ok(from()? == want)).map_err(|e| {
+        let logs: Vec<String> = (0..c.nodes().len())
+            .map(|i| {
+                let log = c.node(i).log();
+                let tail: Vec<&str> = log.lines().rev().filter(|l| !l.contains("DEBUG")).take(15).collect();
+                format!("node{i}:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+            })
+            .collect();
+        anyhow::anyhow!("{what}: {e}\nlast answer: {}\n{}", from().unwrap_or_default(), logs.join("\n"))
+    })
+}
+
+/// eBPF, a NodePort Service whose only endpoint is a pod on node0, in an EndpointSlice without
+/// `nodeName` (as many controllers write them): a client outside the cluster reaches it through
+/// node0 itself (DNAT to the pod, the client's address kept, the reply's source put back by the
+/// egress program), as well as through node1 (SNAT hop over the overlay). Node0 used to SNAT to
+/// its overlay address and the pod's reply, delivered to node0's own stack, was never translated
+/// back: the SYN timed out.
+#[test]
+fn ebpf_nodeport_through_the_node_that_hosts_the_backend() -> Result<()> {
+    if let Err(why) = netd_ebpf_probe().and_then(|()| netd_ebpf_tc_probe()) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let (mut c, _sandbox, snat) = ebpf_cluster(2)?;
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let _sa = serve_with_peer(&a, "a")?;
+    let no_node_name = slice("web", &[(&a, "")]).replace("  nodeName: \n", "\n");
+    apply(&c, &[service("web", "10.96.0.50", "NodePort", "    nodePort: 30080\n"), no_node_name].concat())?;
+    let (n0, n1) = (c.node(0).ip(), c.node(1).ip());
+    expect_answer(&c, "NodePort via node1 (SNAT)", &|| ask(c.underlay(), &format!("{n1}:30080")), &format!("a {}", snat[1]))?;
+    expect_answer(&c, "NodePort via node0 (the backend's node)", &|| ask(c.underlay(), &format!("{n0}:30080")), "a 198.18.0.1")?;
+    Ok(())
+}
+
+/// `--proxy-mode ebpf` on a node where the eBPF dataplane cannot attach (here: a cgroup that does
+/// not exist) falls back to nftables, loudly: services answer, `netd status` names the problem and
+/// the fallback, the metric says so. With `--ebpf-fallback none` (eBPF only) nothing is
+/// programmed, and that is reported the same way.
+#[test]
+fn ebpf_that_cannot_run_falls_back_to_nftables_unless_ebpf_only() -> Result<()> {
+    if let Err(why) = netd_ebpf_probe() {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let sandbox = EbpfSandbox::new_for_nodes(2)?;
+    let mut c = Cluster::new(2)?;
+    c.write_network_config(VXLAN)?;
+    let bogus = sandbox.node_cgroup(0).join("no-such-cgroup");
+    let ebpf_args = |i: usize| -> Vec<String> {
+        ["--proxy-mode", "ebpf", "--ebpf-cgroup", bogus.to_str().unwrap(), "--ebpf-bpffs", sandbox.node_pins(i).to_str().unwrap()].map(String::from).to_vec()
+    };
+    let args0 = ebpf_args(0);
+    c.node_mut(0).start_netd(&args0.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let mut args1 = ebpf_args(1);
+    args1.extend(["--ebpf-fallback".to_string(), "none".to_string()]);
+    c.node_mut(1).start_netd(&args1.iter().map(String::as_str).collect::<Vec<_>>())?;
+    for i in 0..2 {
+        c.node_mut(i).wait_subnet_env(WAIT)?;
+        let n = c.node(i);
+        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+    }
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    let _sa = serve(&a, "a")?;
+    let _sb = serve(&b, "b")?;
+    apply(&c, &[service("web", "10.96.0.50", "ClusterIP", ""), slice("web", &[(&a, "node0"), (&b, "node1")])].concat())?;
+    // node0: nftables serves the ClusterIP (the pod is in no cgroup of ours: only rules can).
+    expect_answer(&c, "ClusterIP on the node that fell back", &|| Ok(if ["a", "b"].contains(&ask(&a.ns, "10.96.0.50:80")?.as_str()) { "ok".into() } else { "no".into() }), "ok")?;
+    let (_, status0) = c.node(0).netd_status(&[])?;
+    assert!(status0.contains("programmed by nftables (eBPF unavailable)"), "{status0}");
+    assert!(status0.contains("eBPF service dataplane unavailable, services programmed by nftables instead"), "{status0}");
+    assert!(status0.contains("no-such-cgroup"), "the reason names the cgroup: {status0}");
+    let metric = |n: usize| -> Result<String> {
+        let out = c.node(n).ns().run(&["curl", "-s", "http://127.0.0.1:9402/metrics"])?;
+        Ok(out.lines().find(|l| l.starts_with("netd_service_proxy_fallback ")).unwrap_or_default().to_string())
+    };
+    assert_eq!(metric(0)?, "netd_service_proxy_fallback 1");
+    // What the failed load pinned (its maps) is gone: nothing of eBPF's answers beside nftables.
+    let pid = c.node(0).netd_pid().context("netd pid")?.to_string();
+    let pins = sandbox.node_pins(0);
+    let out = std::process::Command::new("nsenter").args(["-t", &pid, "-m", "ls", "-A"]).arg(&pins).output()?;
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "left pinned under {}: {}", pins.display(), String::from_utf8_lossy(&out.stdout));
+    // node1, eBPF only: nothing programmed, nothing answers, and status says why.
+    let (_, status1) = c.node(1).netd_status(&[])?;
+    assert!(status1.contains("services not programmed (--ebpf-fallback none)"), "{status1}");
+    assert_eq!(metric(1)?, "netd_service_proxy_fallback 1");
+    let out = ask(&b.ns, "10.96.0.50:80")?;
+    assert!(out.starts_with("ERROR"), "no service rules on node1, yet: {out}");
+    Ok(())
+}
+
+/// eBPF, externalTrafficPolicy Local with the only endpoint on node1: pods of node0 and node0
+/// itself still reach it through node0's NodePort, the external IP and the LoadBalancer IP (the
+/// policy is for traffic from outside; kube-proxy short-circuits the node's own), while a client
+/// outside still gets nothing through node0.
+#[test]
+fn ebpf_local_policy_short_circuits_pods_and_the_node() -> Result<()> {
+    if let Err(why) = netd_ebpf_probe().and_then(|()| netd_ebpf_tc_probe()) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let (mut c, sandbox, _snat) = ebpf_cluster(2)?;
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    let _sb = serve_with_peer(&b, "b")?;
+    let extra = "    nodePort: 30081\n  externalTrafficPolicy: Local\n  externalIPs: [\"198.18.5.5\"]\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.18.5.6\n";
+    apply(&c, &[service("local", "10.96.0.52", "LoadBalancer", extra), slice("local", &[(&b, "node1")])].concat())?;
+    let (n0, n1) = (c.node(0).ip(), c.node(1).ip());
+    let cg0 = sandbox.node_cgroup(0);
+    // Programmed: from outside through node1, which has the endpoint.
+    expect_answer(&c, "NodePort via node1 from outside", &|| ask(c.underlay(), &format!("{n1}:30081")), "b 198.18.0.1")?;
+    for addr in [format!("{n0}:30081"), "198.18.5.5:80".into(), "198.18.5.6:80".into()] {
+        expect_answer(&c, &format!("{addr} from a pod of node0"), &|| ask_in_cgroup(cg0, &a, &addr), &format!("b {}", a.ip))?;
+        let from_node = ask_in_cgroup_from(cg0, c.node(0).ns(), &addr)?;
+        assert!(from_node.starts_with("b "), "{addr} from node0 itself: {from_node}");
+    }
+    let dropped = ask(c.underlay(), &format!("{n0}:30081"))?;
+    assert!(dropped.starts_with("ERROR"), "node0 has no local endpoint: from outside, nothing: {dropped}");
+    Ok(())
+}
+
+/// One UDP exchange from `ns`: the answer, or socat's error (an ICMP port unreachable shows as
+/// "Connection refused").
+fn ask_udp(ns: &netd_tests::Netns, addr: &str) -> Result<String> {
+    let out = ns.exec(&["sh", "-c", &format!("echo hi | socat -T 2 - UDP:{addr} 2>&1")])?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// eBPF, from a host outside the cluster: an external IP and a LoadBalancer IP of Services
+/// without endpoints are refused at once (ICMP port unreachable from the frontend, TCP and UDP),
+/// not forwarded out of the node; ClusterIPs are served to a host that routes the service range
+/// through a node (a remote backend sees the node's SNAT address, a local one the client's) and
+/// refused when they have no endpoints.
+#[test]
+fn ebpf_serves_and_rejects_from_outside_as_kube_proxy() -> Result<()> {
+    if let Err(why) = netd_ebpf_probe().and_then(|()| netd_ebpf_tc_probe()) {
+        eprintln!("skipping: {why}");
+        return Ok(());
+    }
+    let (mut c, _sandbox, snat) = ebpf_cluster(2)?;
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    let _sa = serve_with_peer(&a, "a")?;
+    let _sb = serve_with_peer(&b, "b")?;
+    let n0 = c.node(0).ip().to_string();
+    // The outside host (the underlay) routes external IPs, LB IPs and the service range to node0.
+    for net in ["198.18.5.5/32", "198.18.5.6/32", "10.96.0.0/12"] {
+        c.underlay().ip(&["route", "add", net, "via", &n0])?;
+    }
+    let udp = "  - name: dns\n    protocol: UDP\n    port: 53\n    targetPort: 5353\n";
+    let manifest = [
+        service("noeps-ext", "10.96.0.60", "ClusterIP", &format!("{udp}  externalIPs: [\"198.18.5.5\"]\n")),
+        service("noeps-lb", "10.96.0.61", "LoadBalancer", "    nodePort: 30061\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.18.5.6\n"),
+        service("remote", "10.96.0.62", "ClusterIP", ""),
+        slice("remote", &[(&b, "node1")]),
+        service("local", "10.96.0.63", "ClusterIP", ""),
+        slice("local", &[(&a, "node0")]),
+    ]
+    .concat();
+    apply(&c, &manifest)?;
+    let u = c.underlay();
+    let refused = |r: String| if r.contains("Connection refused") { "refused".to_string() } else { r };
+    expect_answer(&c, "external IP without endpoints (TCP)", &|| Ok(refused(ask(u, "198.18.5.5:80")?)), "refused")?;
+    expect_answer(&c, "external IP without endpoints (UDP)", &|| Ok(refused(ask_udp(u, "198.18.5.5:53")?)), "refused")?;
+    expect_answer(&c, "LoadBalancer IP without endpoints", &|| Ok(refused(ask(u, "198.18.5.6:80")?)), "refused")?;
+    expect_answer(&c, "ClusterIP from outside, remote backend", &|| ask(u, "10.96.0.62:80"), &format!("b {}", snat[0]))?;
+    expect_answer(&c, "ClusterIP from outside, local backend", &|| ask(u, "10.96.0.63:80"), "a 198.18.0.1")?;
+    expect_answer(&c, "ClusterIP without endpoints from outside", &|| Ok(refused(ask(u, "10.96.0.60:80")?)), "refused")?;
+    Ok(())
+}
