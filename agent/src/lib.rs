@@ -20,5 +20,6 @@ pub mod overlay_text;
 pub mod registry;
 pub mod server;
 pub mod services;
+pub mod skydns;
 pub mod status;
 pub mod subnet_env;

@@ -61,6 +61,17 @@ pub struct Args {
     /// Time to wait for one upstream before trying the next (e.g. 2s, 500ms).
     #[arg(long, env = "NETD_DNS_UPSTREAM_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub dns_upstream_timeout: Duration,
+    /// Serve SkyDNS records written to etcd under --dns-skydns-prefix (CoreDNS's etcd plugin):
+    /// in the cluster domain after Services, and in --dns-skydns-zones.
+    #[arg(long = "dns-skydns", env = "NETD_DNS_SKYDNS", default_value_t = true, action = ArgAction::Set)]
+    pub dns_skydns: bool,
+    /// etcd key prefix of SkyDNS records (`<prefix>/local/cluster/svc/default/date` is
+    /// date.default.svc.cluster.local).
+    #[arg(long, env = "NETD_DNS_SKYDNS_PREFIX", default_value = crate::skydns::DEFAULT_PREFIX)]
+    pub dns_skydns_prefix: String,
+    /// Zones answered from SkyDNS records, comma-separated (default: the cluster domain).
+    #[arg(long, env = "NETD_DNS_SKYDNS_ZONES", value_delimiter = ',', value_parser = parse_domain)]
+    pub dns_skydns_zones: Vec<String>,
     /// Add the listen addresses to lo when no interface has them.
     #[arg(long, env = "NETD_DNS_ADD_LO_ADDRESS", default_value_t = true, action = ArgAction::Set)]
     pub dns_add_lo_address: bool,
@@ -75,6 +86,15 @@ impl Args {
             negative_ttl: self.dns_negative_ttl,
             dns_ips: self.cluster_dns_ip.into_iter().collect(),
             serial: None,
+        }
+    }
+
+    /// The zones served from SkyDNS records (empty when --dns-skydns is off).
+    pub fn skydns_zones(&self) -> Vec<String> {
+        match (self.dns_skydns, self.dns_skydns_zones.is_empty()) {
+            (false, _) => Vec::new(),
+            (true, true) => vec![self.cluster_domain.clone()],
+            (true, false) => self.dns_skydns_zones.clone(),
         }
     }
 
@@ -181,6 +201,11 @@ mod tests {
         assert_eq!(a.listen_addrs(), ["169.254.20.10:53".parse().unwrap()]);
         let z = a.zone_config();
         assert_eq!(z.domain, "cluster.local");
+        assert_eq!((a.dns_skydns_prefix.as_str(), a.skydns_zones()), ("/skydns", vec!["cluster.local".to_string()]));
+        let a = Cli::try_parse_from(["x", "--dns-skydns-zones", "skydns.local,Example.org."]).unwrap().dns;
+        assert_eq!(a.skydns_zones(), ["skydns.local", "example.org"]);
+        let a = Cli::try_parse_from(["x", "--dns-skydns", "false"]).unwrap().dns;
+        assert!(a.skydns_zones().is_empty());
     }
 
     #[test]

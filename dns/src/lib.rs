@@ -34,6 +34,7 @@ pub mod lo;
 mod metrics;
 pub mod resolv;
 mod server;
+pub mod skydns;
 pub mod wire;
 mod zone;
 
@@ -79,6 +80,7 @@ pub mod fuzzing {
 
     struct Fixture {
         zone: Zone,
+        sky: crate::skydns::SkyZone,
         cache: Cache,
         acl: Acl,
         counters: Counters,
@@ -88,6 +90,7 @@ pub mod fuzzing {
         static F: OnceLock<Fixture> = OnceLock::new();
         F.get_or_init(|| Fixture {
             zone: crate::fixtures::sample_zone(),
+            sky: crate::fixtures::sample_skydns(),
             cache: Cache::new(64),
             acl: Acl::new(vec!["10.244.0.0/16".parse().expect("static")]),
             counters: Counters::default(),
@@ -103,6 +106,7 @@ pub mod fuzzing {
             for t in [Transport::Udp, Transport::Tcp] {
                 let ctx = Ctx {
                     zone: &f.zone,
+                    sky: &f.sky,
                     cache: &f.cache,
                     acl: &f.acl,
                     counters: &f.counters,

@@ -23,6 +23,7 @@ use crate::answer::{handle, qtype_index, write_rcode, Ctx, ForwardRequest, Outco
 use crate::cache::Cache;
 use crate::forward::Forwarder;
 use crate::metrics::{snapshot, Counter, Counters, DnsMetrics};
+use crate::skydns::SkyZone;
 use crate::wire::rcode;
 use crate::zone::{Zone, ZoneConfig};
 use crate::DnsError;
@@ -74,6 +75,7 @@ impl Default for ServerConfig {
 
 struct Shared {
     zone: ArcSwap<Zone>,
+    sky: ArcSwap<SkyZone>,
     acl: Acl,
     fwd: Arc<Forwarder>,
     workers: Box<[Counters]>,
@@ -161,6 +163,7 @@ impl DnsServer {
         ));
         let shared = Arc::new(Shared {
             zone: ArcSwap::from_pointee(Zone::pending(&cfg.zone)),
+            sky: ArcSwap::from_pointee(SkyZone::default()),
             acl: Acl::new(cfg.recursion_allowed.clone()),
             fwd,
             workers: (0..nworkers * udp.len()).map(|_| Counters::default()).collect(),
@@ -254,6 +257,16 @@ impl DnsServer {
     /// The zone being served.
     pub fn zone(&self) -> Arc<Zone> {
         self.shared.zone.load_full()
+    }
+
+    /// Serves these SkyDNS records from now on (atomic, like [`DnsServer::set_zone`]).
+    pub fn set_skydns(&self, sky: Arc<SkyZone>) {
+        self.shared.sky.store(sky);
+    }
+
+    /// The SkyDNS records being served.
+    pub fn skydns(&self) -> Arc<SkyZone> {
+        self.shared.sky.load_full()
     }
 
     /// Replaces the upstream resolvers (e.g. after resolv.conf changed).
@@ -588,6 +601,7 @@ impl Worker<'_> {
         let counters = self.counters;
         let batch = &mut self.batch;
         let zone = shared.zone.load();
+        let sky = shared.sky.load();
         let mut k = 0;
         for i in 0..n {
             let hdr = &batch.rx_hdr[i];
@@ -602,6 +616,7 @@ impl Worker<'_> {
             }
             let ctx = Ctx {
                 zone: &zone,
+                sky: &sky,
                 cache: &shared.fwd.cache,
                 acl: &shared.acl,
                 counters,
@@ -636,7 +651,7 @@ impl Worker<'_> {
                 Outcome::Drop => {}
             }
         }
-        drop(zone);
+        drop((zone, sky));
         if k > 0 {
             batch.send(fd, k);
         }
@@ -699,8 +714,10 @@ async fn tcp_conn(shared: &Shared, mut stream: tokio::net::TcpStream, peer: Sock
         }
         let outcome = {
             let zone = shared.zone.load();
+            let sky = shared.sky.load();
             let ctx = Ctx {
                 zone: &zone,
+                sky: &sky,
                 cache: &shared.fwd.cache,
                 acl: &shared.acl,
                 counters: &shared.fwd.counters,
