@@ -72,12 +72,25 @@ pub struct Args {
     /// Zones answered from SkyDNS records, comma-separated (default: the cluster domain).
     #[arg(long, env = "NETD_DNS_SKYDNS_ZONES", value_delimiter = ',', value_parser = parse_domain)]
     pub dns_skydns_zones: Vec<String>,
+    /// netd's config file (YAML): its `dns` section sets these flags' values (a key set there
+    /// wins over its flag) and per-zone forwarding; errors name the line.
+    #[arg(long, env = "NETD_DNS_CONFIG")]
+    pub dns_config: Option<PathBuf>,
     /// Add the listen addresses to lo when no interface has them.
     #[arg(long, env = "NETD_DNS_ADD_LO_ADDRESS", default_value_t = true, action = ArgAction::Set)]
     pub dns_add_lo_address: bool,
 }
 
 impl Args {
+    /// These flags with the `dns` section of --dns-config applied (themselves when none is
+    /// given). Read once at start: a bad file is an error naming its line.
+    pub fn effective(&self) -> Result<Args, DnsError> {
+        match &self.dns_config {
+            Some(path) => crate::config::load(path, self),
+            None => Ok(self.clone()),
+        }
+    }
+
     /// The zone parameters.
     pub fn zone_config(&self) -> ZoneConfig {
         ZoneConfig {
@@ -138,7 +151,7 @@ impl Args {
     }
 }
 
-fn parse_domain(s: &str) -> Result<String, String> {
+pub(crate) fn parse_domain(s: &str) -> Result<String, String> {
     let d = s.trim().trim_end_matches('.').to_ascii_lowercase();
     let ok = !d.is_empty()
         && d.len() < 250

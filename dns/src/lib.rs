@@ -27,6 +27,7 @@ mod acl;
 mod answer;
 mod args;
 mod cache;
+pub mod config;
 #[doc(hidden)]
 pub mod fixtures;
 mod forward;

@@ -98,6 +98,11 @@ fn veth(a: &Netns, a_if: &str, a_ip: &str, b: &Netns, b_ip: &str, b_gw: Option<&
 
 impl Bed {
     fn new() -> Result<Bed> {
+        Bed::with_config(None)
+    }
+
+    /// The bed, with the server reading `config` as its --dns-config file when given.
+    fn with_config(config: Option<&str>) -> Result<Bed> {
         reap_stale_namespaces();
         let dir = tempfile::Builder::new().prefix(&format!("{}dns-", namespace_prefix())).tempdir()?;
         let node = Netns::new("dns-node")?;
@@ -118,7 +123,14 @@ impl Bed {
         }
         let mut bed = Bed { procs: Vec::new(), _resolv: resolv, pod, outsider, upstream, node, dir };
         bed.start_knot()?;
-        bed.start_server(&[])?;
+        match config {
+            Some(text) => {
+                std::fs::write(bed.path("netd.yaml"), text)?;
+                let conf = bed.p("netd.yaml");
+                bed.start_server(&["--dns-config", &conf])?;
+            }
+            None => bed.start_server(&[])?,
+        }
         Ok(bed)
     }
 
@@ -387,6 +399,23 @@ fn forwarding_cache_truncation_and_upstream_failure() -> Result<()> {
     bed.wait_metric("forward_failures", 2)?;
     // The cluster zone is unaffected.
     assert_eq!(dig_short(&bed.pod, s, &["web.default.svc.cluster.local"])?, ["10.96.0.20"]);
+    Ok(())
+}
+
+/// The `dns` section of a config file: its keys win over the flags; a bad file keeps the server
+/// from starting with an error naming the line.
+#[test]
+fn the_dns_section_of_a_config_file() -> Result<()> {
+    let bed = Bed::with_config(Some("dns:\n  ttl: 77\n  upstreams: [198.18.5.53]\n"))?;
+    let out = dig(&bed.pod, "10.96.0.10", &["web.default.svc.cluster.local"])?;
+    let fields: Vec<&str> = section(&out, "ANSWER")[0].split_whitespace().collect();
+    assert_eq!(fields, ["web.default.svc.cluster.local.", "77", "IN", "A", "10.96.0.20"], "the file's TTL, not --dns-ttl's default: {out}");
+    assert_eq!(dig_short(&bed.pod, "10.96.0.10", &["www.example.com"])?, ["198.18.5.5"]);
+    std::fs::write(bed.path("bad.yaml"), "dns:\n  ttl: 77\n  upstreams: [198.18.5.53]\n  cachesize: 10\n")?;
+    let out = bed.node.exec(&[BIN, "serve", "--services", &bed.p("services.json"), "--slices", &bed.p("slices.json"), "--dns-listen", "127.0.0.1:0", "--dns-config", &bed.p("bad.yaml")])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("bad.yaml: dns: unknown field `cachesize`") && err.contains("line 4"), "{err}");
     Ok(())
 }
 
