@@ -76,6 +76,9 @@ pub struct Args {
     /// wins over its flag) and per-zone forwarding; errors name the line.
     #[arg(long, env = "NETD_DNS_CONFIG")]
     pub dns_config: Option<PathBuf>,
+    /// Stub zones (from the config file's `dns.forward` and `dns.stubDomains`; no flag).
+    #[arg(skip)]
+    pub dns_forward_zones: Vec<crate::stub::ForwardZone>,
     /// Add the listen addresses to lo when no interface has them.
     #[arg(long, env = "NETD_DNS_ADD_LO_ADDRESS", default_value_t = true, action = ArgAction::Set)]
     pub dns_add_lo_address: bool,
@@ -146,6 +149,7 @@ impl Args {
             cache_size: self.dns_cache_size,
             recursion_allowed: allowed,
             zone: self.zone_config(),
+            forward_zones: self.dns_forward_zones.clone(),
             ..ServerConfig::default()
         })
     }

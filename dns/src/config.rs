@@ -15,8 +15,19 @@
 //!     enabled: true
 //!     prefix: /skydns
 //!     zones: [cluster.local, skydns.local]
+//!   stubDomains:                  # kube-dns's: zone -> upstreams, CoreDNS's forward defaults
+//!     corp.example: [198.18.7.53]
+//!   forward:                      # CoreDNS's forward per zone, with its options
+//!     - zone: lab.example
+//!       upstreams: [198.18.8.53, 198.18.8.54]
+//!       forceTcp: false
+//!       preferUdp: false
+//!       policy: sequential        # random (default), round_robin
+//!       healthCheck: 500ms
+//!       maxFails: 2
 //! ```
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -25,6 +36,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::args::{parse_domain, parse_duration};
 use crate::resolv::parse_upstream;
+use crate::stub::{ForwardZone, Policy};
 use crate::{Args, DnsError};
 
 /// The whole file: only the `dns` section is netd's today; other top-level keys are refused
@@ -55,6 +67,45 @@ pub struct DnsSection {
     /// `--dns-max-inflight`.
     pub max_inflight: Option<usize>,
     pub skydns: Option<SkyDnsSection>,
+    /// kube-dns's `stubDomains`: zone -> upstreams (CoreDNS's `forward` defaults).
+    #[serde(default, deserialize_with = "stub_domains")]
+    pub stub_domains: Option<Vec<ForwardZone>>,
+    /// CoreDNS's `forward` per zone.
+    #[serde(default)]
+    pub forward: Option<Vec<ForwardSection>>,
+}
+
+/// One entry of `dns.forward`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ForwardSection {
+    #[serde(deserialize_with = "domain")]
+    pub zone: String,
+    #[serde(deserialize_with = "some_upstreams")]
+    pub upstreams: Vec<SocketAddr>,
+    #[serde(default)]
+    pub force_tcp: bool,
+    #[serde(default)]
+    pub prefer_udp: bool,
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default, deserialize_with = "duration")]
+    pub health_check: Option<Duration>,
+    pub max_fails: Option<u32>,
+}
+
+impl ForwardSection {
+    fn zone(&self) -> ForwardZone {
+        let d = ForwardZone::new(&self.zone, self.upstreams.clone());
+        ForwardZone {
+            force_tcp: self.force_tcp,
+            prefer_udp: self.prefer_udp,
+            policy: self.policy,
+            health_check: self.health_check.unwrap_or(d.health_check),
+            max_fails: self.max_fails.unwrap_or(d.max_fails),
+            ..d
+        }
+    }
 }
 
 /// `dns.skydns`: `--dns-skydns`, `--dns-skydns-prefix`, `--dns-skydns-zones`.
@@ -93,8 +144,9 @@ impl<'de, T, F: Fn(&str) -> Result<T, String>> serde::de::DeserializeSeed<'de> f
     }
 }
 
-/// A list of strings, each parsed by `f` (an error names the element's line).
-struct ParsedList<F>(F);
+/// A list of strings, each parsed by `f` (an error names the element's line); `true`: an empty
+/// list is an error too.
+struct ParsedList<F>(F, bool);
 
 impl<'de, T, F: Fn(&str) -> Result<T, String> + Copy> serde::de::Visitor<'de> for ParsedList<F> {
     type Value = Vec<T>;
@@ -108,20 +160,41 @@ impl<'de, T, F: Fn(&str) -> Result<T, String> + Copy> serde::de::Visitor<'de> fo
         while let Some(x) = seq.next_element_seed(Parsed(self.0))? {
             v.push(x);
         }
+        if v.is_empty() && self.1 {
+            return Err(serde::de::Error::custom("no upstreams"));
+        }
         Ok(v)
     }
 }
 
 fn upstreams<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<SocketAddr>>, D::Error> {
-    d.deserialize_seq(ParsedList(parse_upstream)).map(Some)
+    d.deserialize_seq(ParsedList(parse_upstream, false)).map(Some)
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     d.deserialize_str(Parsed(parse_duration)).map(Some)
 }
 
+fn domain<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    d.deserialize_str(Parsed(parse_domain))
+}
+
+fn some_upstreams<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    d.deserialize_seq(ParsedList(parse_upstream, true))
+}
+
+/// `zone: [upstream, ...]`, each zone and each address checked where it is written.
+fn stub_domains<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<ForwardZone>>, D::Error> {
+    #[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+    struct Zone(#[serde(deserialize_with = "domain")] String);
+    #[derive(Deserialize)]
+    struct Ups(#[serde(deserialize_with = "some_upstreams")] Vec<SocketAddr>);
+    let m: BTreeMap<Zone, Ups> = BTreeMap::deserialize(d)?;
+    Ok(Some(m.into_iter().map(|(z, u)| ForwardZone::new(&z.0, u.0)).collect()))
+}
+
 fn domains<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
-    d.deserialize_seq(ParsedList(parse_domain)).map(Some)
+    d.deserialize_seq(ParsedList(parse_domain, false)).map(Some)
 }
 
 fn prefix<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -169,6 +242,11 @@ impl DnsSection {
             a.dns_skydns = s.enabled.unwrap_or(a.dns_skydns);
             a.dns_skydns_prefix = s.prefix.clone().unwrap_or(a.dns_skydns_prefix);
             a.dns_skydns_zones = s.zones.clone().unwrap_or(a.dns_skydns_zones);
+        }
+        if self.stub_domains.is_some() || self.forward.is_some() {
+            let mut zones = self.stub_domains.clone().unwrap_or_default();
+            zones.extend(self.forward.iter().flatten().map(ForwardSection::zone));
+            a.dns_forward_zones = zones;
         }
         a
     }
@@ -229,6 +307,26 @@ mod tests {
         assert!(e.contains("unknown field `proxy`") && e.contains("line 1"), "{e}");
         let e = err("dns: [1\n");
         assert!(e.contains("line "), "{e}");
+    }
+
+    #[test]
+    fn stub_domains_and_forward_zones() {
+        let text = "dns:\n  stubDomains:\n    Corp.Example.: [198.18.7.53, \"198.18.7.54:5353\"]\n  forward:\n    - zone: lab.example\n      upstreams: [198.18.8.53]\n      forceTcp: true\n      policy: sequential\n      healthCheck: 2s\n      maxFails: 0\n";
+        let flags = Cli::try_parse_from(["x"]).unwrap().dns;
+        let a = parse_dns_section(text, "f").unwrap().over(&flags);
+        let mut corp = ForwardZone::new("corp.example", vec!["198.18.7.53:53".parse().unwrap(), "198.18.7.54:5353".parse().unwrap()]);
+        assert_eq!(a.dns_forward_zones[0], corp);
+        corp = ForwardZone { zone: "lab.example".into(), upstreams: vec!["198.18.8.53:53".parse().unwrap()], force_tcp: true, policy: Policy::Sequential, health_check: Duration::from_secs(2), max_fails: 0, ..corp };
+        assert_eq!(a.dns_forward_zones[1], corp);
+        assert_eq!(a.server_config(None).unwrap().forward_zones.len(), 2);
+        let e = err("dns:\n  forward:\n    - zone: lab.example\n      upstreams: [198.18.8.53]\n      policy: fastest\n");
+        assert!(e.contains("unknown variant `fastest`") && e.contains("line 5"), "{e}");
+        let e = err("dns:\n  forward:\n    - zone: lab.example\n      upstreams: []\n");
+        assert!(e.contains("no upstreams") && e.contains("line 4"), "{e}");
+        let e = err("dns:\n  stubDomains:\n    corp.example: [198.18.7.53]\n    \"bad..zone\": [198.18.7.53]\n");
+        assert!(e.contains("is not a domain name") && e.contains("line 4"), "{e}");
+        let e = err("dns:\n  forward:\n    - zone: lab.example\n      upstream: [198.18.8.53]\n");
+        assert!(e.contains("unknown field `upstream`") && e.contains("line 4"), "{e}");
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod lo;
 mod metrics;
 pub mod resolv;
 mod server;
+pub mod stub;
 pub mod skydns;
 pub mod wire;
 mod zone;

@@ -24,6 +24,7 @@ use crate::cache::Cache;
 use crate::forward::Forwarder;
 use crate::metrics::{snapshot, Counter, Counters, DnsMetrics};
 use crate::skydns::SkyZone;
+use crate::stub::ForwardZone;
 use crate::wire::rcode;
 use crate::zone::{Zone, ZoneConfig};
 use crate::DnsError;
@@ -52,6 +53,8 @@ pub struct ServerConfig {
     pub max_tcp_connections: usize,
     /// Zone parameters, for the SERVFAIL-ing zone served until the first [`DnsServer::set_zone`].
     pub zone: ZoneConfig,
+    /// Stub zones: names in them go to upstreams of their own ([`crate::stub`]).
+    pub forward_zones: Vec<ForwardZone>,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +72,7 @@ impl Default for ServerConfig {
             tcp_idle_timeout: Duration::from_secs(10),
             max_tcp_connections: 256,
             zone: ZoneConfig::default(),
+            forward_zones: Vec::new(),
         }
     }
 }
@@ -156,6 +160,7 @@ impl DnsServer {
         let cache = Arc::new(Cache::new(cfg.cache_size));
         let fwd = Arc::new(Forwarder::new(
             cfg.upstreams.clone(),
+            cfg.forward_zones.clone(),
             cfg.upstream_timeout,
             cache,
             cfg.max_inflight,
@@ -208,6 +213,7 @@ impl DnsServer {
                         }
                     }
                     tokio::spawn(dispatch(rt_shared.fwd.clone(), job_rx));
+                    tokio::spawn(rt_shared.fwd.clone().health_checks());
                     let acl_shared = rt_shared.clone();
                     tokio::spawn(async move {
                         let mut tick = tokio::time::interval(Duration::from_secs(5));
