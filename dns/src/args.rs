@@ -76,6 +76,10 @@ pub struct Args {
     /// wins over its flag) and per-zone forwarding; errors name the line.
     #[arg(long, env = "NETD_DNS_CONFIG")]
     pub dns_config: Option<PathBuf>,
+    /// Answer from expired cache entries up to this long past their TTL when every upstream
+    /// fails (serve stale, RFC 8767; answers go out with TTL 0), e.g. 1h. Off by default.
+    #[arg(long, env = "NETD_DNS_SERVE_STALE", value_parser = parse_duration)]
+    pub dns_serve_stale: Option<Duration>,
     /// Stub zones (from the config file's `dns.forward` and `dns.stubDomains`; no flag).
     #[arg(skip)]
     pub dns_forward_zones: Vec<crate::stub::ForwardZone>,
@@ -150,6 +154,7 @@ impl Args {
             recursion_allowed: allowed,
             zone: self.zone_config(),
             forward_zones: self.dns_forward_zones.clone(),
+            serve_stale: self.dns_serve_stale,
             ..ServerConfig::default()
         })
     }
@@ -167,7 +172,7 @@ pub(crate) fn parse_domain(s: &str) -> Result<String, String> {
     }
 }
 
-/// Parses `500ms`, `2s`, `1m`, or a bare number of seconds.
+/// Parses `500ms`, `2s`, `1m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
@@ -177,7 +182,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "" | "s" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     };
     if !(secs > 0.0 && secs.is_finite()) {
         return Err(format!("{s:?} must be positive"));

@@ -11,6 +11,7 @@
 //!   ttl: 30
 //!   negativeTtl: 5
 //!   cacheSize: 10000
+//!   serveStale: 1h
 //!   skydns:
 //!     enabled: true
 //!     prefix: /skydns
@@ -66,6 +67,9 @@ pub struct DnsSection {
     pub cache_size: Option<usize>,
     /// `--dns-max-inflight`.
     pub max_inflight: Option<usize>,
+    /// `--dns-serve-stale`.
+    #[serde(default, deserialize_with = "duration")]
+    pub serve_stale: Option<Duration>,
     pub skydns: Option<SkyDnsSection>,
     /// kube-dns's `stubDomains`: zone -> upstreams (CoreDNS's `forward` defaults).
     #[serde(default, deserialize_with = "stub_domains")]
@@ -238,6 +242,7 @@ impl DnsSection {
         a.dns_negative_ttl = self.negative_ttl.unwrap_or(a.dns_negative_ttl);
         a.dns_cache_size = self.cache_size.unwrap_or(a.dns_cache_size);
         a.dns_max_inflight = self.max_inflight.unwrap_or(a.dns_max_inflight);
+        a.dns_serve_stale = self.serve_stale.or(a.dns_serve_stale);
         if let Some(s) = &self.skydns {
             a.dns_skydns = s.enabled.unwrap_or(a.dns_skydns);
             a.dns_skydns_prefix = s.prefix.clone().unwrap_or(a.dns_skydns_prefix);
@@ -297,7 +302,7 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("invalid type"), "{e}");
         let e = err("dns:\n  ttl: 30\n  upstreams:\n    - 198.18.0.53\n    - nope\n");
         assert!(e.contains("\"nope\" is not an IP address") && e.contains("line 5"), "{e}");
-        let e = err("dns:\n  upstreamTimeout: 2h\n");
+        let e = err("dns:\n  upstreamTimeout: 2d\n");
         assert!(e.contains("unknown unit") && e.contains("line 2"), "{e}");
         let e = err("dns:\n  skydns:\n    zones: [\"a..b\"]\n");
         assert!(e.contains("is not a domain name") && e.contains("line 3"), "{e}");

@@ -227,6 +227,12 @@ impl Forwarder {
             self.cache.insert(key, entry.clone());
             return Some((entry, 0));
         }
+        // Every upstream failed: an expired answer within the stale bound beats SERVFAIL.
+        if let Some(stale) = self.cache.get_stale(key, Instant::now()) {
+            self.stats.stale_answers.inc();
+            tracing::debug!(name = %wire::name_to_string(name), "every upstream failed; answering from the stale cache");
+            return Some(stale);
+        }
         self.stats.failures.inc();
         None
     }

@@ -96,6 +96,8 @@ pub(crate) struct ForwardStats {
     pub tcp_fallbacks: Counter,
     /// Exchanges with one upstream that failed (timeout, error), each try counted.
     pub upstream_errors: Counter,
+    /// Answers served stale (expired, within the bound) because every upstream failed.
+    pub stale_answers: Counter,
     pub latency: Histogram,
 }
 
@@ -122,6 +124,8 @@ pub struct DnsMetrics {
     pub tcp_fallbacks: u64,
     /// Exchanges with one upstream that failed (each try of each forward).
     pub upstream_errors: u64,
+    /// Answers served from the stale cache because every upstream failed.
+    pub stale_answers: u64,
     /// Queries for other names from clients outside the recursion ACL (REFUSED).
     pub refused_recursion: u64,
     /// Packets dropped without an answer.
@@ -194,6 +198,7 @@ pub(crate) fn snapshot<'a>(blocks: impl Iterator<Item = &'a Counters>, fwd: &For
     m.forward_failures = fwd.failures.get();
     m.tcp_fallbacks = fwd.tcp_fallbacks.get();
     m.upstream_errors = fwd.upstream_errors.get();
+    m.stale_answers = fwd.stale_answers.get();
     let counts: Vec<u64> = fwd.latency.buckets.iter().map(Counter::get).collect();
     m.forward_latency = LatencyHistogram {
         bounds: LATENCY_BOUNDS.to_vec(),

@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub zone: ZoneConfig,
     /// Stub zones: names in them go to upstreams of their own ([`crate::stub`]).
     pub forward_zones: Vec<ForwardZone>,
+    /// Serve expired cached answers up to this long past their TTL when every upstream fails.
+    pub serve_stale: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -73,6 +75,7 @@ impl Default for ServerConfig {
             max_tcp_connections: 256,
             zone: ZoneConfig::default(),
             forward_zones: Vec::new(),
+            serve_stale: None,
         }
     }
 }
@@ -157,7 +160,8 @@ impl DnsServer {
         // SAFETY: `efd` is a fresh descriptor that nothing else owns.
         let wake = unsafe { OwnedFd::from_raw_fd(efd) };
 
-        let cache = Arc::new(Cache::new(cfg.cache_size));
+        let stale = cfg.serve_stale.map_or(0, |d| d.as_secs().min(u64::from(u32::MAX)) as u32);
+        let cache = Arc::new(Cache::new(cfg.cache_size).with_stale(stale));
         let fwd = Arc::new(Forwarder::new(
             cfg.upstreams.clone(),
             cfg.forward_zones.clone(),

@@ -31,6 +31,7 @@ $TTL 300
 @ IN NS ns
 ns IN A 198.18.5.53
 www IN A 198.18.5.5
+short 1 IN A 198.18.5.6
 ";
 
 /// `/etc/netns/<ns>/resolv.conf`, removed on drop.
@@ -424,6 +425,27 @@ fn the_dns_section_of_a_config_file() -> Result<()> {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("bad.yaml: dns: unknown field `cachesize`") && err.contains("line 4"), "{err}");
+    Ok(())
+}
+
+/// Serve stale: with the upstream killed, an answer whose TTL ran out is still given (TTL 0,
+/// within the bound), a name never cached fails.
+#[test]
+fn serve_stale_when_every_upstream_fails() -> Result<()> {
+    let mut bed = Bed::with_config(Some("dns:\n  serveStale: 10m\n"))?;
+    let s = "10.96.0.10";
+    assert_eq!(dig_short(&bed.pod, s, &["short.example.com"])?, ["198.18.5.6"]);
+    let mut knot = bed.procs.remove(0);
+    let _ = knot.kill();
+    knot.wait()?;
+    // Past the record's 1 s TTL (a wait, not a timing assertion).
+    std::thread::sleep(Duration::from_millis(2100));
+    let out = dig(&bed.pod, s, &["short.example.com"])?;
+    assert_eq!(status(&out), "NOERROR", "{out}");
+    let fields: Vec<&str> = section(&out, "ANSWER")[0].split_whitespace().collect();
+    assert_eq!(fields, ["short.example.com.", "0", "IN", "A", "198.18.5.6"], "{out}");
+    bed.wait_metric("stale_answers", 1)?;
+    assert_eq!(status(&dig(&bed.pod, s, &["never.example.com"])?), "SERVFAIL");
     Ok(())
 }
 
