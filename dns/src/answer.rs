@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use crate::acl::Acl;
 use crate::cache::{cache_key, Cache, CACHE_KEY_MAX};
+use crate::hosts::Hosts;
 use crate::metrics::Counters;
 use crate::skydns::{SkyAnswer, SkyZone};
 use crate::wire::{self, class, flag, put_u16, put_u32, rcode, ty, Edns, Query, Reject, HEADER_LEN, OPT_LEN};
@@ -23,6 +24,8 @@ pub(crate) struct Ctx<'a> {
     pub zone: &'a Zone,
     /// SkyDNS records from etcd ([`crate::skydns`]).
     pub sky: &'a SkyZone,
+    /// The hosts file ([`crate::hosts`]), answered before everything else.
+    pub hosts: &'a Hosts,
     pub cache: &'a Cache,
     pub acl: &'a Acl,
     pub counters: &'a Counters,
@@ -170,6 +173,13 @@ pub(crate) fn handle(ctx: &Ctx<'_>, raw: &[u8], client: IpAddr, transport: Trans
 
     if q.qclass == class::IN || q.qclass == class::ANY {
         let name = q.name();
+        if !ctx.hosts.is_empty() {
+            if let Some(p) = ctx.hosts.answer(name, q.qtype) {
+                ctx.counters.zone_answers.inc();
+                ctx.counters.request(ti, rcode::NOERROR);
+                return Outcome::Reply(finalize(p, &qi, patch, limit, ctx.udp_cap, out));
+            }
+        }
         if let Some(entry) = zone.names.get(name) {
             if let Some(p) = entry.answer(q.qtype) {
                 let n = finalize(p, &qi, patch, limit, ctx.udp_cap, out);

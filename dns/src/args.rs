@@ -80,6 +80,10 @@ pub struct Args {
     /// fails (serve stale, RFC 8767; answers go out with TTL 0), e.g. 1h. Off by default.
     #[arg(long, env = "NETD_DNS_SERVE_STALE", value_parser = parse_duration)]
     pub dns_serve_stale: Option<Duration>,
+    /// A hosts file (/etc/hosts format) answered before everything else (CoreDNS's hosts
+    /// plugin); reloaded when it changes.
+    #[arg(long, env = "NETD_DNS_HOSTS_FILE")]
+    pub dns_hosts_file: Option<PathBuf>,
     /// Stub zones (from the config file's `dns.forward` and `dns.stubDomains`; no flag).
     #[arg(skip)]
     pub dns_forward_zones: Vec<crate::stub::ForwardZone>,
@@ -155,6 +159,7 @@ impl Args {
             zone: self.zone_config(),
             forward_zones: self.dns_forward_zones.clone(),
             serve_stale: self.dns_serve_stale,
+            hosts_file: self.dns_hosts_file.clone(),
             ..ServerConfig::default()
         })
     }

@@ -12,6 +12,7 @@
 //!   negativeTtl: 5
 //!   cacheSize: 10000
 //!   serveStale: 1h
+//!   hostsFile: /etc/netd/hosts
 //!   skydns:
 //!     enabled: true
 //!     prefix: /skydns
@@ -70,6 +71,8 @@ pub struct DnsSection {
     /// `--dns-serve-stale`.
     #[serde(default, deserialize_with = "duration")]
     pub serve_stale: Option<Duration>,
+    /// `--dns-hosts-file`.
+    pub hosts_file: Option<std::path::PathBuf>,
     pub skydns: Option<SkyDnsSection>,
     /// kube-dns's `stubDomains`: zone -> upstreams (CoreDNS's `forward` defaults).
     #[serde(default, deserialize_with = "stub_domains")]
@@ -243,6 +246,7 @@ impl DnsSection {
         a.dns_cache_size = self.cache_size.unwrap_or(a.dns_cache_size);
         a.dns_max_inflight = self.max_inflight.unwrap_or(a.dns_max_inflight);
         a.dns_serve_stale = self.serve_stale.or(a.dns_serve_stale);
+        a.dns_hosts_file = self.hosts_file.clone().or(a.dns_hosts_file);
         if let Some(s) = &self.skydns {
             a.dns_skydns = s.enabled.unwrap_or(a.dns_skydns);
             a.dns_skydns_prefix = s.prefix.clone().unwrap_or(a.dns_skydns_prefix);

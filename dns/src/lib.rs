@@ -31,6 +31,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod fixtures;
 mod forward;
+pub mod hosts;
 pub mod lo;
 mod metrics;
 pub mod resolv;
@@ -83,6 +84,7 @@ pub mod fuzzing {
     struct Fixture {
         zone: Zone,
         sky: crate::skydns::SkyZone,
+        hosts: crate::hosts::Hosts,
         cache: Cache,
         acl: Acl,
         counters: Counters,
@@ -93,6 +95,7 @@ pub mod fuzzing {
         F.get_or_init(|| Fixture {
             zone: crate::fixtures::sample_zone(),
             sky: crate::fixtures::sample_skydns(),
+            hosts: crate::hosts::Hosts::parse("198.18.9.1 db.corp.test db\nfd00::9 db.corp.test\n"),
             cache: Cache::new(64),
             acl: Acl::new(vec!["10.244.0.0/16".parse().expect("static")]),
             counters: Counters::default(),
@@ -109,6 +112,7 @@ pub mod fuzzing {
                 let ctx = Ctx {
                     zone: &f.zone,
                     sky: &f.sky,
+                    hosts: &f.hosts,
                     cache: &f.cache,
                     acl: &f.acl,
                     counters: &f.counters,

@@ -449,6 +449,28 @@ fn serve_stale_when_every_upstream_fails() -> Result<()> {
     Ok(())
 }
 
+/// A hosts file: its names answered first (before Services, as CoreDNS's plugin order gives
+/// it), reverse names too, and an edit of the file picked up.
+#[test]
+fn a_hosts_file_answers_first_and_is_reloaded() -> Result<()> {
+    let dir = tempfile::Builder::new().prefix(&format!("{}hosts-", namespace_prefix())).tempdir()?;
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "198.18.9.1 db.corp.test db # comment\n10.9.9.9 web.default.svc.cluster.local\nbogus line\n")?;
+    let bed = Bed::with_config(Some(&format!("dns:\n  hostsFile: {}\n", hosts.display())))?;
+    let s = "10.96.0.10";
+    assert_eq!(dig_short(&bed.pod, s, &["db.corp.test"])?, ["198.18.9.1"]);
+    let mut ptr = dig_short(&bed.pod, s, &["-x", "198.18.9.1"])?;
+    ptr.sort();
+    assert_eq!(ptr, ["db.", "db.corp.test."], "every name of the address, like CoreDNS");
+    assert_eq!(dig_short(&bed.pod, s, &["web.default.svc.cluster.local"])?, ["10.9.9.9"], "the hosts file comes first");
+    assert_eq!(dig_short(&bed.pod, s, &["kubernetes.default.svc.cluster.local"])?, ["10.96.0.1"], "other names as before");
+    assert_eq!(status(&dig(&bed.pod, s, &["db.corp.test", "MX"])?), "NOERROR");
+    std::fs::write(&hosts, "198.18.9.2 db.corp.test\n")?;
+    wait_until(WAIT, POLL, || Ok(dig_short(&bed.pod, s, &["db.corp.test"])? == ["198.18.9.2"]))?;
+    assert_eq!(dig_short(&bed.pod, s, &["web.default.svc.cluster.local"])?, ["10.96.0.20"]);
+    Ok(())
+}
+
 /// A process killed (and reaped) on drop.
 struct Killed(Child);
 

@@ -20,6 +20,7 @@ const FOREIGN: [u8; 4] = [198, 51, 100, 7];
 struct Env {
     zone: std::sync::Arc<Zone>,
     sky: SkyZone,
+    hosts: crate::hosts::Hosts,
     cache: Cache,
     acl: Acl,
     counters: Counters,
@@ -29,14 +30,14 @@ impl Env {
     fn new(sky: SkyZone) -> Env {
         static ZONE: std::sync::OnceLock<std::sync::Arc<Zone>> = std::sync::OnceLock::new();
         let zone = ZONE.get_or_init(|| std::sync::Arc::new(sample_zone())).clone();
-        Env { zone, sky, cache: Cache::new(10), acl: Acl::new(vec!["10.244.0.0/16".parse().unwrap()]), counters: Counters::default() }
+        Env { zone, sky, hosts: crate::hosts::Hosts::default(), cache: Cache::new(10), acl: Acl::new(vec!["10.244.0.0/16".parse().unwrap()]), counters: Counters::default() }
     }
 
     fn outcome(&self, name: &str, t: RecordType, client: [u8; 4]) -> (Outcome, Vec<u8>) {
         let mut m = Message::new();
         m.set_id(7).set_message_type(MessageType::Query).set_op_code(OpCode::Query).set_recursion_desired(true);
         m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
-        let ctx = Ctx { zone: &self.zone, sky: &self.sky, cache: &self.cache, acl: &self.acl, counters: &self.counters, udp_cap: 4096, rotation: 0 };
+        let ctx = Ctx { zone: &self.zone, sky: &self.sky, hosts: &self.hosts, cache: &self.cache, acl: &self.acl, counters: &self.counters, udp_cap: 4096, rotation: 0 };
         let mut out = vec![0u8; MAX_MESSAGE];
         let o = handle(&ctx, &m.to_vec().unwrap(), IpAddr::from(client), Transport::Tcp, &mut out);
         if let Outcome::Reply(n) = o {
