@@ -251,6 +251,9 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
             // DNS binds and forwards before the service source is listed, which may take long or
             // fail for as long as etcd or the API server is away.
             let dns = if dns_args.dns { crate::services::start_dns(&dns_args, network, shared.clone()) } else { None };
+            if let Some((dns, dns_args)) = &dns {
+                crate::skydns::spawn(dns.clone(), dns_args, opts.clone(), shared.clone());
+            }
             let snapshots = match kube.source {
                 netd_kube::SourceKind::Etcd => crate::services::start_source(opts, shared.clone()).await,
                 netd_kube::SourceKind::Kubernetes => match netd_kube::client(kube.kubeconfig.as_deref()).await {
@@ -262,7 +265,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
                     }
                 },
             };
-            if let Some(dns) = dns {
+            if let Some((dns, dns_args)) = dns {
                 crate::services::serve_zone(dns, dns_args.zone_config(), snapshots.clone(), shared.clone());
             }
             if mode != netd_proxy::ProxyMode::None {

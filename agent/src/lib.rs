@@ -20,6 +20,7 @@ pub mod overlay_text;
 pub mod registry;
 pub mod server;
 pub mod services;
+pub mod skydns;
 pub mod status;
 pub mod subnet_env;
 pub mod takeover;

@@ -239,8 +239,9 @@ fn ebpf_backend_or_cluster_ip_only(cfg: netd_ebpf::EbpfConfig, problems: &mut Ve
 /// Starts cluster DNS: bound and forwarding at once (names outside the cluster resolve even while
 /// the service registry cannot be listed), cluster names answered SERVFAIL until [`serve_zone`]
 /// hands it a snapshot. The server's counters go to `netd status` and Prometheus every few seconds.
-pub fn start_dns(args: &netd_dns::Args, network: ipnet::Ipv4Net, shared: Arc<Shared>) -> Option<Arc<netd_dns::DnsServer>> {
-    let cfg = match args.server_config(Some(ipnet::IpNet::V4(network))) {
+/// Returns the server and the DNS settings in effect (the flags with --dns-config applied).
+pub fn start_dns(args: &netd_dns::Args, network: ipnet::Ipv4Net, shared: Arc<Shared>) -> Option<(Arc<netd_dns::DnsServer>, netd_dns::Args)> {
+    let (cfg, args) = match args.effective().and_then(|a| Ok((a.server_config(Some(ipnet::IpNet::V4(network)))?, a))) {
         Ok(c) => c,
         Err(e) => {
             error!(error = %e, "cluster DNS not started");
@@ -289,7 +290,7 @@ pub fn start_dns(args: &netd_dns::Args, network: ipnet::Ipv4Net, shared: Arc<Sha
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
     });
-    Some(dns)
+    Some((dns, args))
 }
 
 /// Serves the cluster zone of `dns` from the snapshots: the zone is updated and swapped in on

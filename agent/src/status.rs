@@ -138,6 +138,25 @@ pub struct DnsStatus {
     pub cache_hit_ratio: Option<f64>,
     pub forwards: u64,
     pub forward_failures: u64,
+    /// SkyDNS records from etcd (`None`: not served).
+    pub skydns: Option<SkyDnsStatus>,
+}
+
+/// The SkyDNS records cluster DNS follows in etcd.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SkyDnsStatus {
+    /// The key prefix followed (`/skydns/`).
+    pub prefix: String,
+    pub zones: Vec<String>,
+    /// Listed completely at least once.
+    pub listed: bool,
+    /// Why etcd cannot be followed right now (the last records stay served).
+    pub last_error: Option<String>,
+    pub records: usize,
+    pub revision: i64,
+    /// Values left out: `key: reason` (the first few).
+    pub skipped: Vec<String>,
+    pub skipped_total: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -306,6 +325,14 @@ pub fn verdict(s: &NodeStatus) -> (Health, Vec<String>) {
         if dns.upstreams.is_empty() {
             warn.push("cluster DNS has no upstream resolvers: names outside the cluster domain fail".into());
         }
+        if let Some(sky) = &dns.skydns {
+            if let Some(e) = &sky.last_error {
+                warn.push(format!("SkyDNS records under {} cannot be followed: {e}", sky.prefix));
+            }
+            if sky.skipped_total > 0 {
+                warn.push(format!("{} malformed SkyDNS value(s) skipped: {}", sky.skipped_total, sky.skipped.join("; ")));
+            }
+        }
     }
     if let Some(api) = &s.api_server {
         if !api.connected {
@@ -438,6 +465,15 @@ pub fn render(s: &NodeStatus, color: bool) -> String {
             dns.queries_per_second,
             if dns.upstreams.is_empty() { paint("31", "NONE") } else { dns.upstreams.join(",") }
         );
+        if let Some(sky) = &dns.skydns {
+            let state = match (&sky.last_error, sky.listed) {
+                (None, true) => paint("32", "listed"),
+                (None, false) => paint("33", "not listed yet"),
+                (Some(e), _) => paint("31", &format!("ERROR: {e}")),
+            };
+            let skipped = if sky.skipped_total > 0 { paint("33", &format!(", {} skipped", sky.skipped_total)) } else { String::new() };
+            let _ = writeln!(out, "skydns    {} for {} {state} ({} records{skipped}, revision {})", sky.prefix, sky.zones.join(","), sky.records, sky.revision);
+        }
     }
     if let Some(r) = &s.service_registry {
         let state = match (&r.last_error, r.listed) {
@@ -618,6 +654,17 @@ mod tests {
         assert!(text.contains("services  12 programmed by nftables (revision 40), synced 2s ago in 1.2 ms\n          ClusterIPs from 10.96.0.0/12, nodePorts 30000-32767\n"), "{text}");
         assert!(text.contains("dns       30 records for 12 services on 169.254.20.10:53; 5 queries/s, cache hits 50%; upstream 198.18.0.1:53"), "{text}");
         assert!(text.contains("apiserver connected (24 objects, 0 relist(s) after 410 Gone)"), "{text}");
+        assert!(!text.contains("skydns"), "{text}");
+        let sky = SkyDnsStatus { prefix: "/skydns/".into(), zones: vec!["cluster.local".into()], listed: true, records: 2, revision: 9, ..Default::default() };
+        s.dns.as_mut().unwrap().skydns = Some(sky);
+        assert!(render(&s, false).contains("skydns    /skydns/ for cluster.local listed (2 records, revision 9)"), "{}", render(&s, false));
+        assert_eq!(verdict(&s).0, Health::Healthy);
+        let sky = s.dns.as_mut().unwrap().skydns.as_mut().unwrap();
+        (sky.skipped, sky.skipped_total) = (vec!["/skydns/local/x: not a SkyDNS value".into()], 1);
+        let (h, why) = verdict(&s);
+        assert_eq!(h, Health::Degraded);
+        assert!(why.iter().any(|w| w.contains("1 malformed SkyDNS value(s) skipped: /skydns/local/x: not a SkyDNS value")), "{why:?}");
+        s.dns.as_mut().unwrap().skydns = None;
         s.services.as_mut().unwrap().last_error = Some("netlink: EPERM".into());
         s.api_server.as_mut().unwrap().connected = false;
         let (h, why) = verdict(&s);

@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use crate::acl::Acl;
 use crate::cache::{cache_key, Cache, CACHE_KEY_MAX};
+use crate::hosts::Hosts;
 use crate::metrics::Counters;
+use crate::skydns::{SkyAnswer, SkyZone};
 use crate::wire::{self, class, flag, put_u16, put_u32, rcode, ty, Edns, Query, Reject, HEADER_LEN, OPT_LEN};
 use crate::zone::{parse_dashed_ip, External, Kind, Packed, Zone};
 
@@ -20,6 +22,10 @@ pub const MAX_MESSAGE: usize = 65535;
 /// Everything `handle` reads besides the packet.
 pub(crate) struct Ctx<'a> {
     pub zone: &'a Zone,
+    /// SkyDNS records from etcd ([`crate::skydns`]).
+    pub sky: &'a SkyZone,
+    /// The hosts file ([`crate::hosts`]), answered before everything else.
+    pub hosts: &'a Hosts,
     pub cache: &'a Cache,
     pub acl: &'a Acl,
     pub counters: &'a Counters,
@@ -167,6 +173,13 @@ pub(crate) fn handle(ctx: &Ctx<'_>, raw: &[u8], client: IpAddr, transport: Trans
 
     if q.qclass == class::IN || q.qclass == class::ANY {
         let name = q.name();
+        if !ctx.hosts.is_empty() {
+            if let Some(p) = ctx.hosts.answer(name, q.qtype) {
+                ctx.counters.zone_answers.inc();
+                ctx.counters.request(ti, rcode::NOERROR);
+                return Outcome::Reply(finalize(p, &qi, patch, limit, ctx.udp_cap, out));
+            }
+        }
         if let Some(entry) = zone.names.get(name) {
             if let Some(p) = entry.answer(q.qtype) {
                 let n = finalize(p, &qi, patch, limit, ctx.udp_cap, out);
@@ -214,8 +227,19 @@ pub(crate) fn handle(ctx: &Ctx<'_>, raw: &[u8], client: IpAddr, transport: Trans
                 return Outcome::Reply(write_rcode(&qi, rcode::REFUSED, true, ra, ctx.udp_cap, out));
             }
             let (rc, n) = answer_dynamic(&qi, &name[..prefix], name.len(), q.qtype, zone, ra, ctx.udp_cap, out);
+            // Services win; what the cluster zone does not have may be a SkyDNS record.
+            if rc == rcode::NXDOMAIN && !ctx.sky.is_empty() {
+                if let Some(o) = sky_outcome(ctx, &q, limit, patch, true, out) {
+                    return o;
+                }
+            }
             ctx.counters.request(ti, rc);
             return Outcome::Reply(n);
+        }
+        if ctx.sky.serves(q.name()) {
+            if let Some(o) = sky_outcome(ctx, &q, limit, patch, false, out) {
+                return o;
+            }
         }
     }
 
@@ -236,6 +260,39 @@ pub(crate) fn handle(ctx: &Ctx<'_>, raw: &[u8], client: IpAddr, transport: Trans
     }
     ctx.counters.cache_misses.inc();
     Outcome::Forward(forward_request(&q, limit, ForwardKind::Recurse))
+}
+
+/// The answer of the SkyDNS records. `fallthrough`: the cluster zone has no such name, and
+/// keeps its own NXDOMAIN when the records have none either (or are not listed yet).
+fn sky_outcome(ctx: &Ctx<'_>, q: &Query<'_>, limit: usize, patch: Patch<'_>, fallthrough: bool, out: &mut [u8]) -> Option<Outcome> {
+    let qi = QInfo::of(q);
+    let ti = qtype_index(q.qtype);
+    let reply = |p: &Packed, out: &mut [u8]| {
+        let n = finalize(p, &qi, patch, limit, ctx.udp_cap, out);
+        ctx.counters.zone_answers.inc();
+        ctx.counters.request(ti, wire::get_u16(out, 2).unwrap_or(0) & flag::RCODE);
+        Outcome::Reply(n)
+    };
+    if q.qtype == ty::AXFR || q.qtype == ty::IXFR {
+        ctx.counters.request(ti, rcode::REFUSED);
+        return Some(Outcome::Reply(write_rcode(&qi, rcode::REFUSED, true, patch.ra, ctx.udp_cap, out)));
+    }
+    match ctx.sky.answer(q.name(), q.qtype, ctx.zone)? {
+        SkyAnswer::Reply(p) => Some(reply(&p, out)),
+        SkyAnswer::Forward { ext, fallback } => {
+            if patch.ra {
+                ctx.counters.zone_answers.inc();
+                return Some(Outcome::Forward(forward_request(q, limit, ForwardKind::External(ext))));
+            }
+            Some(reply(&fallback, out))
+        }
+        SkyAnswer::NameError | SkyAnswer::ServFail if fallthrough => None,
+        SkyAnswer::NameError => ctx.sky.name_error(q.name(), q.qtype).map(|p| reply(&p, out)),
+        SkyAnswer::ServFail => {
+            ctx.counters.request(ti, rcode::SERVFAIL);
+            Some(Outcome::Reply(write_rcode(&qi, rcode::SERVFAIL, false, patch.ra, ctx.udp_cap, out)))
+        }
+    }
 }
 
 fn forward_request(q: &Query<'_>, limit: usize, kind: ForwardKind) -> Box<ForwardRequest> {

@@ -61,12 +61,47 @@ pub struct Args {
     /// Time to wait for one upstream before trying the next (e.g. 2s, 500ms).
     #[arg(long, env = "NETD_DNS_UPSTREAM_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub dns_upstream_timeout: Duration,
+    /// Serve SkyDNS records written to etcd under --dns-skydns-prefix (CoreDNS's etcd plugin):
+    /// in the cluster domain after Services, and in --dns-skydns-zones.
+    #[arg(long = "dns-skydns", env = "NETD_DNS_SKYDNS", default_value_t = true, action = ArgAction::Set)]
+    pub dns_skydns: bool,
+    /// etcd key prefix of SkyDNS records (`<prefix>/local/cluster/svc/default/date` is
+    /// date.default.svc.cluster.local).
+    #[arg(long, env = "NETD_DNS_SKYDNS_PREFIX", default_value = crate::skydns::DEFAULT_PREFIX)]
+    pub dns_skydns_prefix: String,
+    /// Zones answered from SkyDNS records, comma-separated (default: the cluster domain).
+    #[arg(long, env = "NETD_DNS_SKYDNS_ZONES", value_delimiter = ',', value_parser = parse_domain)]
+    pub dns_skydns_zones: Vec<String>,
+    /// netd's config file (YAML): its `dns` section sets these flags' values (a key set there
+    /// wins over its flag) and per-zone forwarding; errors name the line.
+    #[arg(long, env = "NETD_DNS_CONFIG")]
+    pub dns_config: Option<PathBuf>,
+    /// Answer from expired cache entries up to this long past their TTL when every upstream
+    /// fails (serve stale, RFC 8767; answers go out with TTL 0), e.g. 1h. Off by default.
+    #[arg(long, env = "NETD_DNS_SERVE_STALE", value_parser = parse_duration)]
+    pub dns_serve_stale: Option<Duration>,
+    /// A hosts file (/etc/hosts format) answered before everything else (CoreDNS's hosts
+    /// plugin); reloaded when it changes.
+    #[arg(long, env = "NETD_DNS_HOSTS_FILE")]
+    pub dns_hosts_file: Option<PathBuf>,
+    /// Stub zones (from the config file's `dns.forward` and `dns.stubDomains`; no flag).
+    #[arg(skip)]
+    pub dns_forward_zones: Vec<crate::stub::ForwardZone>,
     /// Add the listen addresses to lo when no interface has them.
     #[arg(long, env = "NETD_DNS_ADD_LO_ADDRESS", default_value_t = true, action = ArgAction::Set)]
     pub dns_add_lo_address: bool,
 }
 
 impl Args {
+    /// These flags with the `dns` section of --dns-config applied (themselves when none is
+    /// given). Read once at start: a bad file is an error naming its line.
+    pub fn effective(&self) -> Result<Args, DnsError> {
+        match &self.dns_config {
+            Some(path) => crate::config::load(path, self),
+            None => Ok(self.clone()),
+        }
+    }
+
     /// The zone parameters.
     pub fn zone_config(&self) -> ZoneConfig {
         ZoneConfig {
@@ -75,6 +110,15 @@ impl Args {
             negative_ttl: self.dns_negative_ttl,
             dns_ips: self.cluster_dns_ip.into_iter().collect(),
             serial: None,
+        }
+    }
+
+    /// The zones served from SkyDNS records (empty when --dns-skydns is off).
+    pub fn skydns_zones(&self) -> Vec<String> {
+        match (self.dns_skydns, self.dns_skydns_zones.is_empty()) {
+            (false, _) => Vec::new(),
+            (true, true) => vec![self.cluster_domain.clone()],
+            (true, false) => self.dns_skydns_zones.clone(),
         }
     }
 
@@ -113,12 +157,15 @@ impl Args {
             cache_size: self.dns_cache_size,
             recursion_allowed: allowed,
             zone: self.zone_config(),
+            forward_zones: self.dns_forward_zones.clone(),
+            serve_stale: self.dns_serve_stale,
+            hosts_file: self.dns_hosts_file.clone(),
             ..ServerConfig::default()
         })
     }
 }
 
-fn parse_domain(s: &str) -> Result<String, String> {
+pub(crate) fn parse_domain(s: &str) -> Result<String, String> {
     let d = s.trim().trim_end_matches('.').to_ascii_lowercase();
     let ok = !d.is_empty()
         && d.len() < 250
@@ -130,7 +177,7 @@ fn parse_domain(s: &str) -> Result<String, String> {
     }
 }
 
-/// Parses `500ms`, `2s`, `1m`, or a bare number of seconds.
+/// Parses `500ms`, `2s`, `1m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
@@ -140,7 +187,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "" | "s" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     };
     if !(secs > 0.0 && secs.is_finite()) {
         return Err(format!("{s:?} must be positive"));
@@ -181,6 +229,11 @@ mod tests {
         assert_eq!(a.listen_addrs(), ["169.254.20.10:53".parse().unwrap()]);
         let z = a.zone_config();
         assert_eq!(z.domain, "cluster.local");
+        assert_eq!((a.dns_skydns_prefix.as_str(), a.skydns_zones()), ("/skydns", vec!["cluster.local".to_string()]));
+        let a = Cli::try_parse_from(["x", "--dns-skydns-zones", "skydns.local,Example.org."]).unwrap().dns;
+        assert_eq!(a.skydns_zones(), ["skydns.local", "example.org"]);
+        let a = Cli::try_parse_from(["x", "--dns-skydns", "false"]).unwrap().dns;
+        assert!(a.skydns_zones().is_empty());
     }
 
     #[test]

@@ -63,6 +63,9 @@ type Shard = Mutex<LruCache<Box<[u8]>, Arc<CacheEntry>>>;
 #[derive(Debug)]
 pub(crate) struct Cache {
     shards: Box<[Shard]>,
+    /// Seconds past its TTL an entry is kept to be served when every upstream fails (serve
+    /// stale, RFC 8767); 0: expired entries are dropped.
+    stale: u32,
 }
 
 impl Cache {
@@ -74,7 +77,13 @@ impl Cache {
             Some(per) => (0..nshards).map(|_| Mutex::new(LruCache::new(per))).collect(),
             None => Vec::new().into_boxed_slice(),
         };
-        Cache { shards }
+        Cache { shards, stale: 0 }
+    }
+
+    /// Keeps expired entries `stale` seconds longer, for [`Cache::get_stale`].
+    pub fn with_stale(mut self, stale: u32) -> Self {
+        self.stale = stale;
+        self
     }
 
     fn shard(&self, key: &[u8]) -> Option<&Shard> {
@@ -96,10 +105,22 @@ impl Cache {
         let e = g.get(key)?;
         let elapsed = now.saturating_duration_since(e.stored).as_secs();
         if elapsed >= u64::from(e.ttl) {
-            g.pop(key);
+            if elapsed >= u64::from(e.ttl) + u64::from(self.stale) {
+                g.pop(key);
+            }
             return None;
         }
         Some((e.clone(), elapsed as u32))
+    }
+
+    /// An expired entry still within the stale bound (to answer when every upstream failed),
+    /// with the seconds it has spent in the cache (more than any of its TTLs: sent with TTL 0).
+    pub fn get_stale(&self, key: &[u8], now: Instant) -> Option<(Arc<CacheEntry>, u32)> {
+        let shard = self.shard(key)?;
+        let g = shard.lock().unwrap_or_else(|e| e.into_inner());
+        let e = g.peek(key)?;
+        let elapsed = now.saturating_duration_since(e.stored).as_secs();
+        (elapsed < u64::from(e.ttl) + u64::from(self.stale)).then(|| (e.clone(), elapsed.min(u64::from(u32::MAX)) as u32))
     }
 
     pub fn insert(&self, key: &[u8], entry: Arc<CacheEntry>) {
@@ -312,6 +333,26 @@ mod tests {
         }
         assert_eq!(cache.len(), 3);
         assert!(Cache::new(0).get(&key, t0).is_none());
+    }
+
+    #[test]
+    fn stale_entries_are_kept_for_the_bound_and_only_served_on_request() {
+        let a = Record::from_rdata(name("www.example.com."), 2, RData::A(A([1, 2, 3, 4].into())));
+        let resp = response(ResponseCode::NoError, vec![a], vec![], false);
+        let t0 = Instant::now();
+        let e = Arc::new(entry_from_response(&resp, &wire("www.example.com"), 1, 1, CachePolicy::default(), t0).unwrap());
+        let cache = Cache::new(3).with_stale(10);
+        cache.insert(b"k", e.clone());
+        assert!(cache.get_stale(b"k", t0 + Duration::from_secs(1)).is_some(), "a live entry is stale-servable too");
+        assert!(cache.get(b"k", t0 + Duration::from_secs(5)).is_none(), "expired: not a hit");
+        assert_eq!(cache.get_stale(b"k", t0 + Duration::from_secs(11)).map(|(_, s)| s), Some(11));
+        assert!(cache.get_stale(b"k", t0 + Duration::from_secs(12)).is_none(), "past TTL + bound");
+        assert!(cache.get(b"k", t0 + Duration::from_secs(12)).is_none());
+        assert_eq!(cache.len(), 0, "dropped once past the bound");
+        let plain = Cache::new(3);
+        plain.insert(b"k", e);
+        assert!(plain.get(b"k", t0 + Duration::from_secs(3)).is_none());
+        assert!(plain.get_stale(b"k", t0 + Duration::from_secs(3)).is_none(), "without serve-stale, expired entries go");
     }
 
     #[test]

@@ -213,3 +213,22 @@ pub fn synthetic(n: usize, headless_n: usize) -> (Vec<Service>, Vec<EndpointSlic
     }
     (services, slices)
 }
+
+/// SkyDNS values (key, JSON) in the cluster domain: the seeds of netd's founding document, an
+/// address record for one seed's target (so that the CNAME chase ends in an address), and a
+/// CNAME to a Service of [`sample`].
+pub const SKYDNS_SEEDS: &[(&str, &str)] = &[
+    ("/skydns/local/cluster/svc/default/date", r#"{"host": "date-1-0-0.default.svc.cluster.local.", "port": 7001}"#),
+    ("/skydns/local/cluster/svc/default/time", r#"{"host": "time-1-0-0.default.svc.cluster.local.", "port": 7002}"#),
+    ("/skydns/local/cluster/svc/default/date-1-0-0", r#"{"host": "10.0.7.1"}"#),
+    ("/skydns/local/cluster/svc/default/to-web", r#"{"host": "web.default.svc.cluster.local"}"#),
+];
+
+/// [`SKYDNS_SEEDS`] served for the cluster domain (negative TTL 5, serial 1).
+pub fn sample_skydns() -> crate::skydns::SkyZone {
+    let mut t = crate::skydns::SkyTable::new(crate::skydns::DEFAULT_PREFIX);
+    for (k, v) in SKYDNS_SEEDS {
+        t.put(k.as_bytes(), v.as_bytes()).expect("the seeds are well-formed");
+    }
+    t.zone(&["cluster.local".to_string()], 5, 1)
+}

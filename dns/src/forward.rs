@@ -21,6 +21,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use crate::answer::{finalize, qtype_index, write_rcode, ForwardKind, ForwardRequest, Patch};
 use crate::cache::{cache_key, entry_from_response, Cache, CacheEntry, CachePolicy, CACHE_KEY_MAX};
 use crate::metrics::{Counters, ForwardStats};
+use crate::stub::{self, ForwardZone, StubZone};
 use crate::wire::{self, flag, rcode, HEADER_LEN, OPT_LEN};
 use crate::zone::pack;
 
@@ -40,6 +41,8 @@ pub(crate) struct Forwarder {
     pub stats: ForwardStats,
     /// Counters of responses produced here (forwarded answers) and on TCP.
     pub counters: Counters,
+    /// Zones forwarded to upstreams of their own ([`crate::stub`]).
+    stubs: Box<[StubZone]>,
 }
 
 #[derive(Debug)]
@@ -66,7 +69,7 @@ impl From<io::Error> for ExchangeError {
 }
 
 impl Forwarder {
-    pub fn new(upstreams: Vec<SocketAddr>, timeout: Duration, cache: Arc<Cache>, max_inflight: usize, udp_cap: u16) -> Self {
+    pub fn new(upstreams: Vec<SocketAddr>, stubs: Vec<ForwardZone>, timeout: Duration, cache: Arc<Cache>, max_inflight: usize, udp_cap: u16) -> Self {
         Forwarder {
             upstreams: ArcSwap::from_pointee(upstreams),
             timeout,
@@ -78,6 +81,29 @@ impl Forwarder {
             udp_cap,
             stats: ForwardStats::default(),
             counters: Counters::default(),
+            stubs: stubs.into_iter().map(StubZone::new).collect(),
+        }
+    }
+
+    /// Probes the stub zones' down upstreams (`. IN NS`) every `health_check` (the shortest of
+    /// the zones'); an answer brings one back. Runs forever; nothing to do without stub zones.
+    pub async fn health_checks(self: Arc<Self>) {
+        let Some(every) = self.stubs.iter().filter(|z| z.cfg.max_fails > 0).map(|z| z.cfg.health_check).min() else { return };
+        let mut tick = tokio::time::interval(every.max(Duration::from_millis(50)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for z in self.stubs.iter() {
+                for up in z.down() {
+                    let id: u16 = rand::random();
+                    let probe = build_query(id, &[0], crate::wire::ty::NS, crate::wire::class::IN, false, false);
+                    let ok = if z.cfg.force_tcp { exchange_tcp(up, &probe, id, self.timeout).await } else { exchange_udp(up, &probe, id, self.timeout).await }.is_ok();
+                    if ok {
+                        tracing::info!(upstream = %up, zone = %z.cfg.zone, "stub zone upstream answers again");
+                        z.report(up, true);
+                    }
+                }
+            }
         }
     }
 
@@ -147,32 +173,50 @@ impl Forwarder {
         if let Some(hit) = self.cache.get(key, Instant::now()) {
             return Some(hit);
         }
-        let upstreams = self.upstreams.load_full();
-        if upstreams.is_empty() {
+        // A stub zone's upstreams in its order, else the node's, each query starting one
+        // further (and at least two tries, so that one lost datagram is not a failure).
+        let stub = stub::route(&self.stubs, name);
+        let order: Vec<SocketAddr> = match stub {
+            Some(z) => z.order(),
+            None => {
+                let upstreams = self.upstreams.load_full();
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..if upstreams.is_empty() { 0 } else { upstreams.len().max(2) }).map(|i| upstreams[(start + i) % upstreams.len()]).collect()
+            }
+        };
+        if order.is_empty() {
             self.stats.failures.inc();
             return None;
         }
+        let force_tcp = stub.is_some_and(|z| z.cfg.force_tcp);
         let id: u16 = rand::random();
         let query = build_query(id, name, qtype, qclass, dnssec_ok, cd);
-        let attempts = upstreams.len().max(2);
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        for i in 0..attempts {
-            let up = upstreams[(start + i) % upstreams.len()];
+        for up in order {
             let t0 = Instant::now();
-            let resp = match exchange_udp(up, &query, id, self.timeout).await {
-                Ok(r) if r.get(2).is_some_and(|f| f & 0x02 != 0) => {
-                    self.stats.tcp_fallbacks.inc();
-                    exchange_tcp(up, &query, id, self.timeout).await
-                }
-                other => other,
+            let resp = match force_tcp {
+                true => exchange_tcp(up, &query, id, self.timeout).await,
+                false => match exchange_udp(up, &query, id, self.timeout).await {
+                    Ok(r) if r.get(2).is_some_and(|f| f & 0x02 != 0) => {
+                        self.stats.tcp_fallbacks.inc();
+                        exchange_tcp(up, &query, id, self.timeout).await
+                    }
+                    other => other,
+                },
             };
             let resp = match resp {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(upstream = %up, error = %e, name = %wire::name_to_string(name), "upstream exchange failed");
+                    self.stats.upstream_errors.inc();
+                    if let Some(z) = stub {
+                        z.report(up, false);
+                    }
                     continue;
                 }
             };
+            if let Some(z) = stub {
+                z.report(up, true);
+            }
             let Some(entry) = entry_from_response(&resp, name, qtype, qclass, self.policy, Instant::now()) else {
                 tracing::debug!(upstream = %up, "upstream response does not match the question");
                 continue;
@@ -182,6 +226,12 @@ impl Forwarder {
             let entry = Arc::new(entry);
             self.cache.insert(key, entry.clone());
             return Some((entry, 0));
+        }
+        // Every upstream failed: an expired answer within the stale bound beats SERVFAIL.
+        if let Some(stale) = self.cache.get_stale(key, Instant::now()) {
+            self.stats.stale_answers.inc();
+            tracing::debug!(name = %wire::name_to_string(name), "every upstream failed; answering from the stale cache");
+            return Some(stale);
         }
         self.stats.failures.inc();
         None

@@ -27,13 +27,17 @@ mod acl;
 mod answer;
 mod args;
 mod cache;
+pub mod config;
 #[doc(hidden)]
 pub mod fixtures;
 mod forward;
+pub mod hosts;
 pub mod lo;
 mod metrics;
 pub mod resolv;
 mod server;
+pub mod stub;
+pub mod skydns;
 pub mod wire;
 mod zone;
 
@@ -79,6 +83,8 @@ pub mod fuzzing {
 
     struct Fixture {
         zone: Zone,
+        sky: crate::skydns::SkyZone,
+        hosts: crate::hosts::Hosts,
         cache: Cache,
         acl: Acl,
         counters: Counters,
@@ -88,6 +94,8 @@ pub mod fuzzing {
         static F: OnceLock<Fixture> = OnceLock::new();
         F.get_or_init(|| Fixture {
             zone: crate::fixtures::sample_zone(),
+            sky: crate::fixtures::sample_skydns(),
+            hosts: crate::hosts::Hosts::parse("198.18.9.1 db.corp.test db\nfd00::9 db.corp.test\n"),
             cache: Cache::new(64),
             acl: Acl::new(vec!["10.244.0.0/16".parse().expect("static")]),
             counters: Counters::default(),
@@ -103,6 +111,8 @@ pub mod fuzzing {
             for t in [Transport::Udp, Transport::Tcp] {
                 let ctx = Ctx {
                     zone: &f.zone,
+                    sky: &f.sky,
+                    hosts: &f.hosts,
                     cache: &f.cache,
                     acl: &f.acl,
                     counters: &f.counters,

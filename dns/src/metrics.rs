@@ -94,6 +94,10 @@ pub(crate) struct ForwardStats {
     pub failures: Counter,
     /// Retries over TCP after a truncated UDP response.
     pub tcp_fallbacks: Counter,
+    /// Exchanges with one upstream that failed (timeout, error), each try counted.
+    pub upstream_errors: Counter,
+    /// Answers served stale (expired, within the bound) because every upstream failed.
+    pub stale_answers: Counter,
     pub latency: Histogram,
 }
 
@@ -118,6 +122,10 @@ pub struct DnsMetrics {
     /// Forwards in flight now (gauge).
     pub forwards_in_flight: u64,
     pub tcp_fallbacks: u64,
+    /// Exchanges with one upstream that failed (each try of each forward).
+    pub upstream_errors: u64,
+    /// Answers served from the stale cache because every upstream failed.
+    pub stale_answers: u64,
     /// Queries for other names from clients outside the recursion ACL (REFUSED).
     pub refused_recursion: u64,
     /// Packets dropped without an answer.
@@ -189,6 +197,8 @@ pub(crate) fn snapshot<'a>(blocks: impl Iterator<Item = &'a Counters>, fwd: &For
     m.forwards = fwd.forwards.get();
     m.forward_failures = fwd.failures.get();
     m.tcp_fallbacks = fwd.tcp_fallbacks.get();
+    m.upstream_errors = fwd.upstream_errors.get();
+    m.stale_answers = fwd.stale_answers.get();
     let counts: Vec<u64> = fwd.latency.buckets.iter().map(Counter::get).collect();
     m.forward_latency = LatencyHistogram {
         bounds: LATENCY_BOUNDS.to_vec(),

@@ -23,6 +23,9 @@ use crate::answer::{handle, qtype_index, write_rcode, Ctx, ForwardRequest, Outco
 use crate::cache::Cache;
 use crate::forward::Forwarder;
 use crate::metrics::{snapshot, Counter, Counters, DnsMetrics};
+use crate::hosts::Hosts;
+use crate::skydns::SkyZone;
+use crate::stub::ForwardZone;
 use crate::wire::rcode;
 use crate::zone::{Zone, ZoneConfig};
 use crate::DnsError;
@@ -51,6 +54,12 @@ pub struct ServerConfig {
     pub max_tcp_connections: usize,
     /// Zone parameters, for the SERVFAIL-ing zone served until the first [`DnsServer::set_zone`].
     pub zone: ZoneConfig,
+    /// Stub zones: names in them go to upstreams of their own ([`crate::stub`]).
+    pub forward_zones: Vec<ForwardZone>,
+    /// Serve expired cached answers up to this long past their TTL when every upstream fails.
+    pub serve_stale: Option<Duration>,
+    /// A hosts file answered before everything else ([`crate::hosts`]); reloaded when it changes.
+    pub hosts_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -68,12 +77,17 @@ impl Default for ServerConfig {
             tcp_idle_timeout: Duration::from_secs(10),
             max_tcp_connections: 256,
             zone: ZoneConfig::default(),
+            forward_zones: Vec::new(),
+            serve_stale: None,
+            hosts_file: None,
         }
     }
 }
 
 struct Shared {
     zone: ArcSwap<Zone>,
+    sky: ArcSwap<SkyZone>,
+    hosts: ArcSwap<Hosts>,
     acl: Acl,
     fwd: Arc<Forwarder>,
     workers: Box<[Counters]>,
@@ -151,9 +165,18 @@ impl DnsServer {
         // SAFETY: `efd` is a fresh descriptor that nothing else owns.
         let wake = unsafe { OwnedFd::from_raw_fd(efd) };
 
-        let cache = Arc::new(Cache::new(cfg.cache_size));
+        let hosts = match &cfg.hosts_file {
+            Some(p) => Hosts::load(p).map_err(|e| DnsError::Config(format!("cannot read the hosts file {}: {e}", p.display())))?,
+            None => Hosts::default(),
+        };
+        for why in &hosts.skipped {
+            tracing::warn!("hosts file: skipping {why}");
+        }
+        let stale = cfg.serve_stale.map_or(0, |d| d.as_secs().min(u64::from(u32::MAX)) as u32);
+        let cache = Arc::new(Cache::new(cfg.cache_size).with_stale(stale));
         let fwd = Arc::new(Forwarder::new(
             cfg.upstreams.clone(),
+            cfg.forward_zones.clone(),
             cfg.upstream_timeout,
             cache,
             cfg.max_inflight,
@@ -161,6 +184,8 @@ impl DnsServer {
         ));
         let shared = Arc::new(Shared {
             zone: ArcSwap::from_pointee(Zone::pending(&cfg.zone)),
+            sky: ArcSwap::from_pointee(SkyZone::default()),
+            hosts: ArcSwap::from_pointee(hosts),
             acl: Acl::new(cfg.recursion_allowed.clone()),
             fwd,
             workers: (0..nworkers * udp.len()).map(|_| Counters::default()).collect(),
@@ -176,6 +201,7 @@ impl DnsServer {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), DnsError>>();
         let rt_shared = shared.clone();
         let max_tcp = cfg.max_tcp_connections.max(1);
+        let hosts_file = cfg.hosts_file.clone();
         let runtime = std::thread::Builder::new()
             .name("netd-dns-rt".into())
             .spawn(move || {
@@ -205,12 +231,17 @@ impl DnsServer {
                         }
                     }
                     tokio::spawn(dispatch(rt_shared.fwd.clone(), job_rx));
+                    tokio::spawn(rt_shared.fwd.clone().health_checks());
                     let acl_shared = rt_shared.clone();
+                    let hosts_file = hosts_file.clone();
                     tokio::spawn(async move {
                         let mut tick = tokio::time::interval(Duration::from_secs(5));
                         loop {
                             tick.tick().await;
                             acl_shared.acl.refresh();
+                            if let Some(p) = &hosts_file {
+                                reload_hosts(&acl_shared, p);
+                            }
                         }
                     });
                     let _ = ready_tx.send(Ok(()));
@@ -254,6 +285,16 @@ impl DnsServer {
     /// The zone being served.
     pub fn zone(&self) -> Arc<Zone> {
         self.shared.zone.load_full()
+    }
+
+    /// Serves these SkyDNS records from now on (atomic, like [`DnsServer::set_zone`]).
+    pub fn set_skydns(&self, sky: Arc<SkyZone>) {
+        self.shared.sky.store(sky);
+    }
+
+    /// The SkyDNS records being served.
+    pub fn skydns(&self) -> Arc<SkyZone> {
+        self.shared.sky.load_full()
     }
 
     /// Replaces the upstream resolvers (e.g. after resolv.conf changed).
@@ -588,6 +629,8 @@ impl Worker<'_> {
         let counters = self.counters;
         let batch = &mut self.batch;
         let zone = shared.zone.load();
+        let sky = shared.sky.load();
+        let hosts = shared.hosts.load();
         let mut k = 0;
         for i in 0..n {
             let hdr = &batch.rx_hdr[i];
@@ -602,6 +645,8 @@ impl Worker<'_> {
             }
             let ctx = Ctx {
                 zone: &zone,
+                sky: &sky,
+                hosts: &hosts,
                 cache: &shared.fwd.cache,
                 acl: &shared.acl,
                 counters,
@@ -636,10 +681,29 @@ impl Worker<'_> {
                 Outcome::Drop => {}
             }
         }
-        drop(zone);
+        drop((zone, sky, hosts));
         if k > 0 {
             batch.send(fd, k);
         }
+    }
+}
+
+/// Reads the hosts file again when its modification time changed; a file that cannot be read
+/// keeps the last one.
+fn reload_hosts(shared: &Shared, path: &std::path::Path) {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    if modified.is_none() || modified == shared.hosts.load().modified {
+        return;
+    }
+    match Hosts::load(path) {
+        Ok(h) => {
+            for why in &h.skipped {
+                tracing::warn!("hosts file: skipping {why}");
+            }
+            tracing::info!(path = %path.display(), "hosts file reloaded");
+            shared.hosts.store(Arc::new(h));
+        }
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read the hosts file; keeping the last one"),
     }
 }
 
@@ -699,8 +763,12 @@ async fn tcp_conn(shared: &Shared, mut stream: tokio::net::TcpStream, peer: Sock
         }
         let outcome = {
             let zone = shared.zone.load();
+            let sky = shared.sky.load();
+            let hosts = shared.hosts.load();
             let ctx = Ctx {
                 zone: &zone,
+                sky: &sky,
+                hosts: &hosts,
                 cache: &shared.fwd.cache,
                 acl: &shared.acl,
                 counters: &shared.fwd.counters,

@@ -31,6 +31,7 @@ $TTL 300
 @ IN NS ns
 ns IN A 198.18.5.53
 www IN A 198.18.5.5
+short 1 IN A 198.18.5.6
 ";
 
 /// `/etc/netns/<ns>/resolv.conf`, removed on drop.
@@ -98,6 +99,11 @@ fn veth(a: &Netns, a_if: &str, a_ip: &str, b: &Netns, b_ip: &str, b_gw: Option<&
 
 impl Bed {
     fn new() -> Result<Bed> {
+        Bed::with_config(None)
+    }
+
+    /// The bed, with the server reading `config` as its --dns-config file when given.
+    fn with_config(config: Option<&str>) -> Result<Bed> {
         reap_stale_namespaces();
         let dir = tempfile::Builder::new().prefix(&format!("{}dns-", namespace_prefix())).tempdir()?;
         let node = Netns::new("dns-node")?;
@@ -118,7 +124,14 @@ impl Bed {
         }
         let mut bed = Bed { procs: Vec::new(), _resolv: resolv, pod, outsider, upstream, node, dir };
         bed.start_knot()?;
-        bed.start_server(&[])?;
+        match config {
+            Some(text) => {
+                std::fs::write(bed.path("netd.yaml"), text)?;
+                let conf = bed.p("netd.yaml");
+                bed.start_server(&["--dns-config", &conf])?;
+            }
+            None => bed.start_server(&[])?,
+        }
         Ok(bed)
     }
 
@@ -131,27 +144,12 @@ impl Bed {
     }
 
     fn start_knot(&mut self) -> Result<()> {
-        let kdir = self.path("knot");
-        std::fs::create_dir_all(kdir.join("db"))?;
         let mut zone = EXAMPLE_ZONE.to_string();
         // 40 TXT records of 60 bytes: ~3 KB, more than fits our 1232-byte EDNS size.
         for i in 0..40 {
             zone.push_str(&format!("big IN TXT \"{i:02}-{}\"\n", "x".repeat(57)));
         }
-        std::fs::write(kdir.join("example.com.zone"), zone)?;
-        let k = kdir.display();
-        std::fs::write(
-            kdir.join("knot.conf"),
-            format!(
-                "server:\n  rundir: \"{k}\"\n  listen: 198.18.5.53@53\n  background-workers: 1\n  udp-workers: 1\n  tcp-workers: 1\n\
-                 log:\n  - target: stderr\n    any: info\n\
-                 database:\n  storage: \"{k}/db\"\n\
-                 template:\n  - id: default\n    storage: \"{k}\"\n    file: \"%s.zone\"\n    journal-content: none\n    zonefile-sync: -1\n\
-                 zone:\n  - domain: example.com\n"
-            ),
-        )?;
-        let conf = kdir.join("knot.conf").to_string_lossy().into_owned();
-        let child = self.upstream.spawn(&["knotd", "-c", &conf], Some(&self.path("knot.log")))?;
+        let child = knot(&self.upstream, &self.path("knot"), "198.18.5.53", &[("example.com", &zone)], &self.path("knot.log"))?;
         self.procs.push(child);
         wait_until(WAIT, POLL, || Ok(dig_short(&self.upstream, "198.18.5.53", &["www.example.com"])? == ["198.18.5.5"]))
             .context("knotd did not come up")?;
@@ -207,6 +205,29 @@ impl Bed {
         wait_until(WAIT, POLL, || Ok(self.metrics()?[field].as_u64().unwrap_or(0) >= min))
             .with_context(|| format!("metric {field} never reached {min}"))
     }
+}
+
+/// knotd in `ns`, listening on `ip`, serving `zones` (name, master file) from `dir`.
+fn knot(ns: &Netns, dir: &Path, ip: &str, zones: &[(&str, &str)], log: &Path) -> Result<Child> {
+    std::fs::create_dir_all(dir.join("db"))?;
+    let mut zone_list = String::new();
+    for (name, text) in zones {
+        std::fs::write(dir.join(format!("{name}.zone")), text)?;
+        zone_list.push_str(&format!("  - domain: {name}\n"));
+    }
+    let k = dir.display();
+    std::fs::write(
+        dir.join("knot.conf"),
+        format!(
+            "server:\n  rundir: \"{k}\"\n  listen: {ip}@53\n  background-workers: 1\n  udp-workers: 1\n  tcp-workers: 1\n\
+             log:\n  - target: stderr\n    any: info\n\
+             database:\n  storage: \"{k}/db\"\n\
+             template:\n  - id: default\n    storage: \"{k}\"\n    file: \"%s.zone\"\n    journal-content: none\n    zonefile-sync: -1\n\
+             zone:\n{zone_list}"
+        ),
+    )?;
+    let conf = dir.join("knot.conf").to_string_lossy().into_owned();
+    ns.spawn(&["knotd", "-c", &conf], Some(log))
 }
 
 /// `dig` with short timeouts; the whole output.
@@ -387,6 +408,114 @@ fn forwarding_cache_truncation_and_upstream_failure() -> Result<()> {
     bed.wait_metric("forward_failures", 2)?;
     // The cluster zone is unaffected.
     assert_eq!(dig_short(&bed.pod, s, &["web.default.svc.cluster.local"])?, ["10.96.0.20"]);
+    Ok(())
+}
+
+/// The `dns` section of a config file: its keys win over the flags; a bad file keeps the server
+/// from starting with an error naming the line.
+#[test]
+fn the_dns_section_of_a_config_file() -> Result<()> {
+    let bed = Bed::with_config(Some("dns:\n  ttl: 77\n  upstreams: [198.18.5.53]\n"))?;
+    let out = dig(&bed.pod, "10.96.0.10", &["web.default.svc.cluster.local"])?;
+    let fields: Vec<&str> = section(&out, "ANSWER")[0].split_whitespace().collect();
+    assert_eq!(fields, ["web.default.svc.cluster.local.", "77", "IN", "A", "10.96.0.20"], "the file's TTL, not --dns-ttl's default: {out}");
+    assert_eq!(dig_short(&bed.pod, "10.96.0.10", &["www.example.com"])?, ["198.18.5.5"]);
+    std::fs::write(bed.path("bad.yaml"), "dns:\n  ttl: 77\n  upstreams: [198.18.5.53]\n  cachesize: 10\n")?;
+    let out = bed.node.exec(&[BIN, "serve", "--services", &bed.p("services.json"), "--slices", &bed.p("slices.json"), "--dns-listen", "127.0.0.1:0", "--dns-config", &bed.p("bad.yaml")])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("bad.yaml: dns: unknown field `cachesize`") && err.contains("line 4"), "{err}");
+    Ok(())
+}
+
+/// Serve stale: with the upstream killed, an answer whose TTL ran out is still given (TTL 0,
+/// within the bound), a name never cached fails.
+#[test]
+fn serve_stale_when_every_upstream_fails() -> Result<()> {
+    let mut bed = Bed::with_config(Some("dns:\n  serveStale: 10m\n"))?;
+    let s = "10.96.0.10";
+    assert_eq!(dig_short(&bed.pod, s, &["short.example.com"])?, ["198.18.5.6"]);
+    let mut knot = bed.procs.remove(0);
+    let _ = knot.kill();
+    knot.wait()?;
+    // Past the record's 1 s TTL (a wait, not a timing assertion).
+    std::thread::sleep(Duration::from_millis(2100));
+    let out = dig(&bed.pod, s, &["short.example.com"])?;
+    assert_eq!(status(&out), "NOERROR", "{out}");
+    let fields: Vec<&str> = section(&out, "ANSWER")[0].split_whitespace().collect();
+    assert_eq!(fields, ["short.example.com.", "0", "IN", "A", "198.18.5.6"], "{out}");
+    bed.wait_metric("stale_answers", 1)?;
+    assert_eq!(status(&dig(&bed.pod, s, &["never.example.com"])?), "SERVFAIL");
+    Ok(())
+}
+
+/// A hosts file: its names answered first (before Services, as CoreDNS's plugin order gives
+/// it), reverse names too, and an edit of the file picked up.
+#[test]
+fn a_hosts_file_answers_first_and_is_reloaded() -> Result<()> {
+    let dir = tempfile::Builder::new().prefix(&format!("{}hosts-", namespace_prefix())).tempdir()?;
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "198.18.9.1 db.corp.test db # comment\n10.9.9.9 web.default.svc.cluster.local\nbogus line\n")?;
+    let bed = Bed::with_config(Some(&format!("dns:\n  hostsFile: {}\n", hosts.display())))?;
+    let s = "10.96.0.10";
+    assert_eq!(dig_short(&bed.pod, s, &["db.corp.test"])?, ["198.18.9.1"]);
+    let mut ptr = dig_short(&bed.pod, s, &["-x", "198.18.9.1"])?;
+    ptr.sort();
+    assert_eq!(ptr, ["db.", "db.corp.test."], "every name of the address, like CoreDNS");
+    assert_eq!(dig_short(&bed.pod, s, &["web.default.svc.cluster.local"])?, ["10.9.9.9"], "the hosts file comes first");
+    assert_eq!(dig_short(&bed.pod, s, &["kubernetes.default.svc.cluster.local"])?, ["10.96.0.1"], "other names as before");
+    assert_eq!(status(&dig(&bed.pod, s, &["db.corp.test", "MX"])?), "NOERROR");
+    std::fs::write(&hosts, "198.18.9.2 db.corp.test\n")?;
+    wait_until(WAIT, POLL, || Ok(dig_short(&bed.pod, s, &["db.corp.test"])? == ["198.18.9.2"]))?;
+    assert_eq!(dig_short(&bed.pod, s, &["web.default.svc.cluster.local"])?, ["10.96.0.20"]);
+    Ok(())
+}
+
+/// A process killed (and reaped) on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Stub domains against a second Knot server that alone serves them (the node's upstream
+/// refuses them): failover past a dead upstream listed first, which is then tried last (counted
+/// in `upstream_errors`, no timing), and `forceTcp` answering while the stub server drops UDP.
+#[test]
+fn stub_domains_go_to_their_own_upstreams() -> Result<()> {
+    let config = "dns:\n  forward:\n    - zone: corp.test\n      upstreams: [198.18.7.99, 198.18.7.53]\n      policy: sequential\n      maxFails: 1\n      healthCheck: 10m\n    - zone: tcp.test\n      upstreams: [198.18.7.53]\n      forceTcp: true\n";
+    let bed = Bed::with_config(Some(config))?;
+    let stub = Netns::new("dns-stub")?;
+    veth(&bed.node, "s0", "198.18.7.1/24", &stub, "198.18.7.53/24", None)?;
+    let corp = "$ORIGIN corp.test.\n$TTL 300\n@ IN SOA ns hostmaster 1 3600 900 86400 60\n@ IN NS ns\nns IN A 198.18.7.53\nhost IN A 198.18.7.7\n* IN A 198.18.7.8\n";
+    let tcp = "$ORIGIN tcp.test.\n$TTL 300\n@ IN SOA ns hostmaster 1 3600 900 86400 60\n@ IN NS ns\nns IN A 198.18.7.53\nx IN A 198.18.7.9\n";
+    let _knot = Killed(knot(&stub, &bed.path("knot-stub"), "198.18.7.53", &[("corp.test", corp), ("tcp.test", tcp)], &bed.path("knot-stub.log"))?);
+    wait_until(WAIT, POLL, || Ok(dig_short(&stub, "198.18.7.53", &["host.corp.test"])? == ["198.18.7.7"])).context("the stub knotd did not come up")?;
+    let s = "10.96.0.10";
+    // The node's upstream does not serve corp.test.
+    assert_eq!(status(&dig(&bed.node, "198.18.5.53", &["host.corp.test"])?), "REFUSED");
+
+    // 198.18.7.99 is listed first and answers nothing: the first query fails over to .53 after
+    // the timeout, and .99 (down after one failure) goes last: the next names never wait for it.
+    assert_eq!(dig_short(&bed.pod, s, &["host.corp.test"])?, ["198.18.7.7"]);
+    bed.wait_metric("upstream_errors", 1)?;
+    for i in 0..4 {
+        assert_eq!(dig_short(&bed.pod, s, &[&format!("n{i}.corp.test")])?, ["198.18.7.8"]);
+    }
+    bed.wait_metric("forwards", 5)?;
+    assert_eq!(bed.metrics()?["upstream_errors"], 1, "the dead upstream was tried once, not per query");
+    // Other names still go to the node's upstream.
+    assert_eq!(dig_short(&bed.pod, s, &["www.example.com"])?, ["198.18.5.5"]);
+
+    // The stub server drops UDP: forceTcp's zone still answers; the other zone's new names fail.
+    stub.run(&["nft", "add table inet stubtest"])?;
+    stub.run(&["nft", "add chain inet stubtest in { type filter hook input priority 0 ; }"])?;
+    stub.run(&["nft", "add rule inet stubtest in udp dport 53 drop"])?;
+    assert_eq!(dig_short(&bed.pod, s, &["x.tcp.test"])?, ["198.18.7.9"]);
+    assert_eq!(status(&dig(&bed.pod, s, &["udp-only.corp.test"])?), "SERVFAIL");
     Ok(())
 }
 

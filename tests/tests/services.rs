@@ -13,9 +13,14 @@ const WAIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
 
 fn cluster(n: usize, mode: &str) -> Result<Cluster> {
+    cluster_with(n, &["--proxy-mode", mode])
+}
+
+/// `n` nodes running netd with `args`, each with its subnet and CNI config.
+fn cluster_with(n: usize, args: &[&str]) -> Result<Cluster> {
     let mut c = Cluster::new(n)?;
     c.write_network_config(VXLAN)?;
-    c.start_netd_all(&["--proxy-mode", mode])?;
+    c.start_netd_all(args)?;
     for i in 0..n {
         c.node_mut(i).wait_subnet_env(WAIT)?;
         let n = c.node(i);
@@ -279,14 +284,7 @@ fn dig(pod: &Pod, args: &[&str]) -> Result<String> {
 /// ndots:5), a connection by service name, and a registry edit reaching DNS.
 #[test]
 fn cluster_dns_answers_from_the_registry_on_every_node() -> Result<()> {
-    let mut c = Cluster::new(2)?;
-    c.write_network_config(VXLAN)?;
-    c.start_netd_all(&["--cluster-dns-ip", "10.96.0.10", "--dns-upstream", "198.18.0.1:53"])?;
-    for i in 0..2 {
-        c.node_mut(i).wait_subnet_env(WAIT)?;
-        let n = c.node(i);
-        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
-    }
+    let mut c = cluster_with(2, &["--cluster-dns-ip", "10.96.0.10", "--dns-upstream", "198.18.0.1:53"])?;
     let conf: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(c.node(0).cni_conf_dir().join("10-netd.conflist"))?)?;
     assert_eq!(conf["plugins"][0]["dns"]["nameservers"][0], "10.96.0.10", "pods are pointed at the cluster DNS IP");
     let a = c.node_mut(0).add_cni_pod("a")?;
@@ -837,5 +835,60 @@ fn ebpf_serves_and_rejects_from_outside_as_kube_proxy() -> Result<()> {
     expect_answer(&c, "ClusterIP from outside, remote backend", &|| ask(u, "10.96.0.62:80"), &format!("b {}", snat[0]))?;
     expect_answer(&c, "ClusterIP from outside, local backend", &|| ask(u, "10.96.0.63:80"), "a 198.18.0.1")?;
     expect_answer(&c, "ClusterIP without endpoints from outside", &|| Ok(refused(ask(u, "10.96.0.60:80")?)), "refused")?;
+    Ok(())
+}
+
+/// SkyDNS records written to etcd by hand (issue 19), answered by every node's cluster DNS: the
+/// seeds' exact commands (`etcdctl put`, then `dig +short ... in srv`), the CNAME chase to an
+/// address record, Services winning over a record of the same name, an edit and a delete
+/// reaching every node through the watch, and a malformed value skipped and reported while the
+/// others keep answering.
+#[test]
+fn skydns_records_from_etcd_on_every_node() -> Result<()> {
+    let mut c = cluster_with(2, &["--cluster-dns-ip", "10.96.0.10", "--dns-upstream", "198.18.0.1:53"])?;
+    let a = c.node_mut(0).add_cni_pod("a")?;
+    let b = c.node_mut(1).add_cni_pod("b")?;
+    apply(&c, &service("web", "10.96.0.50", "ClusterIP", ""))?;
+    let etcd = c.etcd();
+    etcd.ctl(&["put", "/skydns/local/cluster/svc/default/date", r#"{"host": "date-1-0-0.default.svc.cluster.local.", "port": 7001}"#])?;
+    etcd.ctl(&["put", "/skydns/local/cluster/svc/default/time", r#"{"host": "time-1-0-0.default.svc.cluster.local.", "port": 7002}"#])?;
+    etcd.ctl(&["put", "/skydns/local/cluster/svc/default/date-1-0-0", r#"{"host": "10.0.7.1"}"#])?;
+    etcd.ctl(&["put", "/skydns/local/cluster/svc/default/web", r#"{"host": "10.9.9.9"}"#])?;
+    etcd.ctl(&["put", "/skydns/local/cluster/svc/default/broken", "{not json"])?;
+
+    for p in [&a, &b] {
+        let r = wait_until(WAIT, POLL, || Ok(dig(p, &["@10.96.0.10", "+short", "date.default.svc.cluster.local", "in", "srv"])?.trim() == "10 100 7001 date-1-0-0.default.svc.cluster.local."));
+        if r.is_err() {
+            eprintln!("the last answer:\n{}", dig(p, &["@10.96.0.10", "date.default.svc.cluster.local", "in", "srv"])?);
+            c.dump_logs();
+        }
+        r?;
+        assert_eq!(dig(p, &["@169.254.20.10", "+short", "time.default.svc.cluster.local", "in", "srv"])?.trim(), "10 100 7002 time-1-0-0.default.svc.cluster.local.");
+        assert_eq!(dig(p, &["@10.96.0.10", "+short", "date.default.svc.cluster.local"])?.trim(), "date-1-0-0.default.svc.cluster.local.\n10.0.7.1", "the CNAME, chased");
+        assert_eq!(dig(p, &["@10.96.0.10", "+short", "web.default.svc.cluster.local"])?.trim(), "10.96.0.50", "the Service wins over the record");
+        let srv = dig(p, &["@10.96.0.10", "date.default.svc.cluster.local", "SRV"])?;
+        assert!(srv.contains("status: NOERROR") && srv.contains("flags: qr aa") && srv.contains("10.0.7.1"), "authoritative, the target's address as additional: {srv}");
+    }
+
+    // An edit and a delete reach every node through the watch (the time is printed, not asserted).
+    let t0 = std::time::Instant::now();
+    etcd.ctl(&["put", "/skydns/local/cluster/svc/default/date", r#"{"host": "date-1-0-0.default.svc.cluster.local.", "port": 7003, "priority": 5, "weight": 50}"#])?;
+    for p in [&a, &b] {
+        wait_until(WAIT, Duration::from_millis(5), || Ok(dig(p, &["@10.96.0.10", "+short", "date.default.svc.cluster.local", "in", "srv"])?.trim() == "5 100 7003 date-1-0-0.default.svc.cluster.local."))?;
+    }
+    eprintln!("an etcdctl put answered on both nodes after {:?} (including dig start-up)", t0.elapsed());
+    etcd.ctl(&["del", "/skydns/local/cluster/svc/default/time"])?;
+    for p in [&a, &b] {
+        wait_until(WAIT, POLL, || Ok(dig(p, &["@10.96.0.10", "time.default.svc.cluster.local", "in", "srv"])?.contains("status: NXDOMAIN")))?;
+    }
+
+    // The malformed value is reported and the others are served.
+    let bin = netd_binary()?;
+    let n0 = c.node(0);
+    let status = n0.ns().command(&[bin.to_str().unwrap(), "status", "--run-dir", n0.run_dir().to_str().unwrap()]).output()?;
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(status.status.code(), Some(1), "degraded by the malformed value: {out}");
+    assert!(out.contains("skydns    /skydns/ for cluster.local listed (3 records, 1 skipped"), "{out}");
+    assert!(out.contains("/skydns/local/cluster/svc/default/broken: not a SkyDNS value"), "{out}");
     Ok(())
 }

@@ -20,6 +20,8 @@ const FOREIGN: [u8; 4] = [198, 51, 100, 7];
 
 struct Env {
     zone: std::sync::Arc<Zone>,
+    sky: crate::skydns::SkyZone,
+    hosts: crate::hosts::Hosts,
     cache: Cache,
     acl: Acl,
     counters: Counters,
@@ -31,12 +33,14 @@ impl Env {
     }
 
     fn shared(zone: std::sync::Arc<Zone>) -> Env {
-        Env { zone, cache: Cache::new(100), acl: Acl::new(vec!["10.244.0.0/16".parse().unwrap()]), counters: Counters::default() }
+        Env { zone, sky: crate::skydns::SkyZone::default(), hosts: crate::hosts::Hosts::default(), cache: Cache::new(100), acl: Acl::new(vec!["10.244.0.0/16".parse().unwrap()]), counters: Counters::default() }
     }
 
     fn raw(&self, packet: &[u8], client: [u8; 4], t: Transport, rotation: u32) -> (Outcome, Vec<u8>) {
         let ctx = Ctx {
             zone: &self.zone,
+            sky: &self.sky,
+            hosts: &self.hosts,
             cache: &self.cache,
             acl: &self.acl,
             counters: &self.counters,
@@ -721,7 +725,7 @@ fn handle_throughput() {
         ("SRV", "_http._tcp.svc-5.ns-5.svc.cluster.local.", RecordType::SRV),
     ] {
         let q = query(name, t, None);
-        let ctx = Ctx { zone: &e.zone, cache: &e.cache, acl: &e.acl, counters: &e.counters, udp_cap: 1232, rotation: 0 };
+        let ctx = Ctx { zone: &e.zone, sky: &e.sky, hosts: &e.hosts, cache: &e.cache, acl: &e.acl, counters: &e.counters, udp_cap: 1232, rotation: 0 };
         let mut out = vec![0u8; 4096];
         let n = 2_000_000;
         let t0 = Instant::now();

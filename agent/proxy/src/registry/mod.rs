@@ -15,4 +15,4 @@ pub use cli::{run_cli, CliError, EtcdConnArgs, RegistryArgs, ServiceCommand};
 pub use changes::{Applied, Change};
 pub use config::{AllocOptions, ClusterConfig};
 pub use manifest::{apply_manifests, manifest_refs, ApplyError, FieldError, Kind, Object, ObjectRef};
-pub use store::{etcd_tls, RegistryError, RegistryOptions, ServiceRegistry, WatchStatus, DEFAULT_PREFIX};
+pub use store::{etcd_client, etcd_tls, RegistryError, RegistryOptions, ServiceRegistry, WatchStatus, DEFAULT_PREFIX};

@@ -106,6 +106,22 @@ pub struct WatchStatus {
     pub services: usize,
 }
 
+/// A client of the etcd `opts` names (TLS when files are given), as the registry uses: also for
+/// other readers of the same etcd (cluster DNS's SkyDNS records).
+pub async fn etcd_client(opts: &RegistryOptions) -> Result<Client, RegistryError> {
+    // Keep-alive pings, as for the subnet registry: without them a watch on a connection that
+    // died silently (etcd's machine restarted, a NAT forgot it) waits forever.
+    let mut co = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true);
+    if opts.ca_file.is_some() || opts.cert_file.is_some() {
+        co = co.with_tls(tls_options(opts)?);
+    }
+    Client::connect(&opts.endpoints, Some(co)).await.map_err(etcd(format!("connect to {}", opts.endpoints.join(","))))
+}
+
 #[derive(Clone)]
 pub struct ServiceRegistry {
     client: Client,
@@ -114,17 +130,7 @@ pub struct ServiceRegistry {
 
 impl ServiceRegistry {
     pub async fn connect(opts: &RegistryOptions) -> Result<Self, RegistryError> {
-        // Keep-alive pings, as for the subnet registry: without them a watch on a connection that
-        // died silently (etcd's machine restarted, a NAT forgot it) waits forever.
-        let mut co = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        if opts.ca_file.is_some() || opts.cert_file.is_some() {
-            co = co.with_tls(tls_options(opts)?);
-        }
-        let client = Client::connect(&opts.endpoints, Some(co)).await.map_err(etcd(format!("connect to {}", opts.endpoints.join(","))))?;
+        let client = etcd_client(opts).await?;
         Ok(ServiceRegistry { client, prefix: opts.prefix.trim_end_matches('/').to_string() })
     }
 

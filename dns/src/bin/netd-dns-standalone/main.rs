@@ -174,6 +174,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 }
 
 fn serve(inputs: Inputs, dns: netd_dns::Args, watch: Duration, metrics_file: Option<PathBuf>, serial: Option<u32>) -> Result<()> {
+    let dns = dns.effective()?;
     let mut zcfg = dns.zone_config();
     zcfg.serial = serial;
     let cfg = dns.server_config(None)?;
