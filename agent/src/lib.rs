@@ -22,3 +22,4 @@ pub mod server;
 pub mod services;
 pub mod status;
 pub mod subnet_env;
+pub mod systemd;

@@ -30,6 +30,7 @@ mod cache;
 #[doc(hidden)]
 pub mod fixtures;
 mod forward;
+pub mod handover;
 pub mod lo;
 mod metrics;
 pub mod resolv;
@@ -55,6 +56,13 @@ pub enum DnsError {
     },
     #[error("cannot put {ip} on lo: {reason}")]
     LoAddress { ip: IpAddr, reason: String },
+    #[error("{op} {}: {source}", path.display())]
+    Handover {
+        op: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Config(String),
     #[error(transparent)]

@@ -24,18 +24,21 @@
 
 mod cluster;
 mod cmd;
+mod dnsload;
 mod etcd;
 pub mod ebpf;
 mod netd_bin;
 mod netns;
 mod node;
 mod pod;
+pub mod upgrade;
 mod wait;
 
 pub use cluster::{Cluster, DEFAULT_ETCD_PREFIX, UNDERLAY_GATEWAY};
+pub use dnsload::{dns_query, DnsLoad, DnsLoadReport, LOSS_TIMEOUT};
 pub use etcd::{Etcd, TlsFiles};
 pub use netd_bin::{fake_apiserver_binary, netd_binary, netd_cni_binary};
-pub use netns::{namespace_prefix, reap_stale_namespaces, Netns};
+pub use netns::{namespace_prefix, reap_stale_namespaces, thread_in_netns, Netns};
 pub use node::{set_thread_netd_env, Node};
 pub use pod::Pod;
 pub use wait::wait_until;
