@@ -3,7 +3,7 @@
 //! ([`NodePortProbe`]) run while netd is replaced, the way [`Replacement`] says. Shared by the
 //! upgrade test (which asserts the counts) and the upgrade bench (which prints them).
 
-use crate::{netd_binary, thread_in_netns, wait_until, Cluster, DnsLoad, DnsLoadReport, Pod};
+use crate::{netd_binary, set_thread_netd_env, thread_in_netns, wait_until, Cluster, DnsLoad, DnsLoadReport, Pod};
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -187,7 +187,9 @@ fn dns_serving(c: &Cluster, processes: usize) -> bool {
 /// queries/s go from `a` to the cluster DNS IP, a connection from `a` to `echo` stays busy and the
 /// underlay connects to node0's NodePort every 50 ms, node0's netd is replaced as `how` says.
 /// At the end netd on node0 is stopped, to compare the kernel state with the one before.
-pub fn upgrade_under_load(how: Replacement, rate: u32) -> Result<UpgradeOutcome> {
+/// `handover: false` runs every netd with `--dns-handover=false` (the anchor).
+pub fn upgrade_under_load(how: Replacement, rate: u32, handover: bool) -> Result<UpgradeOutcome> {
+    set_thread_netd_env(if handover { &[] } else { &[("NETD_DNS_HANDOVER", "false")] });
     let mut c = Cluster::new(2)?;
     c.write_network_config(VXLAN)?;
     c.start_netd_all(NETD_ARGS)?;
@@ -219,7 +221,6 @@ pub fn upgrade_under_load(how: Replacement, rate: u32) -> Result<UpgradeOutcome>
     std::thread::sleep(Duration::from_secs(1));
 
     let started = Instant::now();
-    let handover = std::env::var("NETD_DNS_HANDOVER").map_or(true, |v| v != "false");
     match how {
         Replacement::Overlap => {
             c.node_mut(0).start_successor_netd(NETD_ARGS)?;
