@@ -53,7 +53,7 @@ impl Notifier {
     pub fn send(&self, state: &str, fds: &[BorrowedFd<'_>]) -> Result<(), NotifyError> {
         let err = |source| NotifyError { socket: self.socket.clone(), state: state.lines().next().unwrap_or("").to_string(), source };
         let sock = self.connect().map_err(err)?;
-        netd_dns::handover::send_fds(sock.as_fd(), state.as_bytes(), fds).map_err(err)
+        netd_common::fdpass::send_fds(sock.as_fd(), state.as_bytes(), fds).map_err(err)
     }
 }
 
@@ -85,7 +85,7 @@ pub async fn notify_when_ready(notifier: Notifier, shared: Arc<Shared>) {
 /// Stores the DNS listening sockets in systemd's file descriptor store (the same sockets sent
 /// again are stored once).
 pub fn store_dns_sockets(notifier: &Notifier, fds: &[BorrowedFd<'_>]) -> Result<(), NotifyError> {
-    for chunk in fds.chunks(netd_dns::handover::FDS_PER_MESSAGE) {
+    for chunk in fds.chunks(netd_common::fdpass::FDS_PER_MESSAGE) {
         notifier.send(&format!("FDSTORE=1\nFDNAME={DNS_FD_NAME}"), chunk)?;
     }
     Ok(())
@@ -145,7 +145,7 @@ mod tests {
 
     fn recv(sock: &UnixDatagram) -> (String, Vec<OwnedFd>) {
         let mut buf = [0u8; 256];
-        let (n, fds) = netd_dns::handover::recv_fds(sock.as_fd(), &mut buf).unwrap();
+        let (n, fds) = netd_common::fdpass::recv_fds(sock.as_fd(), &mut buf).unwrap();
         (String::from_utf8_lossy(&buf[..n]).into_owned(), fds)
     }
 

@@ -8,7 +8,9 @@
 //!   the old one gets SIGTERM (a DaemonSet rollout with maxSurge 1);
 //! - `reuseport`: the same overlap with `--dns-handover=false`: the new netd binds its own
 //!   `SO_REUSEPORT` sockets beside the old ones, which close when the old netd exits;
-//! - `stop-start` (the anchor): SIGTERM, then start the new netd.
+//! - `stop-start` (the anchor): SIGTERM, then start the new netd;
+//! - `systemd-restart`: `systemctl restart` of the `Type=notify` unit, with a stand-in for systemd
+//!   that keeps the DNS sockets netd stored (`FDSTORE=1`) and passes them to the new netd.
 //!
 //! Needs root, etcd, socat and dig. Asserts nothing; exits non-zero only when a run could not
 //! be measured at all.
@@ -26,8 +28,8 @@ struct Cli {
     /// Runs of each way (each on a fresh test bed).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Only these ways (comma-separated: handover, reuseport, stop-start).
-    #[arg(long, value_delimiter = ',', default_value = "handover,reuseport,stop-start")]
+    /// Only these ways (comma-separated: handover, reuseport, stop-start, systemd-restart).
+    #[arg(long, value_delimiter = ',', default_value = "handover,reuseport,stop-start,systemd-restart")]
     ways: Vec<String>,
 }
 
@@ -36,6 +38,7 @@ fn way(name: &str) -> Option<(Replacement, bool)> {
         "handover" => Some((Replacement::Overlap, true)),
         "reuseport" => Some((Replacement::Overlap, false)),
         "stop-start" => Some((Replacement::StopThenStart, false)),
+        "systemd-restart" => Some((Replacement::SystemdRestart, true)),
         _ => None,
     }
 }
@@ -67,7 +70,7 @@ fn main() -> Result<()> {
     let mut totals = Vec::new();
     for name in &cli.ways {
         let Some((how, handover)) = way(name) else {
-            anyhow::bail!("unknown way {name:?} (handover, reuseport, stop-start)");
+            anyhow::bail!("unknown way {name:?} (handover, reuseport, stop-start, systemd-restart)");
         };
         let (mut sent, mut lost, mut worst_gap) = (0, 0, 0.0f64);
         for run in 1..=cli.runs {

@@ -31,6 +31,7 @@ mod netd_bin;
 mod netns;
 mod node;
 mod pod;
+mod systemd;
 pub mod upgrade;
 mod wait;
 
@@ -41,4 +42,5 @@ pub use netd_bin::{fake_apiserver_binary, netd_binary, netd_cni_binary};
 pub use netns::{namespace_prefix, reap_stale_namespaces, thread_in_netns, Netns};
 pub use node::{set_thread_netd_env, Node};
 pub use pod::Pod;
+pub use systemd::FakeSystemd;
 pub use wait::wait_until;

@@ -159,6 +159,12 @@ impl Node {
     /// Spawns `netd run` inside the node namespace with the standard test
     /// flags followed by `extra_args`, env `NETD_LOG=netd=debug,info` (our debug lines, not the etcd client's HTTP/2 chatter).
     pub fn start_netd(&mut self, extra_args: &[&str]) -> Result<()> {
+        self.start_netd_via(extra_args, |ns, args| Ok(ns.command(args)))
+    }
+
+    /// [`Node::start_netd`] with the command made by `launch` from the namespace and netd's
+    /// command line (e.g. to pass descriptors and `LISTEN_FDS` as systemd does).
+    pub fn start_netd_via(&mut self, extra_args: &[&str], launch: impl FnOnce(&Netns, &[&str]) -> Result<std::process::Command>) -> Result<()> {
         if self.netd_running() {
             bail!("netd already running on {}", self.name());
         }
@@ -188,7 +194,7 @@ impl Node {
         args.extend_from_slice(extra_args);
 
         let log = self.log_path();
-        let mut command = self.ns.command(&args);
+        let mut command = launch(&self.ns, &args)?;
         command.env("NETD_LOG", "netd=debug,info").env("RUST_BACKTRACE", "1");
         NETD_ENV.with(|e| {
             for (k, v) in e.borrow().iter() {

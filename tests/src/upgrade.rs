@@ -3,7 +3,7 @@
 //! ([`NodePortProbe`]) run while netd is replaced, the way [`Replacement`] says. Shared by the
 //! upgrade test (which asserts the counts) and the upgrade bench (which prints them).
 
-use crate::{netd_binary, set_thread_netd_env, thread_in_netns, wait_until, Cluster, DnsLoad, DnsLoadReport, Pod};
+use crate::{netd_binary, set_thread_netd_env, FakeSystemd, thread_in_netns, wait_until, Cluster, DnsLoad, DnsLoadReport, Pod};
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -126,6 +126,9 @@ pub enum Replacement {
     Overlap,
     /// The anchor: SIGTERM, then start the new one.
     StopThenStart,
+    /// `systemctl restart` of `Type=notify` netd: SIGTERM, then the new one started with the
+    /// sockets the old one put into the file descriptor store ([`FakeSystemd`]).
+    SystemdRestart,
 }
 
 /// The counts of one [`upgrade_under_load`] run.
@@ -142,6 +145,8 @@ pub struct UpgradeOutcome {
     /// and after netd was stopped at the end (must be the same: a stop flushes nothing).
     pub state_before: String,
     pub state_after_stop: String,
+    /// With [`Replacement::SystemdRestart`]: what netd told systemd, in order.
+    pub systemd_messages: Vec<String>,
 }
 
 /// What a DaemonSet runs on every node here: services by nftables, cluster DNS.
@@ -192,7 +197,15 @@ pub fn upgrade_under_load(how: Replacement, rate: u32, handover: bool) -> Result
     set_thread_netd_env(if handover { &[] } else { &[("NETD_DNS_HANDOVER", "false")] });
     let mut c = Cluster::new(2)?;
     c.write_network_config(VXLAN)?;
-    c.start_netd_all(NETD_ARGS)?;
+    let systemd = match how {
+        Replacement::SystemdRestart => Some(FakeSystemd::new()?),
+        _ => None,
+    };
+    match &systemd {
+        Some(sd) => c.node_mut(0).start_netd_via(NETD_ARGS, |ns, args| sd.launch(ns, args))?,
+        None => c.node_mut(0).start_netd(NETD_ARGS)?,
+    }
+    c.node_mut(1).start_netd(NETD_ARGS)?;
     for i in 0..2 {
         c.node_mut(i).wait_subnet_env(WAIT)?;
         let n = c.node(i);
@@ -231,9 +244,12 @@ pub fn upgrade_under_load(how: Replacement, rate: u32, handover: bool) -> Result
             .context("the new netd did not take over")?;
             c.node_mut(0).stop_predecessor_netd()?;
         }
-        Replacement::StopThenStart => {
+        Replacement::StopThenStart | Replacement::SystemdRestart => {
             c.node_mut(0).stop_netd()?;
-            c.node_mut(0).start_netd(NETD_ARGS)?;
+            match &systemd {
+                Some(sd) => c.node_mut(0).start_netd_via(NETD_ARGS, |ns, args| sd.launch(ns, args))?,
+                None => c.node_mut(0).start_netd(NETD_ARGS)?,
+            }
             wait_until(WAIT, Duration::from_millis(20), || Ok(dns_serving(&c, 2))).context("the new netd does not serve DNS")?;
         }
     }
@@ -245,5 +261,6 @@ pub fn upgrade_under_load(how: Replacement, rate: u32, handover: bool) -> Result
 
     c.node_mut(0).stop_netd()?;
     let state_after_stop = kernel_state(&c)?;
-    Ok(UpgradeOutcome { dns, nodeport, stream, replace_took, state_before, state_after_stop })
+    let systemd_messages = systemd.map(|sd| sd.messages()).unwrap_or_default();
+    Ok(UpgradeOutcome { dns, nodeport, stream, replace_took, state_before, state_after_stop, systemd_messages })
 }

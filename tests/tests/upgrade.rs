@@ -30,3 +30,25 @@ fn netd_is_replaced_under_load_without_losing_a_query_or_a_connection() -> Resul
     assert!(out.state_before.contains("table"), "nft tables:\n{}", out.state_before);
     Ok(())
 }
+
+/// `systemctl restart` of the unit in deploy/systemd (`Type=notify`, `FileDescriptorStoreMax=`), with
+/// a stand-in for systemd: netd stores its DNS sockets (`FDSTORE=1`), says `READY=1` once the node
+/// is ready and `STOPPING=1` on SIGTERM; the next netd gets the sockets back (`LISTEN_FDS`), so the
+/// queries sent while no netd runs wait in them: none is lost.
+#[test]
+fn a_systemd_restart_keeps_the_dns_sockets_in_the_store() -> Result<()> {
+    let out = upgrade_under_load(Replacement::SystemdRestart, 1000, true)?;
+    eprintln!("DNS: {}; NodePort: {} of {} answered; stream: {:?}; restart took {:?}", out.dns, out.nodeport.answered, out.nodeport.attempts, out.stream, out.replace_took);
+    eprintln!("systemd got: {:?}", out.systemd_messages);
+    let kinds: Vec<&str> = out.systemd_messages.iter().map(|m| m.lines().next().unwrap_or("")).collect();
+    let first_ready = kinds.iter().position(|k| *k == "READY=1").expect("READY=1 sent");
+    let stopping = kinds.iter().position(|k| *k == "STOPPING=1").expect("STOPPING=1 sent");
+    assert!(kinds[..first_ready].contains(&"FDSTORE=1"), "the DNS sockets are stored before the node is ready: {kinds:?}");
+    assert!(first_ready < stopping, "{kinds:?}");
+    assert!(kinds[stopping + 1..].contains(&"READY=1"), "the restarted netd is ready: {kinds:?}");
+    assert_eq!(out.dns.lost, 0, "{} (first lost: {:?})", out.dns, out.dns.first_lost);
+    assert_eq!(out.dns.errors, 0, "{}", out.dns);
+    out.stream.map_err(anyhow::Error::msg)?;
+    assert_eq!(out.nodeport.answered, out.nodeport.attempts, "{:?}", out.nodeport.failures);
+    Ok(())
+}
