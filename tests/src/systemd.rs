@@ -33,9 +33,11 @@ pub struct FakeSystemd {
 
 /// Device and inode: the same open file, whatever the descriptor.
 fn identity(fd: RawFd) -> Option<(u64, u64)> {
-    // SAFETY: fstat writes into the zeroed stat we pass; `fd` is open while the caller holds it.
+    // SAFETY: stat is a plain C struct; all-zero is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+    // SAFETY: fstat writes into `st`, which we own; `fd` is open while the caller holds it.
+    let ok = unsafe { libc::fstat(fd, &mut st) } == 0;
+    ok.then_some((st.st_dev, st.st_ino))
 }
 
 impl FakeSystemd {
