@@ -124,6 +124,9 @@ pub enum Replacement {
     /// once it serves DNS (it has taken the sockets over, or, with the handover disabled, bound
     /// its own) the old one gets SIGTERM.
     Overlap,
+    /// The overlap, but the old netd gets SIGTERM as soon as the new one has started (its status
+    /// socket is up), long before it serves DNS: the old one must wait for the handover.
+    OverlapEarlyStop,
     /// The anchor: SIGTERM, then start the new one.
     StopThenStart,
     /// `systemctl restart` of `Type=notify` netd: SIGTERM, then the new one started with the
@@ -243,6 +246,15 @@ pub fn upgrade_under_load(how: Replacement, rate: u32, handover: bool) -> Result
             })
             .context("the new netd did not take over")?;
             c.node_mut(0).stop_predecessor_netd()?;
+        }
+        Replacement::OverlapEarlyStop => {
+            use std::os::unix::fs::MetadataExt;
+            let sock = c.node(0).run_dir().join("netd.sock");
+            let old = std::fs::metadata(&sock)?.ino();
+            c.node_mut(0).start_successor_netd(NETD_ARGS)?;
+            wait_until(WAIT, Duration::from_millis(5), || Ok(std::fs::metadata(&sock).is_ok_and(|m| m.ino() != old))).context("the new netd did not start")?;
+            c.node_mut(0).stop_predecessor_netd()?;
+            wait_until(WAIT, Duration::from_millis(20), || Ok(dns_serving(&c, 2))).context("the new netd does not serve DNS")?;
         }
         Replacement::StopThenStart | Replacement::SystemdRestart => {
             c.node_mut(0).stop_netd()?;

@@ -52,3 +52,17 @@ fn a_systemd_restart_keeps_the_dns_sockets_in_the_store() -> Result<()> {
     assert_eq!(out.nodeport.answered, out.nodeport.attempts, "{:?}", out.nodeport.failures);
     Ok(())
 }
+
+/// The old netd is stopped as soon as the new one has started, long before the new one can serve
+/// DNS (a kubelet that thinks the new pod ready too early): the old one waits for the handover
+/// instead of closing the sockets.
+#[test]
+fn an_old_netd_stopped_early_waits_for_its_successor() -> Result<()> {
+    let out = upgrade_under_load(Replacement::OverlapEarlyStop, 1000, true)?;
+    eprintln!("DNS: {}; NodePort: {} of {} answered; stream: {:?}", out.dns, out.nodeport.answered, out.nodeport.attempts, out.stream);
+    assert_eq!(out.dns.lost, 0, "{} (first lost: {:?})", out.dns, out.dns.first_lost);
+    assert_eq!(out.dns.errors, 0, "{}", out.dns);
+    out.stream.map_err(anyhow::Error::msg)?;
+    assert_eq!(out.nodeport.answered, out.nodeport.attempts, "{:?}", out.nodeport.failures);
+    Ok(())
+}
