@@ -132,6 +132,40 @@ fn overlay_device(cfg: &NetworkConfig, flannel: bool) -> String {
 /// at debug level.
 const LOGGED_CHANGES: usize = 50;
 
+/// How long a netd that handed its DNS sockets over waits on SIGTERM for the queries it took.
+const DNS_DRAIN: Duration = Duration::from_secs(5);
+/// How long a netd stopped while its successor starts waits for the DNS handover.
+const SUCCESSOR_WAIT: Duration = Duration::from_secs(30);
+
+/// The inode of a file (`None` when it is gone): tells our status socket from a successor's.
+fn inode(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// Serves the metrics listener; while its address is taken (the netd being replaced holds it
+/// until it exits, both run during an upgrade), retries in the background instead of failing.
+async fn serve_metrics_when_free(addr: String, shared: Arc<Shared>) -> Result<(), DaemonError> {
+    let in_use = |e: &server::ServerError| matches!(e, server::ServerError::Metrics { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse);
+    match server::serve_metrics(addr.clone(), shared.clone()).await {
+        Err(e) if in_use(&e) => {
+            warn!(%addr, "the metrics address is in use (by the netd being replaced?); retrying until it is free");
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    match server::serve_metrics(addr.clone(), shared.clone()).await {
+                        Err(e) if in_use(&e) => continue,
+                        Err(e) => return error!(error = %e, "metrics listener not started"),
+                        Ok(()) => return info!(%addr, "metrics listener started"),
+                    }
+                }
+            });
+            Ok(())
+        }
+        other => Ok(other?),
+    }
+}
+
 /// The udp backend's TUN device.
 pub(crate) const UDP_DEVICE: &str = "netd-udp0";
 
@@ -148,6 +182,8 @@ impl Backoff {
 }
 
 pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
+    // Before anything opens a descriptor or runs a command (they are not close-on-exec yet).
+    let dns_from_systemd = if args.dns.dns { crate::systemd::take_dns_listen_fds() } else { Vec::new() };
     let node = args.node_name.clone().unwrap_or_else(hostname);
     let shared = Shared::new(NodeStatus {
         node: node.clone(),
@@ -161,10 +197,17 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
         ..Default::default()
     });
     shared.set_ready(|r| r.cni_config = (!args.cni_conf_dir.as_os_str().is_empty()).then_some(false));
+    shared.set_ready(|r| r.dns = args.dns.dns.then_some(false));
+    let notifier = crate::systemd::Notifier::from_env();
+    if let Some(n) = &notifier {
+        tokio::spawn(crate::systemd::notify_when_ready(n.clone(), shared.clone()));
+    }
     // Up before anything else, so `netd status` can say what a starting node is waiting for.
-    server::serve_status(args.run_dir.join("netd.sock"), shared.clone()).await?;
+    let status_socket = args.run_dir.join("netd.sock");
+    server::serve_status(status_socket.clone(), shared.clone()).await?;
+    let status_inode = inode(&status_socket);
     if !args.metrics_listen.is_empty() {
-        server::serve_metrics(args.metrics_listen.clone(), shared.clone()).await?;
+        serve_metrics_when_free(args.metrics_listen.clone(), shared.clone()).await?;
     }
     let nl = Netlink::connect()?;
     let mut underlay = resolve_underlay(&nl, &args, &shared).await?;
@@ -213,6 +256,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
     if d.args.proxy_mode != netd_proxy::ProxyMode::Ebpf || d.args.ebpf_fallback == crate::cli::EbpfFallback::None {
         crate::services::remove_other_modes(d.args.proxy_mode, &d.args.proxy, d.args.ebpf_bpffs.clone(), d.shared.clone()).await;
     }
+    let dns_server: Arc<std::sync::OnceLock<Arc<netd_dns::DnsServer>>> = Arc::default();
     if d.args.proxy_mode != netd_proxy::ProxyMode::None || d.args.dns.dns {
         let opts = d.args.etcd.conn.options(&d.args.registry_prefix);
         let node = netd_proxy::NodeInfo {
@@ -247,12 +291,28 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
         });
         let kube = d.args.kube.clone();
         let take_over_kube_proxy = d.takes_over(Predecessor::KubeProxy);
+        let dns_start = dns_args.dns.then(|| crate::services::DnsStart {
+            args: dns_args.clone(),
+            network,
+            run_dir: d.args.run_dir.clone(),
+            from_systemd: dns_from_systemd,
+            slot: dns_server.clone(),
+        });
+        let sky_opts = opts.clone();
         tokio::spawn(async move {
             // DNS binds and forwards before the service source is listed, which may take long or
-            // fail for as long as etcd or the API server is away.
-            let dns = if dns_args.dns { crate::services::start_dns(&dns_args, network, shared.clone()) } else { None };
+            // fail for as long as etcd or the API server is away. Taking a predecessor's (or
+            // systemd's) sockets over waits for the first zone instead: until then the
+            // predecessor answers (or the queries wait in the sockets), where we would answer
+            // SERVFAIL for every cluster name.
+            let (mut dns, mut takes_over) = (None, None);
+            match dns_start {
+                Some(start) if start.takes_over() => takes_over = Some(start),
+                Some(start) => dns = start.start(None, &shared).await,
+                None => {}
+            }
             if let Some((dns, dns_args)) = &dns {
-                crate::skydns::spawn(dns.clone(), dns_args, opts.clone(), shared.clone());
+                crate::skydns::spawn(dns.clone(), dns_args, sky_opts.clone(), shared.clone());
             }
             let snapshots = match kube.source {
                 netd_kube::SourceKind::Etcd => crate::services::start_source(opts, shared.clone()).await,
@@ -261,10 +321,22 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
                     Err(e) => {
                         error!(error = %e, "cannot build a Kubernetes API client; services are not programmed");
                         shared.update(|s| s.problems.push(format!("Kubernetes API client: {e}")));
+                        if let Some(start) = takes_over {
+                            start.start(None, &shared).await;
+                        }
                         return;
                     }
                 },
             };
+            if let Some(start) = takes_over {
+                // The settings in effect (--dns-config applied); start reports a bad file.
+                let zone_cfg = start.args.effective().map(|a| a.zone_config()).unwrap_or_else(|_| start.args.zone_config());
+                let zone = crate::services::first_zone(zone_cfg, &snapshots).await;
+                dns = start.start(zone, &shared).await;
+                if let Some((dns, dns_args)) = &dns {
+                    crate::skydns::spawn(dns.clone(), dns_args, sky_opts.clone(), shared.clone());
+                }
+            }
             if let Some((dns, dns_args)) = dns {
                 crate::services::serve_zone(dns, dns_args.zone_config(), snapshots.clone(), shared.clone());
             }
@@ -294,6 +366,28 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
             }
             _ = tokio::time::sleep_until(renew_at.into()) => d.renew().await,
         }
+    }
+    if let Some(n) = &notifier {
+        if let Err(e) = n.send("STOPPING=1", &[]) {
+            warn!(error = %e, "cannot tell systemd netd is stopping");
+        }
+    }
+    // Stopped while a successor is starting (it has replaced our status socket, the first thing
+    // it does): wait for it to take the DNS sockets over rather than close them under it.
+    if let Some(dns) = dns_server.get().filter(|dns| d.args.dns.dns_handover && !dns.retired()).cloned() {
+        if inode(&status_socket) != status_inode {
+            info!("a successor is starting; waiting for it to take the DNS sockets over");
+            let deadline = Instant::now() + SUCCESSOR_WAIT;
+            while !dns.retired() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    // After a handover the successor reads the DNS sockets; what this process took (forwards in
+    // flight, TCP connections it accepted) is answered before it exits.
+    if let Some(dns) = dns_server.get().filter(|d| d.retired()).cloned() {
+        let drained = tokio::task::spawn_blocking(move || dns.drain(DNS_DRAIN)).await.unwrap_or(false);
+        info!(drained, "DNS handed over; queries in flight answered");
     }
     // The dataplane stays as it is: routes, FDB, rules and the device keep carrying traffic
     // while netd is down, and the next netd adopts them.

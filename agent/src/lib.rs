@@ -23,4 +23,5 @@ pub mod services;
 pub mod skydns;
 pub mod status;
 pub mod subnet_env;
+pub mod systemd;
 pub mod takeover;

@@ -33,6 +33,9 @@ pub struct Readiness {
     pub cni_config: Option<bool>,
     /// `None` when no service proxy runs.
     pub first_service_sync: Option<bool>,
+    /// `None` without cluster DNS. During an upgrade the new netd is ready only once it serves
+    /// DNS (on its predecessor's sockets), so the old one is stopped only then.
+    pub dns: Option<bool>,
 }
 
 impl Readiness {
@@ -49,6 +52,9 @@ impl Readiness {
         }
         if self.first_service_sync == Some(false) {
             m.push("first service sync");
+        }
+        if self.dns == Some(false) {
+            m.push("cluster DNS");
         }
         m
     }
@@ -198,5 +204,8 @@ mod tests {
         assert!(r.missing().is_empty());
         r.first_service_sync = Some(false);
         assert_eq!(r.missing(), ["first service sync"]);
+        r.first_service_sync = Some(true);
+        r.dns = Some(false);
+        assert_eq!(r.missing(), ["cluster DNS"]);
     }
 }

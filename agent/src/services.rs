@@ -236,11 +236,65 @@ fn ebpf_backend_or_cluster_ip_only(cfg: netd_ebpf::EbpfConfig, problems: &mut Ve
     netd_ebpf::ebpf_backend(cfg).map_err(|e| e.to_string())
 }
 
+/// What starting cluster DNS needs, gathered when netd starts.
+pub struct DnsStart {
+    pub args: netd_dns::Args,
+    pub network: ipnet::Ipv4Net,
+    pub run_dir: std::path::PathBuf,
+    /// Sockets systemd passed (its file descriptor store).
+    pub from_systemd: Vec<std::os::fd::OwnedFd>,
+    /// Where the started server goes (for the shutdown).
+    pub slot: Arc<std::sync::OnceLock<Arc<netd_dns::DnsServer>>>,
+}
+
+impl DnsStart {
+    /// Whether DNS will serve sockets that already receive queries: systemd's, or a running
+    /// predecessor's (its handover socket is there; a stale one means fresh sockets after all).
+    pub fn takes_over(&self) -> bool {
+        !self.from_systemd.is_empty() || (self.args.dns_handover && self.run_dir.join(netd_dns::handover::SOCKET_NAME).exists())
+    }
+
+    /// [`start_dns`] off the async runtime, serving `zone` from the first query on (if given);
+    /// readiness says DNS serves (or, when it could not start, waits no more for it).
+    pub async fn start(self, zone: Option<Arc<netd_dns::Zone>>, shared: &Arc<Shared>) -> Option<(Arc<netd_dns::DnsServer>, netd_dns::Args)> {
+        let status = shared.clone();
+        let DnsStart { args, network, run_dir, from_systemd, slot } = self;
+        let started = tokio::task::spawn_blocking(move || start_dns(&args, network, status, &run_dir, from_systemd, zone));
+        let dns = started.await.unwrap_or(None);
+        shared.set_ready(|r| r.dns = dns.is_some().then_some(true));
+        if let Some((dns, _)) = &dns {
+            let _ = slot.set(dns.clone());
+        }
+        dns
+    }
+}
+
+/// The zone of the current snapshot (built off the async runtime).
+pub async fn first_zone(zone_cfg: netd_dns::ZoneConfig, snapshots: &watch::Receiver<Arc<ServiceSnapshot>>) -> Option<Arc<netd_dns::Zone>> {
+    let snap = snapshots.borrow().clone();
+    let built = tokio::task::spawn_blocking(move || {
+        netd_dns::ZoneBuilder::new(zone_cfg).update(snap.services().values(), snap.slice_groups().values().flat_map(|g| g.values()))
+    });
+    built.await.map_err(|e| error!(error = %e, "building the first cluster DNS zone failed")).ok()
+}
+
 /// Starts cluster DNS: bound and forwarding at once (names outside the cluster resolve even while
 /// the service registry cannot be listed), cluster names answered SERVFAIL until [`serve_zone`]
 /// hands it a snapshot. The server's counters go to `netd status` and Prometheus every few seconds.
+///
+/// The listening sockets are, in this order: `from_systemd` (its file descriptor store, after a
+/// `systemctl restart`), a running predecessor's (`--dns-handover`: taken over through
+/// `<run_dir>/dns-handover.sock`, the predecessor stops reading them once we serve), or fresh.
+/// They are handed on the same way, and stored with systemd when netd runs under it. Blocking.
 /// Returns the server and the DNS settings in effect (the flags with --dns-config applied).
-pub fn start_dns(args: &netd_dns::Args, network: ipnet::Ipv4Net, shared: Arc<Shared>) -> Option<(Arc<netd_dns::DnsServer>, netd_dns::Args)> {
+pub fn start_dns(
+    args: &netd_dns::Args,
+    network: ipnet::Ipv4Net,
+    shared: Arc<Shared>,
+    run_dir: &std::path::Path,
+    from_systemd: Vec<std::os::fd::OwnedFd>,
+    zone: Option<Arc<netd_dns::Zone>>,
+) -> Option<(Arc<netd_dns::DnsServer>, netd_dns::Args)> {
     let (cfg, args) = match args.effective().and_then(|a| Ok((a.server_config(Some(ipnet::IpNet::V4(network)))?, a))) {
         Ok(c) => c,
         Err(e) => {
@@ -251,7 +305,20 @@ pub fn start_dns(args: &netd_dns::Args, network: ipnet::Ipv4Net, shared: Arc<Sha
     };
     let listen: Vec<String> = cfg.listen.iter().map(|a| a.to_string()).collect();
     let upstreams: Vec<String> = cfg.upstreams.iter().map(|a| a.to_string()).collect();
-    let server = match netd_dns::DnsServer::start(cfg) {
+    let handover = run_dir.join(netd_dns::handover::SOCKET_NAME);
+    let mut predecessor = None;
+    if args.dns_handover && from_systemd.is_empty() {
+        match netd_dns::handover::take_over(&handover) {
+            Ok(p) => predecessor = p,
+            // The predecessor (if any) keeps serving; fresh sockets join its SO_REUSEPORT group.
+            Err(e) => warn!(error = %e, "cannot take the DNS sockets over from the running netd; binding fresh ones"),
+        }
+    }
+    let inherited = match predecessor.as_mut() {
+        Some(p) => p.take_sockets(),
+        None => from_systemd,
+    };
+    let server = match netd_dns::DnsServer::start_with(cfg, inherited, zone) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             error!(error = %e, "cluster DNS not started");
@@ -259,6 +326,23 @@ pub fn start_dns(args: &netd_dns::Args, network: ipnet::Ipv4Net, shared: Arc<Sha
             return None;
         }
     };
+    if args.dns_handover {
+        if let Err(e) = netd_dns::handover::serve(&handover, server.clone()) {
+            warn!(error = %e, "the DNS sockets cannot be handed over to the next netd; an upgrade will lose queries");
+            shared.update(|s| s.problems.push(format!("DNS handover: {e}")));
+        }
+    }
+    if let Some(p) = predecessor {
+        match p.confirm() {
+            Ok(()) => info!("took the DNS sockets over from the running netd"),
+            Err(e) => warn!(error = %e, "the running netd was not told we serve DNS; it serves on the same sockets until it stops"),
+        }
+    }
+    if let Some(notifier) = crate::systemd::Notifier::from_env() {
+        if let Err(e) = crate::systemd::store_dns_sockets(&notifier, &server.listen_sockets()) {
+            warn!(error = %e, "cannot store the DNS sockets with systemd; a restart will lose queries");
+        }
+    }
     info!(listen = %listen.join(","), upstreams = %upstreams.join(","), "cluster DNS serving");
     let dns = server.clone();
     tokio::spawn(async move {

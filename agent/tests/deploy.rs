@@ -154,5 +154,7 @@ fn systemd_unit_agrees_with_the_binary() {
     assert_eq!(run.state_dir, Path::new("/var/lib/netd"));
     assert_eq!(svc["KillMode"], "process", "stopping netd must not take the dataplane with it");
     assert_eq!(svc["RuntimeDirectoryPreserve"], "yes", "subnet.env outlives a restart");
+    assert_eq!(svc["Type"], "notify", "ready only when the node is (sd_notify READY=1)");
+    assert!(svc["FileDescriptorStoreMax"].parse::<u32>().unwrap() >= 64, "the DNS sockets are kept across a restart");
     assert_eq!(sections["Install"]["WantedBy"], "multi-user.target");
 }

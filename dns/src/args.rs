@@ -90,6 +90,11 @@ pub struct Args {
     /// Add the listen addresses to lo when no interface has them.
     #[arg(long, env = "NETD_DNS_ADD_LO_ADDRESS", default_value_t = true, action = ArgAction::Set)]
     pub dns_add_lo_address: bool,
+    /// Take the DNS sockets over from a netd running with the same --run-dir (its
+    /// dns-handover.sock), and hand them on to the next one, so that an upgrade loses no query.
+    /// false: bind fresh sockets (queries are lost while no process listens).
+    #[arg(long, env = "NETD_DNS_HANDOVER", default_value_t = true, action = ArgAction::Set)]
+    pub dns_handover: bool,
 }
 
 impl Args {
@@ -222,7 +227,7 @@ mod tests {
     #[test]
     fn defaults() {
         let a = Cli::try_parse_from(["x"]).unwrap().dns;
-        assert!(a.dns);
+        assert!(a.dns && a.dns_handover);
         assert_eq!(a.dns_listen, "169.254.20.10:53".parse().unwrap());
         assert_eq!(a.cluster_domain, "cluster.local");
         assert_eq!((a.dns_ttl, a.dns_negative_ttl), (30, 5));

@@ -32,6 +32,7 @@ pub mod config;
 pub mod fixtures;
 mod forward;
 pub mod hosts;
+pub mod handover;
 pub mod lo;
 mod metrics;
 pub mod resolv;
@@ -59,6 +60,13 @@ pub enum DnsError {
     },
     #[error("cannot put {ip} on lo: {reason}")]
     LoAddress { ip: IpAddr, reason: String },
+    #[error("{op} {}: {source}", path.display())]
+    Handover {
+        op: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Config(String),
     #[error(transparent)]

@@ -6,9 +6,9 @@
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use crate::acl::Acl;
 use crate::answer::{handle, qtype_index, write_rcode, Ctx, ForwardRequest, Outcome, Transport, MAX_MESSAGE};
@@ -94,8 +94,13 @@ struct Shared {
     stop: AtomicBool,
     udp_cap: u16,
     tcp_connections: Counter,
+    /// One permit per TCP connection being served.
+    tcp_permits: Arc<Semaphore>,
+    max_tcp: usize,
     tcp_rotation: AtomicU32,
     tcp_idle: Duration,
+    /// Set by [`DnsServer::retire`]: the TCP listeners stop accepting.
+    retired: watch::Sender<bool>,
 }
 
 /// A forward handed from a UDP worker to the runtime.
@@ -108,17 +113,20 @@ struct UdpJob {
 /// A running DNS server. Dropping it stops it.
 pub struct DnsServer {
     shared: Arc<Shared>,
-    workers: Vec<JoinHandle<()>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
     runtime: Option<JoinHandle<()>>,
     stop_tx: Option<oneshot::Sender<()>>,
     wake: OwnedFd,
     local: Vec<SocketAddr>,
     added_to_lo: Vec<IpAddr>,
+    /// A descriptor of every listening socket (UDP and TCP), for a successor
+    /// ([`crate::handover`]) or systemd's file descriptor store.
+    listen_fds: Vec<OwnedFd>,
 }
 
 impl std::fmt::Debug for DnsServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DnsServer").field("listen", &self.local).field("workers", &self.workers.len()).finish()
+        f.debug_struct("DnsServer").field("listen", &self.local).field("sockets", &self.listen_fds.len()).finish()
     }
 }
 
@@ -126,6 +134,17 @@ impl DnsServer {
     /// Adds missing listen addresses to `lo` (if configured), binds every socket, and starts
     /// the workers. Cluster names get SERVFAIL until [`DnsServer::set_zone`] is called.
     pub fn start(cfg: ServerConfig) -> Result<DnsServer, DnsError> {
+        DnsServer::start_with(cfg, Vec::new(), None)
+    }
+
+    /// [`DnsServer::start`] serving on `inherited` listening sockets (from a predecessor, see
+    /// [`crate::handover`], or from systemd) where they match a listen address, and on fresh ones
+    /// elsewhere. Every inherited UDP socket of a listen address gets a worker, even beyond
+    /// `cfg.workers`: a socket nobody reads would keep the share of the queries the kernel
+    /// hashes onto it. Inherited sockets of addresses no longer listened on are closed.
+    /// `zone`: served from the first query on (a successor must not answer SERVFAIL for names
+    /// its predecessor answered), instead of the pending zone.
+    pub fn start_with(cfg: ServerConfig, inherited: Vec<OwnedFd>, zone: Option<Arc<Zone>>) -> Result<DnsServer, DnsError> {
         if cfg.listen.is_empty() {
             return Err(DnsError::Config("no listen address".into()));
         }
@@ -139,22 +158,42 @@ impl DnsServer {
             n => n,
         };
 
+        let (mut inherited_udp, mut inherited_tcp) = sort_inherited(&cfg.listen, inherited);
+        let nworkers = inherited_udp.iter().map(Vec::len).fold(nworkers, usize::max);
+        let reused = inherited_udp.iter().map(Vec::len).sum::<usize>() + inherited_tcp.iter().flatten().count();
+
         // UDP: `nworkers` sockets per address, all on the first socket's port.
         let mut udp: Vec<Vec<Arc<UdpSocket>>> = Vec::new();
         let mut local = Vec::new();
-        for &addr in &cfg.listen {
-            let first = udp_socket(addr).map_err(|e| DnsError::Bind { addr, proto: "udp", source: e })?;
-            let actual = first.local_addr()?;
-            let mut socks = vec![Arc::new(first)];
-            for _ in 1..nworkers {
+        for (i, &addr) in cfg.listen.iter().enumerate() {
+            let mut socks: Vec<Arc<UdpSocket>> = std::mem::take(&mut inherited_udp[i]).into_iter().map(Arc::new).collect();
+            if socks.is_empty() {
+                socks.push(Arc::new(udp_socket(addr).map_err(|e| DnsError::Bind { addr, proto: "udp", source: e })?));
+            }
+            let actual = socks[0].local_addr().map_err(|e| DnsError::Bind { addr, proto: "udp", source: e })?;
+            while socks.len() < nworkers {
                 socks.push(Arc::new(udp_socket(actual).map_err(|e| DnsError::Bind { addr: actual, proto: "udp", source: e })?));
             }
             udp.push(socks);
             local.push(actual);
         }
         let mut tcp = Vec::new();
-        for &addr in &local {
-            tcp.push(tcp_listener(addr).map_err(|e| DnsError::Bind { addr, proto: "tcp", source: e })?);
+        for (i, &addr) in local.iter().enumerate() {
+            let l = match inherited_tcp[i].take() {
+                Some(l) => l.set_nonblocking(true).map(|()| l),
+                None => tcp_listener(addr),
+            };
+            tcp.push(l.map_err(|e| DnsError::Bind { addr, proto: "tcp", source: e })?);
+        }
+        let dup = |fd: BorrowedFd<'_>, addr: SocketAddr, proto| fd.try_clone_to_owned().map_err(|e| DnsError::Bind { addr, proto, source: e });
+        let mut listen_fds = Vec::new();
+        for (socks, &addr) in udp.iter().zip(&local) {
+            for s in socks {
+                listen_fds.push(dup(s.as_fd(), addr, "udp")?);
+            }
+        }
+        for (l, &addr) in tcp.iter().zip(&local) {
+            listen_fds.push(dup(l.as_fd(), addr, "tcp")?);
         }
 
         // SAFETY: eventfd takes plain integers; the result is checked before use.
@@ -183,7 +222,7 @@ impl DnsServer {
             cfg.udp_payload.max(512),
         ));
         let shared = Arc::new(Shared {
-            zone: ArcSwap::from_pointee(Zone::pending(&cfg.zone)),
+            zone: ArcSwap::new(zone.unwrap_or_else(|| Arc::new(Zone::pending(&cfg.zone)))),
             sky: ArcSwap::from_pointee(SkyZone::default()),
             hosts: ArcSwap::from_pointee(hosts),
             acl: Acl::new(cfg.recursion_allowed.clone()),
@@ -192,15 +231,17 @@ impl DnsServer {
             stop: AtomicBool::new(false),
             udp_cap: cfg.udp_payload.max(512),
             tcp_connections: Counter::default(),
+            tcp_permits: Arc::new(Semaphore::new(cfg.max_tcp_connections.max(1))),
+            max_tcp: cfg.max_tcp_connections.max(1),
             tcp_rotation: AtomicU32::new(0),
             tcp_idle: cfg.tcp_idle_timeout,
+            retired: watch::channel(false).0,
         });
 
         let (job_tx, job_rx) = mpsc::unbounded_channel::<UdpJob>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), DnsError>>();
         let rt_shared = shared.clone();
-        let max_tcp = cfg.max_tcp_connections.max(1);
         let hosts_file = cfg.hosts_file.clone();
         let runtime = std::thread::Builder::new()
             .name("netd-dns-rt".into())
@@ -218,11 +259,10 @@ impl DnsServer {
                     }
                 };
                 rt.block_on(async move {
-                    let conns = Arc::new(Semaphore::new(max_tcp));
                     for l in tcp {
                         match tokio::net::TcpListener::from_std(l) {
                             Ok(l) => {
-                                tokio::spawn(tcp_accept(rt_shared.clone(), l, conns.clone()));
+                                tokio::spawn(tcp_accept(rt_shared.clone(), l));
                             }
                             Err(e) => {
                                 let _ = ready_tx.send(Err(e.into()));
@@ -273,8 +313,53 @@ impl DnsServer {
             }
         }
         let addrs = |a: &[SocketAddr]| a.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(",");
-        tracing::info!(listen = %addrs(&local), workers = nworkers, upstreams = %addrs(&cfg.upstreams), "DNS server started");
-        Ok(DnsServer { shared, workers, runtime: Some(runtime), stop_tx: Some(stop_tx), wake, local, added_to_lo })
+        tracing::info!(listen = %addrs(&local), workers = nworkers, inherited_sockets = reused, upstreams = %addrs(&cfg.upstreams), "DNS server started");
+        Ok(DnsServer { shared, workers: Mutex::new(workers), runtime: Some(runtime), stop_tx: Some(stop_tx), wake, local, added_to_lo, listen_fds })
+    }
+
+    /// Every listening socket (UDP and TCP), to hand to a successor or to systemd.
+    pub fn listen_sockets(&self) -> Vec<BorrowedFd<'_>> {
+        self.listen_fds.iter().map(|f| f.as_fd()).collect()
+    }
+
+    /// Stops reading the listening sockets (a successor serves them now): the UDP workers answer
+    /// what they have received and end, the TCP listeners stop accepting. Forwards in flight and
+    /// accepted TCP connections go on until [`DnsServer::drain`] sees them done. The sockets stay
+    /// open (closing ours closes nothing the successor holds).
+    pub fn retire(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.wake_workers();
+        self.shared.retired.send_replace(true);
+    }
+
+    /// True once [`DnsServer::retire`] was called.
+    pub fn retired(&self) -> bool {
+        *self.shared.retired.borrow()
+    }
+
+    /// Waits (up to `timeout`) until a retired server has answered everything it took: the UDP
+    /// workers ended, no forward in flight, no TCP connection open. Returns whether it has.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let s = &self.shared;
+            let workers_done = self.workers.lock().unwrap_or_else(|p| p.into_inner()).iter().all(|w| w.is_finished());
+            if workers_done && s.fwd.in_flight() == 0 && s.tcp_permits.available_permits() == s.max_tcp {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn wake_workers(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        unsafe {
+            libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), size_of::<u64>());
+        }
     }
 
     /// Serves `zone` from now on (atomic: a query sees the old or the new zone, whole).
@@ -335,12 +420,8 @@ impl DnsServer {
 
     fn shutdown(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-        unsafe {
-            libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), size_of::<u64>());
-        }
-        for w in self.workers.drain(..) {
+        self.wake_workers();
+        for w in self.workers.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
             let _ = w.join();
         }
         if let Some(tx) = self.stop_tx.take() {
@@ -356,6 +437,34 @@ impl Drop for DnsServer {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Sorts inherited sockets by listen address (index into `listen`): UDP sockets, and one TCP
+/// listener. Sockets of no listen address, or that cannot be inspected, are closed (and logged).
+fn sort_inherited(listen: &[SocketAddr], inherited: Vec<OwnedFd>) -> (Vec<Vec<UdpSocket>>, Vec<Option<std::net::TcpListener>>) {
+    let mut udp: Vec<Vec<UdpSocket>> = listen.iter().map(|_| Vec::new()).collect();
+    let mut tcp: Vec<Option<std::net::TcpListener>> = listen.iter().map(|_| None).collect();
+    for fd in inherited {
+        let raw = fd.as_raw_fd();
+        let s = Socket::from(fd);
+        let kind = s.local_addr().map(|a| a.as_socket()).and_then(|a| Ok((a, s.r#type()?)));
+        match kind {
+            Ok((Some(addr), ty)) => match (listen_slot(listen, addr), ty) {
+                (Some(i), Type::DGRAM) => udp[i].push(s.into()),
+                (Some(i), Type::STREAM) if tcp[i].is_none() => tcp[i] = Some(s.into()),
+                _ => tracing::warn!(fd = raw, %addr, "inherited DNS socket is not one of the listen addresses; closed"),
+            },
+            Ok((None, _)) => tracing::warn!(fd = raw, "inherited DNS socket is not an IP socket; closed"),
+            Err(e) => tracing::warn!(fd = raw, error = %e, "cannot inspect an inherited DNS socket; closed"),
+        }
+    }
+    (udp, tcp)
+}
+
+/// Which listen address a socket bound to `bound` serves: the same IP, and the same port unless
+/// the listen address asks for any port (0).
+fn listen_slot(listen: &[SocketAddr], bound: SocketAddr) -> Option<usize> {
+    listen.iter().position(|l| l.ip() == bound.ip() && (l.port() == bound.port() || l.port() == 0))
 }
 
 fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
@@ -378,6 +487,8 @@ fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
 fn tcp_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    // A netd that could not take its predecessor's sockets over still starts beside it.
+    s.set_reuse_port(true)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
         let _ = s.set_freebind_v6(true);
@@ -724,9 +835,15 @@ async fn dispatch(fwd: Arc<Forwarder>, mut rx: mpsc::UnboundedReceiver<UdpJob>) 
     }
 }
 
-async fn tcp_accept(shared: Arc<Shared>, listener: tokio::net::TcpListener, conns: Arc<Semaphore>) {
+/// Accepts until the server is retired (then the listener is closed here; a successor holds it).
+async fn tcp_accept(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
+    let mut retired = shared.retired.subscribe();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = retired.wait_for(|r| *r) => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 tracing::debug!(error = %e, "DNS TCP accept failed");
@@ -734,7 +851,7 @@ async fn tcp_accept(shared: Arc<Shared>, listener: tokio::net::TcpListener, conn
                 continue;
             }
         };
-        let Ok(permit) = conns.clone().try_acquire_owned() else {
+        let Ok(permit) = shared.tcp_permits.clone().try_acquire_owned() else {
             drop(stream);
             continue;
         };

@@ -24,6 +24,7 @@
 
 mod cluster;
 mod cmd;
+mod dnsload;
 mod etcd;
 pub mod ebpf;
 pub mod flannel;
@@ -31,12 +32,16 @@ mod netd_bin;
 mod netns;
 mod node;
 mod pod;
+mod systemd;
+pub mod upgrade;
 mod wait;
 
 pub use cluster::{Cluster, DEFAULT_ETCD_PREFIX, UNDERLAY_GATEWAY};
+pub use dnsload::{dns_query, DnsLoad, DnsLoadReport, LOSS_TIMEOUT};
 pub use etcd::{Etcd, TlsFiles};
 pub use netd_bin::{fake_apiserver_binary, netd_binary, netd_cni_binary};
-pub use netns::{namespace_prefix, reap_stale_namespaces, Netns};
+pub use netns::{namespace_prefix, reap_stale_namespaces, thread_in_netns, Netns};
 pub use node::{set_thread_netd_env, Node};
 pub use pod::Pod;
+pub use systemd::FakeSystemd;
 pub use wait::wait_until;

@@ -2,11 +2,12 @@
 //! test processes that died without running their destructors.
 
 use crate::cmd::{self, check, check_output, command, kill_pid, log_stdio, ns_command, output};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread::sleep;
+use std::thread::{sleep, JoinHandle};
 use std::time::{Duration, Instant};
 
 /// Longest namespace name we create. Names show up in `ip netns list`,
@@ -233,6 +234,21 @@ pub(crate) fn tempdir(role: &str) -> Result<tempfile::TempDir> {
         .prefix(&format!("{}{role}-", namespace_prefix()))
         .tempdir()
         .context("cannot create temp dir")
+}
+
+/// Runs `f` on a new thread inside network namespace `netns` (an `ip netns` name).
+pub fn thread_in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> JoinHandle<Result<T>> {
+    let name = netns.to_string();
+    std::thread::spawn(move || {
+        let path = format!("/var/run/netns/{name}");
+        let ns = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        // SAFETY: setns(2) only reads the descriptor, which `ns` keeps open for the call; it
+        // changes the namespace of this thread alone.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns({name}): {}", std::io::Error::last_os_error());
+        }
+        f()
+    })
 }
 
 #[cfg(test)]

@@ -47,6 +47,8 @@ struct PodSubnet {
 pub struct Node {
     index: usize,
     netd: Option<Child>,
+    /// The netd being replaced, while its successor starts ([`Node::start_successor_netd`]).
+    predecessor: Option<Child>,
     etcd_endpoint: String,
     ip: Ipv4Addr,
     pod_subnet: Option<PodSubnet>,
@@ -98,6 +100,7 @@ impl Node {
         Ok(Node {
             index,
             netd: None,
+            predecessor: None,
             etcd_endpoint: etcd_endpoint.to_string(),
             ip,
             pod_subnet: None,
@@ -161,6 +164,12 @@ impl Node {
     /// Spawns `netd run` inside the node namespace with the standard test
     /// flags followed by `extra_args`, env `NETD_LOG=netd=debug,info` (our debug lines, not the etcd client's HTTP/2 chatter).
     pub fn start_netd(&mut self, extra_args: &[&str]) -> Result<()> {
+        self.start_netd_via(extra_args, |ns, args| Ok(ns.command(args)))
+    }
+
+    /// [`Node::start_netd`] with the command made by `launch` from the namespace and netd's
+    /// command line (e.g. to pass descriptors and `LISTEN_FDS` as systemd does).
+    pub fn start_netd_via(&mut self, extra_args: &[&str], launch: impl FnOnce(&Netns, &[&str]) -> Result<std::process::Command>) -> Result<()> {
         if self.netd_running() {
             bail!("netd already running on {}", self.name());
         }
@@ -190,7 +199,7 @@ impl Node {
         args.extend_from_slice(extra_args);
 
         let log = self.log_path();
-        let mut command = self.ns.command(&args);
+        let mut command = launch(&self.ns, &args)?;
         command.env("NETD_LOG", "netd=debug,info").env("RUST_BACKTRACE", "1");
         NETD_ENV.with(|e| {
             for (k, v) in e.borrow().iter() {
@@ -237,6 +246,41 @@ impl Node {
     /// shutdown with `status.success()`.
     pub fn stop_netd(&mut self) -> Result<Option<ExitStatus>> {
         match self.netd.take() {
+            Some(mut child) => Ok(Some(terminate(&mut child, STOP_GRACE)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Starts a second netd beside the running one, as an upgrade does (a DaemonSet rollout with
+    /// maxSurge 1, a new binary): same run dir, same flags plus `extra_args`. The running one
+    /// becomes the predecessor, stopped by [`Node::stop_predecessor_netd`]; from now on
+    /// [`Node::netd_pid`], [`Node::stop_netd`] and the rest mean the successor.
+    pub fn start_successor_netd(&mut self, extra_args: &[&str]) -> Result<()> {
+        if self.predecessor.is_some() {
+            bail!("an upgrade of netd on {} is already under way", self.name());
+        }
+        let running = self.netd.take().context("no netd running to replace")?;
+        match self.start_netd(extra_args) {
+            Ok(()) => {
+                self.predecessor = Some(running);
+                Ok(())
+            }
+            Err(e) => {
+                self.netd = Some(running);
+                Err(e)
+            }
+        }
+    }
+
+    /// Pid of the netd being replaced.
+    pub fn predecessor_pid(&self) -> Option<u32> {
+        self.predecessor.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM to the netd being replaced (as the kubelet sends once the new pod is ready), then
+    /// up to 10 s, then SIGKILL. Its exit status.
+    pub fn stop_predecessor_netd(&mut self) -> Result<Option<ExitStatus>> {
+        match self.predecessor.take() {
             Some(mut child) => Ok(Some(terminate(&mut child, STOP_GRACE)?)),
             None => Ok(None),
         }
@@ -448,6 +492,11 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        if let Some(mut child) = self.predecessor.take() {
+            if let Err(e) = kill_and_reap(&mut child) {
+                eprintln!("netd-tests: cannot kill the replaced netd on {}: {e:#}", self.name());
+            }
+        }
         if let Err(e) = self.kill_netd() {
             eprintln!("netd-tests: cannot kill netd on {}: {e:#}", self.name());
         }

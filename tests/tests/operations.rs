@@ -94,7 +94,7 @@ fn status_and_readiness_while_waiting_for_config_and_when_not_running() -> Resul
     wait_until(WAIT, POLL, || Ok(curl(n, "/healthz")?.0 == "200"))?;
     let (code, body) = curl(n, "/readyz")?;
     assert_eq!(code, "503");
-    assert_eq!(body.trim(), "not ready: waiting for subnet lease, subnet.env, CNI config");
+    assert_eq!(body.trim(), "not ready: waiting for subnet lease, subnet.env, CNI config, cluster DNS");
     assert!(!n.cni_conf_dir().join("10-netd.conflist").exists(), "no CNI config before the lease");
 
     c.write_network_config(VXLAN)?;
