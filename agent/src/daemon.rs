@@ -230,8 +230,11 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
             let dns = if dns_args.dns { crate::services::start_dns(&dns_args, network, shared.clone()) } else { None };
             let snapshots = match kube.source {
                 netd_kube::SourceKind::Etcd => crate::services::start_source(opts, shared.clone()).await,
-                netd_kube::SourceKind::Kubernetes => match netd_kube::client(kube.kubeconfig.as_deref()).await {
-                    Ok(client) => crate::services::start_kube_source(client, shared.clone()).await,
+                netd_kube::SourceKind::Kubernetes => match netd_kube::client(&kube).await {
+                    Ok((client, api)) => {
+                        shared.update(|s| s.api_endpoint = Some(api));
+                        crate::services::start_kube_source(client, shared.clone()).await
+                    }
                     Err(e) => {
                         error!(error = %e, "cannot build a Kubernetes API client; services are not programmed");
                         shared.update(|s| s.problems.push(format!("Kubernetes API client: {e}")));
@@ -286,7 +289,9 @@ async fn kube_subnets(
     shared: &Arc<Shared>,
 ) -> Result<(NetworkConfig, Held, Snapshot, watch::Receiver<Arc<Snapshot>>), DaemonError> {
     let kube_err = |e: netd_kube::KubeError| DaemonError::Kube(e.to_string());
-    let client = netd_kube::client(args.kube.kubeconfig.as_deref()).await.map_err(kube_err)?;
+    let (client, api) = netd_kube::client(&args.kube).await.map_err(kube_err)?;
+    info!(url = %api.url, from = %api.from, "Kubernetes API server");
+    shared.update(|s| s.api_endpoint = Some(api));
     let path = &args.net_conf_file;
     let mut backoff = Backoff::new();
     let mut last = String::new();

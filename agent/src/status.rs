@@ -36,6 +36,10 @@ pub struct NodeStatus {
     /// The Kubernetes API server, with `--source kubernetes`.
     #[serde(default)]
     pub api_server: Option<ApiServerStatus>,
+    /// Which API server netd talks to and where that address came from (`--kube-api-server`,
+    /// its env var, a kubeconfig, in-cluster), whenever it uses one.
+    #[serde(default)]
+    pub api_endpoint: Option<netd_kube::ApiServer>,
     /// The etcd service registry, with `--source etcd` (services or DNS on).
     #[serde(default)]
     pub service_registry: Option<ServiceRegistryStatus>,
@@ -306,7 +310,15 @@ pub fn verdict(s: &NodeStatus) -> (Health, Vec<String>) {
     if let Some(api) = &s.api_server {
         if !api.connected {
             let why = api.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
-            warn.push(format!("Kubernetes API server unreachable{why}; services keep their last known state"));
+            let at = s.api_endpoint.as_ref().map(|e| format!(" at {}", e.url)).unwrap_or_default();
+            // The in-cluster address is the `kubernetes` Service: on a node where netd is the
+            // service proxy nothing serves it before netd has read the Services from it.
+            let hint = match &s.api_endpoint {
+                Some(e) if e.in_cluster => " (the in-cluster address is the kubernetes Service's ClusterIP, which only a running service proxy makes reachable: \
+                                           set NETD_KUBE_API_SERVER to the API server's own https://HOST:PORT)",
+                _ => "",
+            };
+            warn.push(format!("Kubernetes API server{at} unreachable{why}; services keep their last known state{hint}"));
         }
     }
     if let Some(r) = &s.service_registry {
@@ -443,9 +455,12 @@ pub fn render(s: &NodeStatus, color: bool) -> String {
         };
         let _ = writeln!(out, "registry  {} on {} {state} ({} services, revision {})", r.prefix, r.endpoints.join(","), r.services, r.revision);
     }
+    let endpoint = s.api_endpoint.as_ref().map(|e| format!(" {} (from {})", e.url, e.from)).unwrap_or_default();
     if let Some(api) = &s.api_server {
         let state = if api.connected { paint("32", "connected") } else { paint("31", "UNREACHABLE") };
-        let _ = writeln!(out, "apiserver {state} ({} objects, {} relist(s) after 410 Gone)", api.objects, api.relists_after_410);
+        let _ = writeln!(out, "apiserver {state}{endpoint} ({} objects, {} relist(s) after 410 Gone)", api.objects, api.relists_after_410);
+    } else if !endpoint.is_empty() {
+        let _ = writeln!(out, "apiserver{endpoint}");
     }
     if !s.etcd.endpoints.is_empty() {
         let etcd = if s.etcd.connected { paint("32", "connected") } else { paint("31", "UNREACHABLE") };
@@ -492,6 +507,7 @@ mod tests {
             services: None,
             dns: None,
             api_server: None,
+            api_endpoint: None,
             service_registry: None,
             problems: vec![],
         }
@@ -612,6 +628,28 @@ mod tests {
         assert_eq!(h, Health::Degraded);
         assert!(why.iter().any(|w| w.contains("service sync failed: netlink: EPERM")), "{why:?}");
         assert!(why.iter().any(|w| w.contains("Kubernetes API server unreachable")), "{why:?}");
+    }
+
+    /// Which API server netd uses, and where the address came from, is on the apiserver line
+    /// and in the JSON; an unreachable in-cluster address gets the hint that breaks the
+    /// bootstrap deadlock.
+    #[test]
+    fn the_api_server_url_and_its_origin_are_shown() {
+        let mut s = healthy();
+        s.api_endpoint = Some(netd_kube::ApiServer { url: "https://192.168.0.10:6443".into(), from: "NETD_KUBE_API_SERVER".into(), in_cluster: false });
+        assert!(render(&s, false).contains("apiserver https://192.168.0.10:6443 (from NETD_KUBE_API_SERVER)\n"), "{}", render(&s, false));
+        s.api_server = Some(ApiServerStatus { connected: true, synced: true, objects: 3, ..Default::default() });
+        assert!(render(&s, false).contains("apiserver connected https://192.168.0.10:6443 (from NETD_KUBE_API_SERVER) (3 objects"), "{}", render(&s, false));
+        let j = serde_json::to_value(&s).unwrap();
+        assert_eq!(j["api_endpoint"]["url"], "https://192.168.0.10:6443");
+        assert_eq!(j["api_endpoint"]["from"], "NETD_KUBE_API_SERVER");
+        s.api_server.as_mut().unwrap().connected = false;
+        assert!(!verdict(&s).1[0].contains("ClusterIP"), "{:?}", verdict(&s).1);
+        s.api_endpoint = Some(netd_kube::ApiServer { url: "https://10.96.0.1".into(), from: "in-cluster KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT".into(), in_cluster: true });
+        let (h, why) = verdict(&s);
+        assert_eq!(h, Health::Degraded);
+        assert!(why[0].starts_with("Kubernetes API server at https://10.96.0.1 unreachable"), "{why:?}");
+        assert!(why[0].contains("set NETD_KUBE_API_SERVER"), "{why:?}");
     }
 
     #[test]

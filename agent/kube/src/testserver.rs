@@ -145,6 +145,8 @@ pub struct RequestRecord {
     pub status: u16,
     /// The request's `Content-Type` (patches).
     pub content_type: Option<String>,
+    /// The request's `Authorization` header (the server accepts any).
+    pub authorization: Option<String>,
 }
 
 impl RequestRecord {
@@ -845,6 +847,7 @@ async fn handle(
         kind: parse_path(uri.path()).map(|t| t.kind),
         status: response.status().as_u16(),
         content_type: headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from),
+        authorization: headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(String::from),
     };
     shared.lock().requests.push(record);
     shared.notify();
