@@ -121,6 +121,8 @@ pub struct RunArgs {
     /// iptables (kube-proxy-like chains) or none (another proxy does it).
     #[arg(long, env = "NETD_PROXY_MODE", value_enum, default_value_t = netd_proxy::ProxyMode::Nftables)]
     pub proxy_mode: netd_proxy::ProxyMode,
+    #[command(flatten)]
+    pub proxy: netd_proxy::ProxyArgs,
     /// With `--proxy-mode ebpf`: where BPF maps and links are pinned (a bpffs is mounted on its
     /// parent if needed), so a restart or upgrade adopts them without interrupting traffic.
     #[arg(long, env = "NETD_EBPF_BPFFS", default_value = "/sys/fs/bpf/netd")]
@@ -160,7 +162,8 @@ pub struct RunArgs {
     /// Name of the pod bridge netd-cni creates on this node.
     #[arg(long, env = "NETD_CNI_BRIDGE", default_value = "netd0")]
     pub cni_bridge: String,
-    /// Address for /metrics, /healthz and /readyz ("" to disable).
+    /// Address for /metrics, /healthz and /readyz ("" to disable); localhost by default (the
+    /// kubelet's probes go to the health listener, --healthz-bind-address).
     #[arg(long, env = "NETD_METRICS_LISTEN", default_value = "127.0.0.1:9402")]
     pub metrics_listen: String,
     /// How often the whole dataplane is compared against the kernel and repaired (e.g. 30s, 500ms).

@@ -155,6 +155,9 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
     if !args.metrics_listen.is_empty() {
         server::serve_metrics(args.metrics_listen.clone(), shared.clone()).await?;
     }
+    if !args.proxy.healthz_bind_address.is_empty() {
+        server::serve_health(&args.proxy.healthz_bind_address, shared.clone()).await?;
+    }
     let nl = Netlink::connect()?;
     let underlay = resolve_underlay(&nl, &args, &shared).await?;
     info!(%node, iface = %underlay.name, iface_ip = %underlay.iface_ip, public_ip = %underlay.public_ip, mtu = underlay.mtu, "underlay");
@@ -191,7 +194,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
         (None, None) => unreachable!("one subnet manager is chosen"),
     };
     // Before the proxy's first sync, so that two modes never answer for the same Service.
-    crate::services::remove_other_modes(d.args.proxy_mode, d.args.ebpf_bpffs.clone(), d.shared.clone()).await;
+    crate::services::remove_other_modes(d.args.proxy_mode, d.args.proxy.iptables_restore.clone(), d.args.ebpf_bpffs.clone(), d.shared.clone()).await;
     if d.args.proxy_mode != netd_proxy::ProxyMode::None || d.args.dns.dns {
         let opts = d.args.etcd.conn.options(&d.args.registry_prefix);
         let node = netd_proxy::NodeInfo {
@@ -210,7 +213,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
             d.shared.set_ready(|r| r.first_service_sync = Some(false));
         }
         let (dns_args, network) = (d.args.dns.clone(), d.cfg.network);
-        let (mode, resync, shared) = (d.args.proxy_mode, d.args.resync_interval, d.shared.clone());
+        let (mode, shared) = (d.args.proxy_mode, d.shared.clone());
         let ebpf = (mode == netd_proxy::ProxyMode::Ebpf).then(|| netd_ebpf::EbpfConfig {
             bpffs_dir: d.args.ebpf_bpffs.clone(),
             mount_bpffs: true,
@@ -224,6 +227,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
             overlay_device: (d.args.ebpf_external_devices.as_deref() != Some(&["none".to_string()][..])).then(|| overlay_device(&d.cfg)),
         });
         let kube = d.args.kube.clone();
+        let proxy_cfg = d.args.proxy.config(mode, node, d.args.resync_interval);
         tokio::spawn(async move {
             // DNS binds and forwards before the service source is listed, which may take long or
             // fail for as long as etcd or the API server is away.
@@ -246,7 +250,7 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
                 crate::services::serve_zone(dns, dns_args.zone_config(), snapshots.clone(), shared.clone());
             }
             if mode != netd_proxy::ProxyMode::None {
-                crate::services::spawn_proxy(mode, ebpf, node, resync, snapshots, shared);
+                crate::services::spawn_proxy(proxy_cfg, ebpf, snapshots, shared);
             }
         });
     }

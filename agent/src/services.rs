@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netd_proxy::registry::{RegistryOptions, ServiceRegistry, WatchStatus};
-use netd_proxy::{NodeInfo, ProxyConfig, ProxyMode, ProxyStatus, ServiceSnapshot};
+use netd_proxy::{ProxyConfig, ProxyMode, ProxyStatus, ServiceSnapshot};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -84,10 +84,9 @@ pub async fn start_kube_source(client: kube::Client, shared: Arc<Shared>) -> wat
 /// `--proxy-mode`, or `none` after netd proxied services): stale rules of another mode would
 /// keep answering for Services beside the new one. Blocking (netlink, iptables-save/restore),
 /// so it runs off the async runtime; failures are reported and do not stop the proxy.
-pub async fn remove_other_modes(mode: ProxyMode, bpffs: std::path::PathBuf, shared: Arc<Shared>) {
-    let cfg = ProxyConfig::new(NodeInfo::default(), mode);
+pub async fn remove_other_modes(mode: ProxyMode, iptables_restore: String, bpffs: std::path::PathBuf, shared: Arc<Shared>) {
     let removed = tokio::task::spawn_blocking(move || {
-        let mut removed = netd_proxy::dataplane::remove_leftovers(Some(mode), &cfg.iptables_restore).map_err(|e| e.to_string())?;
+        let mut removed = netd_proxy::dataplane::remove_leftovers(Some(mode), &iptables_restore).map_err(|e| e.to_string())?;
         if mode != ProxyMode::Ebpf && netd_ebpf::EbpfBackend::remove_pins(&bpffs).map_err(|e| e.to_string())? {
             removed.push("eBPF");
         }
@@ -106,14 +105,10 @@ pub async fn remove_other_modes(mode: ProxyMode, bpffs: std::path::PathBuf, shar
 }
 
 /// Runs the proxy on `snapshots` and mirrors its status into `netd status`, metrics and readiness.
-pub fn spawn_proxy(
-    mode: ProxyMode,
-    ebpf: Option<netd_ebpf::EbpfConfig>,
-    node: NodeInfo,
-    resync: Duration,
-    snapshots: watch::Receiver<Arc<ServiceSnapshot>>,
-    shared: Arc<Shared>,
-) {
+/// The proxy's freshness (`/healthz`) goes to `shared.proxier_health`, with kube-proxy's limit:
+/// an update unapplied for twice the resync interval.
+pub fn spawn_proxy(cfg: ProxyConfig, ebpf: Option<netd_ebpf::EbpfConfig>, snapshots: watch::Receiver<Arc<ServiceSnapshot>>, shared: Arc<Shared>) {
+    let mode = cfg.mode;
     // The eBPF backend is built here (it lives in its own crate); a kernel without the hooks is
     // reported clearly and services are left unprogrammed rather than half-programmed.
     let backend = match (mode, ebpf) {
@@ -127,10 +122,17 @@ pub fn spawn_proxy(
         },
         _ => None,
     };
+    spawn_proxy_with(cfg, backend, snapshots, shared);
+}
+
+/// [`spawn_proxy`] with the backend built (`None`: the one for `cfg.mode`).
+pub fn spawn_proxy_with(mut cfg: ProxyConfig, backend: Option<Box<dyn netd_proxy::Backend>>, snapshots: watch::Receiver<Arc<ServiceSnapshot>>, shared: Arc<Shared>) {
+    let mode = cfg.mode;
     let (status_tx, mut status_rx) = watch::channel(ProxyStatus::default());
-    let mut cfg = ProxyConfig::new(node, mode);
-    cfg.resync_interval = resync;
     cfg.status = Some(status_tx);
+    let health = Arc::new(std::sync::Mutex::new(netd_proxy::health::ProxierHealth::new(cfg.resync_interval * 2)));
+    cfg.proxier_health = Some(health.clone());
+    *shared.proxier_health.write().unwrap_or_else(|p| p.into_inner()) = Some(health);
     shared.update(|s| s.services = Some(ServicesStatus { mode: mode.to_string(), ..Default::default() }));
     // The cluster's service ranges (`netd config`) come with the registry's snapshots.
     let mut ranges = snapshots.clone();
