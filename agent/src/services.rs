@@ -221,6 +221,10 @@ pub fn start_dns(args: &netd_dns::Args, network: ipnet::Ipv4Net, shared: Arc<Sha
     };
     let listen: Vec<String> = cfg.listen.iter().map(|a| a.to_string()).collect();
     let upstreams: Vec<String> = cfg.upstreams.iter().map(|a| a.to_string()).collect();
+    let (upstreams_from, upstreams_self) = upstreams_left_out(args, &cfg.upstreams);
+    if cfg.upstreams.is_empty() && !upstreams_self.is_empty() {
+        error!(upstreams = %upstreams_self.join(","), from = %upstreams_from, "cluster DNS has no upstream but itself (dnsPolicy ClusterFirstWithHostNet?): names outside the cluster will fail; use dnsPolicy: Default or --dns-upstream");
+    }
     let server = match netd_dns::DnsServer::start(cfg) {
         Ok(s) => Arc::new(s),
         Err(e) => {
@@ -250,6 +254,8 @@ pub fn start_dns(args: &netd_dns::Args, network: ipnet::Ipv4Net, shared: Arc<Sha
                 let d = s.dns.get_or_insert_with(Default::default);
                 d.listen = listen.clone();
                 d.upstreams = upstreams.clone();
+                d.upstreams_from = upstreams_from.clone();
+                d.upstreams_self = upstreams_self.clone();
                 d.queries = total;
                 d.queries_per_second = qps;
                 d.cache_hit_ratio = if lookups == 0 { None } else { Some(m.cache_hits as f64 / lookups as f64) };
@@ -261,6 +267,18 @@ pub fn start_dns(args: &netd_dns::Args, network: ipnet::Ipv4Net, shared: Arc<Sha
         }
     });
     Some(dns)
+}
+
+/// Where DNS's upstreams come from (`--dns-upstream` or the resolv.conf) and which of them the
+/// server left out of `kept` because they are netd itself (see `netd_dns::resolv::without_self`).
+pub fn upstreams_left_out(args: &netd_dns::Args, kept: &[std::net::SocketAddr]) -> (String, Vec<String>) {
+    let (from, given) = if args.dns_upstream.is_empty() {
+        let given = netd_dns::resolv::upstreams_from_resolv_conf(&args.dns_resolv_conf, netd_dns::resolv::SYSTEMD_RESOLV_CONF.as_ref()).unwrap_or_default();
+        (args.dns_resolv_conf.display().to_string(), given)
+    } else {
+        ("--dns-upstream".to_string(), args.dns_upstream.clone())
+    };
+    (from, given.iter().filter(|u| !kept.contains(u)).map(|u| u.to_string()).collect())
 }
 
 /// Serves the cluster zone of `dns` from the snapshots: the zone is updated and swapped in on
@@ -303,4 +321,39 @@ pub fn serve_zone(dns: Arc<netd_dns::DnsServer>, zone_cfg: netd_dns::ZoneConfig,
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        dns: netd_dns::Args,
+    }
+
+    /// A resolv.conf as ClusterFirstWithHostNet writes it for netd's own pod: the cluster DNS
+    /// IP, which netd answers, is its only nameserver.
+    #[test]
+    fn upstreams_that_are_netd_itself_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(&resolv, "search kube-system.svc.cluster.local svc.cluster.local cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n").unwrap();
+        let args = Cli::try_parse_from(["x", "--cluster-dns-ip", "10.96.0.10", "--dns-resolv-conf", resolv.to_str().unwrap()]).unwrap().dns;
+        let cfg = args.server_config(None).unwrap();
+        assert!(cfg.upstreams.is_empty());
+        let (from, left_out) = super::upstreams_left_out(&args, &cfg.upstreams);
+        assert_eq!((from.as_str(), left_out), (resolv.to_str().unwrap(), vec!["10.96.0.10:53".to_string()]));
+
+        // The node's resolv.conf (dnsPolicy: Default): nothing left out.
+        std::fs::write(&resolv, "nameserver 198.18.0.1\nnameserver 169.254.20.10\n").unwrap();
+        let cfg = args.server_config(None).unwrap();
+        let (_, left_out) = super::upstreams_left_out(&args, &cfg.upstreams);
+        assert_eq!(cfg.upstreams.len(), 1);
+        assert_eq!(left_out, ["169.254.20.10:53"], "the node-local address is netd too");
+        let args = Cli::try_parse_from(["x", "--dns-upstream", "198.18.0.1,10.96.0.10", "--cluster-dns-ip", "10.96.0.10"]).unwrap().dns;
+        let cfg = args.server_config(None).unwrap();
+        assert_eq!(super::upstreams_left_out(&args, &cfg.upstreams), ("--dns-upstream".to_string(), vec!["10.96.0.10:53".to_string()]));
+    }
 }

@@ -133,6 +133,13 @@ pub struct FilesStatus {
 pub struct DnsStatus {
     pub listen: Vec<String>,
     pub upstreams: Vec<String>,
+    /// Where the upstreams come from: `--dns-upstream`, or the resolv.conf read.
+    #[serde(default)]
+    pub upstreams_from: String,
+    /// Upstreams given (or in the resolv.conf) that are netd itself, the cluster DNS IP or an
+    /// address netd serves DNS on, and so left out: forwarding to them would loop.
+    #[serde(default)]
+    pub upstreams_self: Vec<String>,
     /// Services in the zone, and records served.
     pub services: usize,
     pub records: usize,
@@ -303,7 +310,16 @@ pub fn verdict(s: &NodeStatus) -> (Health, Vec<String>) {
         }
     }
     if let Some(dns) = &s.dns {
-        if dns.upstreams.is_empty() {
+        if dns.upstreams.is_empty() && !dns.upstreams_self.is_empty() {
+            // ClusterFirstWithHostNet gives netd's pod a resolv.conf naming the cluster DNS IP,
+            // which is netd: the one upstream it would forward to is itself.
+            warn.push(format!(
+                "cluster DNS forwards to itself: the only upstream(s) in {} ({}) are addresses netd answers, so every name outside the cluster domain gets SERVFAIL \
+                 (hint: run netd's pod with dnsPolicy: Default, i.e. the node's resolv.conf, or set NETD_DNS_UPSTREAM to the node's resolvers)",
+                dns.upstreams_from,
+                dns.upstreams_self.join(", ")
+            ));
+        } else if dns.upstreams.is_empty() {
             warn.push("cluster DNS has no upstream resolvers: names outside the cluster domain fail".into());
         }
     }
@@ -445,6 +461,9 @@ pub fn render(s: &NodeStatus, color: bool) -> String {
             dns.queries_per_second,
             if dns.upstreams.is_empty() { paint("31", "NONE") } else { dns.upstreams.join(",") }
         );
+        if !dns.upstreams_self.is_empty() {
+            let _ = writeln!(out, "          left out of the upstreams from {} (netd itself): {}", dns.upstreams_from, dns.upstreams_self.join(","));
+        }
     }
     if let Some(r) = &s.service_registry {
         let state = match (&r.last_error, r.listed) {
@@ -650,6 +669,30 @@ mod tests {
         assert_eq!(h, Health::Degraded);
         assert!(why[0].starts_with("Kubernetes API server at https://10.96.0.1 unreachable"), "{why:?}");
         assert!(why[0].contains("set NETD_KUBE_API_SERVER"), "{why:?}");
+    }
+
+    /// ClusterFirstWithHostNet (or a resolv.conf naming the cluster DNS IP) leaves netd only
+    /// itself to forward to: status names the loop and the fix, not just "no upstream".
+    #[test]
+    fn a_dns_loop_is_named_with_a_hint() {
+        let mut s = healthy();
+        s.dns = Some(DnsStatus {
+            listen: vec!["169.254.20.10:53".into(), "10.96.0.10:53".into()],
+            upstreams: vec![],
+            upstreams_from: "/etc/resolv.conf".into(),
+            upstreams_self: vec!["10.96.0.10:53".into()],
+            ..Default::default()
+        });
+        let (h, why) = verdict(&s);
+        assert_eq!(h, Health::Degraded);
+        assert!(why[0].starts_with("cluster DNS forwards to itself: the only upstream(s) in /etc/resolv.conf (10.96.0.10:53) are addresses netd answers"), "{why:?}");
+        assert!(why[0].contains("dnsPolicy: Default") && why[0].contains("NETD_DNS_UPSTREAM"), "{why:?}");
+        let text = render(&s, false);
+        assert!(text.starts_with("DEGRADED  node0: cluster DNS forwards to itself"), "{text}");
+        assert!(text.contains("upstream NONE\n          left out of the upstreams from /etc/resolv.conf (netd itself): 10.96.0.10:53\n"), "{text}");
+        // With a real upstream beside it, the left-out one is only shown.
+        s.dns.as_mut().unwrap().upstreams = vec!["198.18.0.1:53".into()];
+        assert_eq!(verdict(&s).0, Health::Healthy);
     }
 
     #[test]
