@@ -190,7 +190,8 @@ pub struct RunArgs {
     /// flannel's CNI plugin still hold them.
     #[arg(long, env = "NETD_CNI_HOST_LOCAL_DIR", default_value = "/var/lib/cni/networks/cbr0")]
     pub cni_host_local_dir: PathBuf,
-    /// Address for /metrics, /healthz and /readyz ("" to disable).
+    /// Address for /metrics, /healthz and /readyz ("" to disable); localhost by default (the
+    /// kubelet's probes go to the health listener, --healthz-bind-address).
     #[arg(long, env = "NETD_METRICS_LISTEN", default_value = "127.0.0.1:9402")]
     pub metrics_listen: String,
     /// How often the whole dataplane is compared against the kernel and repaired (e.g. 30s, 500ms).

@@ -143,29 +143,6 @@ fn inode(path: &std::path::Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
-/// Serves the metrics listener; while its address is taken (the netd being replaced holds it
-/// until it exits, both run during an upgrade), retries in the background instead of failing.
-async fn serve_metrics_when_free(addr: String, shared: Arc<Shared>) -> Result<(), DaemonError> {
-    let in_use = |e: &server::ServerError| matches!(e, server::ServerError::Metrics { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse);
-    match server::serve_metrics(addr.clone(), shared.clone()).await {
-        Err(e) if in_use(&e) => {
-            warn!(%addr, "the metrics address is in use (by the netd being replaced?); retrying until it is free");
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    match server::serve_metrics(addr.clone(), shared.clone()).await {
-                        Err(e) if in_use(&e) => continue,
-                        Err(e) => return error!(error = %e, "metrics listener not started"),
-                        Ok(()) => return info!(%addr, "metrics listener started"),
-                    }
-                }
-            });
-            Ok(())
-        }
-        other => Ok(other?),
-    }
-}
-
 /// The udp backend's TUN device.
 pub(crate) const UDP_DEVICE: &str = "netd-udp0";
 
@@ -207,7 +184,10 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
     server::serve_status(status_socket.clone(), shared.clone()).await?;
     let status_inode = inode(&status_socket);
     if !args.metrics_listen.is_empty() {
-        serve_metrics_when_free(args.metrics_listen.clone(), shared.clone()).await?;
+        server::serve_metrics(args.metrics_listen.clone(), shared.clone()).await?;
+    }
+    if !args.proxy.healthz_bind_address.is_empty() {
+        server::serve_health(&args.proxy.healthz_bind_address, shared.clone()).await?;
     }
     let nl = Netlink::connect()?;
     let mut underlay = resolve_underlay(&nl, &args, &shared).await?;
@@ -316,8 +296,11 @@ pub async fn run(args: RunArgs) -> Result<(), DaemonError> {
             }
             let snapshots = match kube.source {
                 netd_kube::SourceKind::Etcd => crate::services::start_source(opts, shared.clone()).await,
-                netd_kube::SourceKind::Kubernetes => match netd_kube::client(kube.kubeconfig.as_deref()).await {
-                    Ok(client) => crate::services::start_kube_source(client, shared.clone()).await,
+                netd_kube::SourceKind::Kubernetes => match netd_kube::client(&kube).await {
+                    Ok((client, api)) => {
+                        shared.update(|s| s.api_endpoint = Some(api));
+                        crate::services::start_kube_source(client, shared.clone()).await
+                    }
                     Err(e) => {
                         error!(error = %e, "cannot build a Kubernetes API client; services are not programmed");
                         shared.update(|s| s.problems.push(format!("Kubernetes API client: {e}")));
@@ -407,7 +390,9 @@ async fn kube_subnets(
     shared: &Arc<Shared>,
 ) -> Result<(NetworkConfig, Held, Snapshot, watch::Receiver<Arc<Snapshot>>), DaemonError> {
     let kube_err = |e: netd_kube::KubeError| DaemonError::Kube(e.to_string());
-    let client = netd_kube::client(args.kube.kubeconfig.as_deref()).await.map_err(kube_err)?;
+    let (client, api) = netd_kube::client(&args.kube).await.map_err(kube_err)?;
+    info!(url = %api.url, from = %api.from, "Kubernetes API server");
+    shared.update(|s| s.api_endpoint = Some(api));
     let path = &args.net_conf_file;
     let mut backoff = Backoff::new();
     let mut last = String::new();

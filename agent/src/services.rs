@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netd_proxy::registry::{RegistryOptions, ServiceRegistry, WatchStatus};
-use netd_proxy::{NodeInfo, ProxyMode, ProxyStatus, ServiceSnapshot};
+use netd_proxy::{NodeInfo, ProxyConfig, ProxyMode, ProxyStatus, ServiceSnapshot};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -147,13 +147,40 @@ pub fn spawn_proxy(
         }
         _ => (mode, None, false, None),
     };
-    let (status_tx, mut status_rx) = watch::channel(ProxyStatus::default());
-    let mut cfg = proxy.config(node, mode, resync);
+    let cfg = proxy.config(node, mode, resync);
     // kube-proxy's chains go once netd's rules for the complete service list are in, so that
     // one of the two answers for every Service at every instant.
-    let mut kube_proxy_restore = take_over_kube_proxy.then(|| cfg.iptables_restore.clone());
-    cfg.status = Some(status_tx);
+    let kube_proxy_restore = take_over_kube_proxy.then(|| cfg.iptables_restore.clone());
     let shown = if fallen_back { format!("{mode} (eBPF unavailable)") } else { mode.to_string() };
+    let cleanup = cleanup.map(|bpffs| (proxy.clone(), bpffs));
+    spawn_proxy_with(cfg, backend, snapshots, shared, ProxyExtras { shown, problems, cleanup, kube_proxy_restore });
+}
+
+/// What [`spawn_proxy_with`] does besides running the proxy.
+#[derive(Default)]
+pub struct ProxyExtras {
+    /// The mode as `netd status` shows it.
+    pub shown: String,
+    /// Problems found while choosing the dataplane.
+    pub problems: Vec<String>,
+    /// Remove the other modes' rules (and eBPF pins under this bpffs) before the first sync.
+    pub cleanup: Option<(netd_proxy::ProxyArgs, std::path::PathBuf)>,
+    /// Remove kube-proxy's chains (with this iptables-restore) after the first complete sync.
+    pub kube_proxy_restore: Option<String>,
+}
+
+/// [`spawn_proxy`] with the backend built (`None`: the one for `cfg.mode`). The proxy's
+/// freshness (`/healthz`) goes to `shared.proxier_health`, with kube-proxy's limit: an update
+/// unapplied for twice the resync interval.
+pub fn spawn_proxy_with(mut cfg: ProxyConfig, backend: Option<Box<dyn netd_proxy::Backend>>, snapshots: watch::Receiver<Arc<ServiceSnapshot>>, shared: Arc<Shared>, extras: ProxyExtras) {
+    let mode = cfg.mode;
+    let ProxyExtras { shown, problems, cleanup, mut kube_proxy_restore } = extras;
+    let shown = if shown.is_empty() { mode.to_string() } else { shown };
+    let (status_tx, mut status_rx) = watch::channel(ProxyStatus::default());
+    cfg.status = Some(status_tx);
+    let health = Arc::new(std::sync::Mutex::new(netd_proxy::health::ProxierHealth::new(cfg.resync_interval * 2)));
+    cfg.proxier_health = Some(health.clone());
+    *shared.proxier_health.write().unwrap_or_else(|p| p.into_inner()) = Some(health);
     shared.update(|s| s.services = Some(ServicesStatus { mode: shown, problems, ..Default::default() }));
     // The cluster's service ranges (`netd config`) come with the registry's snapshots.
     let mut ranges = snapshots.clone();
@@ -177,10 +204,9 @@ pub fn spawn_proxy(
         }
     });
     let shared_cleanup = shared.clone();
-    let proxy_for_cleanup = proxy.clone();
     tokio::spawn(async move {
-        if let Some(bpffs) = cleanup {
-            remove_other_modes(mode, &proxy_for_cleanup, bpffs, shared_cleanup).await;
+        if let Some((proxy, bpffs)) = cleanup {
+            remove_other_modes(mode, &proxy, bpffs, shared_cleanup).await;
         }
         let run = match backend {
             Some(b) => netd_proxy::run_proxy_with(cfg, Some(b), snapshots).await,
@@ -305,6 +331,10 @@ pub fn start_dns(
     };
     let listen: Vec<String> = cfg.listen.iter().map(|a| a.to_string()).collect();
     let upstreams: Vec<String> = cfg.upstreams.iter().map(|a| a.to_string()).collect();
+    let (upstreams_from, upstreams_self) = upstreams_left_out(&args, &cfg.upstreams);
+    if cfg.upstreams.is_empty() && !upstreams_self.is_empty() {
+        error!(upstreams = %upstreams_self.join(","), from = %upstreams_from, "cluster DNS has no upstream but itself (dnsPolicy ClusterFirstWithHostNet?): names outside the cluster will fail; use dnsPolicy: Default or --dns-upstream");
+    }
     let handover = run_dir.join(netd_dns::handover::SOCKET_NAME);
     let mut predecessor = None;
     if args.dns_handover && from_systemd.is_empty() {
@@ -364,6 +394,8 @@ pub fn start_dns(
                 let d = s.dns.get_or_insert_with(Default::default);
                 d.listen = listen.clone();
                 d.upstreams = upstreams.clone();
+                d.upstreams_from = upstreams_from.clone();
+                d.upstreams_self = upstreams_self.clone();
                 d.queries = total;
                 d.queries_per_second = qps;
                 d.cache_hit_ratio = if lookups == 0 { None } else { Some(m.cache_hits as f64 / lookups as f64) };
@@ -375,6 +407,18 @@ pub fn start_dns(
         }
     });
     Some((dns, args))
+}
+
+/// Where DNS's upstreams come from (`--dns-upstream` or the resolv.conf) and which of them the
+/// server left out of `kept` because they are netd itself (see `netd_dns::resolv::without_self`).
+pub fn upstreams_left_out(args: &netd_dns::Args, kept: &[std::net::SocketAddr]) -> (String, Vec<String>) {
+    let (from, given) = if args.dns_upstream.is_empty() {
+        let given = netd_dns::resolv::upstreams_from_resolv_conf(&args.dns_resolv_conf, netd_dns::resolv::SYSTEMD_RESOLV_CONF.as_ref()).unwrap_or_default();
+        (args.dns_resolv_conf.display().to_string(), given)
+    } else {
+        ("--dns-upstream".to_string(), args.dns_upstream.clone())
+    };
+    (from, given.iter().filter(|u| !kept.contains(u)).map(|u| u.to_string()).collect())
 }
 
 /// Serves the cluster zone of `dns` from the snapshots: the zone is updated and swapped in on
@@ -417,4 +461,39 @@ pub fn serve_zone(dns: Arc<netd_dns::DnsServer>, zone_cfg: netd_dns::ZoneConfig,
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        dns: netd_dns::Args,
+    }
+
+    /// A resolv.conf as ClusterFirstWithHostNet writes it for netd's own pod: the cluster DNS
+    /// IP, which netd answers, is its only nameserver.
+    #[test]
+    fn upstreams_that_are_netd_itself_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(&resolv, "search kube-system.svc.cluster.local svc.cluster.local cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n").unwrap();
+        let args = Cli::try_parse_from(["x", "--cluster-dns-ip", "10.96.0.10", "--dns-resolv-conf", resolv.to_str().unwrap()]).unwrap().dns;
+        let cfg = args.server_config(None).unwrap();
+        assert!(cfg.upstreams.is_empty());
+        let (from, left_out) = super::upstreams_left_out(&args, &cfg.upstreams);
+        assert_eq!((from.as_str(), left_out), (resolv.to_str().unwrap(), vec!["10.96.0.10:53".to_string()]));
+
+        // The node's resolv.conf (dnsPolicy: Default): nothing left out.
+        std::fs::write(&resolv, "nameserver 198.18.0.1\nnameserver 169.254.20.10\n").unwrap();
+        let cfg = args.server_config(None).unwrap();
+        let (_, left_out) = super::upstreams_left_out(&args, &cfg.upstreams);
+        assert_eq!(cfg.upstreams.len(), 1);
+        assert_eq!(left_out, ["169.254.20.10:53"], "the node-local address is netd too");
+        let args = Cli::try_parse_from(["x", "--dns-upstream", "198.18.0.1,10.96.0.10", "--cluster-dns-ip", "10.96.0.10"]).unwrap().dns;
+        let cfg = args.server_config(None).unwrap();
+        assert_eq!(super::upstreams_left_out(&args, &cfg.upstreams), ("--dns-upstream".to_string(), vec!["10.96.0.10:53".to_string()]));
+    }
 }

@@ -36,6 +36,10 @@ pub struct NodeStatus {
     /// The Kubernetes API server, with `--source kubernetes`.
     #[serde(default)]
     pub api_server: Option<ApiServerStatus>,
+    /// Which API server netd talks to and where that address came from (`--kube-api-server`,
+    /// its env var, a kubeconfig, in-cluster), whenever it uses one.
+    #[serde(default)]
+    pub api_endpoint: Option<netd_kube::ApiServer>,
     /// The etcd service registry, with `--source etcd` (services or DNS on).
     #[serde(default)]
     pub service_registry: Option<ServiceRegistryStatus>,
@@ -129,6 +133,13 @@ pub struct FilesStatus {
 pub struct DnsStatus {
     pub listen: Vec<String>,
     pub upstreams: Vec<String>,
+    /// Where the upstreams come from: `--dns-upstream`, or the resolv.conf read.
+    #[serde(default)]
+    pub upstreams_from: String,
+    /// Upstreams given (or in the resolv.conf) that are netd itself, the cluster DNS IP or an
+    /// address netd serves DNS on, and so left out: forwarding to them would loop.
+    #[serde(default)]
+    pub upstreams_self: Vec<String>,
     /// Services in the zone, and records served.
     pub services: usize,
     pub records: usize,
@@ -322,7 +333,16 @@ pub fn verdict(s: &NodeStatus) -> (Health, Vec<String>) {
         }
     }
     if let Some(dns) = &s.dns {
-        if dns.upstreams.is_empty() {
+        if dns.upstreams.is_empty() && !dns.upstreams_self.is_empty() {
+            // ClusterFirstWithHostNet gives netd's pod a resolv.conf naming the cluster DNS IP,
+            // which is netd: the one upstream it would forward to is itself.
+            warn.push(format!(
+                "cluster DNS forwards to itself: the only upstream(s) in {} ({}) are addresses netd answers, so every name outside the cluster domain gets SERVFAIL \
+                 (hint: run netd's pod with dnsPolicy: Default, i.e. the node's resolv.conf, or set NETD_DNS_UPSTREAM to the node's resolvers)",
+                dns.upstreams_from,
+                dns.upstreams_self.join(", ")
+            ));
+        } else if dns.upstreams.is_empty() {
             warn.push("cluster DNS has no upstream resolvers: names outside the cluster domain fail".into());
         }
         if let Some(sky) = &dns.skydns {
@@ -337,7 +357,15 @@ pub fn verdict(s: &NodeStatus) -> (Health, Vec<String>) {
     if let Some(api) = &s.api_server {
         if !api.connected {
             let why = api.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
-            warn.push(format!("Kubernetes API server unreachable{why}; services keep their last known state"));
+            let at = s.api_endpoint.as_ref().map(|e| format!(" at {}", e.url)).unwrap_or_default();
+            // The in-cluster address is the `kubernetes` Service: on a node where netd is the
+            // service proxy nothing serves it before netd has read the Services from it.
+            let hint = match &s.api_endpoint {
+                Some(e) if e.in_cluster => " (the in-cluster address is the kubernetes Service's ClusterIP, which only a running service proxy makes reachable: \
+                                           set NETD_KUBE_API_SERVER to the API server's own https://HOST:PORT)",
+                _ => "",
+            };
+            warn.push(format!("Kubernetes API server{at} unreachable{why}; services keep their last known state{hint}"));
         }
     }
     if let Some(r) = &s.service_registry {
@@ -465,6 +493,9 @@ pub fn render(s: &NodeStatus, color: bool) -> String {
             dns.queries_per_second,
             if dns.upstreams.is_empty() { paint("31", "NONE") } else { dns.upstreams.join(",") }
         );
+        if !dns.upstreams_self.is_empty() {
+            let _ = writeln!(out, "          left out of the upstreams from {} (netd itself): {}", dns.upstreams_from, dns.upstreams_self.join(","));
+        }
         if let Some(sky) = &dns.skydns {
             let state = match (&sky.last_error, sky.listed) {
                 (None, true) => paint("32", "listed"),
@@ -484,9 +515,12 @@ pub fn render(s: &NodeStatus, color: bool) -> String {
         };
         let _ = writeln!(out, "registry  {} on {} {state} ({} services, revision {})", r.prefix, r.endpoints.join(","), r.services, r.revision);
     }
+    let endpoint = s.api_endpoint.as_ref().map(|e| format!(" {} (from {})", e.url, e.from)).unwrap_or_default();
     if let Some(api) = &s.api_server {
         let state = if api.connected { paint("32", "connected") } else { paint("31", "UNREACHABLE") };
-        let _ = writeln!(out, "apiserver {state} ({} objects, {} relist(s) after 410 Gone)", api.objects, api.relists_after_410);
+        let _ = writeln!(out, "apiserver {state}{endpoint} ({} objects, {} relist(s) after 410 Gone)", api.objects, api.relists_after_410);
+    } else if !endpoint.is_empty() {
+        let _ = writeln!(out, "apiserver{endpoint}");
     }
     if !s.etcd.endpoints.is_empty() {
         let etcd = if s.etcd.connected { paint("32", "connected") } else { paint("31", "UNREACHABLE") };
@@ -533,6 +567,7 @@ mod tests {
             services: None,
             dns: None,
             api_server: None,
+            api_endpoint: None,
             service_registry: None,
             problems: vec![],
         }
@@ -671,6 +706,52 @@ mod tests {
         assert_eq!(h, Health::Degraded);
         assert!(why.iter().any(|w| w.contains("service sync failed: netlink: EPERM")), "{why:?}");
         assert!(why.iter().any(|w| w.contains("Kubernetes API server unreachable")), "{why:?}");
+    }
+
+    /// Which API server netd uses, and where the address came from, is on the apiserver line
+    /// and in the JSON; an unreachable in-cluster address gets the hint that breaks the
+    /// bootstrap deadlock.
+    #[test]
+    fn the_api_server_url_and_its_origin_are_shown() {
+        let mut s = healthy();
+        s.api_endpoint = Some(netd_kube::ApiServer { url: "https://192.168.0.10:6443".into(), from: "NETD_KUBE_API_SERVER".into(), in_cluster: false });
+        assert!(render(&s, false).contains("apiserver https://192.168.0.10:6443 (from NETD_KUBE_API_SERVER)\n"), "{}", render(&s, false));
+        s.api_server = Some(ApiServerStatus { connected: true, synced: true, objects: 3, ..Default::default() });
+        assert!(render(&s, false).contains("apiserver connected https://192.168.0.10:6443 (from NETD_KUBE_API_SERVER) (3 objects"), "{}", render(&s, false));
+        let j = serde_json::to_value(&s).unwrap();
+        assert_eq!(j["api_endpoint"]["url"], "https://192.168.0.10:6443");
+        assert_eq!(j["api_endpoint"]["from"], "NETD_KUBE_API_SERVER");
+        s.api_server.as_mut().unwrap().connected = false;
+        assert!(!verdict(&s).1[0].contains("ClusterIP"), "{:?}", verdict(&s).1);
+        s.api_endpoint = Some(netd_kube::ApiServer { url: "https://10.96.0.1".into(), from: "in-cluster KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT".into(), in_cluster: true });
+        let (h, why) = verdict(&s);
+        assert_eq!(h, Health::Degraded);
+        assert!(why[0].starts_with("Kubernetes API server at https://10.96.0.1 unreachable"), "{why:?}");
+        assert!(why[0].contains("set NETD_KUBE_API_SERVER"), "{why:?}");
+    }
+
+    /// ClusterFirstWithHostNet (or a resolv.conf naming the cluster DNS IP) leaves netd only
+    /// itself to forward to: status names the loop and the fix, not just "no upstream".
+    #[test]
+    fn a_dns_loop_is_named_with_a_hint() {
+        let mut s = healthy();
+        s.dns = Some(DnsStatus {
+            listen: vec!["169.254.20.10:53".into(), "10.96.0.10:53".into()],
+            upstreams: vec![],
+            upstreams_from: "/etc/resolv.conf".into(),
+            upstreams_self: vec!["10.96.0.10:53".into()],
+            ..Default::default()
+        });
+        let (h, why) = verdict(&s);
+        assert_eq!(h, Health::Degraded);
+        assert!(why[0].starts_with("cluster DNS forwards to itself: the only upstream(s) in /etc/resolv.conf (10.96.0.10:53) are addresses netd answers"), "{why:?}");
+        assert!(why[0].contains("dnsPolicy: Default") && why[0].contains("NETD_DNS_UPSTREAM"), "{why:?}");
+        let text = render(&s, false);
+        assert!(text.starts_with("DEGRADED  node0: cluster DNS forwards to itself"), "{text}");
+        assert!(text.contains("upstream NONE\n          left out of the upstreams from /etc/resolv.conf (netd itself): 10.96.0.10:53\n"), "{text}");
+        // With a real upstream beside it, the left-out one is only shown.
+        s.dns.as_mut().unwrap().upstreams = vec!["198.18.0.1:53".into()];
+        assert_eq!(verdict(&s).0, Health::Healthy);
     }
 
     #[test]

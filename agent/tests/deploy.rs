@@ -1,5 +1,7 @@
 //! The deployment artifacts in `deploy/` agree with the binary: they parse, every NETD_* setting
-//! is a real flag's env var with a valid value, ports and paths match the flags' values.
+//! is a real flag's env var with a valid value, probes reach the health listener's port and
+//! paths, the pod has the capabilities netd needs and no more, every mount has its volume. The
+//! checks return what is wrong, so that they are also run against broken manifests.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,9 +25,9 @@ fn known_env() -> Vec<String> {
 }
 
 /// Parses `netd run` with `env` applied as the environment would (env vars are read by clap).
-fn parse_run_with_env(args: &[&str], env: &BTreeMap<String, String>) -> netd::cli::RunArgs {
+fn parse_run_with_env(args: &[&str], env: &BTreeMap<String, String>) -> Result<netd::cli::RunArgs, String> {
     // The environment is process-wide: tests set and clear their NETD_* variables under a lock.
-    let _guard = ENV_LOCK.lock().unwrap();
+    let _guard = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     for (k, v) in env {
         std::env::set_var(k, v);
     }
@@ -33,102 +35,297 @@ fn parse_run_with_env(args: &[&str], env: &BTreeMap<String, String>) -> netd::cl
     for k in env.keys() {
         std::env::remove_var(k);
     }
-    match parsed.unwrap_or_else(|e| panic!("{args:?} with {env:?}: {e}")).command {
-        Command::Run(r) => *r,
-        other => panic!("expected run, got {other:?}"),
+    match parsed.map_err(|e| format!("{args:?} with {env:?}: {e}"))?.command {
+        Command::Run(r) => Ok(*r),
+        other => Err(format!("expected run, got {other:?}")),
     }
 }
 
 static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-#[test]
-fn daemonset_configmap_and_rbac_agree_with_the_binary() {
-    let text = deploy("kubernetes/netd.yaml");
-    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
-    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "ConfigMap", "DaemonSet"]);
+fn yaml_docs(text: &str) -> Result<Vec<serde_yaml::Value>, String> {
+    serde_yaml::Deserializer::from_str(text).map(|d| serde::Deserialize::deserialize(d).map_err(|e| format!("YAML: {e}"))).collect()
+}
 
-    let cm = &docs[3];
-    let env: BTreeMap<String, String> = serde_yaml::from_value(cm["data"].clone()).unwrap();
-    let known = known_env();
-    for k in env.keys() {
-        assert!(known.contains(k), "ConfigMap sets {k}, which no netd flag reads");
-    }
-    let mut run_env = env.clone();
-    run_env.remove("NETD_LOG");
-    let ds = &docs[5];
-    let pod = &ds["spec"]["template"]["spec"];
-    assert_eq!(pod["hostNetwork"], true);
-    let c = &pod["containers"][0];
-    assert_eq!(c["securityContext"]["privileged"], true);
-    assert_eq!(c["envFrom"][0]["configMapRef"]["name"], cm["metadata"]["name"]);
-    assert_eq!(c["env"][0]["name"], "NETD_NODE_NAME");
-    let mut argv = vec!["netd".to_string()];
-    argv.extend(c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap().to_string()));
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let run = parse_run_with_env(&argv, &run_env);
+/// The capabilities the default mode (vxlan, nftables, DNS) needs: found by running the e2e
+/// tests with netd's bounding set cut to them (see the comment in netd.yaml).
+const CAPABILITIES: [&str; 2] = ["NET_ADMIN", "NET_BIND_SERVICE"];
 
-    // Ports: the probes and the declared port are the metrics listener's.
-    let port: u16 = run.metrics_listen.rsplit(':').next().unwrap().parse().unwrap();
-    assert_eq!(c["ports"][0]["containerPort"].as_u64(), Some(u64::from(port)));
-    assert_eq!(c["readinessProbe"]["httpGet"]["port"].as_u64(), Some(u64::from(port)));
-    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"].as_str(), Some(port.to_string().as_str()));
-    assert!(run.metrics_listen.starts_with("0.0.0.0:"), "probes reach the node IP, not loopback");
+/// The DaemonSet's pod spec, its netd container, and `netd run` as that container runs it.
+struct Deployed {
+    docs: Vec<serde_yaml::Value>,
+    pod: serde_yaml::Value,
+    run: netd::cli::RunArgs,
+}
 
-    // Paths: each directory netd uses is a hostPath mount at the same place.
-    let mounts: BTreeMap<String, String> = c["volumeMounts"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|m| (m["mountPath"].as_str().unwrap().to_string(), m["name"].as_str().unwrap().to_string()))
-        .collect();
-    let host_path = |name: &str| -> Option<String> {
-        pod["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == name).and_then(|v| v["hostPath"]["path"].as_str().map(String::from))
+/// Everything wrong with a netd.yaml, in words (empty: nothing). Checked against the binary:
+/// flags and their values, the health listener's port and paths, the directories netd uses.
+fn manifest_problems(text: &str) -> (Vec<String>, Option<Deployed>) {
+    let mut bad = Vec::new();
+    let docs = match yaml_docs(text) {
+        Ok(d) => d,
+        Err(e) => return (vec![e], None),
     };
+    let kind = |k: &str| docs.iter().filter(|d| d["kind"] == k).cloned().collect::<Vec<_>>();
+    let (Some(ds), Some(cm)) = (kind("DaemonSet").pop(), kind("ConfigMap").into_iter().find(|c| c["metadata"]["name"] == "netd-config")) else {
+        return (vec!["no DaemonSet or no netd-config ConfigMap".into()], None);
+    };
+    let pod = ds["spec"]["template"]["spec"].clone();
+    let c = &pod["containers"][0];
+    let known = known_env();
+
+    // Settings: every NETD_* key is a flag's env var, and together they parse as `netd run`.
+    let env: BTreeMap<String, String> = serde_yaml::from_value(cm["data"].clone()).unwrap_or_default();
+    let mut run_env = env.clone();
+    for e in c["env"].as_sequence().into_iter().flatten() {
+        if let (Some(k), Some(v)) = (e["name"].as_str(), e["value"].as_str()) {
+            run_env.insert(k.to_string(), v.to_string());
+        } else if let Some(k) = e["name"].as_str() {
+            run_env.insert(k.to_string(), "node-from-fieldref".into());
+        }
+    }
+    for k in run_env.keys().filter(|k| k.starts_with("NETD_")) {
+        if !known.contains(k) {
+            bad.push(format!("{k} is set, but no netd flag reads it"));
+        }
+    }
+    if c["envFrom"][0]["configMapRef"]["name"] != cm["metadata"]["name"] {
+        bad.push("the container does not take its environment from netd-config".into());
+    }
+    run_env.remove("NETD_LOG");
+    run_env.retain(|k, _| known.contains(k));
+    let mut argv = vec!["netd".to_string()];
+    argv.extend(c["args"].as_sequence().into_iter().flatten().filter_map(|a| a.as_str().map(String::from)));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let run = match parse_run_with_env(&argv, &run_env) {
+        Ok(r) => r,
+        Err(e) => return ({ bad.push(format!("netd run does not accept the settings: {e}")); bad }, None),
+    };
+    if run.kube.kube_api_server.is_none() {
+        bad.push("no NETD_KUBE_API_SERVER: the in-cluster address is a ClusterIP netd itself must program (bootstrap deadlock)".into());
+    }
+    if run.kube.source != netd_kube::SourceKind::Kubernetes || run.kube.subnet_manager != netd_kube::SubnetManagerKind::Kube {
+        bad.push("not the API server for services and subnets (the DaemonSet has no etcd)".into());
+    }
+    if run.dns.cluster_dns_ip.is_none() {
+        bad.push("no cluster DNS IP".into());
+    }
+
+    // The pod: on the host network, on every Linux node, first to be scheduled, no ports (on the
+    // host network a containerPort becomes a hostPort, which blocks the surge pod).
+    let expect = |bad: &mut Vec<String>, what: &str, got: &serde_yaml::Value, want: serde_yaml::Value| {
+        if *got != want {
+            bad.push(format!("{what} is {got:?}, not {want:?}"));
+        }
+    };
+    expect(&mut bad, "hostNetwork", &pod["hostNetwork"], true.into());
+    expect(&mut bad, "dnsPolicy", &pod["dnsPolicy"], "Default".into());
+    expect(&mut bad, "nodeSelector kubernetes.io/os", &pod["nodeSelector"]["kubernetes.io/os"], "linux".into());
+    expect(&mut bad, "priorityClassName", &pod["priorityClassName"], "system-node-critical".into());
+    if !pod["tolerations"].as_sequence().into_iter().flatten().any(|t| t["operator"] == "Exists" && t.get("key").is_none()) {
+        bad.push("no toleration of every taint".into());
+    }
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    expect(&mut bad, "maxSurge", &rolling["maxSurge"], 1.into());
+    expect(&mut bad, "maxUnavailable", &rolling["maxUnavailable"], 0.into());
+    let containers: Vec<&serde_yaml::Value> = pod["containers"].as_sequence().into_iter().flatten().chain(pod["initContainers"].as_sequence().into_iter().flatten()).collect();
+    for k in &containers {
+        if k.get("ports").is_some() {
+            bad.push(format!("container {:?} declares ports (a hostPort on the host network: no surge pod fits)", k["name"]));
+        }
+    }
+
+    // Privileges: the capabilities the default mode needs, not privileged.
+    let sc = &c["securityContext"];
+    if sc["privileged"] == true {
+        bad.push("the default manifest is privileged".into());
+    }
+    let added: Vec<&str> = sc["capabilities"]["add"].as_sequence().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+    if added != CAPABILITIES {
+        bad.push(format!("capabilities added are {added:?}, not {CAPABILITIES:?}"));
+    }
+    if !sc["capabilities"]["drop"].as_sequence().into_iter().flatten().any(|v| v == "ALL") {
+        bad.push("capabilities: the container's defaults are not dropped (drop: [ALL])".into());
+    }
+
+    // Probes: on the health listener (reachable at the node's address), metrics on localhost.
+    let health_port = run.proxy.healthz_bind_address.rsplit(':').next().and_then(|p| p.parse::<u64>().ok());
+    if !run.proxy.healthz_bind_address.starts_with("0.0.0.0:") {
+        bad.push(format!("the health listener {} is not on all addresses: the kubelet probes the node IP", run.proxy.healthz_bind_address));
+    }
+    if !run.metrics_listen.is_empty() && !run.metrics_listen.starts_with("127.0.0.1:") {
+        bad.push(format!("metrics on {}: not localhost", run.metrics_listen));
+    }
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let get = &c[probe]["httpGet"];
+        if get["port"].as_u64() != health_port {
+            bad.push(format!("{probe} asks port {:?}, the health listener is {}", get["port"], run.proxy.healthz_bind_address));
+        }
+        if !["/healthz", "/livez", "/readyz"].contains(&get["path"].as_str().unwrap_or("")) {
+            bad.push(format!("{probe} asks {:?}, which the health listener does not serve", get["path"]));
+        }
+    }
+
+    // Volumes: every mount names a volume, every volume is mounted; netd's directories are the
+    // host's own.
+    let volumes: BTreeMap<String, serde_yaml::Value> =
+        pod["volumes"].as_sequence().into_iter().flatten().map(|v| (v["name"].as_str().unwrap_or("").to_string(), v.clone())).collect();
+    let mut used = std::collections::BTreeSet::new();
+    for k in &containers {
+        for m in k["volumeMounts"].as_sequence().into_iter().flatten() {
+            let name = m["name"].as_str().unwrap_or("");
+            used.insert(name.to_string());
+            if !volumes.contains_key(name) {
+                bad.push(format!("container {:?} mounts volume {name:?}, which the pod does not have", k["name"]));
+            }
+        }
+    }
+    for v in volumes.keys().filter(|v| !used.contains(*v)) {
+        bad.push(format!("volume {v:?} is not mounted"));
+    }
+    let mounts: BTreeMap<String, String> =
+        c["volumeMounts"].as_sequence().into_iter().flatten().map(|m| (m["mountPath"].as_str().unwrap_or("").to_string(), m["name"].as_str().unwrap_or("").to_string())).collect();
+    let host_path = |name: &str| volumes.get(name).and_then(|v| v["hostPath"]["path"].as_str().map(String::from));
     for dir in [&run.run_dir, &run.state_dir, &run.cni_conf_dir] {
         let dir = dir.display().to_string();
-        let vol = mounts.get(&dir).unwrap_or_else(|| panic!("{dir} is not mounted"));
-        assert_eq!(host_path(vol).as_deref(), Some(dir.as_str()), "{dir} must be the host's own");
+        if mounts.get(&dir).and_then(|v| host_path(v)).as_deref() != Some(dir.as_str()) {
+            bad.push(format!("{dir} is not the host's {dir}"));
+        }
     }
-    // The network config file is the second ConfigMap's key, mounted where the flag says.
+    // The network config file is a key of the ConfigMap mounted where the flag says.
     let conf = run.net_conf_file.display().to_string();
-    let (dir, file) = conf.rsplit_once('/').unwrap();
-    let vol = mounts.get(dir).unwrap_or_else(|| panic!("{dir} is not mounted"));
-    let cm_name = pod["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == vol.as_str()).unwrap()["configMap"]["name"].clone();
-    let net_conf = docs.iter().find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == cm_name).expect("net-conf ConfigMap");
-    let text = net_conf["data"][file].as_str().unwrap_or_else(|| panic!("no key {file}"));
-    netd::netconf::NetworkConfig::parse(text).unwrap();
-    // netd takes its upstreams from the pod's resolv.conf: it must be the node's, not one naming
-    // the cluster DNS IP that netd itself answers (no upstream at all).
-    assert_eq!(pod["dnsPolicy"], "Default");
-    assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux");
-    // The init container installs netd-cni where runtimes look for plugins.
+    let (dir, file) = conf.rsplit_once('/').unwrap_or(("", ""));
+    let net_conf = mounts.get(dir).and_then(|v| volumes.get(v)).and_then(|v| {
+        let name = v["configMap"]["name"].clone();
+        docs.iter().find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == name).and_then(|d| d["data"][file].as_str().map(String::from))
+    });
+    match net_conf.map(|t| netd::netconf::NetworkConfig::parse(&t)) {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => bad.push(format!("{conf}: {e}")),
+        None => bad.push(format!("{conf} is not a mounted ConfigMap key")),
+    }
+    // The init container installs netd-cni and what the conflist chains into the host's plugin
+    // directory.
     let init = &pod["initContainers"][0];
-    assert!(init["command"][2].as_str().unwrap().contains("/opt/cni/bin/netd-cni"));
-    assert_eq!(host_path(init["volumeMounts"][0]["name"].as_str().unwrap()).as_deref(), Some("/opt/cni/bin"));
+    let script = init["command"][2].as_str().unwrap_or("");
+    let conf = netd::cniconf::CniConf { subnet_file: "/run/netd/subnet.env".into(), data_dir: "/var/lib/netd".into(), bridge: "netd0".into(), nameserver: None, cluster_domain: "cluster.local".into(), host_local_dirs: Vec::new() };
+    let conflist: serde_json::Value = serde_json::from_str(&conf.render()).expect("conflist JSON");
+    for ty in conflist["plugins"].as_array().into_iter().flatten().filter_map(|p| p["type"].as_str()) {
+        // Installed = moved into place (atomically, after a copy beside it).
+        let dest = format!("/opt/cni/bin/{ty}");
+        let installs = script.split(['&', ';', '|']).any(|step| {
+            let w: Vec<&str> = step.split_whitespace().collect();
+            w.first() == Some(&"mv") && w.last() == Some(&dest.as_str())
+        });
+        if !installs {
+            bad.push(format!("the init container does not install {ty}, which the conflist chains"));
+        }
+    }
+    let cni_bin = init["volumeMounts"].as_sequence().into_iter().flatten().find(|m| m["mountPath"] == "/opt/cni/bin").and_then(|m| m["name"].as_str()).and_then(host_path);
+    if cni_bin.as_deref() != Some("/opt/cni/bin") {
+        bad.push("the init container's /opt/cni/bin is not the host's".into());
+    }
 
-    // The API server is the service source and the subnet manager (no etcd needed), and the
-    // cluster DNS IP is answered on the node.
-    assert_eq!(run.kube.source, netd_kube::SourceKind::Kubernetes);
-    assert_eq!(run.kube.subnet_manager, netd_kube::SubnetManagerKind::Kube);
-    assert!(run.dns.cluster_dns_ip.is_some());
     // RBAC: bound to the DaemonSet's service account; exactly what netd uses.
-    assert_eq!(docs[2]["subjects"][0]["name"], pod["serviceAccountName"]);
+    if kind("ClusterRoleBinding").first().map(|b| b["subjects"][0]["name"].clone()) != Some(pod["serviceAccountName"].clone()) {
+        bad.push("the ClusterRoleBinding is not the pod's service account's".into());
+    }
     let mut grants: Vec<String> = Vec::new();
-    for rule in docs[1]["rules"].as_sequence().unwrap() {
-        for res in rule["resources"].as_sequence().unwrap() {
-            for verb in rule["verbs"].as_sequence().unwrap() {
-                grants.push(format!("{}:{}", res.as_str().unwrap(), verb.as_str().unwrap()));
+    for rule in kind("ClusterRole").first().map(|r| r["rules"].clone()).and_then(|r| r.as_sequence().cloned()).unwrap_or_default() {
+        for res in rule["resources"].as_sequence().into_iter().flatten() {
+            for verb in rule["verbs"].as_sequence().into_iter().flatten() {
+                grants.push(format!("{}:{}", res.as_str().unwrap_or(""), verb.as_str().unwrap_or("")));
             }
         }
     }
     grants.sort();
-    assert_eq!(
-        grants,
-        ["endpointslices:list", "endpointslices:watch", "nodes/status:patch", "nodes:get", "nodes:list", "nodes:watch", "services:list", "services:watch"]
-    );
+    let want = ["endpointslices:list", "endpointslices:watch", "nodes/status:patch", "nodes:get", "nodes:list", "nodes:watch", "services:list", "services:watch"];
+    if grants != want {
+        bad.push(format!("RBAC grants {grants:?}, netd uses {want:?}"));
+    }
+    (bad, Some(Deployed { docs, pod, run }))
+}
+
+#[test]
+fn the_daemonset_agrees_with_the_binary() {
+    let (bad, deployed) = manifest_problems(&deploy("kubernetes/netd.yaml"));
+    assert!(bad.is_empty(), "deploy/kubernetes/netd.yaml:\n  {}", bad.join("\n  "));
+    let d = deployed.unwrap();
+    let kinds: Vec<&str> = d.docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "ConfigMap", "DaemonSet"]);
+    assert_eq!(d.run.proxy_mode, netd_proxy::ProxyMode::Nftables, "the default manifest is the default mode");
+    assert!(d.pod["containers"][0]["volumeMounts"].as_sequence().unwrap().iter().all(|m| m["mountPath"] != "/sys/fs/bpf"), "no bpffs without eBPF");
+}
+
+/// The probes ask paths the health listener answers (not 404), at the port netd binds.
+#[tokio::test]
+async fn the_probes_reach_the_health_listener() {
+    let (_, deployed) = manifest_problems(&deploy("kubernetes/netd.yaml"));
+    let d = deployed.expect("netd.yaml parses");
+    let shared = netd::server::Shared::new(netd::status::NodeStatus::default());
+    let addr = netd::server::serve_health("127.0.0.1:0", shared).await.unwrap().unwrap();
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let path = d.pod["containers"][0][probe]["httpGet"]["path"].as_str().unwrap().to_string();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        let code = answer.split_whitespace().nth(1).unwrap();
+        assert!(code == "200" || code == "503", "{probe} {path}: {answer}");
+    }
+}
+
+/// The checks fail on broken manifests, each naming what is wrong.
+#[test]
+fn broken_manifests_are_caught() {
+    let good = deploy("kubernetes/netd.yaml");
+    let broken = |from: &str, to: &str| -> Vec<String> {
+        assert!(good.contains(from), "netd.yaml has no {from:?}");
+        manifest_problems(&good.replacen(from, to, 1)).0
+    };
+    let has = |bad: Vec<String>, what: &str| assert!(bad.iter().any(|b| b.contains(what)), "expected {what:?} in {bad:?}");
+    has(broken("  NETD_SUBNET_MANAGER: \"kube\"", "  NETD_SUBNET_MANAGER: \"kube\"\n  NETD_HEALTHZ_PORT: \"1\""), "NETD_HEALTHZ_PORT is set, but no netd flag reads it");
+    has(broken("NETD_IP_MASQ: \"true\"", "NETD_IP_MASQ: \"maybe\""), "netd run does not accept the settings");
+    has(broken("              port: 10256\n            periodSeconds: 10", "              port: 9402\n            periodSeconds: 10"), "livenessProbe asks port Number(9402)");
+    has(broken("path: /readyz", "path: /ready"), "readinessProbe asks String(\"/ready\")");
+    has(broken("privileged: false", "privileged: true"), "the default manifest is privileged");
+    has(broken("add: [\"NET_ADMIN\", \"NET_BIND_SERVICE\"]", "add: [\"NET_ADMIN\"]"), "capabilities added are [\"NET_ADMIN\"]");
+    has(broken("            - name: state\n              mountPath", "            - name: stat\n              mountPath"), "mounts volume \"stat\"");
+    has(broken("          resources:", "          ports:\n            - containerPort: 10256\n          resources:"), "declares ports");
+    has(broken("maxUnavailable: 0", "maxUnavailable: 1"), "maxUnavailable");
+    has(broken("dnsPolicy: Default", "dnsPolicy: ClusterFirstWithHostNet"), "dnsPolicy");
+    has(broken("  NETD_KUBE_API_SERVER: \"https://kube-apiserver.invalid:6443\"\n", ""), "bootstrap deadlock");
+    has(broken("NETD_METRICS_LISTEN: \"127.0.0.1:9402\"", "NETD_METRICS_LISTEN: \"0.0.0.0:9402\""), "not localhost");
+    has(broken("/opt/cni/bin/portmap;", "/opt/cni/bin/portmap.old;"), "does not install portmap");
+}
+
+/// The eBPF variant: privileged, the host's bpffs (propagated) and cgroup v2 hierarchy mounted,
+/// --ebpf-cgroup naming the host's cgroup root, not the pod's cgroup namespace.
+#[test]
+fn the_ebpf_patch_mounts_the_host_s_cgroup_and_bpffs() {
+    let patch = yaml_docs(&deploy("kubernetes/netd-ebpf-patch.yaml")).unwrap().remove(0);
+    let pod = &patch["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(c["name"], "netd", "the patch merges into the netd container by name");
+    assert_eq!(c["securityContext"]["privileged"], true);
+    let env: BTreeMap<String, String> = c["env"].as_sequence().unwrap().iter().map(|e| (e["name"].as_str().unwrap().into(), e["value"].as_str().unwrap().into())).collect();
+    let known = known_env();
+    assert!(env.keys().all(|k| known.contains(k)), "{env:?}");
+    let mut base_env: BTreeMap<String, String> = BTreeMap::new();
+    base_env.extend(env.clone());
+    let run = parse_run_with_env(&["netd", "run"], &base_env).unwrap();
+    assert_eq!(run.proxy_mode, netd_proxy::ProxyMode::Ebpf);
+    let host_of = |mount: &str| -> (String, serde_yaml::Value) {
+        let m = c["volumeMounts"].as_sequence().unwrap().iter().find(|m| m["mountPath"] == mount).unwrap_or_else(|| panic!("nothing mounted at {mount}"));
+        let v = pod["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == m["name"]).unwrap_or_else(|| panic!("no volume {:?}", m["name"]));
+        (v["hostPath"]["path"].as_str().unwrap().to_string(), m["mountPropagation"].clone())
+    };
+    let cgroup = run.ebpf_cgroup.expect("--ebpf-cgroup set").display().to_string();
+    assert_ne!(cgroup, "/sys/fs/cgroup", "the pod's /sys/fs/cgroup is its own cgroup namespace");
+    assert_eq!(host_of(&cgroup).0, "/sys/fs/cgroup");
+    let bpffs = run.ebpf_bpffs.parent().unwrap().display().to_string();
+    assert_eq!(host_of(&bpffs), ("/sys/fs/bpf".to_string(), "Bidirectional".into()));
 }
 
 #[test]
@@ -147,7 +344,7 @@ fn systemd_unit_agrees_with_the_binary() {
     let svc = &sections["Service"];
     let argv: Vec<&str> = svc["ExecStart"].split_whitespace().collect();
     assert_eq!(argv[0], "/usr/local/bin/netd");
-    let run = parse_run_with_env(&argv, &BTreeMap::new());
+    let run = parse_run_with_env(&argv, &BTreeMap::new()).unwrap();
     assert_eq!(svc["RuntimeDirectory"], run.run_dir.file_name().unwrap().to_str().unwrap());
     assert_eq!(run.run_dir, Path::new("/run/netd"));
     assert_eq!(svc["StateDirectory"], run.state_dir.file_name().unwrap().to_str().unwrap());

@@ -88,20 +88,38 @@ fn image_layout_serves_the_daemonset() {
     assert_eq!(command, entrypoint);
     assert_eq!(strings(&netd["args"]), cmd);
 
-    // The init container: /bin/sh -c 'cp ... && mv ...': the shell and each command are linked
-    // (busybox applets in /usr/bin, which merged /usr makes /bin), the binary it copies is there.
+    // The init container: /bin/sh -c 'cp ... && mv ... && if [ ...; then cp ...; fi': the shell
+    // and each command are linked (busybox applets in /usr/bin, which merged /usr makes /bin),
+    // the binaries and CNI plugins it copies are there.
     let init = strings(&pod["initContainers"][0]["command"]);
     let shell = init[0].strip_prefix("/bin/").unwrap_or_else(|| panic!("init shell {} is not in /bin", init[0]));
     assert!(applets.contains(shell), "the image has no {shell} ({applets:?})");
     assert_eq!(init[1], "-c");
-    for step in init[2].split("&&") {
-        let program = step.split_whitespace().next().unwrap();
+    for step in init[2].split("&&").flat_map(|s| s.split("||")).flat_map(|s| s.split(';')) {
+        let mut words = step.split_whitespace().skip_while(|w| ["if", "then", "else", "fi", "!"].contains(w));
+        let Some(program) = words.next() else { continue };
         assert!(applets.contains(program), "the init container runs {program}, which the image does not have ({applets:?})");
     }
-    let copied: Vec<&str> = init[2].split_whitespace().filter(|w| w.starts_with(&format!("{bin_dir}/"))).collect();
+    let plugin_dir = script_var(&script, "CNI_PLUGIN_DIR");
+    let plugins: BTreeSet<String> = words(&script_var(&script, "CNI_PLUGINS")).iter().map(|p| format!("{plugin_dir}/{p}")).collect();
+    let copied: Vec<&str> = init[2].split_whitespace().filter(|w| w.starts_with(&format!("{bin_dir}/")) || w.starts_with(&format!("{plugin_dir}/"))).collect();
     assert!(!copied.is_empty(), "the init container copies nothing from {bin_dir}");
-    for path in copied {
-        assert!(installed.contains(path), "the init container copies {path}, which the image does not have");
+    for path in &copied {
+        assert!(installed.contains(*path) || plugins.contains(*path), "the init container copies {path}, which the image does not have");
+    }
+    // Every plugin the conflist netd writes chains is installed (netd-cni from the binaries).
+    let conf = netd::cniconf::CniConf {
+        subnet_file: "/run/netd/subnet.env".into(),
+        data_dir: "/var/lib/netd".into(),
+        bridge: "netd0".into(),
+        nameserver: None,
+        cluster_domain: "cluster.local".into(),
+        host_local_dirs: Vec::new(),
+    };
+    let conflist: serde_json::Value = serde_json::from_str(&conf.render()).unwrap();
+    for plugin in conflist["plugins"].as_array().unwrap() {
+        let ty = plugin["type"].as_str().unwrap();
+        assert!(copied.iter().any(|c| c.ends_with(&format!("/{ty}"))), "the conflist chains {ty}, which the init container does not install ({copied:?})");
     }
 
     // The Containerfile makes the same image: the same binaries in the same place, the same

@@ -13,8 +13,12 @@
 #   RUNTIME_PACKAGES  what netd loads (libc6, libgcc-s1, libnftnl11, libmnl0: `readelf -d netd`)
 #                     and executes (nft, iptables-restore/-save, conntrack); the Containerfile's
 #                     runtime stage installs the same list (agent/tests/image.rs checks that).
-#   SHELL_PACKAGE     the DaemonSet's init container runs `/bin/sh -c 'cp ... && mv ...'`:
+#   SHELL_PACKAGE     the DaemonSet's init container runs `/bin/sh -c 'cp ... && mv ... && if [ ...'`:
 #                     busybox (one 0.8 MB binary) with only SHELL_APPLETS linked in /bin.
+#   CNI_PLUGINS       the reference plugins netd's conflist chains after netd-cni (portmap), from
+#                     containernetworking-plugins, of which only these are extracted; the init
+#                     container copies them onto a host that has none. Debian's are not static
+#                     (glibc >= 2.34 on the host; see deploy/kubernetes/netd.yaml).
 # No ca-certificates: netd trusts only the CAs it is given (--etcd-cafile; in a pod the service
 # account's ca.crt); a kubeconfig without a CA would need the system roots (add the package then).
 #
@@ -28,9 +32,11 @@
 # SOURCE_DATE_EPOCH (default: the last commit's time), tar entries are sorted, owners numeric.
 set -euo pipefail
 
-RUNTIME_PACKAGES="libc6 libgcc-s1 libnftnl11 libmnl0 nftables iptables conntrack"
+RUNTIME_PACKAGES="libc6 libgcc-s1 libnftnl11 libmnl0 nftables iptables conntrack containernetworking-plugins"
 SHELL_PACKAGE="busybox"
-SHELL_APPLETS="sh cp mv"
+SHELL_APPLETS="sh cp mv ["
+CNI_PLUGIN_DIR="/usr/lib/cni"
+CNI_PLUGINS="portmap"
 # What netd executes (agent/tests/image.rs finds them in its sources); the check runs each.
 EXECS="nft iptables-restore iptables-save conntrack"
 # Where the binaries go; the DaemonSet and the Containerfile use the same paths.
@@ -79,6 +85,7 @@ build_rootfs() {
 		--dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/lintian/*' \
 		--dpkgopt="path-exclude=/usr/lib/$MULTIARCH/gconv/*" \
 		--dpkgopt='path-exclude=/usr/lib/systemd/*' --dpkgopt='path-exclude=/usr/share/initramfs-tools/*' \
+		--dpkgopt="path-exclude=$CNI_PLUGIN_DIR/*" $(for p in $CNI_PLUGINS; do printf -- "--dpkgopt=path-include=%s/%s " "$CNI_PLUGIN_DIR" "$p"; done) \
 		"$SUITE" "$rootfs" "$APT_SOURCES"
 
 	# /var/lib/dpkg/status from the extracted packages' control fields, sorted by name.
@@ -194,6 +201,12 @@ check_image() {
 	mkdir -p "$rootfs/opt/cni/bin"
 	chroot "$rootfs" "${init[@]}" || die "check: the init container's command fails in the image: ${init[*]}"
 	cmp -s "$rootfs/opt/cni/bin/netd-cni" "$rootfs$BIN_DIR/netd-cni" || die "check: the init container did not install netd-cni"
+	local p
+	for p in $CNI_PLUGINS; do
+		cmp -s "$rootfs/opt/cni/bin/$p" "$rootfs$CNI_PLUGIN_DIR/$p" || die "check: the init container did not install $p"
+		env -i CNI_COMMAND=VERSION "$(command -v chroot)" "$rootfs" "/opt/cni/bin/$p" < /dev/null > /dev/null || die "check: $p does not run in the image"
+	done
+	[ "$(ls "$rootfs$CNI_PLUGIN_DIR" | tr '\n' ' ')" = "$CNI_PLUGINS " ] || die "check: $CNI_PLUGIN_DIR has $(ls "$rootfs$CNI_PLUGIN_DIR"), not only $CNI_PLUGINS"
 	# netd-cni runs on the host, whatever its libc: statically linked, no interpreter, and it runs
 	# in an empty root.
 	local cni="$rootfs$BIN_DIR/netd-cni"
@@ -203,7 +216,7 @@ check_image() {
 	cp "$cni" "$chk/empty/netd-cni"
 	out=$(env -i CNI_COMMAND=VERSION "$(command -v chroot)" "$chk/empty" /netd-cni < /dev/null) || die "check: netd-cni does not run without a root filesystem"
 	jq -e '.supportedVersions | index("1.1.0")' <<< "$out" > /dev/null || die "check: netd-cni VERSION said: $out"
-	echo "image: check passed (umoci unpack; netd, nft, iptables-restore/-save, conntrack run; netd's rules load; init container installs netd-cni; netd-cni static)"
+	echo "image: check passed (umoci unpack; netd, nft, iptables-restore/-save, conntrack run; netd's rules load; init container installs netd-cni and $CNI_PLUGINS; netd-cni static)"
 }
 
 rm -rf "$WORK"

@@ -251,6 +251,42 @@ fn services_from_the_kubernetes_api_server() -> Result<()> {
     Ok(())
 }
 
+/// The bootstrap deadlock: the API server's configured address (here a kubeconfig's, in a pod
+/// the `kubernetes` ClusterIP) is unreachable; `--kube-api-server` names the real one, netd reads
+/// the Services through it, and `netd status` says which URL it uses and where that came from.
+#[test]
+fn the_api_server_address_override() -> Result<()> {
+    let mut c = Cluster::new(1)?;
+    c.write_network_config(VXLAN)?;
+    let mut api = FakeApiServer::start(&c)?;
+    // The kubeconfig's server is a port of the underlay nothing listens on.
+    let dead = api.dir.path().join("kubeconfig-dead");
+    std::fs::write(&dead, std::fs::read_to_string(api.kubeconfig())?.replace("198.18.0.1:6443", "198.18.0.1:6444"))?;
+    c.start_netd_all(&["--source", "kubernetes", "--kubeconfig", dead.to_str().unwrap(), "--kube-api-server", "http://198.18.0.1:6443"])?;
+    c.node_mut(0).wait_subnet_env(WAIT)?;
+    let svc = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default", "uid": "5b1c9f4e-0000-4000-8000-000000000002"},
+        "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.61", "clusterIPs": ["10.96.0.61"], "ipFamilies": ["IPv4"],
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}], "selector": {"app": "web"}},
+        "status": {"loadBalancer": {}}
+    });
+    api.load(serde_json::json!([svc]))?;
+    let n = c.node(0);
+    wait_until(WAIT, POLL, || {
+        let (_, out) = n.netd_status(&["--json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(v["status"]["api_server"]["connected"] == true && v["status"]["services"]["services"].as_u64() >= Some(1))
+    })?;
+    let (_, out) = n.netd_status(&["--json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["status"]["api_endpoint"]["url"], "http://198.18.0.1:6443", "{out}");
+    assert_eq!(v["status"]["api_endpoint"]["from"], "--kube-api-server", "{out}");
+    let (_, text) = n.netd_status(&[])?;
+    assert!(text.contains("apiserver connected http://198.18.0.1:6443 (from --kube-api-server)"), "{text}");
+    Ok(())
+}
+
 /// `/etc/netns/<pod>/resolv.conf`, which `ip netns exec` bind-mounts over /etc/resolv.conf: the
 /// pod's resolver configuration as a kubelet writes it. Removed on drop.
 struct PodResolvConf(std::path::PathBuf);

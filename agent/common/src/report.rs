@@ -45,6 +45,23 @@ pub fn use_colour(to_terminal: bool, no_color: Option<&OsStr>) -> bool {
     to_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
+/// `2025-06-01T12:00:00Z` (UTC, whole seconds), the form Kubernetes uses for timestamps.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +109,12 @@ mod tests {
         assert_eq!(millis(Duration::from_nanos(1_346_999)), 1.346);
         assert_eq!(millis(Duration::from_secs(2)), 2000.0);
         assert_eq!(millis(Duration::from_micros(1346)).to_string(), "1.346");
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let epoch = std::time::UNIX_EPOCH;
+        assert_eq!(rfc3339(epoch), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(epoch + std::time::Duration::from_secs(1_748_779_200)), "2025-06-01T12:00:00Z");
     }
 }

@@ -39,6 +39,19 @@ pub struct KubeArgs {
     #[arg(long, env = "NETD_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
+    /// The API server's real address (e.g. https://192.168.0.10:6443), replacing the in-cluster
+    /// one (KUBERNETES_SERVICE_HOST/PORT: the `kubernetes` Service's ClusterIP, which only a
+    /// running service proxy makes reachable, and netd is that proxy) or the kubeconfig's server.
+    /// The credentials stay the service account's (or the kubeconfig's). Like kube-proxy's
+    /// --master and Cilium's k8sServiceHost/k8sServicePort.
+    #[arg(long, env = "NETD_KUBE_API_SERVER", value_parser = parse_api_server_url)]
+    pub kube_api_server: Option<String>,
+
+    /// Where the in-cluster service account's token, ca.crt and namespace are (without
+    /// --kubeconfig).
+    #[arg(long, env = "NETD_KUBE_SERVICE_ACCOUNT_DIR", default_value = SERVICE_ACCOUNT_DIR)]
+    pub kube_service_account_dir: PathBuf,
+
     /// Where this node's pod subnet and its peers come from: `etcd` (subnet leases) or `kube`
     /// (Node `spec.podCIDR` and flannel's node annotations, like flannel's --kube-subnet-mgr).
     #[arg(long, env = "NETD_SUBNET_MANAGER", value_enum, default_value_t = SubnetManagerKind::Etcd)]
@@ -48,6 +61,19 @@ pub struct KubeArgs {
     /// --kube-annotation-prefix; keep the default to interoperate with flanneld nodes).
     #[arg(long, env = "NETD_KUBE_ANNOTATION_PREFIX", default_value = DEFAULT_ANNOTATION_PREFIX)]
     pub kube_annotation_prefix: String,
+}
+
+/// Where a pod's service account credentials are mounted.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// `--kube-api-server`: an http(s) URL with a host (a bare `host:port` is refused rather than
+/// guessed at, since kube-proxy's --master takes a URL too).
+pub fn parse_api_server_url(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("https" | "http"), Some(h)) if !h.is_empty() => Ok(s.trim_end_matches('/').to_string()),
+        _ => Err(format!("{s:?} is not an https:// (or http://) URL with a host, e.g. https://192.168.0.10:6443")),
+    }
 }
 
 impl KubeArgs {
@@ -86,6 +112,17 @@ mod tests {
         assert_eq!(cli.kube.kubeconfig.as_deref(), Some(std::path::Path::new("/etc/k.conf")));
         assert!(cli.kube.needs_client());
         assert!(Cli::try_parse_from(["netd", "--source", "consul"]).is_err());
+    }
+
+    #[test]
+    fn api_server_override_is_a_url() {
+        let cli = Cli::try_parse_from(["netd", "--kube-api-server", "https://192.168.0.10:6443/"]).unwrap();
+        assert_eq!(cli.kube.kube_api_server.as_deref(), Some("https://192.168.0.10:6443"));
+        assert_eq!(cli.kube.kube_service_account_dir, std::path::Path::new(SERVICE_ACCOUNT_DIR));
+        for bad in ["192.168.0.10:6443", "ftp://x", "https://", "not a url"] {
+            let e = Cli::try_parse_from(["netd", "--kube-api-server", bad]).unwrap_err().to_string();
+            assert!(e.contains("URL"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -11,8 +11,22 @@ pub enum KubeError {
         #[source]
         source: kube::config::KubeconfigError,
     },
-    #[error("loading the in-cluster service account configuration: {0} (is netd running in a pod with a service account? otherwise pass --kubeconfig)")]
-    InCluster(#[source] kube::config::InClusterError),
+    #[error("the in-cluster API server address: {0} (is netd running in a pod? set --kube-api-server / NETD_KUBE_API_SERVER to the API server's address, or pass --kubeconfig)")]
+    InClusterEnv(String),
+    #[error("the in-cluster service account's {}: {source} (is netd running in a pod with a service account? otherwise pass --kubeconfig)", path.display())]
+    ServiceAccountFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the in-cluster service account from {}: {source}", dir.display())]
+    ServiceAccount {
+        dir: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("API server URL {url:?}: {reason}")]
+    ApiServerUrl { url: String, reason: String },
     #[error("building the Kubernetes client for {url}: {}", brief(source))]
     Client {
         url: String,

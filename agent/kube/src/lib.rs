@@ -28,7 +28,7 @@ pub mod status;
 pub mod testserver;
 
 pub use args::{KubeArgs, SourceKind, SubnetManagerKind};
-pub use client::{client, client_from_config};
+pub use client::{client, client_from_config, client_with_env, ApiServer};
 pub use error::KubeError;
 pub use listwatch::WatchConfig;
 pub use nodes::{

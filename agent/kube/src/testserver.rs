@@ -46,7 +46,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State as AxState};
@@ -145,6 +145,8 @@ pub struct RequestRecord {
     pub status: u16,
     /// The request's `Content-Type` (patches).
     pub content_type: Option<String>,
+    /// The request's `Authorization` header (the server accepts any).
+    pub authorization: Option<String>,
 }
 
 impl RequestRecord {
@@ -531,7 +533,7 @@ impl Inner {
             }
         }
         meta.entry("uid").or_insert_with(|| json!(new_uid()));
-        meta.entry("creationTimestamp").or_insert_with(|| json!(rfc3339(SystemTime::now())));
+        meta.entry("creationTimestamp").or_insert_with(|| json!(netd_common::report::rfc3339(SystemTime::now())));
         if let Some(m) = obj.as_object_mut() {
             m.insert("kind".into(), json!(kind.kind()));
             m.insert("apiVersion".into(), json!(kind.api_version()));
@@ -574,23 +576,6 @@ fn new_uid() -> String {
     let r: u128 = rand::random();
     let h = format!("{r:032x}");
     format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
-}
-
-/// `2025-06-01T12:00:00Z`.
-fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 fn event_line(ty: &str, obj: &Value) -> Bytes {
@@ -845,6 +830,7 @@ async fn handle(
         kind: parse_path(uri.path()).map(|t| t.kind),
         status: response.status().as_u16(),
         content_type: headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from),
+        authorization: headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(String::from),
     };
     shared.lock().requests.push(record);
     shared.notify();
@@ -1225,9 +1211,4 @@ mod tests {
         assert_eq!(v, json!({"a": {"c": 2, "e": 3}, "d": [2]}));
     }
 
-    #[test]
-    fn timestamps_are_rfc3339() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(1_748_779_200)), "2025-06-01T12:00:00Z");
     }
-}

@@ -354,13 +354,24 @@ async fn run_service_source_feeds_a_watch_channel_and_returns_when_nobody_listen
     guard("the source to return", task).await.expect("no panic");
 }
 
+/// `--kubeconfig PATH` as `netd run` parses it.
+fn kubeconfig_args(path: &std::path::Path) -> netd_kube::KubeArgs {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        kube: netd_kube::KubeArgs,
+    }
+    <Cli as clap::Parser>::try_parse_from(["netd", "--kubeconfig", path.to_str().expect("UTF-8 path")]).expect("flags").kube
+}
+
 #[tokio::test]
 async fn a_kubeconfig_file_pointing_to_the_server_works() {
     let server = server_with_services().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("kubeconfig");
     std::fs::write(&path, server.kubeconfig()).expect("write kubeconfig");
-    let client = netd_kube::client(Some(&path)).await.expect("client from kubeconfig");
+    let (client, api) = netd_kube::client(&kubeconfig_args(&path)).await.expect("client from kubeconfig");
+    assert_eq!(api.from, format!("kubeconfig {}", path.display()));
 
     let (tx, mut rx) = watch::channel(Arc::new(ServiceSnapshot::new()));
     let (stx, _srx) = watch::channel(SourceStatus::default());
@@ -368,6 +379,6 @@ async fn a_kubeconfig_file_pointing_to_the_server_works() {
     guard("a snapshot through the kubeconfig client", rx.wait_for(|s| s.services().len() == 6)).await.expect("sender alive");
     task.abort();
 
-    let missing = netd_kube::client(Some(&dir.path().join("nope"))).await.err().expect("a missing kubeconfig is an error");
+    let missing = netd_kube::client(&kubeconfig_args(&dir.path().join("nope"))).await.err().expect("a missing kubeconfig is an error");
     assert!(missing.to_string().contains("nope"), "{missing}");
 }

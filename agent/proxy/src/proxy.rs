@@ -6,15 +6,15 @@
 //! instead, which repairs drift. Errors keep the last good state in the kernel and are retried.
 
 use std::net::Ipv4Addr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::conntrack;
 use crate::dataplane::{Backend, Rendered};
-use crate::health::HealthServers;
+use crate::health::{HealthServers, ProxierHealth};
 use crate::iptables::Iptables;
 use crate::model::{NodeInfo, Plan};
 use crate::nft::Nftables;
@@ -62,6 +62,8 @@ pub struct ProxyConfig {
     pub conntrack: bool,
     /// Published after every pass (for a status API, and tests).
     pub status: Option<watch::Sender<ProxyStatus>>,
+    /// Kept current with every snapshot published and every pass (`/healthz`).
+    pub proxier_health: Option<Arc<Mutex<ProxierHealth>>>,
 }
 
 impl ProxyConfig {
@@ -74,6 +76,7 @@ impl ProxyConfig {
             health_bind: Some(Ipv4Addr::UNSPECIFIED),
             conntrack: true,
             status: None,
+            proxier_health: None,
         }
     }
 }
@@ -88,9 +91,12 @@ pub struct ProxyArgs {
     /// Addresses NodePorts are served on, comma-separated (default: the node's address; empty list = every local address).
     #[arg(long, env = "NETD_NODEPORT_ADDRESSES", value_parser = parse_addresses)]
     pub nodeport_addresses: Option<Addresses>,
-    /// Address the healthCheckNodePort servers listen on.
-    #[arg(long, env = "NETD_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0")]
-    pub healthz_bind_address: Ipv4Addr,
+    /// Address and port of the health listener, kube-proxy's: /healthz (200 while the service
+    /// rules are fresh, 503 once an update has waited more than twice --resync-interval, with
+    /// kube-proxy's JSON body), /livez and /readyz ("" to disable). On all addresses by default,
+    /// for the kubelet's probes and load balancers' node checks.
+    #[arg(long, env = "NETD_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: String,
     /// Delete stale UDP conntrack entries when endpoints go away (needs the `conntrack` tool).
     #[arg(long, env = "NETD_CONNTRACK_CLEANUP", default_value_t = true, action = clap::ArgAction::Set)]
     pub conntrack_cleanup: bool,
@@ -106,7 +112,8 @@ fn parse_addresses(s: &str) -> Result<Addresses, String> {
 
 impl ProxyArgs {
     /// The proxy configuration for this node. `node.ips` is replaced by --nodeport-addresses
-    /// when given.
+    /// when given. healthCheckNodePorts are served on every address, as kube-proxy does without
+    /// --nodeport-addresses.
     pub fn config(&self, mut node: NodeInfo, mode: ProxyMode, resync_interval: Duration) -> ProxyConfig {
         if let Some(ips) = &self.nodeport_addresses {
             node.ips = ips.0.clone();
@@ -116,9 +123,10 @@ impl ProxyArgs {
             mode,
             iptables_restore: self.iptables_restore.clone(),
             resync_interval,
-            health_bind: Some(self.healthz_bind_address),
+            health_bind: Some(Ipv4Addr::UNSPECIFIED),
             conntrack: self.conntrack_cleanup,
             status: None,
+            proxier_health: None,
         }
     }
 }
@@ -164,6 +172,19 @@ pub async fn run_proxy(cfg: ProxyConfig, snapshots: watch::Receiver<Arc<ServiceS
 pub async fn run_proxy_with(cfg: ProxyConfig, mut backend: Option<Box<dyn Backend>>, mut snapshots: watch::Receiver<Arc<ServiceSnapshot>>) -> Result<(), ProxyError> {
     info!(mode = %cfg.mode, node = %cfg.node.name, "service proxy starting");
     let mut health = cfg.health_bind.map(HealthServers::new);
+    if let Some(h) = cfg.proxier_health.clone() {
+        // Every snapshot published is an update queued, noticed even while a pass runs.
+        let mut published = snapshots.clone();
+        tokio::spawn(async move {
+            loop {
+                let revision = published.borrow_and_update().revision;
+                h.lock().unwrap_or_else(|p| p.into_inner()).queued(revision, Instant::now());
+                if published.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let mut plan: Option<Plan> = None;
     let mut status = ProxyStatus::default();
     let mut next_resync = Instant::now() + cfg.resync_interval;
@@ -182,6 +203,13 @@ pub async fn run_proxy_with(cfg: ProxyConfig, mut backend: Option<Box<dyn Backen
         };
         status.syncs += 1;
         status.last_duration = started.elapsed();
+        if let Some(h) = &cfg.proxier_health {
+            let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+            match &result {
+                Ok(_) => h.updated(snap.revision, SystemTime::now()),
+                Err(e) => h.failed(snap.revision, e.to_string(), Instant::now()),
+            }
+        }
         match result {
             Ok(report) => {
                 if let Some(r) = &report {
@@ -353,5 +381,6 @@ mod tests {
         assert_eq!(cfg.node.ips.len(), 2);
         assert_eq!(cfg.iptables_restore, "iptables-legacy-restore");
         assert!(!cfg.conntrack);
+        assert_eq!(c.proxy.healthz_bind_address, "0.0.0.0:10256");
     }
 }
