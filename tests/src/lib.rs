@@ -26,12 +26,14 @@ mod cluster;
 mod cmd;
 mod etcd;
 pub mod ebpf;
+pub mod inventory;
 mod netd_bin;
 mod netns;
 mod node;
 mod pod;
 mod wait;
 
+pub use inventory::{Inventory, InventoryDiff, InventoryScope};
 pub use cluster::{Cluster, DEFAULT_ETCD_PREFIX, UNDERLAY_GATEWAY};
 pub use etcd::{Etcd, TlsFiles};
 pub use netd_bin::{fake_apiserver_binary, netd_binary, netd_cni_binary};
