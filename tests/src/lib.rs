@@ -22,7 +22,9 @@
 //! tails (see [`Cluster::dump_logs`]), because those are what explain a
 //! failure.
 
+mod apiserver;
 mod cluster;
+pub mod daemonset;
 mod cmd;
 mod etcd;
 pub mod ebpf;
@@ -31,9 +33,12 @@ mod netd_bin;
 mod netns;
 mod node;
 mod pod;
+pub mod podman;
 mod wait;
 
 pub use inventory::{Inventory, InventoryDiff, InventoryScope};
+pub use apiserver::{kube_node, FakeApiServer};
+pub use podman::NodeHost;
 pub use cluster::{Cluster, DEFAULT_ETCD_PREFIX, UNDERLAY_GATEWAY};
 pub use etcd::{Etcd, TlsFiles};
 pub use netd_bin::{fake_apiserver_binary, netd_binary, netd_cni_binary};
