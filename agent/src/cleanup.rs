@@ -162,14 +162,30 @@ pub async fn cleanup(dirs: &Dirs<'_>, bridge: &str, dry_run: bool) -> Result<Rem
         let would_be_empty = dry_run && std::fs::read_dir(dir).is_ok_and(|d| {
             d.flatten().all(|e| removed.files.iter().any(|f| f.trim_end_matches('/') == e.path().display().to_string()))
         });
-        if empty || would_be_empty {
+        // A directory that is a mount point (the DaemonSet's hostPath volume, when cleanup runs
+        // in its pod) stays: it is the volume's, and the kubelet made it.
+        if (empty || would_be_empty) && !is_mount_point(dir) {
             if !dry_run {
-                std::fs::remove_dir(dir).map_err(|source| CleanupError::File { path: dir.display().to_string(), source })?;
+                match std::fs::remove_dir(dir) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => continue,
+                    Err(source) => return Err(CleanupError::File { path: dir.display().to_string(), source }),
+                }
             }
             removed.files.push(format!("{}/", dir.display()));
         }
     }
     Ok(removed)
+}
+
+/// Whether `dir` is on another file system than its parent (a volume mounted there).
+fn is_mount_point(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    match (std::fs::metadata(dir), std::fs::metadata(parent)) {
+        (Ok(d), Ok(p)) => d.dev() != p.dev(),
+        _ => false,
+    }
 }
 
 /// Every pin under `dir` (files, recursively), for the dry run and the summary.

@@ -44,6 +44,11 @@ impl NodeHost {
             std::fs::create_dir_all(host.dir.path().join("fs").join(sub))?;
         }
         std::fs::create_dir_all(host.dir.path().join("tmp"))?;
+        // What a node with a container runtime has before any network add-on: the CNI
+        // directories (podman refuses to start without its plugin dir).
+        for d in ["/opt/cni/bin", "/etc/cni/net.d"] {
+            std::fs::create_dir_all(host.path(d).context("a node dir")?)?;
+        }
         // `unshare --mount=FILE` keeps the namespace alive through a bind mount on FILE, which
         // must not be on a shared mount: the dir is bind-mounted onto itself and made private.
         let m = mnt_dir.to_str().context("non-UTF-8 temp dir")?;

@@ -122,7 +122,14 @@ impl Kubelet<'_> {
     }
 
     fn args(&self, c: &Container, pod: &PodSpec) -> Vec<String> {
-        let (c, env) = self.with_kubeconfig(c);
+        let (mut c, env) = self.with_kubeconfig(c);
+        // A hostPath outside the node's own directories that this machine lacks (its kernel
+        // has no /lib/modules): a CRI runtime would create it on the host; the test leaves it
+        // out rather than write to the real host.
+        c.mounts.retain(|m| match &m.source {
+            VolumeSource::HostPath { path, .. } => self.host.path(path).is_some() || Path::new(path).exists(),
+            _ => true,
+        });
         podman_args(&c, pod, &|cm| self.configmap_dir(cm), &env, &UNDERLAY_GATEWAY.to_string())
     }
 
@@ -246,9 +253,16 @@ fn start_client_pod(k: &Kubelet, network: &str, dns_ip: &str, image: &str) -> Re
     Ok(ip.trim().to_string())
 }
 
+/// An HTTP GET from inside the pod with busybox nc (the image's busybox wget crashes); the
+/// body's last line, or `ERROR ...`.
 fn wget(k: &Kubelet, pod: &str, url: &str) -> Result<String> {
-    let (ok, out, err) = k.host.try_run(&["exec", pod, "busybox", "wget", "-q", "-T", "3", "-O", "-", url])?;
-    Ok(if ok { out.trim().to_string() } else { format!("ERROR {}", err.trim()) })
+    let rest = url.strip_prefix("http://").context("http URL")?;
+    let (hostport, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "80"));
+    let script = format!("printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {host} {port}");
+    let (ok, out, err) = k.host.try_run(&["exec", pod, "busybox", "sh", "-c", &script])?;
+    let body = out.lines().map(str::trim).filter(|l| !l.is_empty()).next_back().unwrap_or_default().to_string();
+    Ok(if ok && out.starts_with("HTTP/1") { body } else { format!("ERROR {} {}", out.trim(), err.trim()) })
 }
 
 /// DNS queries from inside a pod's network namespace, one outstanding at a time: a query not
@@ -268,6 +282,32 @@ fn dns_query(id: u16, name: &str) -> Vec<u8> {
     }
     q.extend_from_slice(&[0, 0, 1, 0, 1]);
     q
+}
+
+/// One A query for `name` from inside `netns`: the first address of the answer.
+fn resolve_in(netns: &Path, server: &str, name: &str) -> Result<Option<String>> {
+    let (netns, server, name) = (netns.to_path_buf(), server.to_string(), name.to_string());
+    std::thread::spawn(move || -> Result<Option<String>> {
+        let f = std::fs::File::open(&netns)?;
+        // SAFETY: setns moves only this short-lived thread.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        anyhow::ensure!(r == 0, "setns {}: {}", netns.display(), std::io::Error::last_os_error());
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let q = dns_query(7, &name);
+        sock.send_to(&q, &server)?;
+        let mut buf = [0u8; 512];
+        let Ok((n, _)) = sock.recv_from(&mut buf) else { return Ok(None) };
+        // The answer's last 4 bytes are the first A record's address when it is the only one.
+        let ancount = u16::from_be_bytes([buf[6], buf[7]]);
+        if n < q.len() + 16 || ancount == 0 || buf[3] & 0x0f != 0 {
+            return Ok(None);
+        }
+        let a = &buf[q.len() + 12..q.len() + 16];
+        Ok(Some(format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3])))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("resolver thread panicked"))?
 }
 
 impl DnsLoad {
@@ -313,6 +353,33 @@ impl DnsLoad {
     }
 }
 
+/// The kubeconfig with a CA of its own (`certificate-authority-data`), as a service account
+/// always has one: the image has no system CA roots, and netd's client, given no CA, fails
+/// building its TLS configuration even for the stand-in's plain-HTTP URL.
+fn with_ca(kubeconfig: &str) -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    let (key, cert) = (dir.path().join("ca.key"), dir.path().join("ca.crt"));
+    let st = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=netd-lifecycle-ca", "-days", "1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(st.success(), "openssl req failed");
+    let b64 = std::process::Command::new("base64").args(["-w", "0"]).arg(&cert).output()?;
+    let b64 = String::from_utf8(b64.stdout)?;
+    let mut out = String::new();
+    for line in kubeconfig.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line.trim_start().starts_with("server: ") {
+            out.push_str(&format!("{}certificate-authority-data: {}\n", &line[..line.len() - line.trim_start().len()], b64.trim()));
+        }
+    }
+    Ok(out)
+}
+
 #[test]
 #[ignore = "needs `make image` (downloads Debian packages) and podman: run by `make e2e-lifecycle`"]
 fn daemonset_install_serve_upgrade_uninstall_with_podman() -> Result<()> {
@@ -338,7 +405,7 @@ fn daemonset_install_serve_upgrade_uninstall_with_podman() -> Result<()> {
     let c = Cluster::new(NODES)?;
     let mut api = FakeApiServer::start(&c)?;
     api.load(json!((0..NODES).map(|i| kube_node(&format!("node{i}"), &format!("10.244.{}.0/24", 10 + i), &format!("198.18.0.{}", 10 + i))).collect::<Vec<_>>()))?;
-    let kubeconfig = std::fs::read_to_string(api.kubeconfig())?;
+    let kubeconfig = with_ca(&std::fs::read_to_string(api.kubeconfig())?)?;
     let mut nodes = Vec::new();
     for i in 0..NODES {
         let host = NodeHost::new(c.node(i).ns())?;
@@ -398,7 +465,21 @@ fn daemonset_install_serve_upgrade_uninstall_with_podman() -> Result<()> {
     for (i, k) in nodes.iter().enumerate() {
         let j = (i + 1) % NODES;
         let url = format!("http://{}:8080/", pod_ips[j]);
-        wait_until(WAIT, POLL, || Ok(wget(k, &format!("pod{i}"), &url)? == format!("pod{j}")))?;
+        let mut last = String::new();
+        wait_until(WAIT, POLL, || {
+            last = wget(k, &format!("pod{i}"), &url)?;
+            Ok(last == format!("pod{j}"))
+        })
+        .with_context(|| {
+            format!(
+                "pod{i} -> pod{j} ({url}): {last}\nnode{i} routes:\n{}\npodman ps:\n{}\npod{j} log:\n{}\nlocal: {}\nnetd log:\n{}",
+                c.node(i).ns().run(&["ip", "route"]).unwrap_or_default(),
+                k.host.run(&["ps", "-a"]).unwrap_or_default(),
+                nodes[j].logs(&format!("pod{j}")),
+                k.host.try_run(&["exec", &format!("pod{i}"), "busybox", "sh", "-c", "busybox wget -O - -T 3 http://127.0.0.1:8080/ 2>&1; busybox netstat -ltn; busybox ls -la /www; busybox ps; busybox ip addr"]).map(|r| format!("{r:?}")).unwrap_or_default(),
+                k.logs(&current[i])
+            )
+        })?;
     }
     // A Service backed by the three pods, and DNS by name.
     let slice_endpoints: Vec<_> = pod_ips
@@ -419,20 +500,24 @@ fn daemonset_install_serve_upgrade_uninstall_with_podman() -> Result<()> {
     ]))?;
     for k in &nodes {
         let pod = format!("pod{}", k.i);
+        let netns = k.host.container_netns(&pod)?;
+        let mut last = None;
         wait_until(WAIT, POLL, || {
-            let (ok, out, _) = k.host.try_run(&["exec", &pod, "busybox", "nslookup", "web"])?;
-            Ok(ok && out.contains(SERVICE_IP))
+            last = resolve_in(&netns, &format!("{dns_ip}:53"), SERVICE_NAME)?;
+            Ok(last.as_deref() == Some(SERVICE_IP))
         })
-        .with_context(|| format!("{pod}: nslookup web (search path) never gave {SERVICE_IP}"))?;
+        .with_context(|| format!("{pod}: {SERVICE_NAME} resolved to {last:?}, not {SERVICE_IP}"))?;
         let mut seen = std::collections::BTreeSet::new();
+        let mut last = String::new();
         wait_until(WAIT, POLL, || {
             let got = wget(k, &pod, "http://web/")?;
+            last = got.clone();
             if got.starts_with("pod") {
                 seen.insert(got);
             }
             Ok(seen.len() == NODES)
         })
-        .with_context(|| format!("{pod}: http://web/ reached only {seen:?}"))?;
+        .with_context(|| format!("{pod}: http://web/ reached only {seen:?}; last: {last}"))?;
     }
     phase("Service by name from every pod, reaching every backend");
     for k in &nodes {
