@@ -259,6 +259,9 @@ fn iptables_lines(save: &str, text: &str) -> Vec<String> {
 /// Every path under `dir` (relative, directories with a trailing `/`); nothing if it is absent.
 fn walk(dir: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
+    if dir.is_file() {
+        return Ok(vec!["(the file itself)".into()]);
+    }
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let entries = match std::fs::read_dir(&d) {

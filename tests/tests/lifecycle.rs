@@ -212,8 +212,10 @@ impl Kubelet<'_> {
         let pod = self.pod("unused")?;
         let mut dirs = Vec::new();
         for m in pod.all_mounts() {
-            if let VolumeSource::HostPath { path, .. } = &m.source {
-                if let Some(local) = self.host.path(path) {
+            // A FileOrCreate hostPath (the xtables lock) is the kubelet's, shared with every
+            // iptables user of the node: not netd's to remove.
+            if let VolumeSource::HostPath { path, kind } = &m.source {
+                if let Some(local) = self.host.path(path).filter(|_| !kind.starts_with("File")) {
                     dirs.push(local);
                 }
             }
