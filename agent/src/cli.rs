@@ -193,6 +193,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// A path that may be given as "" (clap's own path parser refuses an empty value).
+fn possibly_empty_path() -> impl clap::builder::TypedValueParser<Value = PathBuf> {
+    use clap::builder::TypedValueParser;
+    clap::builder::OsStringValueParser::new().map(PathBuf::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,10 +254,4 @@ mod tests {
         let Command::Run(r) = cli.command else { panic!() };
         assert_eq!(r.etcd.conn.etcd_endpoints.len(), 2);
     }
-}
-
-/// A path that may be given as "" (clap's own path parser refuses an empty value).
-fn possibly_empty_path() -> impl clap::builder::TypedValueParser<Value = PathBuf> {
-    use clap::builder::TypedValueParser;
-    clap::builder::OsStringValueParser::new().map(PathBuf::from)
 }

@@ -263,7 +263,7 @@ fn wget(k: &Kubelet, pod: &str, url: &str) -> Result<String> {
     let (host, port) = hostport.split_once(':').unwrap_or((hostport, "80"));
     let script = format!("printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {host} {port}");
     let (ok, out, err) = k.host.try_run(&["exec", pod, "busybox", "sh", "-c", &script])?;
-    let body = out.lines().map(str::trim).filter(|l| !l.is_empty()).next_back().unwrap_or_default().to_string();
+    let body = out.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or_default().to_string();
     Ok(if ok && out.starts_with("HTTP/1") { body } else { format!("ERROR {} {}", out.trim(), err.trim()) })
 }
 
