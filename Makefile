@@ -42,7 +42,7 @@ LIFECYCLE_PACKAGES := podman runc
 LIFECYCLE_REQUIRES := podman:podman runc:runc conmon:conmon
 
 .PHONY: all deps bench-deps check-deps build release test lint demo bench clean-netns
-.PHONY: image-deps image netd-cni-static lifecycle-deps
+.PHONY: image-deps image netd-cni-static lifecycle-deps e2e-lifecycle
 
 all: build
 
@@ -122,6 +122,14 @@ netd-cni-static: deps
 image: release netd-cni-static image-deps
 	NETD=$(CURDIR)/target/release/netd NETD_CNI=$(CURDIR)/target/$(HOST_TRIPLE)/release/netd-cni \
 		OUT=$(CURDIR)/target/image bash deploy/image/build.sh
+
+# The lifecycle test (tests/tests/lifecycle.rs): the image run by podman as
+# deploy/kubernetes/netd.yaml says on three test nodes, pods through netd's conflist, a Service
+# and DNS, an upgrade under DNS load, the uninstall with `netd cleanup`, and an inventory of every
+# kernel object and file before and after. Not part of `make test`: it needs the image, which
+# downloads Debian packages. .ci/run calls it after `make test`.
+e2e-lifecycle: image lifecycle-deps
+	$(CARGO) test -p netd-tests --test lifecycle -- --ignored --nocapture
 
 # Removes namespaces left by a test run that was killed (the harness also does this itself).
 clean-netns:

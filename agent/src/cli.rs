@@ -78,7 +78,7 @@ pub struct CleanupArgs {
     #[arg(long, env = "NETD_STATE_DIR", default_value = "/var/lib/netd")]
     pub state_dir: PathBuf,
     /// Where netd wrote its CNI config ("" if it did not).
-    #[arg(long, env = "NETD_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    #[arg(long, env = "NETD_CNI_CONF_DIR", default_value = "/etc/cni/net.d", value_parser = possibly_empty_path())]
     pub cni_conf_dir: PathBuf,
     /// The pod bridge netd-cni created.
     #[arg(long, env = "NETD_CNI_BRIDGE", default_value = "netd0")]
@@ -86,6 +86,12 @@ pub struct CleanupArgs {
     /// Where netd pinned its eBPF programs and maps.
     #[arg(long, env = "NETD_EBPF_BPFFS", default_value = "/sys/fs/bpf/netd")]
     pub ebpf_bpffs: PathBuf,
+    /// Where the DaemonSet's init container installed netd-cni ("" to leave it).
+    #[arg(long, env = "NETD_CNI_BIN_DIR", default_value = "/opt/cni/bin", value_parser = possibly_empty_path())]
+    pub cni_bin_dir: PathBuf,
+    /// List every object that would be removed, one a line, and remove nothing.
+    #[arg(long, env = "NETD_CLEANUP_DRY_RUN")]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -218,6 +224,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// A path that may be given as "" (clap's own path parser refuses an empty value).
+fn possibly_empty_path() -> impl clap::builder::TypedValueParser<Value = PathBuf> {
+    use clap::builder::TypedValueParser;
+    clap::builder::OsStringValueParser::new().map(PathBuf::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +288,17 @@ mod tests {
         let Command::Run(r) = cli.command else { panic!() };
         assert_eq!(r.proxy.nodeport_addresses, Some(netd_proxy::proxy::Addresses(vec![])), "empty: every local address");
         assert!(Cli::try_parse_from(["netd", "run", "--nodeport-addresses", "198.18.0.300"]).is_err());
+    }
+
+    #[test]
+    fn cleanup_takes_an_empty_dir_as_none_and_a_dry_run() {
+        let cli = Cli::try_parse_from(["netd", "cleanup", "--cni-bin-dir", "", "--cni-conf-dir", "", "--dry-run"]).unwrap();
+        let Command::Cleanup(c) = cli.command else { panic!() };
+        assert!(c.dry_run && c.cni_bin_dir.as_os_str().is_empty() && c.cni_conf_dir.as_os_str().is_empty());
+        let cli = Cli::try_parse_from(["netd", "cleanup"]).unwrap();
+        let Command::Cleanup(c) = cli.command else { panic!() };
+        assert!(!c.dry_run);
+        assert_eq!(c.cni_bin_dir, PathBuf::from("/opt/cni/bin"));
     }
 
     #[test]

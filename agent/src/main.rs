@@ -60,15 +60,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Services(cmd) => rt.block_on(netd_proxy::registry::cli::run_cli(cmd))?,
         Command::Cleanup(args) => {
-            let conf = (!args.cni_conf_dir.as_os_str().is_empty()).then_some(args.cni_conf_dir.as_path());
-            let r = rt.block_on(netd::cleanup::cleanup(&args.run_dir, &args.state_dir, conf, &args.cni_bridge, &args.ebpf_bpffs))?;
+            let dirs = netd::cleanup::Dirs {
+                run_dir: &args.run_dir,
+                state_dir: &args.state_dir,
+                cni_conf_dir: non_empty(&args.cni_conf_dir),
+                cni_bin_dir: non_empty(&args.cni_bin_dir),
+                bpffs: &args.ebpf_bpffs,
+            };
+            let r = rt.block_on(netd::cleanup::cleanup(&dirs, &args.cni_bridge, args.dry_run))?;
+            if args.dry_run {
+                println!("would remove {} object(s) (nothing removed):", r.objects().len());
+                for o in r.objects() {
+                    println!("  {o}");
+                }
+                return Ok(());
+            }
             println!(
-                "removed: links [{}], {} route(s), nftables table: {}, udp eBPF fast path: {}, eBPF service dataplane: {}, service rules [{}], lo addresses [{}], files [{}]",
+                "removed: links [{}], {} route(s), nftables table: {}, udp eBPF fast path: {}, eBPF service dataplane: {}, eBPF pins [{}], service rules [{}], lo addresses [{}], files [{}]",
                 r.links.join(", "),
-                r.routes,
+                r.routes.len(),
                 if r.nft_table { "yes" } else { "absent" },
                 if r.udp_fast_path { "yes" } else { "absent" },
                 if r.ebpf_services { "yes" } else { "absent" },
+                r.pins.join(", "),
                 r.service_rules.join(", "),
                 r.lo_addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
                 r.files.join(", ")
@@ -77,4 +91,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A directory flag, `None` when given as "" (the operator's way to say "none").
+fn non_empty(p: &std::path::Path) -> Option<&std::path::Path> {
+    (!p.as_os_str().is_empty()).then_some(p)
 }

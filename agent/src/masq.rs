@@ -135,10 +135,13 @@ fn list_table() -> Result<Option<String>, MasqError> {
     }
 }
 
-/// Deletes `table ip netd` (for `netd cleanup`). Returns whether it existed.
-pub fn remove_if_present() -> Result<bool, MasqError> {
+/// Deletes `table ip netd` (for `netd cleanup`; with `dry_run` only looks). Returns whether it existed.
+pub fn remove_if_present(dry_run: bool) -> Result<bool, MasqError> {
     if list_table()?.is_none() {
         return Ok(false);
+    }
+    if dry_run {
+        return Ok(true);
     }
     nft(&["delete", "table", "ip", TABLE], None)?;
     Ok(true)

@@ -65,8 +65,8 @@ pub async fn ensure_on_lo(ips: &[IpAddr]) -> Result<Vec<IpAddr>, DnsError> {
 }
 
 /// `ip addr del IP dev lo` for every address on lo labelled [`LO_LABEL`] (for `netd cleanup`).
-/// Returns the addresses removed.
-pub async fn remove_ours_from_lo() -> Result<Vec<IpAddr>, DnsError> {
+/// Returns the addresses removed (with `dry_run`, the ones that would be, left in place).
+pub async fn remove_ours_from_lo(dry_run: bool) -> Result<Vec<IpAddr>, DnsError> {
     let any = IpAddr::from([0, 0, 0, 0]);
     let handle = connect(any)?;
     let index = lo_index(&handle, any).await?;
@@ -86,6 +86,10 @@ pub async fn remove_ours_from_lo() -> Result<Vec<IpAddr>, DnsError> {
             _ => None,
         });
         if let (true, Some(ip)) = (ours, ip) {
+            if dry_run {
+                removed.push(ip);
+                continue;
+            }
             handle.address().del(m).execute().await.map_err(|e| err(ip, format!("ip addr del {ip} dev lo: {e}")))?;
             removed.push(ip);
         }

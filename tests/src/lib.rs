@@ -22,20 +22,27 @@
 //! tails (see [`Cluster::dump_logs`]), because those are what explain a
 //! failure.
 
+mod apiserver;
 mod cluster;
+pub mod daemonset;
 mod cmd;
 mod dnsload;
 mod etcd;
 pub mod ebpf;
 pub mod flannel;
+pub mod inventory;
 mod netd_bin;
 mod netns;
 mod node;
 mod pod;
 mod systemd;
 pub mod upgrade;
+pub mod podman;
 mod wait;
 
+pub use inventory::{Inventory, InventoryDiff, InventoryScope};
+pub use apiserver::{kube_node, FakeApiServer};
+pub use podman::NodeHost;
 pub use cluster::{Cluster, DEFAULT_ETCD_PREFIX, UNDERLAY_GATEWAY};
 pub use dnsload::{dns_query, DnsLoad, DnsLoadReport, LOSS_TIMEOUT};
 pub use etcd::{Etcd, TlsFiles};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use netd_tests::ebpf::{ask_in_cgroup, ask_in_cgroup_from, netd_ebpf_probe, netd_ebpf_tc_probe, EbpfSandbox};
-use netd_tests::{netd_binary, wait_until, Cluster, Pod};
+use netd_tests::{kube_node, netd_binary, wait_until, Cluster, FakeApiServer, Pod};
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const WAIT: Duration = Duration::from_secs(30);
@@ -138,63 +138,6 @@ fn a_thousand_services() -> Result<()> {
     Ok(())
 }
 
-/// The fake API server (netd-kube's test server: list and watch semantics, 410 Gone, bookmarks,
-/// an "unreachable" switch) running on the underlay, driven through its stdin. No real API
-/// server can run on these machines; its objects are written in the API server's shape.
-struct FakeApiServer {
-    child: std::process::Child,
-    stdin: std::process::ChildStdin,
-    stdout: std::io::BufReader<std::process::ChildStdout>,
-    dir: tempfile::TempDir,
-}
-
-impl FakeApiServer {
-    fn start(c: &Cluster) -> Result<FakeApiServer> {
-        use std::io::BufRead;
-        let dir = tempfile::tempdir()?;
-        let kubeconfig = dir.path().join("kubeconfig");
-        let bin = netd_tests::fake_apiserver_binary()?;
-        let mut child = c
-            .underlay()
-            .command(&[bin.to_str().unwrap(), "--listen", "198.18.0.1:6443", "--kubeconfig-out", kubeconfig.to_str().unwrap()])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
-        let stdin = child.stdin.take().context("stdin")?;
-        let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        anyhow::ensure!(line.starts_with("listening"), "fake-apiserver said {line:?}");
-        Ok(FakeApiServer { child, stdin, stdout, dir })
-    }
-
-    fn kubeconfig(&self) -> String {
-        self.dir.path().join("kubeconfig").display().to_string()
-    }
-
-    fn cmd(&mut self, line: &str) -> Result<String> {
-        use std::io::{BufRead, Write};
-        writeln!(self.stdin, "{line}")?;
-        let mut answer = String::new();
-        self.stdout.read_line(&mut answer)?;
-        anyhow::ensure!(answer.starts_with("ok"), "fake-apiserver `{line}`: {answer}");
-        Ok(answer)
-    }
-
-    fn load(&mut self, objects: serde_json::Value) -> Result<()> {
-        let path = self.dir.path().join("objects.json");
-        std::fs::write(&path, serde_json::to_string(&serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects}))?)?;
-        self.cmd(&format!("load {}", path.display())).map(|_| ())
-    }
-}
-
-impl Drop for FakeApiServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn services_from_the_kubernetes_api_server() -> Result<()> {
     let mut c = Cluster::new(2)?;
@@ -260,7 +203,7 @@ fn the_api_server_address_override() -> Result<()> {
     c.write_network_config(VXLAN)?;
     let mut api = FakeApiServer::start(&c)?;
     // The kubeconfig's server is a port of the underlay nothing listens on.
-    let dead = api.dir.path().join("kubeconfig-dead");
+    let dead = api.dir().join("kubeconfig-dead");
     std::fs::write(&dead, std::fs::read_to_string(api.kubeconfig())?.replace("198.18.0.1:6443", "198.18.0.1:6444"))?;
     c.start_netd_all(&["--source", "kubernetes", "--kubeconfig", dead.to_str().unwrap(), "--kube-api-server", "http://198.18.0.1:6443"])?;
     c.node_mut(0).wait_subnet_env(WAIT)?;
@@ -363,16 +306,6 @@ fn cluster_dns_answers_from_the_registry_on_every_node() -> Result<()> {
     let out = n0.ns().run(&[bin.to_str().unwrap(), "status", "--run-dir", n0.run_dir().to_str().unwrap()])?;
     assert!(out.contains("dns       ") && out.contains("169.254.20.10:53"), "{out}");
     Ok(())
-}
-
-fn kube_node(name: &str, cidr: &str, ip: &str) -> serde_json::Value {
-    serde_json::json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "uid": format!("00000000-0000-4000-8000-{:012}", name.len()), "labels": {"kubernetes.io/hostname": name},
-                     "annotations": {"node.alpha.kubernetes.io/ttl": "0"}},
-        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
-        "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]}
-    })
 }
 
 /// `--subnet-manager kube` (flannel's kube subnet manager) with `--source kubernetes`: no etcd at

@@ -111,6 +111,19 @@ impl<D: Dataplane> Backend for Rendered<D> {
     }
 }
 
+/// The dataplanes (`nftables`, `iptables`) whose rules are there, which [`remove_leftovers`]
+/// with `keep: None` would remove (`netd cleanup --dry-run`).
+pub fn leftovers(iptables_restore: &str) -> Result<Vec<&'static str>, DataplaneError> {
+    let mut present = Vec::new();
+    if Nftables::new().observe()?.table {
+        present.push("nftables");
+    }
+    if Iptables::new(iptables_restore).present()? {
+        present.push("iptables");
+    }
+    Ok(present)
+}
+
 /// Removes what the nftables and iptables dataplanes programmed, except `keep`'s: what a switch
 /// of `--proxy-mode` leaves behind (as kube-proxy cleans up its other modes' rules at start), and
 /// all of it for `netd cleanup` (`keep: None`). Returns the names of the dataplanes whose rules

@@ -512,19 +512,28 @@ impl Iptables {
         Ok(report)
     }
 
+    /// Whether any chain or hook of ours is there (what [`Self::remove`] would remove).
+    pub fn present(&self) -> Result<bool, IptablesError> {
+        Ok(self.observe_ours()?.is_some())
+    }
+
+    /// The observed tables if a chain or hook of ours is in them. An absent `iptables-save` (no
+    /// iptables on the node) means there is nothing of ours.
+    fn observe_ours(&self) -> Result<Option<Observed>, IptablesError> {
+        let obs = match self.observe() {
+            Ok(obs) => obs,
+            Err(IptablesError::Spawn { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let hooked = hooks().into_iter().any(|(t, chain, rule)| obs.builtin.get(&(t, chain.to_string())).is_some_and(|rs| rs.contains(&rule)));
+        Ok((!obs.chains.is_empty() || hooked).then_some(obs))
+    }
+
     /// Removes every chain and hook of ours. Returns whether there was any. An absent
     /// `iptables-save` (no iptables on the node) means there is nothing of ours.
     pub fn remove(&mut self) -> Result<bool, IptablesError> {
         self.last = None;
-        let obs = match self.observe() {
-            Ok(obs) => obs,
-            Err(IptablesError::Spawn { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        let hooked = hooks().into_iter().any(|(t, chain, rule)| obs.builtin.get(&(t, chain.to_string())).is_some_and(|rs| rs.contains(&rule)));
-        if obs.chains.is_empty() && !hooked {
-            return Ok(false);
-        }
+        let Some(obs) = self.observe_ours()? else { return Ok(false) };
         let mut input = String::new();
         for table in [Table::Nat, Table::Filter] {
             let _ = writeln!(input, "*{}", table.name());

@@ -20,6 +20,22 @@ use crate::overlay::{ForeignRoute, OtherRoutes, RouteSpec, Via};
 pub const RTPROT_NETD: u8 = 110;
 pub(super) const MAIN_TABLE: u8 = 254;
 
+/// A route as `ip route` shows it, for `netd cleanup`: `DST/LEN [via GW] dev INDEX [table T]`.
+fn describe_route(r: &RouteMessage) -> String {
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let (mut via, mut dev) = (String::new(), String::new());
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = format!(" via {g}"),
+            RouteAttribute::Oif(i) => dev = format!(" dev #{i}"),
+            _ => {}
+        }
+    }
+    let table = if r.header.table == MAIN_TABLE { String::new() } else { format!(" table {}", r.header.table) };
+    format!("{dst}/{}{via}{dev}{table}", r.header.destination_prefix_length)
+}
+
 impl Netlink {
     /// Every IPv4 route (`ip -4 route show table all`); `op` names the caller's command in errors.
     pub(super) async fn routes_v4(&self, op: &str) -> Result<Vec<RouteMessage>, NetlinkError> {
@@ -82,17 +98,23 @@ impl Netlink {
     }
 
     /// `ip route flush proto 110`: removes every route netd created. Returns how many.
-    pub async fn del_routes_by_proto(&self) -> Result<usize, NetlinkError> {
+    /// With `dry_run`, only lists them. Returns each as `DST/LEN [via GW] dev INDEX`.
+    pub async fn del_routes_by_proto(&self, dry_run: bool) -> Result<Vec<String>, NetlinkError> {
         let routes = self.routes_v4("ip -4 route show proto 110").await?;
-        let mut n = 0;
+        let mut removed = Vec::new();
         for r in routes.into_iter().filter(|r| r.header.protocol == RouteProtocol::Other(RTPROT_NETD)) {
+            let what = describe_route(&r);
+            if dry_run {
+                removed.push(what);
+                continue;
+            }
             match self.handle.route().del(r).execute().await.map_err(NetlinkError::op("ip route flush proto 110")) {
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e),
-                Ok(()) => n += 1,
+                Ok(()) => removed.push(what),
             }
         }
-        Ok(n)
+        Ok(removed)
     }
 
     /// `ip route replace NET via GW dev INDEX [onlink] proto 110`, or without a gateway
