@@ -132,12 +132,24 @@ pub async fn cleanup(dirs: &Dirs<'_>, bridge: &str, dry_run: bool) -> Result<Rem
     }
     // A cluster DNS IP left on lo would black-hole the next cluster DNS.
     removed.lo_addresses = netd_dns::lo::remove_ours_from_lo(dry_run).await?;
-    let mut files = vec![dirs.run_dir.join("subnet.env"), dirs.run_dir.join("netd.sock"), dirs.state_dir.join("subnet.env")];
+    let mut files = vec![
+        dirs.run_dir.join("subnet.env"),
+        dirs.run_dir.join("netd.sock"),
+        dirs.run_dir.join(netd_dns::handover::SOCKET_NAME),
+        dirs.state_dir.join("subnet.env"),
+    ];
     if let Some(dir) = dirs.cni_conf_dir {
         files.push(dir.join(crate::cniconf::CONFLIST_NAME));
     }
     if let Some(dir) = dirs.cni_bin_dir {
         files.push(dir.join("netd-cni"));
+        // portmap only if it is the copy the init container installed: the same bytes as the
+        // image's own (cleanup runs from the image). One the host brought (kubeadm's
+        // kubernetes-cni) differs and stays.
+        let ours = dir.join("portmap");
+        if same_contents(&ours, Path::new(IMAGE_PORTMAP)) {
+            files.push(ours);
+        }
     }
     for f in files {
         if !f.exists() {
@@ -263,6 +275,18 @@ fn xt_table_is_empty(save: &str) -> bool {
         let mut w = l.trim_start_matches(':').split_whitespace();
         l.starts_with(':') && w.next().is_some_and(|c| BUILTIN.contains(&c)) && w.next() == Some("ACCEPT")
     })
+}
+
+
+/// Where the image keeps Debian's portmap plugin, which the init container copies to the host.
+const IMAGE_PORTMAP: &str = "/usr/lib/cni/portmap";
+
+/// Whether both files exist with the same contents.
+fn same_contents(a: &Path, b: &Path) -> bool {
+    match (std::fs::read(a), std::fs::read(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
 }
 
 #[cfg(test)]

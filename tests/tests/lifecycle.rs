@@ -113,11 +113,16 @@ impl Kubelet<'_> {
             read_only: true,
             source: VolumeSource::ConfigMap { name: "netd-test-kubeconfig".into() },
         });
-        let env = if c.env.iter().any(|(k, _)| k == "NETD_KUBECONFIG") {
+        let mut env = if c.env.iter().any(|(k, _)| k == "NETD_KUBECONFIG") {
             Vec::new()
         } else {
             vec![("NETD_KUBECONFIG".to_string(), format!("{KUBECONFIG_DIR}/kubeconfig"))]
         };
+        // The manifest's NETD_KUBE_API_SERVER is a placeholder the operator replaces with the API
+        // server's real address: here, the stand-in's (the kubeconfig's server).
+        if let Some(server) = self.kubeconfig.lines().find_map(|l| l.trim_start().strip_prefix("server: ")) {
+            env.push(("NETD_KUBE_API_SERVER".to_string(), server.trim().to_string()));
+        }
         (c, env)
     }
 
