@@ -61,6 +61,10 @@ fn uninstall_leaves_nothing(net_conf: &str, args: &[&str], bpffs: &str, cgroup: 
         wait_until(WAIT, POLL, || Ok(lo(c.node(0))?.contains(&format!("{DNS_IP}/32"))))?;
         // The pods go (a drained node) before netd does.
     }
+    // The kernel destroys a deleted pod namespace, and with it the host end of its veth,
+    // asynchronously: wait for that, or the inventories below would race with it.
+    let pod_veths = |n: &Node| -> Result<bool> { Ok(n.ns().run(&["ip", "-o", "link", "show", "type", "veth"])?.lines().any(|l| l.split(": ").nth(1).is_some_and(|name| name.starts_with("veth")))) };
+    wait_until(WAIT, POLL, || Ok(!pod_veths(c.node(0))?))?;
     c.node_mut(0).stop_netd()?;
     let n = c.node(0);
     let running = Inventory::take(n.ns(), &sc)?;
