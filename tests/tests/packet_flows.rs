@@ -760,29 +760,8 @@ const EBPF_KNOWN_DIFFERENCES: &[&str] = &[
     "ClusterIPGeneral/packet to unallocated cluster ip",
     "ClusterIPGeneral/pod on another node to unallocated cluster ip",
     "ClusterIPGeneral/node to unallocated cluster ip",
-    // External and LB IPs without endpoints are not rejected (no answer).
-    "NoEndpointsReject/external to external IP with no endpoints",
-    "NoEndpointsReject/external to LoadBalancer IP with no endpoints",
-    "TerminatingLocal/no usable endpoints on any node: external to LB",
-    "TerminatingCluster/no usable endpoints on any node: external to LB",
-    "TerminatingLocal/ready endpoints exist: external to LB after endpoints deleted",
-    "TerminatingLocal/only terminating endpoints exist: external to LB after endpoints deleted",
-    "TerminatingLocal/terminating endpoints on remote node: external to LB after endpoints deleted",
-    "TerminatingLocal/no usable endpoints on any node: external to LB after endpoints deleted",
-    "TerminatingCluster/ready endpoints exist: external to LB after endpoints deleted",
-    "TerminatingCluster/only terminating endpoints exist: external to LB after endpoints deleted",
-    "TerminatingCluster/terminating endpoints on remote node: external to LB after endpoints deleted",
-    "TerminatingCluster/no usable endpoints on any node: external to LB after endpoints deleted",
-    // No externalTrafficPolicy Local short-circuit: pods and the node get the local endpoints
-    // only (or are refused when there is none).
-    "ExternalTrafficPolicyLocal/pod to external IP hits both endpoints, unmasqueraded",
-    "ExternalTrafficPolicyLocal/pod to LB IP hits only both endpoints, unmasqueraded",
-    "ExternalTrafficPolicyLocal/pod to NodePort hits both endpoints, unmasqueraded",
-    "InternalExternalMasquerade/pod to NodePort with eTP:Local",
-    "InternalExternalMasquerade/pod to LB with eTP:Local",
-    "TerminatingLocal/terminating endpoints on remote node: pod to LB short-circuits to the cluster's endpoints",
-    "TerminatingLocal/terminating endpoints on remote node: node to LB short-circuits to the cluster's endpoints",
-    // ClusterIP traffic arriving from outside the node is not served.
+    // ClusterIP traffic arriving from outside the node is served, but a local endpoint sees the
+    // client's own address (kept, as the README's eBPF table says) where kube-proxy masquerades.
     "InternalExternalMasquerade/external to ClusterIP",
     "InternalExternalMasquerade/external to ClusterIP with eTP:Local",
     "InternalExternalMasquerade/external to ClusterIP with iTP:Local",
