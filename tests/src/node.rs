@@ -303,6 +303,14 @@ impl Node {
         Ok(parse_env(&text))
     }
 
+    /// Polls until the node can serve pods: `subnet.env` written and netd's CNI config in place.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        self.wait_subnet_env(timeout)?;
+        let conflist = self.cni_conf_dir().join("10-netd.conflist");
+        crate::wait_until(timeout, Duration::from_millis(100), || Ok(conflist.exists()))
+            .with_context(|| format!("no {} on {}", conflist.display(), self.name()))
+    }
+
     /// Polls until `subnet.env` exists and has `FLANNEL_SUBNET`. Fails
     /// early, with the log tail, if netd was started and exited.
     pub fn wait_subnet_env(&mut self, timeout: Duration) -> Result<HashMap<String, String>> {

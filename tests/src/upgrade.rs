@@ -210,9 +210,7 @@ pub fn upgrade_under_load(how: Replacement, rate: u32, handover: bool) -> Result
     }
     c.node_mut(1).start_netd(NETD_ARGS)?;
     for i in 0..2 {
-        c.node_mut(i).wait_subnet_env(WAIT)?;
-        let n = c.node(i);
-        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+        c.node_mut(i).wait_ready(WAIT)?;
     }
     let a = c.node_mut(0).add_cni_pod("a")?;
     let b = c.node_mut(1).add_cni_pod("b")?;

@@ -22,9 +22,7 @@ fn cluster_with(n: usize, args: &[&str]) -> Result<Cluster> {
     c.write_network_config(VXLAN)?;
     c.start_netd_all(args)?;
     for i in 0..n {
-        c.node_mut(i).wait_subnet_env(WAIT)?;
-        let n = c.node(i);
-        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+        c.node_mut(i).wait_ready(WAIT)?;
     }
     Ok(c)
 }
@@ -146,9 +144,7 @@ fn services_from_the_kubernetes_api_server() -> Result<()> {
     let kubeconfig = api.kubeconfig();
     c.start_netd_all(&["--source", "kubernetes", "--kubeconfig", &kubeconfig])?;
     for i in 0..2 {
-        c.node_mut(i).wait_subnet_env(WAIT)?;
-        let n = c.node(i);
-        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+        c.node_mut(i).wait_ready(WAIT)?;
     }
     let a = c.node_mut(0).add_cni_pod("a")?;
     let b = c.node_mut(1).add_cni_pod("b")?;
@@ -402,9 +398,7 @@ fn dns_serves_and_status_tells_while_the_service_registry_cannot_be_listed() -> 
         "--cluster-dns-ip", "10.96.0.10", "--dns-upstream", "198.18.0.1:53",
     ];
     c.node_mut(0).start_netd(&args)?;
-    c.node_mut(0).wait_subnet_env(WAIT)?;
-    let n = c.node(0);
-    wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+    c.node_mut(0).wait_ready(WAIT)?;
     let a = c.node_mut(0).add_cni_pod("a")?;
 
     let bin = netd_binary()?;
@@ -483,9 +477,7 @@ fn services_with_ebpf_socket_load_balancing() -> Result<()> {
     c.node_mut(0).start_netd(&["--proxy-mode", "ebpf", "--ebpf-cgroup", cgroup.to_str().unwrap(), "--ebpf-bpffs", pins.to_str().unwrap()])?;
     c.node_mut(1).start_netd(&[])?;
     for i in 0..2 {
-        c.node_mut(i).wait_subnet_env(WAIT)?;
-        let n = c.node(i);
-        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+        c.node_mut(i).wait_ready(WAIT)?;
     }
     let a = c.node_mut(0).add_cni_pod("a")?;
     let b = c.node_mut(1).add_cni_pod("b")?;
@@ -693,9 +685,7 @@ fn ebpf_that_cannot_run_falls_back_to_nftables_unless_ebpf_only() -> Result<()> 
     args1.extend(["--ebpf-fallback".to_string(), "none".to_string()]);
     c.node_mut(1).start_netd(&args1.iter().map(String::as_str).collect::<Vec<_>>())?;
     for i in 0..2 {
-        c.node_mut(i).wait_subnet_env(WAIT)?;
-        let n = c.node(i);
-        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+        c.node_mut(i).wait_ready(WAIT)?;
     }
     let a = c.node_mut(0).add_cni_pod("a")?;
     let b = c.node_mut(1).add_cni_pod("b")?;

@@ -49,9 +49,7 @@ fn uninstall_leaves_nothing(net_conf: &str, args: &[&str], bpffs: &str, cgroup: 
     c.node_mut(0).start_netd(&all)?;
     c.node_mut(1).start_netd(&["--cluster-dns-ip", DNS_IP])?;
     for i in 0..2 {
-        c.node_mut(i).wait_subnet_env(WAIT)?;
-        let n = c.node(i);
-        wait_until(WAIT, POLL, || Ok(n.cni_conf_dir().join("10-netd.conflist").exists()))?;
+        c.node_mut(i).wait_ready(WAIT)?;
     }
     {
         let a = c.node_mut(0).add_cni_pod("a")?;
